@@ -1,0 +1,89 @@
+"""Settings: the seed's variable names plus Crogia's own, read from the environment and `.env`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every setting Crogia reads. Names match the seed's `env.example` where the seed had one."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # --- the seed's settings (names are compat) ---
+    openai_api_key: str = ""
+    model_name: str = "o4-mini"
+    base_directory: Path = Path("./crogia-data")
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    debug: bool = True
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["http://localhost:3000", "http://127.0.0.1:3000"]
+    )
+    docker_base_image: str = "crogia-sandbox:latest"
+    log_level: Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"] = "INFO"
+
+    # --- model ---
+    openai_base_url: str | None = None
+    max_turns: int = Field(50, ge=1, le=1000)
+    model_retries: int = Field(4, ge=0, le=20)
+    model_timeout: float = Field(600.0, gt=0)
+
+    # --- storage ---
+    database_url: str = ""
+    """Empty: a SQLite file under BASE_DIRECTORY. `postgresql+asyncpg://...` selects PostgreSQL."""
+    workspace_retention: Literal["delete", "keep"] = "delete"
+
+    # --- sandboxes ---
+    sandbox_backend: Literal["auto", "docker", "bubblewrap"] = "auto"
+    sandbox_memory_mb: int = Field(2048, ge=64)
+    sandbox_cpus: float = Field(1.0, gt=0)
+    sandbox_pids_limit: int = Field(512, ge=16)
+    sandbox_network: str = "bridge"
+    """Docker network mode (bridge, none, host or a network name); bubblewrap: `none` unshares the network."""
+    sandbox_pool_size: int = Field(0, ge=0, le=64)
+
+    # --- limits ---
+    shell_timeout: float = Field(120.0, gt=0)
+    shell_max_timeout: float = Field(3600.0, gt=0)
+    shell_max_output: int = Field(1_048_576, ge=1024)
+    file_read_max_bytes: int = Field(10_485_760, ge=1024)
+    request_max_bytes: int = Field(104_857_600, ge=1024)
+    process_stop_grace: float = Field(5.0, ge=0)
+    search_max_results: int = Field(1000, ge=1)
+
+    # --- trust ---
+    api_tokens: str = ""
+    """Comma-separated `tenant=token` pairs; empty disables authentication."""
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def data_dir(self) -> Path:
+        return self.base_directory.expanduser().resolve()
+
+    @property
+    def workspaces_dir(self) -> Path:
+        return self.data_dir / "workspaces"
+
+    @property
+    def sandbox_state_dir(self) -> Path:
+        return self.data_dir / "sandboxes"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'crogia.db'}"

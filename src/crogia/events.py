@@ -1,0 +1,104 @@
+"""Event models: what a session's stream carries.
+
+Each event is a small typed model with one `type` literal. The bus (`crogia.bus`) stamps
+`session_id`, `seq` and `timestamp` when it stores one, so producers only say what happened.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    task_id: str | None = None
+    """Set on events produced by a task."""
+
+
+class TaskStarted(_Event):
+    type: Literal["task_started"] = "task_started"
+    task: str
+
+
+class TextDelta(_Event):
+    type: Literal["text_delta"] = "text_delta"
+    content: str
+    """A piece of the model's streamed text; consecutive pieces may be coalesced."""
+
+
+class ToolCall(_Event):
+    type: Literal["tool_call"] = "tool_call"
+    tool_name: str
+    arguments: str
+    """The JSON-encoded argument string, exactly as the model sent it."""
+    call_id: str = ""
+
+
+class ToolComplete(_Event):
+    type: Literal["tool_complete"] = "tool_complete"
+    tool_name: str
+    output: str
+    """What the model was given back (possibly truncated)."""
+    call_id: str = ""
+    is_error: bool = False
+
+
+class TaskCompleted(_Event):
+    type: Literal["task_completed"] = "task_completed"
+    task: str
+    usage: dict[str, int] = Field(default_factory=dict)
+
+
+class TaskFailed(_Event):
+    type: Literal["task_failed"] = "task_failed"
+    task: str
+    message: str
+
+
+class TaskCancelled(_Event):
+    type: Literal["task_cancelled"] = "task_cancelled"
+    task: str
+
+
+class ErrorEvent(_Event):
+    type: Literal["error"] = "error"
+    message: str
+
+
+class ProcessStarted(_Event):
+    type: Literal["process_started"] = "process_started"
+    pid: int
+    cmd: str
+    log: str
+
+
+class ProcessExited(_Event):
+    type: Literal["process_exited"] = "process_exited"
+    pid: int
+    exit_code: int | None
+    status: Literal["exited", "stopped"]
+
+
+Event = Annotated[
+    TaskStarted
+    | TextDelta
+    | ToolCall
+    | ToolComplete
+    | TaskCompleted
+    | TaskFailed
+    | TaskCancelled
+    | ErrorEvent
+    | ProcessStarted
+    | ProcessExited,
+    Field(discriminator="type"),
+]
+
+EventAdapter: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def event_payload(event: _Event) -> dict[str, Any]:
+    """The event's own fields as JSON-ready data (no routing stamps)."""
+    return event.model_dump(mode="json", exclude_none=True)
