@@ -18,7 +18,8 @@ class Settings(BaseSettings):
     openai_api_key: str = ""
     model_name: str = "o4-mini"
     base_directory: Path = Path("./crogia-data")
-    host: str = "0.0.0.0"
+    host: str | None = None
+    """Unset: 0.0.0.0 when API_TOKENS is set, else 127.0.0.1 (an open server stays on this machine)."""
     port: int = Field(8000, ge=1, le=65535)
     debug: bool = True
     allowed_origins: Annotated[list[str], NoDecode] = Field(
@@ -71,6 +72,12 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @property
+    def bind_host(self) -> str:
+        if self.host:
+            return self.host
+        return "0.0.0.0" if self.api_tokens.strip() else "127.0.0.1"
 
     @property
     def data_dir(self) -> Path:

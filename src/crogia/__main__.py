@@ -1,0 +1,3 @@
+from crogia.cli import main
+
+main()

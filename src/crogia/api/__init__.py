@@ -1,0 +1,1 @@
+"""HTTP and WebSocket API: the only package that imports FastAPI."""

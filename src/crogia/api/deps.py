@@ -1,0 +1,78 @@
+"""Dependencies: the runtime, the caller's tenant, and the session a route works on."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request, WebSocket
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from crogia.errors import Unauthorized
+from crogia.runtime import Runtime
+from crogia.services.sessions import LiveSession
+from crogia.store.tables import SessionRow
+
+DEFAULT_TENANT = "default"
+
+_bearer = HTTPBearer(auto_error=False, description="A token from API_TOKENS (when set).")
+
+
+def parse_tokens(raw: str) -> dict[str, str]:
+    """`alice=tok-a,bob=tok-b` -> {token: tenant}."""
+    tokens: dict[str, str] = {}
+    for pair in filter(None, (item.strip() for item in raw.split(","))):
+        name, sep, token = pair.partition("=")
+        if not sep or not name.strip() or not token.strip():
+            raise ValueError(f"API_TOKENS entry {pair.split('=')[0]!r} is not of the form name=token")
+        tokens[token.strip()] = name.strip()
+    return tokens
+
+
+def tenant_for(tokens: dict[str, str], token: str | None) -> str:
+    if not tokens:
+        return DEFAULT_TENANT
+    if token:
+        found = None
+        for known, tenant in tokens.items():
+            # Compare against every token so timing says nothing about which one was close.
+            if hmac.compare_digest(known.encode(), token.encode()):
+                found = tenant
+        if found is not None:
+            return found
+    raise Unauthorized("A valid API token is required (Authorization: Bearer <token>).")
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def get_tenant(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> str:
+    tokens: dict[str, str] = request.app.state.tokens
+    return tenant_for(tokens, credentials.credentials if credentials else None)
+
+
+def ws_tenant(websocket: WebSocket) -> str:
+    tokens: dict[str, str] = websocket.app.state.tokens
+    header = websocket.headers.get("authorization", "")
+    token = header[7:].strip() if header.lower().startswith("bearer ") else websocket.query_params.get("token")
+    return tenant_for(tokens, token)
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+TenantDep = Annotated[str, Depends(get_tenant)]
+
+
+async def get_session_row(session_id: str, runtime: RuntimeDep, tenant: TenantDep) -> SessionRow:
+    return await runtime.sessions.get(session_id, tenant=tenant)
+
+
+async def get_live_session(session_id: str, runtime: RuntimeDep, tenant: TenantDep) -> LiveSession:
+    return await runtime.sessions.live(session_id, tenant=tenant)
+
+
+SessionRowDep = Annotated[SessionRow, Depends(get_session_row)]
+LiveDep = Annotated[LiveSession, Depends(get_live_session)]

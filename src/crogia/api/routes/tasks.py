@@ -1,0 +1,52 @@
+"""Tasks: queue one, list them, get one, cancel one; and the conversation they continue."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from crogia.api.deps import LiveDep, RuntimeDep, SessionRowDep
+from crogia.api.schemas import Conversation, TaskAccepted, TaskCreate, TaskPublic
+from crogia.store.tables import TaskRow
+
+router = APIRouter(prefix="/api/sessions/{session_id}", tags=["tasks"])
+
+
+def task_public(row: TaskRow) -> TaskPublic:
+    return TaskPublic(
+        task_id=row.id,
+        session_id=row.session_id,
+        task=row.task,
+        status=row.status,  # type: ignore[arg-type]
+        created=row.created,
+        started=row.started,
+        ended=row.ended,
+        error=row.error,
+        usage=row.usage or {},
+    )
+
+
+@router.post("/tasks", response_model=TaskAccepted, summary="Queue a task for the agent")
+async def create_task(body: TaskCreate, live: LiveDep, runtime: RuntimeDep) -> TaskAccepted:
+    """Answers at once; progress streams over `WS /ws/{session_id}`."""
+    row = await runtime.tasks.submit(live, body.task)
+    return TaskAccepted(message="Task started", task=row.task, task_id=row.id, status=row.status)
+
+
+@router.get("/tasks", response_model=list[TaskPublic], summary="List the session's tasks")
+async def list_tasks(row: SessionRowDep, runtime: RuntimeDep) -> list[TaskPublic]:
+    return [task_public(task) for task in await runtime.tasks.list(row.id)]
+
+
+@router.get("/tasks/{task_id}", response_model=TaskPublic, summary="Get a task")
+async def get_task(task_id: str, row: SessionRowDep, runtime: RuntimeDep) -> TaskPublic:
+    return task_public(await runtime.tasks.get(row.id, task_id))
+
+
+@router.post("/tasks/{task_id}/cancel", response_model=TaskPublic, summary="Cancel a queued or running task")
+async def cancel_task(task_id: str, row: SessionRowDep, runtime: RuntimeDep) -> TaskPublic:
+    return task_public(await runtime.tasks.cancel(row.id, task_id))
+
+
+@router.get("/conversation", response_model=Conversation, summary="The persisted conversation")
+async def conversation(row: SessionRowDep, runtime: RuntimeDep) -> Conversation:
+    return Conversation(session_id=row.id, messages=await runtime.tasks.conversation(row.id))

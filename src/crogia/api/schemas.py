@@ -1,0 +1,222 @@
+"""Request and response models. Field names marked compat in API.md are kept exactly."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    @field_serializer("*", when_used="json")
+    def _utc_z(self, value: Any) -> Any:
+        # ISO-8601 UTC with a `Z`, as API.md asks, whatever the driver handed back.
+        if isinstance(value, datetime):
+            return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return value
+
+
+class Message(_Model):
+    message: str
+
+
+class ErrorBody(_Model):
+    detail: Any
+
+
+# --- sessions ---
+
+
+class SessionCreate(_Model):
+    task: str = Field("", max_length=100_000, description="A label for the session; the task is not run.")
+    image: str | None = Field(None, max_length=256, description="Docker image (Docker backend only).")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment for every command.")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class SessionPublic(_Model):
+    session_id: str
+    container_id: str
+    workdir: str
+    created: datetime
+    last_task: str
+    status: str
+    container_status: str
+    sandbox: str
+    last_activity: datetime
+    task_running: bool
+    label: str
+    image: str
+    metadata: dict[str, Any]
+
+
+# --- tasks ---
+
+
+class TaskCreate(_Model):
+    task: str = Field(..., min_length=1, max_length=1_000_000)
+
+
+class TaskAccepted(_Model):
+    message: str
+    task: str
+    task_id: str
+    status: str
+
+
+class TaskPublic(_Model):
+    task_id: str
+    session_id: str
+    task: str
+    status: Literal["queued", "running", "completed", "failed", "cancelled"]
+    created: datetime
+    started: datetime | None
+    ended: datetime | None
+    error: str | None
+    usage: dict[str, int]
+
+
+class Conversation(_Model):
+    session_id: str
+    messages: list[dict[str, Any]]
+
+
+# --- processes ---
+
+
+class ProcessCreate(_Model):
+    cmd: str = Field(..., min_length=1, max_length=100_000)
+    cwd: str = Field("/workspace", max_length=4096)
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class ProcessPublic(_Model):
+    pid: int
+    cmd: str
+    status: Literal["running", "exited", "stopped"]
+    log: str
+    started: datetime
+    exit_code: int | None
+    ended: datetime | None
+
+
+class ProcessLogs(_Model):
+    logs: str
+    pid: int
+
+
+# --- files ---
+
+
+class FileItem(_Model):
+    name: str
+    path: str
+    type: Literal["file", "directory", "symlink"]
+    size: int | None
+    modified: datetime
+
+
+class FileList(_Model):
+    path: str
+    items: list[FileItem]
+
+
+class FileContent(_Model):
+    path: str
+    content: str
+
+
+class FileWrite(_Model):
+    path: str = Field(..., max_length=4096)
+    content: str
+
+
+class FileMove(_Model):
+    src: str = Field(..., max_length=4096)
+    dst: str = Field(..., max_length=4096)
+    overwrite: bool = False
+
+
+class MkdirRequest(_Model):
+    path: str = Field(..., max_length=4096)
+
+
+# --- search ---
+
+
+class FileSearch(_Model):
+    pattern: str = Field(..., min_length=1, max_length=4096)
+    path: str = Field(".", max_length=4096)
+    file_types: str = Field("*", max_length=4096)
+    include_ignored: bool = False
+    include_hidden: bool = False
+    max_results: int | None = Field(None, ge=1, le=100_000)
+
+
+class FileSearchResult(_Model):
+    pattern: str
+    path: str
+    matches: list[str]
+    truncated: bool
+
+
+class GrepSearch(_Model):
+    pattern: str = Field(..., min_length=1, max_length=4096)
+    path: str = Field(".", max_length=4096)
+    file_types: str = Field("*", max_length=4096)
+    regex: bool = True
+    case_sensitive: bool = True
+    context: int = Field(0, ge=0, le=20)
+    include_ignored: bool = False
+    include_hidden: bool = False
+    max_results: int | None = Field(None, ge=1, le=100_000)
+
+
+class GrepMatchPublic(_Model):
+    file: str
+    line: int
+    content: str
+    context_before: list[str] = Field(default_factory=list)
+    context_after: list[str] = Field(default_factory=list)
+
+
+class GrepResult(_Model):
+    pattern: str
+    path: str
+    matches: list[GrepMatchPublic]
+    truncated: bool
+
+
+# --- shell ---
+
+
+class ShellRequest(_Model):
+    cmd: str = Field(..., min_length=1, max_length=1_000_000)
+    tty: bool = False
+    timeout: float | None = Field(None, gt=0, description="Seconds; bounded by SHELL_MAX_TIMEOUT.")
+    max_output: int | None = Field(None, ge=1, description="Bytes; bounded by SHELL_MAX_OUTPUT.")
+    cwd: str = Field("/workspace", max_length=4096)
+
+
+class ShellResult(_Model):
+    command: str
+    output: str
+    timestamp: datetime
+    exit_code: int
+    timed_out: bool
+    truncated: bool
+
+
+# --- health ---
+
+
+class Health(_Model):
+    status: str
+    timestamp: datetime
+    active_sessions: int
+    docker_available: bool
+    sandbox_backend: str
+    version: str

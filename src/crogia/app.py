@@ -1,0 +1,58 @@
+"""`create_app(settings)`: the FastAPI application, its routers, and the runtime's lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from crogia import __version__
+from crogia.api import errors
+from crogia.api.deps import parse_tokens
+from crogia.api.limits import BodyLimit
+from crogia.api.routes import files, health, processes, search, sessions, shell, tasks, ws
+from crogia.config import Settings
+from crogia.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    tokens = parse_tokens(settings.api_tokens)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not tokens:
+            log.warning("API_TOKENS is not set: anyone who can reach this server can run code in its sandboxes")
+        runtime = await Runtime.start(settings)
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            await runtime.close()
+
+    app = FastAPI(
+        title="Crogia",
+        version=__version__,
+        description="Sessions, sandboxes and an autonomous coding agent behind a REST + WebSocket API.",
+        lifespan=lifespan,
+        debug=False,
+    )
+    app.state.settings = settings
+    app.state.tokens = tokens
+    errors.install(app)
+    for module in (health, sessions, tasks, processes, files, search, shell, ws):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimit, max_bytes=settings.request_max_bytes)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.allowed_origins,
+        allow_credentials=True,
+        allow_methods=["*"],
+        allow_headers=["*"],
+    )
+    return app

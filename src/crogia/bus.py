@@ -1,0 +1,243 @@
+"""The event bus: append with a per-session `seq`, store, then fan out; subscribe = replay, then live.
+
+Publishing assigns the next `seq` at once and queues the event; one owned writer task stores
+queued events in batches and only then hands them to subscribers, so every event a client sees
+is already in the database. A subscriber registers for live events *before* it reads the stored
+ones, and skips any `seq` it has already passed: no gap, no duplicate.
+
+Each subscriber has a bounded queue. One that falls too far behind is closed with a reason
+(and reconnects with `since`), so a slow client never slows the agent or other clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from datetime import UTC, datetime
+from typing import Any
+
+from crogia.events import _Event, event_payload
+from crogia.store import Database, repo
+
+log = logging.getLogger(__name__)
+
+REPLAY_PAGE = 2000
+
+
+def iso_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class SubscriptionClosed(Exception):
+    """The subscription ended: the client was too slow, the session went away, or the server stops."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Subscription:
+    """Yields `(seq, json_text)` of stored events after `after`, then live ones, in order."""
+
+    def __init__(self, bus: EventBus, session_id: str, after: int, upto: int, max_queue: int) -> None:
+        self._bus = bus
+        self.session_id = session_id
+        self.last_seq = after
+        self._replay_upto = upto
+        self._replay: deque[tuple[int, str]] = deque()
+        self._live: deque[tuple[int, str]] = deque()
+        self._max_queue = max_queue
+        self._wake = asyncio.Event()
+        self.closed: str | None = None
+
+    def _deliver(self, seq: int, data: str) -> None:
+        if self.closed is not None:
+            return
+        if len(self._live) >= self._max_queue:
+            self.close(f"client fell {self._max_queue} events behind; reconnect with since={self.last_seq}")
+            return
+        self._live.append((seq, data))
+        self._wake.set()
+
+    def close(self, reason: str) -> None:
+        if self.closed is None:
+            self.closed = reason
+            self._live.clear()
+            self._replay.clear()
+            self._wake.set()
+            self._bus._forget(self)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> tuple[int, str]:
+        while True:
+            if self.closed is not None:
+                raise SubscriptionClosed(self.closed)
+            if self._replay:
+                item = self._replay.popleft()
+            elif self.last_seq < self._replay_upto:
+                await self._fetch_replay_page()
+                continue
+            elif self._live:
+                item = self._live.popleft()
+            else:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if item[0] > self.last_seq:
+                self.last_seq = item[0]
+                return item
+
+    def pending(self) -> int:
+        """How many live events are queued for this subscriber."""
+        return len(self._live)
+
+    async def _fetch_replay_page(self) -> None:
+        async with self._bus.db.session() as db:
+            rows = await repo.events_between(
+                db, session_id=self.session_id, after=self.last_seq, upto=self._replay_upto, limit=REPLAY_PAGE
+            )
+        if rows:
+            self._replay.extend(rows)
+        else:
+            self._replay_upto = self.last_seq
+
+
+class EventBus:
+    """Per-session ordered, stored, fanned-out event stream."""
+
+    def __init__(self, db: Database, *, batch: int = 5000, client_queue: int = 20_000) -> None:
+        self.db = db
+        self._batch = batch
+        self._client_queue = client_queue
+        self._next: dict[str, int] = {}
+        self._committed: dict[str, int] = {}
+        self._subs: dict[str, set[Subscription]] = {}
+        self._pending: asyncio.Queue[tuple[str, int, str, str | None, str] | asyncio.Future[None]] = (
+            asyncio.Queue(maxsize=100_000)
+        )
+        self._init_lock = asyncio.Lock()
+        self._writer: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop(), name="crogia-event-writer")
+
+    async def close(self) -> None:
+        """Store everything queued, close every subscriber, stop the writer."""
+        if self._writer is None:
+            return
+        await self.flush()
+        self._writer.cancel()
+        await asyncio.gather(self._writer, return_exceptions=True)
+        self._writer = None
+        for subs in list(self._subs.values()):
+            for sub in list(subs):
+                sub.close("server shutting down; reconnect with since")
+
+    async def publish(self, session_id: str, event: _Event) -> int:
+        """Queue `event` for storage and delivery; returns its `seq`."""
+        seq = await self._next_seq(session_id)
+        record: dict[str, Any] = {
+            "type": getattr(event, "type"),  # noqa: B009 - every concrete event has a literal `type`
+            "session_id": session_id,
+            "seq": seq,
+            "timestamp": iso_now(),
+        }
+        record.update(event_payload(event))
+        data = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        await self._pending.put((session_id, seq, record["type"], event.task_id, data))
+        return seq
+
+    async def flush(self) -> None:
+        """Wait until every event published so far is stored and delivered."""
+        if self._writer is None or self._writer.done():
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._pending.put(done)
+        await done
+
+    async def subscribe(self, session_id: str, *, after: int = 0) -> Subscription:
+        """Stored events with `seq > after`, then live ones."""
+        await self._next_seq(session_id, peek=True)
+        upto = self._committed.get(session_id, 0)
+        sub = Subscription(self, session_id, after, upto, self._client_queue)
+        self._subs.setdefault(session_id, set()).add(sub)
+        return sub
+
+    def last_seq(self, session_id: str) -> int:
+        return self._committed.get(session_id, 0)
+
+    def drop_session(self, session_id: str, reason: str = "session deleted") -> None:
+        for sub in list(self._subs.get(session_id, ())):
+            sub.close(reason)
+        self._subs.pop(session_id, None)
+        self._next.pop(session_id, None)
+        self._committed.pop(session_id, None)
+
+    def subscriber_count(self, session_id: str) -> int:
+        return len(self._subs.get(session_id, ()))
+
+    def _forget(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.session_id)
+        if subs is not None:
+            subs.discard(sub)
+
+    async def _next_seq(self, session_id: str, *, peek: bool = False) -> int:
+        if session_id not in self._next:
+            async with self._init_lock:
+                if session_id not in self._next:
+                    async with self.db.session() as db:
+                        top = await repo.max_event_seq(db, session_id=session_id)
+                    self._next[session_id] = top
+                    self._committed[session_id] = top
+        if peek:
+            return self._next[session_id]
+        self._next[session_id] += 1
+        return self._next[session_id]
+
+    async def _write_loop(self) -> None:
+        while True:
+            first = await self._pending.get()
+            batch = [first]
+            while len(batch) < self._batch and not self._pending.empty():
+                batch.append(self._pending.get_nowait())
+            events = [item for item in batch if isinstance(item, tuple)]
+            if events:
+                stored = await self._store(events)
+                self._fan_out(stored)
+            for item in batch:
+                if isinstance(item, asyncio.Future) and not item.done():
+                    item.set_result(None)
+
+    async def _store(
+        self, events: list[tuple[str, int, str, str | None, str]]
+    ) -> list[tuple[str, int, str, str | None, str]]:
+        rows = [
+            {"session_id": sid, "seq": seq, "type": typ, "task_id": task_id, "data": data}
+            for sid, seq, typ, task_id, data in events
+        ]
+        try:
+            async with self.db.transaction() as db:
+                await repo.insert_events(db, rows=rows)
+            return events
+        except Exception:
+            # A batch fails as a whole (say, one session was deleted meanwhile): keep the rest.
+            kept = []
+            for event, row in zip(events, rows, strict=True):
+                try:
+                    async with self.db.transaction() as db:
+                        await repo.insert_events(db, rows=[row])
+                    kept.append(event)
+                except Exception:
+                    log.warning("dropped event %s/%s that could not be stored", row["session_id"], row["seq"])
+            return kept
+
+    def _fan_out(self, events: list[tuple[str, int, str, str | None, str]]) -> None:
+        for sid, seq, _typ, _task_id, data in events:
+            if self._committed.get(sid, 0) < seq:
+                self._committed[sid] = seq
+            for sub in list(self._subs.get(sid, ())):
+                sub._deliver(seq, data)

@@ -1,0 +1,82 @@
+"""The running system: store, bus, sandbox provider and services, built and closed together."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from crogia.agent.loop import Agent
+from crogia.bus import EventBus
+from crogia.config import Settings
+from crogia.sandbox import make_provider
+from crogia.sandbox.base import SandboxProvider
+from crogia.services.processes import ProcessService
+from crogia.services.sessions import SessionService
+from crogia.services.shell import ShellService
+from crogia.services.tasks import TaskService
+from crogia.store import Database
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Runtime:
+    settings: Settings
+    db: Database
+    bus: EventBus
+    provider: SandboxProvider
+    sessions: SessionService
+    processes: ProcessService
+    shell: ShellService
+    tasks: TaskService
+    _docker_checked: tuple[float, bool] = (float("-inf"), False)
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Runtime:
+        """Migrate the store, pick the sandbox backend, re-attach sessions, fail interrupted tasks."""
+        db = Database(settings.effective_database_url)
+        try:
+            await db.migrate()
+            provider = await make_provider(settings)
+        except BaseException:
+            await db.close()
+            raise
+        bus = EventBus(db)
+        bus.start()
+        sessions = SessionService(settings, db, bus, provider)
+        processes = ProcessService(settings, db, bus, sessions)
+        shell = ShellService(settings)
+        agent = Agent.from_settings(settings)
+        tasks = TaskService(db, bus, sessions, shell, processes, agent)
+        runtime = cls(settings, db, bus, provider, sessions, processes, shell, tasks)
+        try:
+            await tasks.fail_interrupted()
+            await sessions.reconcile()
+        except BaseException:
+            await runtime.close()
+            raise
+        log.info("sandbox backend: %s; %d session(s) re-attached", provider.name, sessions.live_count())
+        return runtime
+
+    async def docker_available(self) -> bool:
+        """Whether the Docker engine answers, cached for a second so health stays cheap."""
+        now = time.monotonic()
+        if now - self._docker_checked[0] > 1.0:
+            ok = self.provider.name == "docker" and await self.provider.available()
+            self._docker_checked = (now, ok)
+        return self._docker_checked[1]
+
+    async def delete_session(self, session_id: str, *, tenant: str | None) -> None:
+        await self.sessions.get(session_id, tenant=tenant)
+        await self.tasks.stop_session(session_id)
+        await self.sessions.delete(session_id, tenant=tenant)
+
+    async def close(self) -> None:
+        """Cancel tasks, flush events, drop sandbox connections, close the store."""
+        await self.tasks.close()
+        await self.processes.close()
+        await self.bus.close()
+        await self.sessions.close()
+        await self.provider.close()
+        await self.db.close()

@@ -1,0 +1,43 @@
+"""The agent's view of one session: the same services the REST API calls."""
+
+from __future__ import annotations
+
+from crogia.agent.host import ProcessView
+from crogia.sandbox.base import ExecResult
+from crogia.services.processes import ProcessService
+from crogia.services.sessions import LiveSession
+from crogia.services.shell import ShellService
+from crogia.store.tables import ProcessRow
+from crogia.workspace import Workspace
+
+
+def process_view(row: ProcessRow) -> ProcessView:
+    return ProcessView(pid=row.pid, cmd=row.cmd, status=row.status, log=row.log, exit_code=row.exit_code)
+
+
+class SessionToolHost:
+    """Implements `crogia.agent.host.ToolHost` for one live session."""
+
+    def __init__(self, live: LiveSession, shell: ShellService, processes: ProcessService) -> None:
+        self._live = live
+        self._shell = shell
+        self._processes = processes
+
+    @property
+    def workspace(self) -> Workspace:
+        return self._live.workspace
+
+    async def run_shell(self, cmd: str, *, timeout: float | None = None) -> ExecResult:
+        return await self._shell.run(self._live, cmd, timeout=timeout)
+
+    async def start_process(self, cmd: str) -> ProcessView:
+        return process_view(await self._processes.start(self._live, cmd))
+
+    async def stop_process(self, pid: int) -> ProcessView:
+        return process_view(await self._processes.stop(self._live, pid))
+
+    async def list_processes(self) -> list[ProcessView]:
+        return [process_view(row) for row in await self._processes.list(self._live.id)]
+
+    async def tail_log(self, pid: int, lines: int = 50) -> str:
+        return await self._processes.logs(self._live, pid, lines=lines)

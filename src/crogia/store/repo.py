@@ -1,0 +1,150 @@
+"""Repository functions: the only place that writes SQL. Keyword-only on purpose."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from crogia.store.tables import EventRow, MessageRow, ProcessRow, SessionRow, TaskRow, utcnow
+
+# --- sessions ---
+
+
+async def get_session(db: AsyncSession, *, session_id: str, tenant: str | None = None) -> SessionRow | None:
+    row = await db.get(SessionRow, session_id)
+    if row is None or (tenant is not None and row.tenant != tenant):
+        return None
+    return row
+
+
+async def list_sessions(db: AsyncSession, *, tenant: str | None = None) -> Sequence[SessionRow]:
+    query = select(SessionRow).order_by(SessionRow.created)
+    if tenant is not None:
+        query = query.where(SessionRow.tenant == tenant)
+    return (await db.scalars(query)).all()
+
+
+async def touch_session(db: AsyncSession, *, session_id: str, **values: Any) -> None:
+    values.setdefault("last_activity", utcnow())
+    await db.execute(update(SessionRow).where(SessionRow.id == session_id).values(**values))
+
+
+async def delete_session(db: AsyncSession, *, session_id: str) -> None:
+    # Explicit child deletes: SQLite enforces ON DELETE CASCADE only with the pragma, PostgreSQL always.
+    for table in (EventRow, MessageRow, ProcessRow, TaskRow):
+        await db.execute(delete(table).where(table.session_id == session_id))
+    await db.execute(delete(SessionRow).where(SessionRow.id == session_id))
+
+
+# --- tasks ---
+
+
+async def list_tasks(db: AsyncSession, *, session_id: str) -> Sequence[TaskRow]:
+    query = select(TaskRow).where(TaskRow.session_id == session_id).order_by(TaskRow.created, TaskRow.id)
+    return (await db.scalars(query)).all()
+
+
+async def get_task(db: AsyncSession, *, session_id: str, task_id: str) -> TaskRow | None:
+    row = await db.get(TaskRow, task_id)
+    return row if row is not None and row.session_id == session_id else None
+
+
+async def update_task(db: AsyncSession, *, task_id: str, **values: Any) -> None:
+    await db.execute(update(TaskRow).where(TaskRow.id == task_id).values(**values))
+
+
+async def unfinished_tasks(db: AsyncSession) -> Sequence[TaskRow]:
+    query = select(TaskRow).where(TaskRow.status.in_(("queued", "running"))).order_by(TaskRow.created)
+    return (await db.scalars(query)).all()
+
+
+# --- events ---
+
+
+async def max_event_seq(db: AsyncSession, *, session_id: str) -> int:
+    value = await db.scalar(select(func.max(EventRow.seq)).where(EventRow.session_id == session_id))
+    return int(value or 0)
+
+
+async def insert_events(db: AsyncSession, *, rows: list[dict[str, Any]]) -> None:
+    await db.execute(insert(EventRow), rows)
+
+
+async def events_between(
+    db: AsyncSession, *, session_id: str, after: int, upto: int, limit: int
+) -> Sequence[tuple[int, str]]:
+    query = (
+        select(EventRow.seq, EventRow.data)
+        .where(EventRow.session_id == session_id, EventRow.seq > after, EventRow.seq <= upto)
+        .order_by(EventRow.seq)
+        .limit(limit)
+    )
+    return [(seq, data) for seq, data in (await db.execute(query)).all()]
+
+
+# --- conversation ---
+
+
+async def conversation(db: AsyncSession, *, session_id: str) -> list[dict[str, Any]]:
+    query = select(MessageRow.message).where(MessageRow.session_id == session_id).order_by(MessageRow.idx)
+    return list((await db.scalars(query)).all())
+
+
+async def message_count(db: AsyncSession, *, session_id: str) -> int:
+    value = await db.scalar(select(func.count()).where(MessageRow.session_id == session_id))
+    return int(value or 0)
+
+
+async def append_messages(
+    db: AsyncSession, *, session_id: str, task_id: str | None, start: int, messages: list[dict[str, Any]]
+) -> None:
+    if not messages:
+        return
+    rows = [
+        {"session_id": session_id, "idx": start + i, "task_id": task_id, "message": message}
+        for i, message in enumerate(messages)
+    ]
+    await db.execute(insert(MessageRow), rows)
+
+
+# --- processes ---
+
+
+async def add_process(db: AsyncSession, *, session_id: str, pid: int, cmd: str, log: str) -> ProcessRow:
+    row = ProcessRow(session_id=session_id, pid=pid, cmd=cmd, log=log, status="running", started=utcnow())
+    db.add(row)
+    await db.flush()
+    return row
+
+
+async def list_processes(db: AsyncSession, *, session_id: str) -> Sequence[ProcessRow]:
+    query = select(ProcessRow).where(ProcessRow.session_id == session_id).order_by(ProcessRow.id)
+    return (await db.scalars(query)).all()
+
+
+async def get_process(db: AsyncSession, *, session_id: str, pid: int) -> ProcessRow | None:
+    query = (
+        select(ProcessRow)
+        .where(ProcessRow.session_id == session_id, ProcessRow.pid == pid)
+        .order_by(ProcessRow.id.desc())
+        .limit(1)
+    )
+    return (await db.scalars(query)).first()
+
+
+async def finish_process(
+    db: AsyncSession, *, process_id: int, status: str, exit_code: int | None, ended: datetime | None = None
+) -> bool:
+    """Mark a running process ended; False when it had already ended (the first writer wins)."""
+    values = {"status": status, "exit_code": exit_code, "ended": ended or utcnow()}
+    query = (
+        update(ProcessRow)
+        .where(ProcessRow.id == process_id, ProcessRow.status == "running")
+        .values(**values)
+    )
+    result = await db.execute(query)
+    return bool(getattr(result, "rowcount", 0))

@@ -1,0 +1,82 @@
+"""Shared fixtures: settings on a temp folder, a real server on a free port, PostgreSQL, backends."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from crogia.config import Settings
+
+if TYPE_CHECKING:
+    from tests.support.server import RunningServer
+from tests.support.postgres import postgres_cluster
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+BACKENDS = [
+    pytest.param("bubblewrap", id="bubblewrap"),
+    pytest.param("docker", id="docker", marks=pytest.mark.docker),
+]
+
+
+def need_docker() -> None:
+    """Skip Docker tests where there is no engine, but fail under CI: they must run there."""
+    from tests.support.server import docker_ready
+
+    reason = docker_ready()
+    if reason:
+        if IN_CI:
+            pytest.fail(f"Docker tests must run under CI but cannot: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    try:
+        with postgres_cluster() as url:
+            yield url
+    except FileNotFoundError as exc:
+        if IN_CI:
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    # Short paths: unix socket paths (executor.sock) must stay under 108 bytes.
+    path = Path(tempfile.mkdtemp(prefix="cg-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def make_settings(data_dir: Path, backend: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "base_directory": data_dir,
+        "sandbox_backend": backend,
+        "openai_api_key": "test-key",
+        "log_level": "INFO",
+        "sandbox_memory_mb": 1024,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    if name == "docker":
+        need_docker()
+    return name
+
+
+@pytest.fixture
+async def server(data_dir: Path, backend: str) -> AsyncIterator[RunningServer]:
+    from tests.support.server import run_server
+
+    async with run_server(make_settings(data_dir, backend)) as running:
+        yield running

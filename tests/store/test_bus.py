@@ -1,0 +1,99 @@
+"""The event bus: stored before seen, replay then live with no gap or duplicate, slow clients cut off."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from crogia.bus import EventBus, SubscriptionClosed
+from crogia.events import TextDelta
+from crogia.store import Database, repo
+from tests.store.test_store import add_session
+
+
+async def collect(sub, n: int) -> list[dict]:  # type: ignore[no-untyped-def]
+    out = []
+    async for _seq, data in sub:
+        out.append(json.loads(data))
+        if len(out) == n:
+            break
+    return out
+
+
+async def test_events_are_stored_before_delivery_and_seq_grows(db: Database) -> None:
+    await add_session(db)
+    bus = EventBus(db)
+    bus.start()
+    try:
+        sub = await bus.subscribe("s1", after=0)
+        for i in range(5):
+            await bus.publish("s1", TextDelta(content=str(i), task_id="t"))
+        got = await asyncio.wait_for(collect(sub, 5), 5)
+        async with db.session() as s:
+            stored = await repo.max_event_seq(s, session_id="s1")
+    finally:
+        await bus.close()
+    assert [e["seq"] for e in got] == [1, 2, 3, 4, 5]
+    assert [e["content"] for e in got] == ["0", "1", "2", "3", "4"]
+    assert got[0]["type"] == "text_delta" and got[0]["session_id"] == "s1" and got[0]["timestamp"].endswith("Z")
+    assert stored == 5
+
+
+async def test_replay_then_live_without_gap_or_duplicate(db: Database) -> None:
+    await add_session(db)
+    bus = EventBus(db)
+    bus.start()
+    try:
+        for i in range(3000):
+            await bus.publish("s1", TextDelta(content=str(i)))
+        await bus.flush()
+
+        async def keep_publishing() -> None:
+            for i in range(3000, 4000):
+                await bus.publish("s1", TextDelta(content=str(i)))
+                if i % 100 == 0:
+                    await asyncio.sleep(0)
+
+        producer = asyncio.create_task(keep_publishing())
+        sub = await bus.subscribe("s1", after=1500)
+        got = await asyncio.wait_for(collect(sub, 2500), 20)
+        await producer
+    finally:
+        await bus.close()
+    assert [e["seq"] for e in got] == list(range(1501, 4001))
+
+
+async def test_seq_continues_after_restart(db: Database) -> None:
+    await add_session(db)
+    bus = EventBus(db)
+    bus.start()
+    await bus.publish("s1", TextDelta(content="a"))
+    await bus.close()
+    again = EventBus(db)
+    again.start()
+    try:
+        assert await again.publish("s1", TextDelta(content="b")) == 2
+    finally:
+        await again.close()
+
+
+async def test_slow_subscriber_is_closed_with_reason_and_others_unaffected(db: Database) -> None:
+    await add_session(db)
+    bus = EventBus(db, client_queue=50, batch=10)
+    bus.start()
+    try:
+        slow = await bus.subscribe("s1", after=0)
+        fast = await bus.subscribe("s1", after=0)
+        reader = asyncio.create_task(collect(fast, 200))
+        for i in range(200):
+            await bus.publish("s1", TextDelta(content=str(i)))
+            if i % 10 == 0:
+                await asyncio.sleep(0)
+        got = await asyncio.wait_for(reader, 10)
+        with pytest.raises(SubscriptionClosed, match="since="):
+            await collect(slow, 200)
+    finally:
+        await bus.close()
+    assert len(got) == 200
