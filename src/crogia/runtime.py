@@ -30,6 +30,7 @@ class Runtime:
     processes: ProcessService
     shell: ShellService
     tasks: TaskService
+    agent: Agent
     _docker_checked: tuple[float, bool] = (float("-inf"), False)
 
     @classmethod
@@ -49,7 +50,7 @@ class Runtime:
         shell = ShellService(settings)
         agent = Agent.from_settings(settings)
         tasks = TaskService(db, bus, sessions, shell, processes, agent)
-        runtime = cls(settings, db, bus, provider, sessions, processes, shell, tasks)
+        runtime = cls(settings, db, bus, provider, sessions, processes, shell, tasks, agent)
         try:
             await tasks.fail_interrupted()
             await sessions.reconcile()
@@ -75,6 +76,7 @@ class Runtime:
     async def close(self) -> None:
         """Cancel tasks, flush events, drop sandbox connections, close the store."""
         await self.tasks.close()
+        await self.agent.aclose()
         await self.processes.close()
         await self.bus.close()
         await self.sessions.close()

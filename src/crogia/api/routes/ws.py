@@ -40,7 +40,9 @@ async def events(
         tenant = ws_tenant(websocket)
         await runtime.sessions.get(session_id, tenant=tenant)
     except (Unauthorized, NotFound) as exc:
+        # Accept, then close with a code: browsers cannot read the status of a refused handshake.
         code = CLOSE_UNAUTHORIZED if isinstance(exc, Unauthorized) else CLOSE_NOT_FOUND
+        await websocket.accept()
         await websocket.close(code=code, reason=exc.message[:120])
         return
     await websocket.accept()

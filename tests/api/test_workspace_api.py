@@ -1,0 +1,131 @@
+"""Files, search, shell and processes through the REST API, on both backends, with the sandbox
+writing to the same workspace at the same time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tests.support.server import RunningServer
+
+
+@pytest.fixture
+async def sid(server: RunningServer) -> str:
+    return str((await server.create_session(task="workspace"))["session_id"])
+
+
+async def shell(server: RunningServer, sid: str, cmd: str, **extra: object) -> dict:  # type: ignore[type-arg]
+    response = await server.client.post(f"/api/sessions/{sid}/shell", json={"cmd": cmd, **extra})
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+async def test_files_written_by_api_are_seen_by_sandbox_and_back(server: RunningServer, sid: str) -> None:
+    base = f"/api/sessions/{sid}/files"
+    wrote = await server.client.post(f"{base}/content", json={"path": "src/app.py", "content": "print('hé')\n"})
+    assert wrote.status_code == 200 and "message" in wrote.json()
+    out = await shell(server, sid, "python3 src/app.py && echo made > from_sandbox.txt && ln -s / escape")
+    assert out["output"] == "hé\n" and out["exit_code"] == 0 and out["command"].startswith("python3")
+    read = (await server.client.get(f"{base}/content", params={"path": "from_sandbox.txt"})).json()
+    assert read == {"path": "from_sandbox.txt", "content": "made\n"}
+    listing = (await server.client.get(base, params={"path": "."})).json()
+    kinds = {item["name"]: item["type"] for item in listing["items"]}
+    assert kinds == {"src": "directory", "from_sandbox.txt": "file", "escape": "symlink"}
+    sizes = {item["name"]: item["size"] for item in listing["items"]}
+    assert sizes["src"] is None and sizes["from_sandbox.txt"] == 5
+
+
+async def test_escapes_are_refused(server: RunningServer, sid: str) -> None:
+    await shell(server, sid, "ln -s / root_link && ln -s /etc/passwd pw")
+    base = f"/api/sessions/{sid}/files"
+    for path in ("../../etc/passwd", "/etc/passwd", "root_link/etc/passwd", "pw"):
+        response = await server.client.get(f"{base}/content", params={"path": path})
+        assert 400 <= response.status_code < 500, (path, response.text)
+        assert "root:" not in response.text
+    listing = await server.client.get(base, params={"path": "root_link"})
+    assert 400 <= listing.status_code < 500
+    grep = await server.client.post(f"/api/sessions/{sid}/search/grep", json={"pattern": "root:", "path": "."})
+    assert grep.status_code == 200 and grep.json()["matches"] == []
+
+
+async def test_binary_upload_download_move_delete(server: RunningServer, sid: str) -> None:
+    base = f"/api/sessions/{sid}/files"
+    blob = bytes(range(256)) * 1000
+    up = await server.client.put(f"{base}/raw", params={"path": "bin/data.bin"}, content=blob)
+    assert up.status_code == 200, up.text
+    down = await server.client.get(f"{base}/raw", params={"path": "bin/data.bin"})
+    assert down.content == blob
+    not_text = await server.client.get(f"{base}/content", params={"path": "bin/data.bin"})
+    assert not_text.status_code == 400
+    moved = await server.client.post(f"{base}/move", json={"src": "bin/data.bin", "dst": "data2.bin"})
+    assert moved.status_code == 200
+    assert (await shell(server, sid, "sha256sum data2.bin | cut -c1-8"))["exit_code"] == 0
+    assert (await server.client.post(f"{base}/mkdir", json={"path": "a/b/c"})).status_code == 200
+    assert (await server.client.delete(base, params={"path": "a"})).status_code in (400, 409)
+    assert (await server.client.delete(base, params={"path": "a", "recursive": True})).status_code == 200
+    assert (await server.client.get(f"{base}/content", params={"path": "a/b"})).status_code == 404
+
+
+async def test_search_files_and_grep_compat_shapes(server: RunningServer, sid: str) -> None:
+    await shell(server, sid, "mkdir -p pkg && printf 'from flask import Flask\\n' > pkg/app.py && echo '# Flask' > README.md")
+    files = await server.client.post(f"/api/sessions/{sid}/search/files", json={"pattern": "*.py", "path": "."})
+    assert files.json()["matches"] == ["pkg/app.py"]
+    grep = await server.client.post(
+        f"/api/sessions/{sid}/search/grep", json={"pattern": "Flask", "path": ".", "file_types": "*.py,*.md"}
+    )
+    body = grep.json()
+    assert {(m["file"], m["line"]) for m in body["matches"]} == {("pkg/app.py", 1), ("README.md", 1)}
+    assert body["pattern"] == "Flask" and body["path"] == "."
+    bad = await server.client.post(f"/api/sessions/{sid}/search/grep", json={"pattern": "(unclosed"})
+    assert bad.status_code == 400
+
+
+async def test_shell_timeout_output_cap_and_tty(server: RunningServer, sid: str) -> None:
+    slow = await shell(server, sid, "sleep 30", timeout=0.5)
+    assert slow["timed_out"] is True and slow["exit_code"] == 124
+    big = await shell(server, sid, "yes | head -c 200000", max_output=10_000)
+    assert big["truncated"] is True and len(big["output"]) < 20_000
+    tty = await shell(server, sid, "test -t 1 && echo tty || echo notty", tty=True)
+    assert tty["output"].strip() == "tty"
+    failing = await shell(server, sid, "exit 3")
+    assert failing["exit_code"] == 3 and failing["timed_out"] is False
+
+
+async def test_shell_stream_sends_output_then_result(server: RunningServer, sid: str) -> None:
+    events = []
+    async with server.client.stream(
+        "POST", f"/api/sessions/{sid}/shell/stream", json={"cmd": "for i in 1 2 3; do echo $i; sleep 0.05; done"}
+    ) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                events.append(line[7:])
+            elif line.startswith("data: ") and events[-1] == "result":
+                result = json.loads(line[6:])
+    assert events[-1] == "result" and "output" in events
+    assert result["output"] == "1\n2\n3\n" and result["exit_code"] == 0
+
+
+async def test_processes_start_logs_exit_and_stop(server: RunningServer, sid: str) -> None:
+    base = f"/api/sessions/{sid}/processes"
+    quick = (await server.client.post(base, json={"cmd": "echo started; exit 7"})).json()
+    server_proc = (await server.client.post(base, json={"cmd": "python3 -m http.server 8765"})).json()
+    assert {"pid", "cmd", "status", "log", "started"} <= server_proc.keys()
+    for _ in range(100):
+        procs = {p["pid"]: p for p in (await server.client.get(base)).json()}
+        if procs[quick["pid"]]["status"] == "exited":
+            break
+        await asyncio.sleep(0.05)
+    assert procs[quick["pid"]]["exit_code"] == 7 and procs[quick["pid"]]["ended"]
+    logs = (await server.client.get(f"{base}/{quick['pid']}/logs", params={"lines": 5})).json()
+    assert logs == {"logs": "started\n", "pid": quick["pid"]}
+    reached = await shell(server, sid, "sleep 0.5; curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8765/ || python3 -c \"import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:8765/').status)\"")
+    assert "200" in reached["output"]
+    stopped = await server.client.post(f"{base}/{server_proc['pid']}/stop")
+    assert stopped.status_code == 200 and "message" in stopped.json()
+    final = {p["pid"]: p for p in (await server.client.get(base)).json()}
+    assert final[server_proc["pid"]]["status"] == "stopped"
+    assert (await server.client.post(f"{base}/999999/stop")).status_code == 404
+    assert (await server.client.get(f"{base}/abc/logs")).status_code == 422

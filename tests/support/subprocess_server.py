@@ -1,0 +1,64 @@
+"""The server as a separate process (`python -m crogia serve`), for crash and shutdown tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.support.postgres import free_port
+
+
+class ServerProcess:
+    """Start, kill -9, or SIGTERM a real server process on a free port."""
+
+    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
+        self.cwd = cwd
+        self.env = {**os.environ, **env}
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log = cwd / f"server-{self.port}.log"
+
+    async def start(self, timeout: float = 60) -> None:
+        with self.log.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "crogia", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                cwd=self.cwd, env=self.env, stdout=log, stderr=log,
+            )
+        deadline = asyncio.get_running_loop().time() + timeout
+        async with httpx.AsyncClient() as client:
+            while asyncio.get_running_loop().time() < deadline:
+                if self.proc.returncode is not None:
+                    raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
+                try:
+                    if (await client.get(f"{self.base_url}/api/health")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise TimeoutError(f"server did not start: {self.log.read_text()[-2000:]}")
+
+    async def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind, as in a crash."""
+        assert self.proc is not None
+        self.proc.kill()
+        await self.proc.wait()
+
+    async def stop(self, timeout: float = 30) -> int:
+        """SIGTERM and wait for a graceful exit; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+                raise
+        return self.proc.returncode or 0
