@@ -1,0 +1,57 @@
+"""Sandboxes: one session's isolated place to run commands, and the factory that picks a backend.
+
+`SANDBOX_BACKEND=auto` uses Docker when its engine answers and bubblewrap otherwise. Each
+backend's module is imported only when chosen, so a host without aiodocker's engine (or
+without bwrap) never loads what it cannot use.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from crogia.config import Settings
+from crogia.sandbox.base import Limits, SandboxProvider
+
+log = logging.getLogger(__name__)
+
+__all__ = ["limits_from", "make_provider"]
+
+
+def limits_from(settings: Settings) -> Limits:
+    """The per-sandbox resource limits the settings ask for."""
+    return Limits(
+        memory_mb=settings.sandbox_memory_mb,
+        cpus=settings.sandbox_cpus,
+        pids=settings.sandbox_pids_limit,
+        network=settings.sandbox_network,
+    )
+
+
+async def make_provider(settings: Settings) -> SandboxProvider:
+    """Build the provider `settings.sandbox_backend` selects; the caller closes it."""
+    backend = settings.sandbox_backend
+    if backend == "bubblewrap":
+        return _bubblewrap()
+    from crogia.sandbox.docker import DockerProvider  # lazy: aiodocker only when Docker may be used
+
+    docker = DockerProvider()
+    if await docker.available():
+        log.info("sandbox backend: docker (engine at %s)", docker.url)
+        if not await docker.has_image(settings.docker_base_image):
+            log.warning(
+                "sandbox image %s is missing: build it with `crogia image build`", settings.docker_base_image
+            )
+        return docker
+    if backend == "docker":
+        # Chosen explicitly: keep it, so the engine may come up later; creates say what is wrong.
+        log.warning("sandbox backend: docker, but the engine at %s does not answer yet", docker.url)
+        return docker
+    await docker.close()
+    log.info("sandbox backend: bubblewrap (no Docker engine answers at %s)", docker.url)
+    return _bubblewrap()
+
+
+def _bubblewrap() -> SandboxProvider:
+    from crogia.sandbox.bubblewrap import BubblewrapProvider
+
+    return BubblewrapProvider()

@@ -1,0 +1,263 @@
+"""Docker backend: one container per session, with the executor daemon as its main process.
+
+The container runs `daemon_command()` under Docker's init (tini), which reaps orphans and
+forwards SIGTERM, so a stop takes milliseconds instead of the 10 s grace. Commands never go
+through `docker exec`: the server talks to the daemon over the socket in the bound state folder.
+All engine calls go through aiodocker, so nothing blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import aiohttp
+
+from crogia.errors import SandboxError, Unavailable
+from crogia.sandbox.base import STATE_MOUNT, WORKDIR, SandboxProvider, SandboxSpec, SandboxStatus
+from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command
+
+MANAGED_LABEL = "crogia.managed-by"
+SESSION_LABEL = "crogia.session"
+STOP_TIMEOUT = 3
+"""Seconds between SIGTERM and SIGKILL; above the daemon's own 2 s grace for its processes."""
+PING_TIMEOUT = 3.0
+_API_TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=5)
+_DEFAULT_URL = "unix:///var/run/docker.sock"
+_STATES: dict[str, SandboxStatus] = {
+    "running": "running",
+    "created": "exited",
+    "exited": "exited",
+    "removing": "missing",
+}
+"""Docker's `State.Status` -> ours; `paused`, `restarting` and `dead` can't serve commands: unknown."""
+
+
+def container_config(spec: SandboxSpec) -> dict[str, Any]:
+    """The Docker API body that creates `spec`'s container."""
+    limits = spec.limits
+    memory = limits.memory_mb * 1024 * 1024
+    mounts = [
+        _bind(spec.workspace, WORKDIR, read_only=False),
+        _bind(spec.state_dir, STATE_MOUNT, read_only=False),
+        _bind(DAEMON_DIR, DAEMON_MOUNT, read_only=True),
+    ]
+    return {
+        "Image": spec.image,
+        "Cmd": daemon_command(),
+        "WorkingDir": WORKDIR,
+        "Env": [f"{key}={value}" for key, value in spec.env.items()],
+        "Labels": {**spec.labels, SESSION_LABEL: spec.session_id, MANAGED_LABEL: "crogia"},
+        "StopTimeout": STOP_TIMEOUT,
+        "HostConfig": {
+            "Init": True,
+            "Mounts": mounts,
+            "Memory": memory,
+            "MemorySwap": memory,  # equal to Memory: no swap on top, so the limit means what it says
+            "NanoCpus": int(limits.cpus * 1e9),
+            "PidsLimit": limits.pids,
+            "NetworkMode": limits.network,
+            "SecurityOpt": ["no-new-privileges"],
+            "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "1"}},
+        },
+    }
+
+
+def _bind(source: Path, target: str, *, read_only: bool) -> dict[str, Any]:
+    # `Mounts` rather than `Binds`: a host path containing ':' stays unambiguous.
+    return {"Type": "bind", "Source": str(source), "Target": target, "ReadOnly": read_only}
+
+
+class _Engine:
+    """The provider's aiodocker client plus the translation of its errors into Crogia's."""
+
+    def __init__(self, url: str | None) -> None:
+        self.docker = _client(url)
+        # aiodocker keeps the address it was given only in a private field; it makes the message useful.
+        self.url: str = getattr(self.docker, "_connection_info", None) or url or _DEFAULT_URL
+
+    @contextlib.contextmanager
+    def errors(self, image: str = "") -> Iterator[None]:
+        """Turn engine failures into `Unavailable` (engine down, image missing) or `SandboxError`."""
+        try:
+            yield
+        except aiodocker.DockerError as exc:
+            if exc.status == 900:
+                raise Unavailable(f"Docker engine is not reachable at {self.url}", url=self.url) from exc
+            if image and exc.status == 404 and "image" in str(exc.message).lower():
+                raise Unavailable(
+                    f"the sandbox image {image} is missing: build it with `crogia image build` "
+                    "(or `python -m crogia.sandbox.image`)",
+                    image=image,
+                ) from exc
+            raise SandboxError(f"Docker engine error: {exc.message}", status=exc.status) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unavailable(f"Docker engine is not reachable at {self.url}", url=self.url) from exc
+
+    async def inspect(self, container_id: str) -> dict[str, Any] | None:
+        """The container's inspect document, or None when it does not exist."""
+        try:
+            with self.errors():
+                return await self.docker.containers.container(container_id).show()
+        except SandboxError as exc:
+            if exc.context.get("status") == 404:
+                return None
+            raise
+
+    async def remove(self, container_id: str) -> None:
+        """Force-remove a container with its anonymous volumes; gone already is fine."""
+        try:
+            with self.errors():
+                await self.docker.containers.container(container_id).delete(force=True, v=True)
+        except SandboxError as exc:
+            # 404: already gone; 409: a removal is already under way.
+            if exc.context.get("status") not in (404, 409):
+                raise
+
+
+def _client(url: str | None) -> aiodocker.Docker:
+    try:
+        return aiodocker.Docker(url=url, timeout=_API_TIMEOUT)
+    except (ValueError, AssertionError):
+        # No DOCKER_HOST and no socket found: aim at the default so the first call says so clearly.
+        return aiodocker.Docker(url=_DEFAULT_URL, timeout=_API_TIMEOUT)
+
+
+class DockerSandbox(ExecutorSandbox):
+    """One session's container; commands go through its executor daemon."""
+
+    backend = "docker"
+
+    def __init__(self, spec: SandboxSpec, sandbox_id: str, engine: _Engine) -> None:
+        super().__init__(spec, sandbox_id)
+        self._engine = engine
+
+    @property
+    def _container(self) -> aiodocker.containers.DockerContainer:
+        return self._engine.docker.containers.container(self.id)
+
+    async def _start(self) -> None:
+        with self._engine.errors(self.spec.image):
+            await self._container.start()  # a running container answers 304: nothing to do
+
+    async def _stop(self) -> None:
+        state = await self._engine.inspect(self.id)
+        if state is not None and state["State"]["Running"]:
+            with self._engine.errors():
+                await self._container.stop(t=STOP_TIMEOUT)
+
+    async def _destroy(self) -> None:
+        await self._engine.remove(self.id)
+
+    async def _status(self) -> SandboxStatus:
+        try:
+            state = await self._engine.inspect(self.id)
+        except (Unavailable, SandboxError):
+            return "unknown"
+        if state is None:
+            return "missing"
+        return _STATES.get(str(state["State"]["Status"]), "unknown")
+
+
+class DockerProvider(SandboxProvider):
+    """Sandboxes as Docker containers, labelled `crogia.managed-by=crogia` for clean-up."""
+
+    name = "docker"
+
+    def __init__(self, *, url: str | None = None) -> None:
+        """`url`: the engine (`unix://`, `tcp://`); default: the Docker context, DOCKER_HOST, the socket."""
+        self._url = url
+        self._engine_obj: _Engine | None = None
+
+    @property
+    def _engine(self) -> _Engine:
+        # Built on first use, inside the running loop (aiohttp sessions belong to a loop).
+        if self._engine_obj is None:
+            self._engine_obj = _Engine(self._url)
+        return self._engine_obj
+
+    @property
+    def url(self) -> str:
+        """The engine's address, for messages and logs."""
+        return self._engine.url
+
+    async def has_image(self, image: str) -> bool:
+        """True when the engine holds `image` (`Unavailable` when the engine is down)."""
+        try:
+            with self._engine.errors():
+                await self._engine.docker.images.inspect(image)
+        except SandboxError as exc:
+            if exc.context.get("status") == 404:
+                return False
+            raise
+        return True
+
+    async def available(self) -> bool:
+        try:
+            async with asyncio.timeout(PING_TIMEOUT):
+                await self._engine.docker.version()
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError):
+            return False
+        return True
+
+    async def create(self, spec: SandboxSpec) -> DockerSandbox:
+        await asyncio.to_thread(_prepare_dirs, spec)
+        with self._engine.errors(spec.image):
+            container = await self._engine.docker.containers.create(container_config(spec))
+        sandbox = DockerSandbox(spec, container.id, self._engine)
+        try:
+            await sandbox.start()
+        except BaseException:
+            # Never leave a half-made container behind, whatever stopped us (even cancellation).
+            await sandbox.close()
+            await self._engine.remove(container.id)
+            raise
+        return sandbox
+
+    async def attach(self, spec: SandboxSpec, sandbox_id: str) -> DockerSandbox:
+        state = await self._engine.inspect(sandbox_id)
+        labels = (state or {}).get("Config", {}).get("Labels") or {}
+        status = _STATES.get(str((state or {}).get("State", {}).get("Status")), "unknown")
+        if state is None or labels.get(SESSION_LABEL) != spec.session_id or status == "missing":
+            return await self.create(spec)
+        if status == "unknown":  # dead or stuck: its workspace is all that matters, so start afresh
+            await self._engine.remove(sandbox_id)
+            return await self.create(spec)
+        sandbox = DockerSandbox(spec, sandbox_id, self._engine)
+        if status != "running":
+            await sandbox.start()
+            return sandbox
+        try:
+            await sandbox.connect()
+        except Unavailable:  # the container runs but its daemon is gone: restart it
+            await sandbox.stop()
+            await sandbox.start()
+        return sandbox
+
+    async def managed_ids(self) -> list[str]:
+        filters = json.dumps({"label": [f"{MANAGED_LABEL}=crogia"]})
+        with self._engine.errors():
+            containers = await self._engine.docker.containers.list(all=True, filters=filters)
+        return [str(container.id) for container in containers]
+
+    async def remove(self, sandbox_id: str) -> None:
+        await self._engine.remove(sandbox_id)
+
+    async def close(self) -> None:
+        engine, self._engine_obj = self._engine_obj, None
+        if engine is not None:
+            await engine.docker.close()
+
+
+def _prepare_dirs(spec: SandboxSpec) -> None:
+    """Create the bound folders (bind mounts need them) and drop a dead daemon's socket."""
+    spec.workspace.mkdir(parents=True, exist_ok=True)
+    spec.state_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(spec.state_dir / "executor.sock")
