@@ -158,9 +158,7 @@ class ScriptedOpenAI:
         writer.write(head.encode())
         for n, chunk in enumerate(chunks):
             if n == reply.break_after:
-                await writer.drain()
-                writer.transport.abort()  # no terminating chunk: the client sees a broken body
-                return False
+                return await _stop_early(writer, reply)
             if n and reply.delay:
                 await asyncio.sleep(reply.delay)
             _write_chunk(writer, f"data: {json.dumps(chunk)}\n\n".encode())
@@ -169,6 +167,16 @@ class ScriptedOpenAI:
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return True
+
+
+async def _stop_early(writer: asyncio.StreamWriter, reply: Reply) -> bool:
+    if reply.drop == "eof":
+        writer.write(b"0\r\n\r\n")  # a complete HTTP body, but no finish_reason and no [DONE]
+        await writer.drain()
+        return True
+    await writer.drain()
+    writer.transport.abort()  # no terminating chunk: the client sees a broken body
+    return False
 
 
 def _model(request: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +43,10 @@ class Reply:
     usage: tuple[int, int] | None = None
     """(prompt_tokens, completion_tokens), sent when the request asks for usage; default (10, 5)."""
     break_after: int | None = None
-    """Drop the connection after this many chunks: no `[DONE]`, no end of the chunked body."""
+    """Stop after this many chunks (the first is the role chunk), without `[DONE]`."""
+    drop: Literal["abort", "eof"] = "abort"
+    """How `break_after` stops: `abort` drops the connection mid-body (the client sees a
+    connection error); `eof` ends the HTTP body cleanly, so the stream just stops early."""
     finish_reason: str | None = None
     """Defaults to `tool_calls` when there are tool calls, else `stop`."""
 

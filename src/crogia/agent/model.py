@@ -74,8 +74,10 @@ def _retry_after(exc: BaseException) -> float | None:
         return None
     for header, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = exc.response.headers.get(header)
+        if value is None:
+            continue
         try:
-            return max(0.0, float(value) * scale) if value is not None else None
+            return max(0.0, float(value) * scale)
         except ValueError:
             continue  # an HTTP date: fall back to our own backoff
     return None

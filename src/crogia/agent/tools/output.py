@@ -15,8 +15,11 @@ def fits(text: str, limit: int) -> bool:
     return len(text) * 4 <= limit or len(text.encode()) <= limit
 
 
-def cap_middle(text: str, limit: int) -> str:
-    """Keep the start and the end, cut the middle; shell output has its errors at the end."""
+def cap_middle(text: str, limit: int, *, stated: int | None = None) -> str:
+    """Keep the start and the end, cut the middle; shell output has its errors at the end.
+
+    `stated` is the cap named in the marker when `limit` leaves room for text added after.
+    """
     if fits(text, limit):
         return text
     data = text.encode()
@@ -24,7 +27,8 @@ def cap_middle(text: str, limit: int) -> str:
     head = data[: keep // 2].decode(errors="ignore")
     tail = data[len(data) - keep // 2 :].decode(errors="ignore")
     cut = len(data) - len(head.encode()) - len(tail.encode())
-    return f"{head}\n[... {cut} bytes cut from the middle: tool output is capped at {kib(limit)} ...]\n{tail}"
+    marker = f"[... {cut} bytes cut from the middle: tool output is capped at {kib(stated or limit)} ...]"
+    return f"{head}\n{marker}\n{tail}"
 
 
 def take_lines(lines: list[str], limit: int) -> int:

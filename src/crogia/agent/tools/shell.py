@@ -23,7 +23,11 @@ async def run_shell(ctx: ToolContext, args: dict[str, Any]) -> str:
     if result.truncated:
         notes.append("[the sandbox cut the middle of a very long output]")
     # Cap the output alone so the exit code and notes always reach the model.
-    output = cap_middle(result.output, ctx.max_output - 300) if result.output else "(no output)"
+    output = (
+        cap_middle(result.output, ctx.max_output - 300, stated=ctx.max_output)
+        if result.output
+        else "(no output)"
+    )
     return "\n".join([output.rstrip("\n"), *notes])
 
 
