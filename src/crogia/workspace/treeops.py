@@ -1,0 +1,201 @@
+"""Blocking folder primitives: list, mkdir, remove, move (run in a worker thread).
+
+Every walk holds directory fds and opens children with O_NOFOLLOW, so a symlink
+is listed or unlinked as itself and never descended into, even if it appears
+while the walk runs.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+
+from crogia.errors import Conflict, InvalidInput, NotFound
+from crogia.workspace._linux import rename_noreplace
+from crogia.workspace.models import Entry, EntryType
+from crogia.workspace.paths import DIR_FLAGS, RelPath, lstat_at, opened_dir, os_error
+
+MAX_REMOVE_DEPTH = 256
+
+
+def _entry(name: str, rel: RelPath, st: os.stat_result) -> Entry:
+    kind: EntryType = "file"
+    if stat.S_ISDIR(st.st_mode):
+        kind = "directory"
+    elif stat.S_ISLNK(st.st_mode):
+        kind = "symlink"
+    # Names are bytes on Linux; show undecodable ones with U+FFFD so JSON never breaks.
+    shown = os.fsencode(name).decode("utf-8", "replace")
+    return Entry(
+        name=shown,
+        path=rel.child(shown).text,
+        type=kind,
+        size=None if kind == "directory" else st.st_size,
+        modified=datetime.fromtimestamp(st.st_mtime, tz=UTC),
+    )
+
+
+def _scan(fd: int, rel: RelPath) -> list[tuple[str, Entry]]:
+    """(raw name, entry) pairs of one folder, folders first, then by name."""
+    found: list[tuple[str, Entry]] = []
+    with os.scandir(fd) as it:
+        for item in it:
+            try:
+                st = item.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed while we listed
+            found.append((item.name, _entry(item.name, rel, st)))
+    found.sort(key=lambda pair: (pair[1].type != "directory", pair[1].name.casefold(), pair[1].name))
+    return found
+
+
+def _walk(fd: int, rel: RelPath, depth: int, out: list[Entry], cap: int) -> None:
+    for raw, entry in _scan(fd, rel):
+        if len(out) >= cap:
+            return
+        out.append(entry)
+        if depth <= 1 or entry.type != "directory":
+            continue
+        try:
+            child = os.open(raw, DIR_FLAGS, dir_fd=fd)
+        except OSError:
+            continue  # swapped or removed since the scan: list it, do not descend
+        try:
+            _walk(child, rel.child(entry.name), depth - 1, out, cap)
+        finally:
+            os.close(child)
+
+
+def list_dir(root: Path, rel: RelPath, depth: int, cap: int) -> list[Entry]:
+    """Entries of folder `rel`, recursing `depth - 1` levels, at most `cap` entries."""
+    out: list[Entry] = []
+    with opened_dir(root, rel) as fd:
+        _walk(fd, rel, depth, out, cap)
+    return out
+
+
+def make_dir(root: Path, rel: RelPath, *, parents: bool, exist_ok: bool) -> None:
+    """Create folder `rel`; with `parents`, missing ancestors too."""
+    with opened_dir(root, rel.parent, create=parents) as dir_fd:
+        try:
+            os.mkdir(rel.name, 0o755, dir_fd=dir_fd)
+            return
+        except FileExistsError:
+            mode = lstat_at(dir_fd, rel).st_mode
+        except OSError as exc:
+            raise os_error(exc, rel) from None
+    if not stat.S_ISDIR(mode):
+        raise Conflict(f"'{rel.text}' already exists and is not a folder.", path=rel.text)
+    if not exist_ok:
+        raise Conflict(f"Folder '{rel.text}' already exists.", path=rel.text)
+
+
+def remove(root: Path, rel: RelPath, *, recursive: bool) -> None:
+    """Delete a file, symlink (the link itself) or folder (non-empty only if `recursive`)."""
+    with opened_dir(root, rel.parent) as dir_fd:
+        if not stat.S_ISDIR(lstat_at(dir_fd, rel).st_mode):
+            _unlink(dir_fd, rel.name, rel)
+            return
+        if recursive:
+            _clear_tree(dir_fd, rel)
+        try:
+            os.rmdir(rel.name, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ENOTEMPTY:
+                raise Conflict(
+                    f"Folder '{rel.text}' is not empty; delete it recursively to remove its contents.",
+                    path=rel.text,
+                ) from None
+            raise os_error(exc, rel) from None
+
+
+def _unlink(dir_fd: int, name: str, rel: RelPath) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass  # already gone: the outcome the caller wanted
+    except OSError as exc:
+        raise os_error(exc, rel) from None
+
+
+def _unlink_all_but_dirs(fd: int, rel: RelPath) -> list[str]:
+    """Unlink every non-folder in `fd`; return the names of its subfolders."""
+    subdirs: list[str] = []
+    with os.scandir(fd) as it:
+        for item in it:
+            if item.is_dir(follow_symlinks=False):
+                subdirs.append(item.name)
+            else:
+                _unlink(fd, item.name, rel)
+    return subdirs
+
+
+def _clear_tree(parent_fd: int, rel: RelPath) -> None:
+    """Empty folder `rel` depth-first with an explicit stack of fds (no recursion limit)."""
+    try:
+        top = os.open(rel.name, DIR_FLAGS, dir_fd=parent_fd)
+    except OSError as exc:
+        raise os_error(exc, rel) from None
+    stack: list[tuple[int, str, list[str]]] = [(top, rel.name, [])]
+    try:
+        stack[0][2].extend(_unlink_all_but_dirs(top, rel))
+        while stack:
+            fd, name, pending = stack[-1]
+            if not pending:
+                stack.pop()
+                os.close(fd)
+                if stack:
+                    _rmdir(stack[-1][0], name, rel)
+                continue
+            if len(stack) >= MAX_REMOVE_DEPTH:
+                raise InvalidInput(f"'{rel.text}' is nested too deeply to delete here.", path=rel.text)
+            sub = pending.pop()
+            try:
+                child = os.open(sub, DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                _unlink(fd, sub, rel)  # vanished, or swapped for a non-folder: drop the entry itself
+                continue
+            stack.append((child, sub, []))
+            stack[-1][2].extend(_unlink_all_but_dirs(child, rel))
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+
+
+def _rmdir(dir_fd: int, name: str, rel: RelPath) -> None:
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise os_error(exc, rel) from None
+
+
+def move(root: Path, src: RelPath, dst: RelPath, *, overwrite: bool) -> None:
+    """Rename `src` to `dst` inside the workspace; parents of `dst` are created."""
+    if dst.is_within(src):
+        if dst == src:
+            return
+        raise InvalidInput(f"Cannot move '{src.text}' into itself.", src=src.text, dst=dst.text)
+    with opened_dir(root, src.parent) as src_fd, opened_dir(root, dst.parent, create=True) as dst_fd:
+        lstat_at(src_fd, src)
+        try:
+            if overwrite:
+                os.rename(src.name, dst.name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+            else:
+                rename_noreplace(src_fd, src.name, dst_fd, dst.name)
+        except OSError as exc:
+            raise _move_error(exc, src, dst) from None
+
+
+def _move_error(exc: OSError, src: RelPath, dst: RelPath) -> Exception:
+    if exc.errno == errno.EEXIST:
+        return Conflict(f"'{dst.text}' already exists; pass overwrite to replace it.", path=dst.text)
+    if exc.errno in (errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+        return Conflict(f"'{dst.text}' exists and cannot be replaced by '{src.text}'.", path=dst.text)
+    if exc.errno == errno.ENOENT:
+        return NotFound(f"'{src.text}' does not exist.", path=src.text)
+    return os_error(exc, src)
