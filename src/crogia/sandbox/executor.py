@@ -134,7 +134,9 @@ class ExecutorClient:
             await self._writer.drain()
             return await future
         except asyncio.CancelledError:
-            if op == "exec" and not future.done() and not self._closed:
+            # Cancelling our task cancels `future` too, so only a real reply means it finished.
+            answered = future.done() and not future.cancelled()
+            if op == "exec" and not answered and not self._closed:
                 self._send({"id": next(self._ids), "op": "cancel", "target": rid})
             raise
         except ConnectionError as exc:

@@ -1,0 +1,82 @@
+"""Fixtures for the sandbox contract suite: one `provider` per backend, sandboxes cleaned up.
+
+To run the suite on another backend, add one entry to `PROVIDER_FACTORIES`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crogia.sandbox.base import Limits, Sandbox, SandboxProvider, SandboxSpec
+from crogia.sandbox.bubblewrap import BubblewrapProvider
+
+
+@dataclass(frozen=True)
+class ProviderFactory:
+    """Builds a fresh provider for one test; `marks` go on that backend's parameter."""
+
+    build: Callable[[], SandboxProvider]
+    marks: list[pytest.MarkDecorator] = field(default_factory=list)
+    image: str = "crogia-sandbox:latest"
+
+
+PROVIDER_FACTORIES: dict[str, ProviderFactory] = {
+    "bubblewrap": ProviderFactory(BubblewrapProvider),
+    # "docker": ProviderFactory(DockerProvider, [pytest.mark.docker]),
+}
+
+MakeSandbox = Callable[..., Awaitable[Sandbox]]
+
+
+@pytest.fixture(params=[pytest.param(name, marks=f.marks, id=name) for name, f in PROVIDER_FACTORIES.items()])
+async def provider(request: pytest.FixtureRequest) -> AsyncIterator[SandboxProvider]:
+    factory = PROVIDER_FACTORIES[request.param]
+    built = factory.build()
+    if not await built.available():
+        await built.close()
+        pytest.skip(f"the {request.param} backend is not available here")
+    built.test_image = factory.image  # type: ignore[attr-defined]
+    yield built
+    await built.close()
+
+
+@pytest.fixture
+async def make_sandbox(provider: SandboxProvider, data_dir: Path) -> AsyncIterator[MakeSandbox]:
+    """Create sandboxes with their own workspace and state folders; all destroyed afterwards."""
+    created: list[Sandbox] = []
+
+    async def make(limits: Limits | None = None, env: dict[str, str] | None = None, **kw: Any) -> Sandbox:
+        spec = new_spec(provider, data_dir, limits=limits or Limits(memory_mb=512), env=env or {}, **kw)
+        sandbox = await provider.create(spec)
+        created.append(sandbox)
+        return sandbox
+
+    yield make
+    for sandbox in created:
+        await provider.remove(sandbox.id)
+
+
+def new_spec(provider: SandboxProvider, data_dir: Path, **kw: Any) -> SandboxSpec:
+    session_id = "t" + uuid.uuid4().hex[:10]
+    for folder in ("ws", "st"):
+        (data_dir / folder / session_id).mkdir(parents=True)
+    image = getattr(provider, "test_image", "crogia-sandbox:latest")
+    return SandboxSpec(
+        session_id=session_id,
+        workspace=data_dir / "ws" / session_id,
+        state_dir=data_dir / "st" / session_id,
+        image=image,
+        labels={"crogia.test": "1"},
+        **kw,
+    )
+
+
+@pytest.fixture
+async def sandbox(make_sandbox: MakeSandbox) -> Sandbox:
+    return await make_sandbox()
