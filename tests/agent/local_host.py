@@ -1,102 +1,25 @@
-"""A `ToolHost` for agent tests built from real parts: real subprocesses in a temp folder.
+"""A `ToolHost` for agent tests built from real parts, without a sandbox.
 
-Files go through `crogia.workspace.Workspace` when it is implemented; while it is still a
-stub, `LocalWorkspace` (a small confined stand-in on the same temp folder) takes its place.
+Files go through the real `crogia.workspace.Workspace` on a temp folder; commands run as
+real bash subprocesses there (own process group, killed on timeout or cancel, like the
+sandbox does), and background processes log to files.
 """
 
 from __future__ import annotations
 
 import asyncio
-import builtins
 import contextlib
-import fnmatch
 import os
-import re
 import signal
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
 
 from crogia.agent.host import ProcessView
-from crogia.errors import InvalidInput, NotFound
+from crogia.errors import NotFound
 from crogia.sandbox.base import ExecResult
-from crogia.workspace import Entry, EntryType, GrepMatch, SearchResult, Workspace
-
-
-class LocalWorkspace(Workspace):
-    """Just enough of `Workspace` for the agent's tools, on a real folder."""
-
-    def _resolve(self, path: str) -> Path:
-        target = (self.root / path).resolve()
-        if not target.is_relative_to(self.root.resolve()):
-            raise InvalidInput(f"path {path!r} is outside the workspace")
-        return target
-
-    def _rel(self, target: Path) -> str:
-        return target.relative_to(self.root.resolve()).as_posix()
-
-    async def read_text(self, path: str, *, max_bytes: int | None = None) -> str:
-        target = self._resolve(path)
-        if not await anyio.Path(target).is_file():
-            raise NotFound(f"no file {path!r} in the workspace")
-        return await anyio.Path(target).read_text()
-
-    async def write_text(self, path: str, content: str) -> int:
-        target = anyio.Path(self._resolve(path))
-        await target.parent.mkdir(parents=True, exist_ok=True)
-        data = content.encode()
-        await target.write_bytes(data)
-        return len(data)
-
-    async def list(self, path: str = ".", *, depth: int = 1) -> list[Entry]:
-        folder = self._resolve(path)
-        if not await anyio.Path(folder).is_dir():
-            raise NotFound(f"no folder {path!r} in the workspace")
-        return await anyio.to_thread.run_sync(self._entries, folder)
-
-    def _entries(self, folder: Path) -> builtins.list[Entry]:
-        entries = []
-        for child in folder.iterdir():
-            kind: EntryType = "symlink" if child.is_symlink() else "directory" if child.is_dir() else "file"
-            stat = child.lstat()
-            size = None if kind == "directory" else stat.st_size
-            modified = datetime.fromtimestamp(stat.st_mtime, UTC)
-            entries.append(Entry(child.name, self._rel(child), kind, size, modified))
-        return entries
-
-    async def find_files(self, pattern: str, path: str = ".", **_: object) -> SearchResult[str]:
-        folder = self._resolve(path)
-        files = await anyio.to_thread.run_sync(lambda: sorted(p for p in folder.rglob("*") if p.is_file()))
-        matches = [self._rel(p) for p in files if fnmatch.fnmatch(p.name, pattern) or p.match(pattern)]
-        return SearchResult(matches, truncated=False)
-
-    async def grep(
-        self, pattern: str, path: str = ".", *, file_types: str = "*", **_: object
-    ) -> SearchResult[GrepMatch]:
-        regex = re.compile(pattern)
-        globs = [g.strip() for g in file_types.split(",") if g.strip()] or ["*"]
-        found = await self.find_files("*", path)
-        matches = []
-        for rel in found.matches:
-            if not any(fnmatch.fnmatch(rel.rsplit("/", 1)[-1], g) for g in globs):
-                continue
-            text = await self.read_text(rel)
-            matches += [
-                GrepMatch(rel, n, line) for n, line in enumerate(text.splitlines(), 1) if regex.search(line)
-            ]
-        return SearchResult(matches, truncated=False)
-
-
-async def make_workspace(root: Path) -> Workspace:
-    """The real Workspace if it works yet, else the local stand-in."""
-    real = Workspace(root)
-    try:
-        await real.list(".")
-    except NotImplementedError:
-        return LocalWorkspace(root)
-    return real
+from crogia.workspace import Workspace
 
 
 @dataclass
@@ -131,7 +54,7 @@ class LocalToolHost:
     async def create(cls, root: Path, log_dir: Path) -> LocalToolHost:
         await anyio.Path(root).mkdir(parents=True, exist_ok=True)
         await anyio.Path(log_dir).mkdir(parents=True, exist_ok=True)
-        return cls(await make_workspace(root), log_dir)
+        return cls(Workspace(root), log_dir)
 
     @property
     def workspace(self) -> Workspace:
