@@ -1,0 +1,80 @@
+"""`make_provider`: which backend SANDBOX_BACKEND picks, and that Docker's library loads only for Docker."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crogia.sandbox import limits_from, make_provider
+from crogia.sandbox.base import Limits
+from tests.conftest import make_settings, need_docker
+
+NO_ENGINE = "unix:///tmp/no-docker-here.sock"
+
+
+def test_limits_follow_the_settings(data_dir: Path) -> None:
+    settings = make_settings(
+        data_dir,
+        "auto",
+        sandbox_memory_mb=300,
+        sandbox_cpus=0.5,
+        sandbox_pids_limit=64,
+        sandbox_network="none",
+    )
+    assert limits_from(settings) == Limits(memory_mb=300, cpus=0.5, pids=64, network="none")
+
+
+def test_bubblewrap_choice_never_loads_aiodocker(data_dir: Path) -> None:
+    script = (
+        "import asyncio, sys\n"
+        "from crogia.config import Settings\n"
+        "from crogia.sandbox import make_provider\n"
+        "async def main():\n"
+        f"    provider = await make_provider(Settings(_env_file=None, base_directory={str(data_dir)!r},"
+        " sandbox_backend='bubblewrap'))\n"
+        "    print(provider.name, 'aiodocker' in sys.modules)\n"
+        "    await provider.close()\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["bubblewrap", "False"]
+
+
+async def test_auto_falls_back_to_bubblewrap_without_an_engine(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("DOCKER_HOST", NO_ENGINE)
+    caplog.set_level(logging.INFO, logger="crogia.sandbox")
+    provider = await make_provider(make_settings(data_dir, "auto"))
+    try:
+        assert provider.name == "bubblewrap"
+        assert f"bubblewrap (no Docker engine answers at {NO_ENGINE})" in caplog.text
+    finally:
+        await provider.close()
+
+
+async def test_explicit_docker_is_kept_while_the_engine_is_down(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOCKER_HOST", NO_ENGINE)
+    provider = await make_provider(make_settings(data_dir, "docker"))
+    try:
+        assert provider.name == "docker"
+        assert await provider.available() is False
+    finally:
+        await provider.close()
+
+
+@pytest.mark.docker
+async def test_auto_picks_docker_when_the_engine_answers(data_dir: Path) -> None:
+    need_docker()
+    provider = await make_provider(make_settings(data_dir, "auto"))
+    try:
+        assert provider.name == "docker"
+    finally:
+        await provider.close()
