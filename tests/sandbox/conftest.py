@@ -15,6 +15,7 @@ import pytest
 
 from crogia.sandbox.base import Limits, Sandbox, SandboxProvider, SandboxSpec
 from crogia.sandbox.bubblewrap import BubblewrapProvider
+from crogia.sandbox.docker import DockerProvider
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class ProviderFactory:
 
 PROVIDER_FACTORIES: dict[str, ProviderFactory] = {
     "bubblewrap": ProviderFactory(BubblewrapProvider),
-    # "docker": ProviderFactory(DockerProvider, [pytest.mark.docker]),
+    "docker": ProviderFactory(DockerProvider, [pytest.mark.docker]),
 }
 
 MakeSandbox = Callable[..., Awaitable[Sandbox]]
