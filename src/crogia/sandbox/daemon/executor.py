@@ -28,6 +28,7 @@ Ops and their values:
       stdout+stderr appended to <log-dir>/<pid>.log; an `exit` notice follows when it ends.
   terminate {pid, grace?}                       -> {exit_code}  SIGTERM the group, SIGKILL after grace
   tail {pid, lines?}                            -> {output}     last lines of a process's log
+      (also of a process from before a restart, while its log file is there)
   list                                          -> {processes: [{pid, cmd, log, running, exit_code,
                                                     started, ended}]}  (times are epoch seconds)
 
@@ -311,10 +312,14 @@ class Background:
 
     async def tail(self, req: Message) -> Message:
         lines: int = _arg(req, "lines", int, 50)
-        path = self._entry(req)["log"]
+        pid: int = _arg(req, "pid", int)
+        path = os.path.join(self.log_dir, f"{pid}.log")
         loop = asyncio.get_running_loop()
         output = await loop.run_in_executor(None, _tail_file, path, max(0, min(lines, 100_000)))
-        return {"output": output}
+        # A log from before a restart of this sandbox is still worth reading.
+        if output is None and pid not in self.entries:
+            raise RequestError("not_found", f"no background process with pid {pid}")
+        return {"output": output or ""}
 
     def listing(self) -> Message:
         return {"processes": [dict(e) for e in self.entries.values()]}
@@ -329,16 +334,15 @@ class Background:
             _killpg(pid, signal.SIGKILL)
 
 
-def _tail_file(path: str, lines: int) -> str:
-    if lines == 0:
-        return ""
+def _tail_file(path: str, lines: int) -> str | None:
+    """The last `lines` lines of the file, or None when it does not exist."""
     try:
         with open(path, "rb") as f:
             end = f.seek(0, os.SEEK_END)
             f.seek(max(0, end - TAIL_MAX_BYTES))
-            data = f.read()
+            data = f.read() if lines else b""
     except FileNotFoundError:
-        return ""
+        return None
     return b"".join(data.splitlines(keepends=True)[-lines:]).decode("utf-8", "replace")
 
 

@@ -1,0 +1,178 @@
+"""What only the bubblewrap backend promises: cgroups, fallbacks, restarts, dying with the server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from crogia.errors import SandboxError
+from crogia.sandbox.base import Limits, SandboxSpec
+from crogia.sandbox.bubblewrap import BubblewrapProvider, BubblewrapSandbox
+from crogia.sandbox.cgroups import find_cgroup
+from tests.sandbox.conftest import new_spec
+
+
+@pytest.fixture
+async def bwrap() -> AsyncIterator[BubblewrapProvider]:
+    provider = BubblewrapProvider()
+    if not await provider.available():
+        pytest.skip("bubblewrap is not usable here")
+    yield provider
+    await provider.close()
+
+
+def spec_for(provider: BubblewrapProvider, data_dir: Path, **kw: object) -> SandboxSpec:
+    return new_spec(provider, data_dir, **kw)
+
+
+async def test_cgroup_holds_the_sandbox_and_goes_with_it(bwrap: BubblewrapProvider, data_dir: Path) -> None:
+    sandbox = await bwrap.create(spec_for(bwrap, data_dir, limits=Limits(memory_mb=256, pids=100)))
+    assert isinstance(sandbox, BubblewrapSandbox)
+    if not sandbox.enforced_limits:
+        pytest.skip("no writable cgroups on this host")
+    group = find_cgroup(sandbox.id)
+    assert group is not None
+    handle = await sandbox.spawn("sleep 60")
+    assert len(group.pids()) >= 3  # bwrap, its pid 1, the daemon, and more
+    assert handle.pid > 0
+    await bwrap.remove(sandbox.id)
+    assert find_cgroup(sandbox.id) is None
+    assert sandbox.id not in await bwrap.managed_ids()
+
+
+async def test_rlimit_fallback_without_cgroups(data_dir: Path) -> None:
+    provider = BubblewrapProvider(cgroups=False)
+    try:
+        sandbox = await provider.create(spec_for(provider, data_dir, limits=Limits(memory_mb=200)))
+        assert isinstance(sandbox, BubblewrapSandbox)
+        assert sandbox.enforced_limits == frozenset()
+        result = await sandbox.exec("ulimit -v", timeout=10, max_output=100)
+        assert result.output == f"{200 * 1024}\n"
+        big = await sandbox.exec("python3 -c \"b = b'x' * (400 << 20)\"", timeout=20, max_output=10_000)
+        assert "MemoryError" in big.output
+    finally:
+        await provider.close()
+
+
+async def test_privileges_are_dropped(bwrap: BubblewrapProvider, data_dir: Path) -> None:
+    sandbox = await bwrap.create(spec_for(bwrap, data_dir))
+    status = await sandbox.exec(
+        "grep -E '^(CapEff|NoNewPrivs)' /proc/self/status", timeout=10, max_output=1000
+    )
+    assert status.output.split() == ["CapEff:", "0000000000000000", "NoNewPrivs:", "1"]
+    mount = await sandbox.exec("mount -t tmpfs none /tmp", timeout=10, max_output=1000)
+    assert mount.exit_code != 0
+    assert (await sandbox.exec("touch /usr/x /etc/x", timeout=10, max_output=1000)).exit_code != 0
+    assert (await sandbox.exec("hostname", timeout=10, max_output=100)).output.startswith("crogia-")
+
+
+async def test_network_none_leaves_only_loopback(bwrap: BubblewrapProvider, data_dir: Path) -> None:
+    sandbox = await bwrap.create(spec_for(bwrap, data_dir, limits=Limits(network="none")))
+    result = await sandbox.exec("tail -n +3 /proc/net/dev | cut -d: -f1", timeout=10, max_output=1000)
+    assert result.output.split() == ["lo"]
+
+
+async def test_attach_restarts_or_recreates(bwrap: BubblewrapProvider, data_dir: Path) -> None:
+    spec = spec_for(bwrap, data_dir)
+    sandbox = await bwrap.create(spec)
+    handle = await sandbox.spawn("echo from-before")
+    await asyncio.sleep(0.2)
+    await sandbox.stop()
+    assert await bwrap.attach(spec, sandbox.id) is sandbox
+    assert await sandbox.status() == "running"
+    # A new server process knows nothing: it re-creates the sandbox around the same folders.
+    later = BubblewrapProvider()
+    try:
+        again = await later.attach(spec, sandbox.id)
+        assert again is not sandbox
+        assert await again.status() == "running"
+        assert await again.tail_log(handle.pid, lines=5) == "from-before\n"
+    finally:
+        await bwrap.remove(sandbox.id)
+        await later.close()
+
+
+async def test_create_twice_conflicts_and_remove_is_idempotent(
+    bwrap: BubblewrapProvider, data_dir: Path
+) -> None:
+    spec = spec_for(bwrap, data_dir)
+    sandbox = await bwrap.create(spec)
+    with pytest.raises(Exception, match="already exists"):
+        await bwrap.create(spec)
+    await bwrap.remove(sandbox.id)
+    await bwrap.remove(sandbox.id)
+    await bwrap.remove("bwrap-never-existed")
+    assert await sandbox.status() == "missing"
+
+
+async def test_failed_start_is_fast_and_clean(data_dir: Path) -> None:
+    provider = BubblewrapProvider(python="/usr/bin/no-such-python")
+    try:
+        assert not await provider.available()
+        started = time.monotonic()
+        spec = spec_for(provider, data_dir)
+        with pytest.raises(SandboxError):
+            await provider.create(spec)
+        assert time.monotonic() - started < 5
+        assert f"bwrap-{spec.session_id}" not in await provider.managed_ids()
+    finally:
+        await provider.close()
+
+
+async def test_long_state_path_still_connects(bwrap: BubblewrapProvider, data_dir: Path) -> None:
+    deep = data_dir / ("d" * 60) / ("e" * 60)
+    spec = spec_for(bwrap, data_dir)
+    spec = SandboxSpec(spec.session_id, spec.workspace, deep / "state")
+    assert len(str(deep / "state" / "executor.sock")) > 108
+    sandbox = await bwrap.create(spec)
+    assert (await sandbox.exec("echo ok", timeout=10, max_output=100)).output == "ok\n"
+
+
+SERVER = """
+import asyncio, sys
+from pathlib import Path
+from crogia.sandbox.base import SandboxSpec
+from crogia.sandbox.bubblewrap import BubblewrapProvider
+
+async def main():
+    spec = SandboxSpec(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
+    sandbox = await BubblewrapProvider().create(spec)
+    await sandbox.spawn("while true; do date +%s%N > /workspace/beat; sleep 0.05; done")
+    print(sandbox.id, flush=True)
+    await asyncio.sleep(120)
+
+asyncio.run(main())
+"""
+
+
+async def test_sandbox_dies_with_the_server(bwrap: BubblewrapProvider, data_dir: Path) -> None:
+    spec = spec_for(bwrap, data_dir)
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SERVER, spec.session_id, str(spec.workspace), str(spec.state_dir),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        sandbox_id = (await asyncio.wait_for(server.stdout.readline(), 20)).decode().strip()
+        beat = spec.workspace / "beat"
+        for _ in range(100):
+            if beat.exists():
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        os.kill(server.pid, signal.SIGKILL)
+        await server.wait()
+    await asyncio.sleep(0.3)
+    last = beat.read_text()
+    await asyncio.sleep(0.4)
+    assert beat.read_text() == last, "the sandbox outlived its server"
+    # Its cgroup may be left behind; the next server finds and removes it.
+    await bwrap.remove(sandbox_id)
+    assert find_cgroup(sandbox_id) is None
