@@ -7,6 +7,7 @@ first is not deterministic; the ones kept are then sorted.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 
 from crogia.workspace.models import GrepMatch, SearchResult
@@ -33,10 +34,12 @@ class _Prefixer:
 
 
 class FileCollector:
-    """Collects `rg --files --null` output."""
+    """Collects `rg --files --null` output, keeping names that match one of `name_globs` (if any)."""
 
-    def __init__(self, prefix: str, limit: int) -> None:
+    def __init__(self, prefix: str, limit: int, name_globs: list[str]) -> None:
         self._fix = _Prefixer(prefix)
+        joined = "|".join(fnmatch.translate(glob) for glob in name_globs)
+        self._wanted = re.compile(joined).match if name_globs else None
         self._limit = limit
         self._pending = b""
         self._paths: list[str] = []
@@ -46,10 +49,13 @@ class FileCollector:
         """Take a chunk; True once the result is full."""
         *complete, self._pending = (self._pending + chunk).split(b"\0")
         for raw in complete:
+            path = self._fix(raw)
+            if self._wanted is not None and not self._wanted(path.rpartition("/")[2]):
+                continue
             if len(self._paths) >= self._limit:
                 self.truncated = True
                 return True
-            self._paths.append(self._fix(raw))
+            self._paths.append(path)
         return False
 
     def result(self) -> SearchResult[str]:

@@ -24,7 +24,14 @@ from crogia.workspace.collect import FileCollector, GrepCollector
 from crogia.workspace.models import Entry, GrepMatch, SearchResult
 from crogia.workspace.paths import RelPath, parse_path
 from crogia.workspace.ripgrep import Ripgrep
-from crogia.workspace.search import GrepOptions, SearchTarget, files_args, grep_args, open_target
+from crogia.workspace.search import (
+    GrepOptions,
+    SearchTarget,
+    files_args,
+    grep_args,
+    open_target,
+    type_globs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +147,8 @@ class Workspace:
         """Files under `path` whose name (or, if `pattern` has a '/', path below `path`) matches."""
         rel = parse_path(path, allow_root=True)
         _check_limit(max_results)
-        args = files_args(pattern, file_types, include_ignored, include_hidden)
-        collector = FileCollector(rel.text, max_results)
+        args = files_args(pattern, include_ignored, include_hidden)
+        collector = FileCollector(rel.text, max_results, type_globs(file_types))
         await self._run(await self._open_target(rel, allow_file=False), args, collector)
         return collector.result()
 

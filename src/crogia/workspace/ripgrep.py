@@ -93,7 +93,7 @@ class Ripgrep:
 
     def _prepare(self) -> _Setup:
         binary = self._binary or locate_rg()
-        if binary is None:
+        if binary is None or not os.access(binary, os.X_OK):
             raise Unavailable("Search is unavailable: ripgrep (rg) is not installed on the server.")
         abi = landlock_abi() if self._confine else 0
         setup = _Setup(binary, (binary, *_shared_objects(binary)), abi)

@@ -20,7 +20,7 @@ from crogia.workspace.paths import RelPath, kind_error, lstat_at, open_root, ope
 MAX_CONTEXT = 20
 MAX_COLUMNS = 4000
 _TYPE_NAME = "crogiasel"
-_TYPE_GLOB = re.compile(r"^[^\s/:,!]+$")
+_TYPE_GLOB = re.compile(r"^[^\s/:,!{}]+$")
 _COMMON = ["--no-config", "--no-messages", "--color=never", "--no-require-git", "--no-ignore-global"]
 
 
@@ -43,7 +43,7 @@ def type_globs(file_types: str) -> list[str]:
     return globs
 
 
-def _filter_args(file_types: str, include_ignored: bool, include_hidden: bool) -> list[str]:
+def _filter_args(include_ignored: bool, include_hidden: bool) -> list[str]:
     args = list(_COMMON)
     if include_hidden:
         args.append("--hidden")
@@ -51,16 +51,22 @@ def _filter_args(file_types: str, include_ignored: bool, include_hidden: bool) -
         args.append("--no-ignore")
     elif include_hidden:
         args.append("--glob=!.git/")  # git's own store is noise unless ignored files are wanted
-    globs = type_globs(file_types)
-    args += [f"--type-add={_TYPE_NAME}:{glob}" for glob in globs]
-    if globs:
-        args.append(f"--type={_TYPE_NAME}")
     return args
 
 
-def files_args(pattern: str, file_types: str, include_ignored: bool, include_hidden: bool) -> list[str]:
-    """`rg --files` listing NUL-separated paths; `pattern` is a gitignore-style glob."""
-    args = ["--files", "--null", *_filter_args(file_types, include_ignored, include_hidden)]
+def _type_args(file_types: str) -> list[str]:
+    globs = type_globs(file_types)
+    args = [f"--type-add={_TYPE_NAME}:{glob}" for glob in globs]
+    return [*args, f"--type={_TYPE_NAME}"] if globs else []
+
+
+def files_args(pattern: str, include_ignored: bool, include_hidden: bool) -> list[str]:
+    """`rg --files` listing NUL-separated paths; `pattern` is a gitignore-style glob.
+
+    File types are applied by the caller: rg lets a matching `--glob` override `--type`,
+    and both must hold.
+    """
+    args = ["--files", "--null", *_filter_args(include_ignored, include_hidden)]
     pattern = pattern.strip()
     if pattern not in ("", "*", "**"):
         # A leading '!' would turn the glob into an exclusion; the user meant a literal '!'.
@@ -90,7 +96,8 @@ def grep_args(opts: GrepOptions, *, stdin: bool) -> list[str]:
     args = [
         "--null", "--line-number", "--with-filename", "--no-heading", "--no-context-separator",
         f"--max-columns={MAX_COLUMNS}", "--max-columns-preview",
-        *_filter_args(opts.file_types, opts.include_ignored, opts.include_hidden),
+        *_filter_args(opts.include_ignored, opts.include_hidden),
+        *_type_args(opts.file_types),
         "--case-sensitive" if opts.case_sensitive else "--ignore-case",
     ]  # fmt: skip
     if not opts.regex:

@@ -1,0 +1,75 @@
+"""Fixtures: a real workspace folder under tmp_path, with a canary folder beside it.
+
+`outside` holds files that must never be read, written, listed or searched; tests
+compare its snapshot before and after hostile operations.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from crogia.workspace import Ripgrep, Workspace
+
+SECRET = "TOP-SECRET-canary-7f3a"
+
+
+@dataclass(frozen=True)
+class Outside:
+    """A folder next to the workspace, holding a secret file whose content and mtime must not change."""
+
+    folder: Path
+    secret: Path
+
+    def snapshot(self) -> dict[str, tuple[bytes, int]]:
+        """Every file under the folder with its content and mtime (ns)."""
+        found: dict[str, tuple[bytes, int]] = {}
+        for path in sorted(self.folder.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                found[str(path.relative_to(self.folder))] = (path.read_bytes(), path.stat().st_mtime_ns)
+        return found
+
+
+@pytest.fixture(scope="session")
+def ripgrep() -> Ripgrep:
+    """One located (and Landlock-probed) rg for the whole run."""
+    return Ripgrep()
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Outside:
+    folder = tmp_path / "outside"
+    (folder / "sub").mkdir(parents=True)
+    secret = folder / "secret.txt"
+    secret.write_text(f"{SECRET}\n")
+    (folder / "sub" / "deep.py").write_text(f"print('{SECRET}')\n")
+    old = 1_600_000_000
+    for path in (secret, folder / "sub" / "deep.py"):
+        os.utime(path, (old, old))
+    return Outside(folder, secret)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    folder = tmp_path / "ws"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def ws(root: Path, ripgrep: Ripgrep) -> Workspace:
+    return Workspace(root, ripgrep=ripgrep)
+
+
+def write(root: Path, rel: str, content: str | bytes = "x\n") -> Path:
+    """Create a file (and its folders) directly on disk, bypassing the code under test."""
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, str):
+        path.write_text(content)
+    else:
+        path.write_bytes(content)
+    return path

@@ -1,0 +1,228 @@
+"""Functional behaviour of the file operations on a real folder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from datetime import UTC
+from pathlib import Path
+
+import pytest
+
+from crogia.errors import Conflict, InvalidInput, NotFound, TooLarge
+from crogia.workspace import Workspace
+
+from .conftest import write
+
+
+def leftovers(root: Path) -> list[str]:
+    """Temp files an aborted or finished write may have left behind."""
+    return [str(p) for p in root.rglob(".crogia-*.tmp")]
+
+
+async def test_write_creates_parents_and_reads_back(ws: Workspace, root: Path) -> None:
+    written = await ws.write_text("src/pkg/app.py", "print('héllo')\n")
+    assert written == len("print('héllo')\n".encode())
+    assert (root / "src/pkg/app.py").read_text() == "print('héllo')\n"
+    assert await ws.read_text("src/pkg/app.py") == "print('héllo')\n"
+    assert leftovers(root) == []
+
+
+async def test_overwrite_keeps_permissions(ws: Workspace, root: Path) -> None:
+    script = write(root, "run.sh", "#!/bin/sh\n")
+    script.chmod(0o755)
+    await ws.write_text("run.sh", "#!/bin/sh\necho hi\n")
+    assert script.stat().st_mode & 0o777 == 0o755
+    assert script.read_text() == "#!/bin/sh\necho hi\n"
+    await ws.write_text("new.txt", "x")
+    assert (root / "new.txt").stat().st_mode & 0o777 == 0o644
+
+
+async def test_write_onto_folder_or_through_file_is_refused(ws: Workspace, root: Path) -> None:
+    write(root, "dir/file.txt")
+    with pytest.raises(InvalidInput, match="folder"):
+        await ws.write_text("dir", "x")
+    with pytest.raises(InvalidInput, match="not a folder"):
+        await ws.write_text("dir/file.txt/child.txt", "x")
+
+
+async def test_read_limits(ws: Workspace, root: Path) -> None:
+    write(root, "ten.txt", "0123456789")
+    assert await ws.read_text("ten.txt", max_bytes=10) == "0123456789"
+    with pytest.raises(TooLarge, match="9-byte limit") as info:
+        await ws.read_text("ten.txt", max_bytes=9)
+    assert "download" in info.value.message
+    small = Workspace(root, max_read_bytes=5, ripgrep=ws.ripgrep)
+    with pytest.raises(TooLarge):
+        await small.read_text("ten.txt")
+
+
+async def test_read_errors(ws: Workspace, root: Path) -> None:
+    write(root, "bin.dat", b"\x89PNG\r\n\x1a\n\xff\xfe")
+    write(root, "dir/x.txt")
+    with pytest.raises(InvalidInput, match=r"binary.*download"):
+        await ws.read_text("bin.dat")
+    with pytest.raises(InvalidInput, match="folder, not a file"):
+        await ws.read_text("dir")
+    with pytest.raises(NotFound, match=r"'nope\.txt' does not exist"):
+        await ws.read_text("nope.txt")
+    with pytest.raises(NotFound, match="'missing'"):
+        await ws.read_text("missing/x.txt")
+
+
+async def test_binary_stream_round_trip(ws: Workspace, root: Path) -> None:
+    data = bytes(range(256)) * 1000
+
+    async def upload() -> AsyncIterator[bytes]:
+        for at in range(0, len(data), 7000):
+            yield data[at : at + 7000]
+
+    assert await ws.write_bytes_stream("bin/blob.bin", upload(), max_bytes=len(data)) == len(data)
+    size, chunks = await ws.read_bytes_stream("bin/blob.bin", chunk_size=4096)
+    received = [chunk async for chunk in chunks]
+    assert size == len(data)
+    assert b"".join(received) == data
+    assert max(len(c) for c in received) <= 4096
+
+
+async def test_upload_over_limit_leaves_nothing(ws: Workspace, root: Path) -> None:
+    write(root, "keep.bin", b"old")
+
+    async def upload() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"x" * 1000
+
+    with pytest.raises(TooLarge, match="5000-byte limit"):
+        await ws.write_bytes_stream("keep.bin", upload(), max_bytes=5000)
+    with pytest.raises(TooLarge):
+        await ws.write_bytes_stream("new/fresh.bin", upload(), max_bytes=5000)
+    assert (root / "keep.bin").read_bytes() == b"old"
+    assert not (root / "new/fresh.bin").exists()
+    assert leftovers(root) == []
+
+
+async def test_upload_failing_midway_leaves_nothing(ws: Workspace, root: Path) -> None:
+    async def upload() -> AsyncIterator[bytes]:
+        yield b"partial"
+        raise ConnectionResetError("client went away")
+
+    with pytest.raises(ConnectionResetError):
+        await ws.write_bytes_stream("up.bin", upload(), max_bytes=100)
+    assert not (root / "up.bin").exists()
+    assert leftovers(root) == []
+
+
+async def test_list_sorting_types_and_sizes(ws: Workspace, root: Path) -> None:
+    write(root, "b.txt", "12345")
+    write(root, "A.txt", "1")
+    write(root, "zdir/inner.txt")
+    write(root, "adir/sub/deep.txt")
+    (root / "link").symlink_to("b.txt")
+    entries = await ws.list(".")
+    assert [(e.name, e.type) for e in entries] == [
+        ("adir", "directory"),
+        ("zdir", "directory"),
+        ("A.txt", "file"),
+        ("b.txt", "file"),
+        ("link", "symlink"),
+    ]
+    by_name = {e.name: e for e in entries}
+    assert by_name["adir"].size is None
+    assert by_name["b.txt"].size == 5
+    assert by_name["b.txt"].modified.tzinfo == UTC
+    assert abs(by_name["b.txt"].modified.timestamp() - (root / "b.txt").stat().st_mtime) < 1e-3
+
+
+async def test_list_depth_and_cap(ws: Workspace, root: Path) -> None:
+    write(root, "adir/sub/deep.txt")
+    write(root, "top.txt")
+    assert [e.path for e in await ws.list(".", depth=2)] == ["adir", "adir/sub", "top.txt"]
+    assert [e.path for e in await ws.list(".", depth=3)] == [
+        "adir",
+        "adir/sub",
+        "adir/sub/deep.txt",
+        "top.txt",
+    ]
+    assert [e.path for e in await ws.list("adir/sub")] == ["adir/sub/deep.txt"]
+    for i in range(30):
+        write(root, f"many/{i:02}.txt")
+    capped = Workspace(root, max_list_entries=10, ripgrep=ws.ripgrep)
+    assert len(await capped.list("many")) == 10
+    with pytest.raises(InvalidInput):
+        await ws.list(".", depth=0)
+    with pytest.raises(InvalidInput, match="not a folder"):
+        await ws.list("top.txt")
+    with pytest.raises(NotFound):
+        await ws.list("nope")
+
+
+async def test_remove(ws: Workspace, root: Path) -> None:
+    write(root, "f.txt")
+    write(root, "full/a/b/c.txt")
+    (root / "empty").mkdir()
+    await ws.remove("f.txt")
+    await ws.remove("empty")
+    with pytest.raises(Conflict, match="not empty"):
+        await ws.remove("full")
+    await ws.remove("full", recursive=True)
+    assert sorted(os.listdir(root)) == []
+    with pytest.raises(NotFound):
+        await ws.remove("f.txt")
+
+
+async def test_remove_deep_tree(ws: Workspace, root: Path) -> None:
+    deep = root / "deep"
+    deep.mkdir()
+    fd = os.open(deep, os.O_RDONLY)
+    try:
+        for _ in range(150):  # deeper than a path string could name comfortably
+            os.mkdir("d" * 40, dir_fd=fd)
+            child = os.open("d" * 40, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        os.close(os.open("leaf.txt", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+    finally:
+        os.close(fd)
+    await ws.remove("deep", recursive=True)
+    assert not deep.exists()
+
+
+async def test_move(ws: Workspace, root: Path) -> None:
+    write(root, "a.txt", "A")
+    write(root, "b.txt", "B")
+    write(root, "dir/x.txt", "X")
+    await ws.move("a.txt", "new/place/a.txt")
+    assert (root / "new/place/a.txt").read_text() == "A"
+    with pytest.raises(Conflict, match="already exists"):
+        await ws.move("b.txt", "new/place/a.txt")
+    await ws.move("b.txt", "new/place/a.txt", overwrite=True)
+    assert (root / "new/place/a.txt").read_text() == "B"
+    assert not (root / "b.txt").exists()
+    await ws.move("dir", "dir2")
+    assert (root / "dir2/x.txt").read_text() == "X"
+    with pytest.raises(InvalidInput, match="into itself"):
+        await ws.move("dir2", "dir2/inside")
+    with pytest.raises(NotFound):
+        await ws.move("ghost.txt", "g.txt")
+    await ws.move("dir2", "dir2")  # no-op
+
+
+async def test_mkdir(ws: Workspace, root: Path) -> None:
+    await ws.mkdir("a/b/c")
+    assert (root / "a/b/c").is_dir()
+    await ws.mkdir("a/b/c")  # exist_ok
+    with pytest.raises(Conflict, match="already exists"):
+        await ws.mkdir("a/b/c", exist_ok=False)
+    with pytest.raises(NotFound):
+        await ws.mkdir("x/y", parents=False)
+    write(root, "file.txt")
+    with pytest.raises(Conflict, match="not a folder"):
+        await ws.mkdir("file.txt")
+    await ws.mkdir(".")
+    assert oct((root / "a").stat().st_mode & 0o777) == oct(0o755 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
