@@ -242,3 +242,19 @@ async def test_missing_configuration_fails_before_any_call(
             await run_task(agent, "hi", host, recorder)
     assert scripted.requests == []
     assert recorder.saved == []
+
+
+async def test_model_options_reach_the_request(
+    scripted: ScriptedOpenAI, make_agent: MakeAgent, host: LocalToolHost, recorder: Recorder
+) -> None:
+    scripted.add(Reply("ok"))
+    options = {"temperature": 0.2, "extra_body": {"top_k": 5}}
+    await run_task(make_agent(model_options=options, system_prompt="Be terse."), "hi", host, recorder)
+
+    request = scripted.requests[0]
+    assert (request["temperature"], request["top_k"]) == (0.2, 5)
+    assert request["messages"] == [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "hi"},
+    ]
+    assert len(request["tools"]) == len(API_TOOLS)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import anyio
 from openai import APIConnectionError, APIError, APIStatusError, APITimeoutError, AsyncOpenAI
@@ -97,15 +97,17 @@ class ModelCaller:
     ) -> None:
         self.client = client
         self.policy = policy
+        options = dict(options or {})
         # Built once: only `messages` changes from one turn to the next.
+        self._body: dict[str, Any] = dict(options.pop("extra_body", None) or {})
         self._request: dict[str, Any] = {
-            **(options or {}),
+            **options,
             "model": model,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
         if tools:
-            self._request["tools"] = list(tools)
+            self._body["tools"] = list(tools)
 
     async def turn(
         self, messages: list[dict[str, Any]], *, on_text: TextSink, on_retry: RetrySink
@@ -132,7 +134,12 @@ class ModelCaller:
 
     async def _attempt(self, messages: list[dict[str, Any]], on_text: TextSink) -> TurnBuilder:
         builder = TurnBuilder()
-        stream = await self.client.chat.completions.create(messages=cast(Any, messages), **self._request)
+        # Messages and tools are already wire-format JSON, so they travel in `extra_body`, which the
+        # client sends as is (it overrides the empty `messages`). Through `messages=` the client
+        # would type-walk every message on the event loop: ~0.3 ms each, 20 ms at 60 messages.
+        stream = await self.client.chat.completions.create(
+            messages=[], extra_body={**self._body, "messages": messages}, **self._request
+        )
         # `async with` closes the HTTP response on every exit, cancellation included.
         async with stream:
             async for chunk in stream:
