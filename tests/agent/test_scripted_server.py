@@ -24,7 +24,9 @@ async def test_an_exhausted_script_fails_loudly(scripted: ScriptedOpenAI, client
     assert scripted.messages() == [{"role": "user", "content": "hi"}]
 
 
-async def test_non_streamed_answers_and_async_responders(scripted: ScriptedOpenAI, client: AsyncOpenAI) -> None:
+async def test_non_streamed_answers_and_async_responders(
+    scripted: ScriptedOpenAI, client: AsyncOpenAI
+) -> None:
     async def respond(request: dict[str, Any]) -> Reply:
         return Reply(f"you said {request['messages'][-1]['content']}", tool_calls=[Call("list_processes")])
 
