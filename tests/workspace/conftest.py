@@ -39,6 +39,12 @@ def ripgrep() -> Ripgrep:
     return Ripgrep()
 
 
+@pytest.fixture(scope="session")
+def unconfined_ripgrep() -> Ripgrep:
+    """rg without Landlock, as on kernels that lack it: results are re-checked instead."""
+    return Ripgrep(confine=False)
+
+
 @pytest.fixture
 def outside(tmp_path: Path) -> Outside:
     folder = tmp_path / "outside"

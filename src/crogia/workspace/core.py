@@ -18,12 +18,12 @@ from typing import Protocol
 import anyio
 import anyio.to_thread
 
-from crogia.errors import InvalidInput, TooLarge, Unavailable
+from crogia.errors import InvalidInput, TooLarge
 from crogia.workspace import fileops, treeops
 from crogia.workspace.collect import FileCollector, GrepCollector
 from crogia.workspace.models import Entry, GrepMatch, SearchResult
 from crogia.workspace.paths import RelPath, parse_path
-from crogia.workspace.ripgrep import Ripgrep
+from crogia.workspace.ripgrep import Ripgrep, check_exit
 from crogia.workspace.search import (
     GrepOptions,
     SearchTarget,
@@ -32,6 +32,7 @@ from crogia.workspace.search import (
     open_target,
     type_globs,
 )
+from crogia.workspace.verify import verify_files, verify_matches
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,11 @@ class Workspace:
         args = files_args(pattern, include_ignored, include_hidden)
         collector = FileCollector(rel.text, max_results, type_globs(file_types))
         await self._run(await self._open_target(rel, allow_file=False), args, collector)
-        return collector.result()
+        result = collector.result()
+        if self.ripgrep.confined is False:
+            kept = await anyio.to_thread.run_sync(verify_files, self.root, result.matches)
+            result = SearchResult(kept, result.truncated)
+        return result
 
     async def grep(
         self,
@@ -176,7 +181,11 @@ class Workspace:
         on_stdin = target.stdin is not None
         collector = GrepCollector(rel.text, max_results, context, label=rel.text if on_stdin else None)
         await self._run(target, grep_args(opts, stdin=on_stdin), collector)
-        return collector.result()
+        result = collector.result()
+        if self.ripgrep.confined is False and not on_stdin:  # stdin is an fd we opened: no race
+            kept = await anyio.to_thread.run_sync(verify_matches, self.root, result.matches)
+            result = SearchResult(kept, result.truncated)
+        return result
 
     async def _open_target(self, rel: RelPath, *, allow_file: bool) -> SearchTarget:
         return await anyio.to_thread.run_sync(partial(open_target, self.root, rel, allow_file=allow_file))
@@ -201,21 +210,10 @@ class Workspace:
                 log.warning("search in %s timed out after %ss", self.root, self.ripgrep.timeout)
                 collector.truncated = True
                 return
-            self._check_exit(code, stderr)
+            check_exit(code, stderr, self.root)
         finally:
             with anyio.CancelScope(shield=True):
                 await process.aclose()
-
-    def _check_exit(self, code: int, stderr: str) -> None:
-        if code in (0, 1):  # 1 = no match
-            return
-        message = "\n".join(line.removeprefix("rg: ").rstrip() for line in stderr.splitlines()).strip()
-        if code == 2 and message:
-            shown = message.replace(str(self.root), ".")[:1000]
-            raise InvalidInput(f"Invalid search: {shown}")
-        if code == 2:
-            return  # unreadable entries were skipped (their messages are suppressed)
-        raise Unavailable(f"Search failed: ripgrep exited with status {code}.")
 
 
 def _check_limit(max_results: int) -> None:

@@ -25,7 +25,7 @@ from typing import IO
 
 import anyio.to_thread
 
-from crogia.errors import Unavailable
+from crogia.errors import InvalidInput, Unavailable
 from crogia.workspace._linux import landlock_abi, restrict_thread
 from crogia.workspace._spawn import RgProcess, spawn_in_fresh_thread
 
@@ -100,8 +100,8 @@ class Ripgrep:
         if abi and not _self_test(setup):
             log.warning("ripgrep fails under Landlock here; searches run without it")
             setup = _Setup(binary, setup.exec_files, 0)
-        elif not abi:
-            log.warning("Landlock is unavailable; ripgrep runs without kernel confinement")
+        elif self._confine and not abi:
+            log.warning("Landlock is unavailable; rg results are re-checked through the safe walk")
         return setup
 
     async def start(
@@ -113,6 +113,19 @@ class Ripgrep:
         if not setup.abi:
             argv.insert(1, "--no-ignore-parent")  # ignore files above the folder may lie outside the root
         return await spawn_in_fresh_thread(lambda: _spawn(setup, argv, root_fd, cwd_fd, stdin_fd))
+
+
+def check_exit(code: int, stderr: str, root: Path) -> None:
+    """Raise for a failed run: InvalidInput with rg's message (bad regex or glob), else Unavailable."""
+    if code in (0, 1):  # 1 = no match
+        return
+    message = "\n".join(line.removeprefix("rg: ").rstrip() for line in stderr.splitlines()).strip()
+    if code == 2 and message:
+        shown = message.replace(str(root), ".")[:1000]
+        raise InvalidInput(f"Invalid search: {shown}")
+    if code == 2:
+        return  # unreadable entries were skipped (--no-messages hides them)
+    raise Unavailable(f"Search failed: ripgrep exited with status {code}.")
 
 
 def _spawn(setup: _Setup, argv: list[str], root_fd: int, cwd_fd: int, stdin_fd: int | None) -> RgProcess:

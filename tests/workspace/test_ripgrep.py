@@ -1,0 +1,125 @@
+"""rg process handling: kernel confinement, timeouts, cancellation, missing binary."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from crogia.errors import Unavailable
+from crogia.workspace import Ripgrep, Workspace
+
+from .conftest import SECRET, Outside, write
+
+
+async def _output(ripgrep: Ripgrep, args: list[str], root: Path) -> bytes:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        process = await ripgrep.start(args, root_fd=fd, cwd_fd=fd, stdin_fd=None)
+    finally:
+        os.close(fd)
+    try:
+        return b"".join([chunk async for chunk in process.chunks()])
+    finally:
+        await process.aclose()
+
+
+async def test_rg_cannot_read_outside_the_root(ripgrep: Ripgrep, root: Path, outside: Outside) -> None:
+    write(root, "inside.txt", f"{SECRET}\n")
+    assert SECRET.encode() in await _output(ripgrep, ["--no-config", SECRET, "."], root)
+    if not ripgrep.confined:
+        pytest.skip("Landlock is not available on this kernel")
+    # Even told explicitly to read outside, the kernel refuses.
+    assert await _output(ripgrep, ["--no-config", "-s", SECRET, str(outside.folder)], root) == b""
+    assert await _output(ripgrep, ["--no-config", "-s", "root", "/etc/passwd"], root) == b""
+
+
+def _fake_rg(tmp_path: Path, body: str) -> str:
+    script = tmp_path / "fake-rg"
+    script.write_text(f"#!/bin/sh\necho $$ > {tmp_path}/rg.pid\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def _alive(tmp_path: Path) -> bool:
+    pid = int((tmp_path / "rg.pid").read_text())
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_timeout_kills_rg_and_marks_truncated(root: Path, tmp_path: Path) -> None:
+    ripgrep = Ripgrep(_fake_rg(tmp_path, "exec sleep 30"), confine=False, timeout=0.5)
+    ws = Workspace(root, ripgrep=ripgrep)
+    started = time.monotonic()
+    result = await ws.grep("x")
+    assert time.monotonic() - started < 5
+    assert result.truncated
+    assert result.matches == []
+    assert not _alive(tmp_path)
+
+
+async def test_cancelled_search_kills_rg(root: Path, tmp_path: Path) -> None:
+    ws = Workspace(root, ripgrep=Ripgrep(_fake_rg(tmp_path, "exec sleep 30"), confine=False))
+    task = asyncio.create_task(ws.find_files("*"))
+    for _ in range(500):  # until the fake rg runs (at most 5 s)
+        if os.listdir(tmp_path).count("rg.pid"):
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not _alive(tmp_path)
+
+
+async def test_event_loop_runs_while_rg_works(root: Path, tmp_path: Path) -> None:
+    ws = Workspace(root, ripgrep=Ripgrep(_fake_rg(tmp_path, "sleep 1"), confine=False))
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    try:
+        assert (await ws.grep("x")).matches == []
+    finally:
+        ticker.cancel()
+    assert len(gaps) > 30
+    assert max(gaps) < 0.25
+
+
+async def test_missing_rg_is_unavailable(root: Path, tmp_path: Path) -> None:
+    ws = Workspace(root, ripgrep=Ripgrep(str(tmp_path / "no-such-rg")))
+    with pytest.raises(Unavailable, match="ripgrep"):
+        await ws.grep("x")
+
+
+async def test_crashing_rg_is_unavailable(root: Path, tmp_path: Path) -> None:
+    ws = Workspace(root, ripgrep=Ripgrep(_fake_rg(tmp_path, "exit 3"), confine=False))
+    with pytest.raises(Unavailable, match="status 3"):
+        await ws.find_files("*")
+
+
+async def test_unconfined_mode_gives_the_same_results(
+    root: Path, ripgrep: Ripgrep, unconfined_ripgrep: Ripgrep
+) -> None:
+    write(root, "a.py", "one\nneedle two\nthree\n" + "needle " + "x" * 5000 + "\n")
+    write(root, "sub/b.md", "needle\n")
+    write(root, "sub/c.txt", "nothing\n")
+    confined, plain = Workspace(root, ripgrep=ripgrep), Workspace(root, ripgrep=unconfined_ripgrep)
+    for ws in (confined, plain):
+        found = await ws.grep("needle", context=1)
+        assert [(m.file, m.line) for m in found.matches] == [("a.py", 2), ("a.py", 4), ("sub/b.md", 1)]
+        assert found.matches[0].context_before == ("one",)
+        assert found.matches[1].content.endswith("[... omitted end of long line]")
+        assert (await ws.find_files("*", file_types="py,md")).matches == ["a.py", "sub/b.md"]
