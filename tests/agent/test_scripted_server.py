@@ -28,7 +28,11 @@ async def test_non_streamed_answers_and_async_responders(
     scripted: ScriptedOpenAI, client: AsyncOpenAI
 ) -> None:
     async def respond(request: dict[str, Any]) -> Reply:
-        return Reply(f"you said {request['messages'][-1]['content']}", tool_calls=[Call("list_processes")])
+        return Reply(
+            f"you said {request['messages'][-1]['content']}",
+            tool_calls=[Call("list_processes")],
+            usage=(7, 3),
+        )
 
     scripted.add(respond)
     completion = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
@@ -37,7 +41,7 @@ async def test_non_streamed_answers_and_async_responders(
     assert message.tool_calls is not None
     assert message.tool_calls[0].function.name == "list_processes"  # type: ignore[union-attr]
     assert completion.usage is not None
-    assert completion.usage.total_tokens == 15
+    assert completion.usage.total_tokens == 10
 
 
 async def test_unknown_routes_are_404(client: AsyncOpenAI) -> None:

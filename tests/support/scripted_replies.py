@@ -41,7 +41,9 @@ class Reply:
     delay: float = 0.0
     """Seconds to wait before each chunk after the first (slow tokens)."""
     usage: tuple[int, int] | None = None
-    """(prompt_tokens, completion_tokens), sent when the request asks for usage; default (10, 5)."""
+    """(prompt_tokens, completion_tokens): sent as the final usage chunk when the request asks
+    for usage. None sends no usage chunk (as some OpenAI-compatible servers do), so a test's
+    token sums count only what it scripted."""
     break_after: int | None = None
     """Stop after this many chunks (the first is the role chunk), without `[DONE]`."""
     drop: Literal["abort", "eof"] = "abort"
@@ -127,8 +129,8 @@ def reply_chunks(reply: Reply, *, request_no: int, model: str, include_usage: bo
             chunks.append(make.delta({"tool_calls": [entry]}))
     finish = reply.finish_reason or ("tool_calls" if reply.tool_calls else "stop")
     chunks.append(make.delta({}, finish))
-    if include_usage:
-        chunks.append(make.usage(*(reply.usage or (10, 5))))
+    if include_usage and reply.usage is not None:
+        chunks.append(make.usage(*reply.usage))
     return chunks
 
 
@@ -147,17 +149,14 @@ def reply_completion(reply: Reply, *, request_no: int, model: str) -> dict[str, 
             for i, c in enumerate(reply.tool_calls)
         ]
     finish = reply.finish_reason or ("tool_calls" if reply.tool_calls else "stop")
-    prompt, completion = reply.usage or (10, 5)
-    return {
+    body = {
         **make.base,
         "object": "chat.completion",
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        },
     }
+    if reply.usage is not None:
+        body["usage"] = make.usage(*reply.usage)["usage"]
+    return body
 
 
 def error_body(error: HttpError) -> dict[str, Any]:
