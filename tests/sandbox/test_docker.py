@@ -18,7 +18,7 @@ import pytest
 
 from crogia.errors import Unavailable
 from crogia.sandbox.base import Limits, SandboxSpec
-from crogia.sandbox.docker import MANAGED_LABEL, SESSION_LABEL, DockerProvider, DockerSandbox
+from crogia.sandbox.docker import INSTANCE_LABEL, MANAGED_LABEL, SESSION_LABEL, DockerProvider, DockerSandbox
 from tests.conftest import need_docker
 
 pytestmark = pytest.mark.docker
@@ -222,3 +222,21 @@ async def test_stop_is_fast_even_with_a_background_process(
     assert await sandbox.status() == "exited"
     await sandbox.destroy()
     assert await sandbox.status() == "missing"
+
+
+async def test_servers_sharing_an_engine_see_only_their_own_sandboxes(
+    engine: aiodocker.Docker, make_spec: SpecFactory
+) -> None:
+    ours, theirs = DockerProvider(instance="server-a"), DockerProvider(instance="server-b")
+    try:
+        mine = await ours.create(make_spec("a"))
+        other = await theirs.create(make_spec("b"))
+        assert await ours.managed_ids() == [mine.id]
+        assert await theirs.managed_ids() == [other.id]
+        info = await engine.containers.container(mine.id).show()
+        assert info["Config"]["Labels"][INSTANCE_LABEL] == "server-a"
+        await mine.close()
+        await other.close()
+    finally:
+        await ours.close()
+        await theirs.close()

@@ -7,6 +7,7 @@ without bwrap) never loads what it cannot use.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from crogia.config import Settings
@@ -14,7 +15,7 @@ from crogia.sandbox.base import Limits, SandboxProvider
 
 log = logging.getLogger(__name__)
 
-__all__ = ["limits_from", "make_provider"]
+__all__ = ["instance_id", "limits_from", "make_provider"]
 
 
 def limits_from(settings: Settings) -> Limits:
@@ -27,6 +28,11 @@ def limits_from(settings: Settings) -> Limits:
     )
 
 
+def instance_id(settings: Settings) -> str:
+    """A stable id of this server's data folder: the sandboxes it owns carry it across restarts."""
+    return hashlib.sha256(str(settings.data_dir).encode()).hexdigest()[:16]
+
+
 async def make_provider(settings: Settings) -> SandboxProvider:
     """Build the provider `settings.sandbox_backend` selects; the caller closes it."""
     backend = settings.sandbox_backend
@@ -34,7 +40,7 @@ async def make_provider(settings: Settings) -> SandboxProvider:
         return _bubblewrap()
     from crogia.sandbox.docker import DockerProvider  # lazy: aiodocker only when Docker may be used
 
-    docker = DockerProvider()
+    docker = DockerProvider(instance=instance_id(settings))
     if await docker.available():
         log.info("sandbox backend: docker (engine at %s)", docker.url)
         if not await docker.has_image(settings.docker_base_image):

@@ -25,6 +25,8 @@ from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, d
 
 MANAGED_LABEL = "crogia.managed-by"
 SESSION_LABEL = "crogia.session"
+INSTANCE_LABEL = "crogia.instance"
+"""Which server (data folder) made the container: servers sharing an engine leave each other's alone."""
 STOP_TIMEOUT = 3
 """Seconds between SIGTERM and SIGKILL; above the daemon's own 2 s grace for its processes."""
 PING_TIMEOUT = 3.0
@@ -39,7 +41,7 @@ _STATES: dict[str, SandboxStatus] = {
 """Docker's `State.Status` -> ours; `paused`, `restarting` and `dead` can't serve commands: unknown."""
 
 
-def container_config(spec: SandboxSpec) -> dict[str, Any]:
+def container_config(spec: SandboxSpec, instance: str | None = None) -> dict[str, Any]:
     """The Docker API body that creates `spec`'s container."""
     limits = spec.limits
     memory = limits.memory_mb * 1024 * 1024
@@ -53,7 +55,7 @@ def container_config(spec: SandboxSpec) -> dict[str, Any]:
         "Cmd": daemon_command(),
         "WorkingDir": WORKDIR,
         "Env": [f"{key}={value}" for key, value in spec.env.items()],
-        "Labels": {**spec.labels, SESSION_LABEL: spec.session_id, MANAGED_LABEL: "crogia"},
+        "Labels": {**spec.labels, **_own_labels(instance), SESSION_LABEL: spec.session_id},
         "StopTimeout": STOP_TIMEOUT,
         "HostConfig": {
             "Init": True,
@@ -67,6 +69,10 @@ def container_config(spec: SandboxSpec) -> dict[str, Any]:
             "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "1"}},
         },
     }
+
+
+def _own_labels(instance: str | None) -> dict[str, str]:
+    return {MANAGED_LABEL: "crogia", **({INSTANCE_LABEL: instance} if instance else {})}
 
 
 def _bind(source: Path, target: str, *, read_only: bool) -> dict[str, Any]:
@@ -170,9 +176,14 @@ class DockerProvider(SandboxProvider):
 
     name = "docker"
 
-    def __init__(self, *, url: str | None = None) -> None:
-        """`url`: the engine (`unix://`, `tcp://`); default: the Docker context, DOCKER_HOST, the socket."""
+    def __init__(self, *, url: str | None = None, instance: str | None = None) -> None:
+        """`url`: the engine (`unix://`, `tcp://`); default: the Docker context, DOCKER_HOST, the socket.
+
+        `instance` labels every container this provider makes, and `managed_ids` then lists only
+        those: without it, every Crogia container on the engine counts as this provider's.
+        """
         self._url = url
+        self._instance = instance
         self._engine_obj: _Engine | None = None
 
     @property
@@ -209,7 +220,7 @@ class DockerProvider(SandboxProvider):
     async def create(self, spec: SandboxSpec) -> DockerSandbox:
         await asyncio.to_thread(_prepare_dirs, spec)
         with self._engine.errors(spec.image):
-            container = await self._engine.docker.containers.create(container_config(spec))
+            container = await self._engine.docker.containers.create(container_config(spec, self._instance))
         sandbox = DockerSandbox(spec, container.id, self._engine)
         try:
             await sandbox.start()
@@ -241,7 +252,8 @@ class DockerProvider(SandboxProvider):
         return sandbox
 
     async def managed_ids(self) -> list[str]:
-        filters = json.dumps({"label": [f"{MANAGED_LABEL}=crogia"]})
+        labels = [f"{key}={value}" for key, value in _own_labels(self._instance).items()]
+        filters = json.dumps({"label": labels})  # several label filters: all must match
         with self._engine.errors():
             containers = await self._engine.docker.containers.list(all=True, filters=filters)
         return [str(container.id) for container in containers]
