@@ -11,7 +11,6 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from crogia import __version__
 from crogia.api import errors
-from crogia.api.deps import parse_tokens
 from crogia.api.limits import BodyLimit
 from crogia.api.routes import files, health, processes, search, sessions, shell, tasks, ws
 from crogia.config import Settings
@@ -22,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    tokens = parse_tokens(settings.api_tokens)
+    tokens = settings.tokens
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -68,6 +68,17 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("api_tokens")
+    @classmethod
+    def _check_tokens(cls, value: str) -> str:
+        parse_tokens(value)
+        return value
+
+    @property
+    def tokens(self) -> dict[str, str]:
+        """{token: tenant} from API_TOKENS; empty when authentication is off."""
+        return parse_tokens(self.api_tokens)
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
@@ -94,3 +105,14 @@ class Settings(BaseSettings):
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'crogia.db'}"
+
+
+def parse_tokens(raw: str) -> dict[str, str]:
+    """`alice=tok-a,bob=tok-b` -> {"tok-a": "alice", "tok-b": "bob"}."""
+    tokens: dict[str, str] = {}
+    for pair in filter(None, (item.strip() for item in raw.split(","))):
+        name, sep, token = pair.partition("=")
+        if not sep or not name.strip() or not token.strip():
+            raise ValueError(f"API_TOKENS entry {name.strip()!r} is not of the form name=token")
+        tokens[token.strip()] = name.strip()
+    return tokens

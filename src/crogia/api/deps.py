@@ -18,17 +18,6 @@ DEFAULT_TENANT = "default"
 _bearer = HTTPBearer(auto_error=False, description="A token from API_TOKENS (when set).")
 
 
-def parse_tokens(raw: str) -> dict[str, str]:
-    """`alice=tok-a,bob=tok-b` -> {token: tenant}."""
-    tokens: dict[str, str] = {}
-    for pair in filter(None, (item.strip() for item in raw.split(","))):
-        name, sep, token = pair.partition("=")
-        if not sep or not name.strip() or not token.strip():
-            raise ValueError(f"API_TOKENS entry {pair.split('=')[0]!r} is not of the form name=token")
-        tokens[token.strip()] = name.strip()
-    return tokens
-
-
 def tenant_for(tokens: dict[str, str], token: str | None) -> str:
     if not tokens:
         return DEFAULT_TENANT

@@ -14,7 +14,7 @@ import anyio
 
 from crogia.bus import EventBus
 from crogia.config import Settings
-from crogia.errors import Conflict, NotFound
+from crogia.errors import Conflict, CrogiaError, NotFound
 from crogia.sandbox import limits_from
 from crogia.sandbox.base import Sandbox, SandboxProvider, SandboxSpec, SandboxStatus
 from crogia.store import Database, repo
@@ -164,7 +164,12 @@ class SessionService:
 
         await asyncio.gather(*(attach(row) for row in rows))
         owned = {live.sandbox.id for live in self._live.values()}
-        for sandbox_id in await self.provider.managed_ids():
+        try:
+            managed = await self.provider.managed_ids()
+        except CrogiaError as exc:
+            log.warning("could not look for orphan sandboxes: %s", exc.message)
+            return
+        for sandbox_id in managed:
             if sandbox_id not in owned:
                 log.info("removing orphan sandbox %s", sandbox_id)
                 await self.provider.remove(sandbox_id)
