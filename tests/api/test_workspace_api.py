@@ -129,3 +129,18 @@ async def test_processes_start_logs_exit_and_stop(server: RunningServer, sid: st
     assert final[server_proc["pid"]]["status"] == "stopped"
     assert (await server.client.post(f"{base}/999999/stop")).status_code == 404
     assert (await server.client.get(f"{base}/abc/logs")).status_code == 422
+
+
+async def test_follow_log_streams_until_the_process_ends(server: RunningServer, sid: str) -> None:
+    base = f"/api/sessions/{sid}/processes"
+    proc = (await server.client.post(base, json={"cmd": "for i in 1 2 3 4; do echo line$i; sleep 0.2; done"})).json()
+    text, events = "", []
+    async with server.client.stream("GET", f"{base}/{proc['pid']}/logs/follow", params={"lines": 10}) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                events.append(line[7:])
+            elif line.startswith("data: ") and events[-1] == "output":
+                text += json.loads(line[6:])["data"]
+    assert events[-1] == "end"
+    assert text.split() == ["line1", "line2", "line3", "line4"]

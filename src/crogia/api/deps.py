@@ -47,7 +47,9 @@ def get_tenant(
 def ws_tenant(websocket: WebSocket) -> str:
     tokens: dict[str, str] = websocket.app.state.tokens
     header = websocket.headers.get("authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else websocket.query_params.get("token")
+    if header.lower().startswith("bearer "):
+        return tenant_for(tokens, header[7:].strip())
+    token = websocket.query_params.get("token")
     return tenant_for(tokens, token)
 
 

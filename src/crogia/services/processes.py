@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shlex
 from collections.abc import Mapping
 
 from crogia.bus import EventBus
 from crogia.config import Settings
 from crogia.errors import InvalidInput, NotFound
 from crogia.events import ProcessExited, ProcessStarted
-from crogia.sandbox.base import WORKDIR
+from crogia.sandbox.base import STATE_MOUNT, WORKDIR, OutputListener
 from crogia.services.sessions import LiveSession, SessionService
 from crogia.store import Database, repo
 from crogia.store.tables import ProcessRow
@@ -65,6 +66,17 @@ class ProcessService:
     async def logs(self, live: LiveSession, pid: int, *, lines: int) -> str:
         await self.get(live.id, pid)
         return await live.sandbox.tail_log(pid, lines=lines)
+
+    async def follow(self, live: LiveSession, pid: int, *, lines: int, on_output: OutputListener) -> int:
+        """Stream the log's last `lines` lines and then new output until the process ends."""
+        await self.get(live.id, pid)
+        log_path = shlex.quote(f"{STATE_MOUNT}/logs/{pid}.log")
+        # GNU tail runs inside the sandbox (same pid namespace), so `--pid` ends the follow on exit.
+        cmd = f"exec tail -n {int(lines)} --pid={int(pid)} -F {log_path} 2>/dev/null"
+        result = await live.sandbox.exec(
+            cmd, timeout=self.settings.shell_max_timeout, max_output=65536, on_output=on_output
+        )
+        return result.exit_code
 
     async def close(self) -> None:
         while self._pending:

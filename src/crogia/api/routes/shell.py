@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -12,7 +10,8 @@ from fastapi.responses import StreamingResponse
 
 from crogia.api.deps import LiveDep, RuntimeDep
 from crogia.api.schemas import ShellRequest, ShellResult
-from crogia.sandbox.base import ExecResult
+from crogia.api.sse import frame, output_events
+from crogia.sandbox.base import ExecResult, OutputListener
 
 router = APIRouter(prefix="/api/sessions/{session_id}/shell", tags=["shell"])
 
@@ -50,29 +49,19 @@ async def stream_shell(body: ShellRequest, live: LiveDep, runtime: RuntimeDep) -
 
 
 async def _stream(body: ShellRequest, live: LiveDep, runtime: RuntimeDep) -> AsyncIterator[str]:
-    chunks: asyncio.Queue[str] = asyncio.Queue()
-    run = asyncio.create_task(
-        runtime.shell.run(
+    async def start(on_output: OutputListener) -> ExecResult:
+        return await runtime.shell.run(
             live,
             body.cmd,
             timeout=body.timeout,
             max_output=body.max_output,
             tty=body.tty,
             cwd=body.cwd,
-            on_output=chunks.put_nowait,
+            on_output=on_output,
         )
-    )
-    try:
-        while not (run.done() and chunks.empty()):
-            getter = asyncio.ensure_future(chunks.get())
-            await asyncio.wait({getter, run}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                yield f"event: output\ndata: {json.dumps({'data': getter.result()})}\n\n"
-            else:
-                getter.cancel()
-        result = shell_result(body.cmd, run.result())
-        yield f"event: result\ndata: {result.model_dump_json()}\n\n"
-    finally:
-        # The client went away (or we are done): the command must not outlive the request.
-        run.cancel()
-        await asyncio.gather(run, return_exceptions=True)
+
+    def finish(result: ExecResult) -> str:
+        return frame("result", shell_result(body.cmd, result).model_dump_json())
+
+    async for item in output_events(start, finish):
+        yield item
