@@ -37,13 +37,13 @@ async def test_cgroup_holds_the_sandbox_and_goes_with_it(bwrap: BubblewrapProvid
     assert isinstance(sandbox, BubblewrapSandbox)
     if not sandbox.enforced_limits:
         pytest.skip("no writable cgroups on this host")
-    group = find_cgroup(sandbox.id)
+    group = find_cgroup(bwrap._scope, sandbox.id)
     assert group is not None
     handle = await sandbox.spawn("sleep 60")
     assert len(group.pids()) >= 3  # bwrap, its pid 1, the daemon, and more
     assert handle.pid > 0
     await bwrap.remove(sandbox.id)
-    assert find_cgroup(sandbox.id) is None
+    assert find_cgroup(bwrap._scope, sandbox.id) is None
     assert sandbox.id not in await bwrap.managed_ids()
 
 
@@ -143,7 +143,7 @@ from crogia.sandbox.bubblewrap import BubblewrapProvider
 
 async def main():
     spec = SandboxSpec(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
-    sandbox = await BubblewrapProvider().create(spec)
+    sandbox = await BubblewrapProvider(scope=sys.argv[4]).create(spec)
     await sandbox.spawn("while true; do date +%s%N > /workspace/beat; sleep 0.05; done")
     print(sandbox.id, flush=True)
     await asyncio.sleep(120)
@@ -155,7 +155,7 @@ asyncio.run(main())
 async def test_sandbox_dies_with_the_server(bwrap: BubblewrapProvider, data_dir: Path) -> None:
     spec = spec_for(bwrap, data_dir)
     server = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SERVER, spec.session_id, str(spec.workspace), str(spec.state_dir),
+        sys.executable, "-c", SERVER, spec.session_id, str(spec.workspace), str(spec.state_dir), bwrap._scope,
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -175,4 +175,4 @@ async def test_sandbox_dies_with_the_server(bwrap: BubblewrapProvider, data_dir:
     assert beat.read_text() == last, "the sandbox outlived its server"
     # Its cgroup may be left behind; the next server finds and removes it.
     await bwrap.remove(sandbox_id)
-    assert find_cgroup(sandbox_id) is None
+    assert find_cgroup(bwrap._scope, sandbox_id) is None

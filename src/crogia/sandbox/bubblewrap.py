@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import re
 import shutil
 import signal
+import uuid
 from pathlib import Path
 
 from crogia.config import Settings
 from crogia.errors import Conflict, SandboxError
 from crogia.sandbox.base import STATE_MOUNT, WORKDIR, Sandbox, SandboxProvider, SandboxSpec, SandboxStatus
-from crogia.sandbox.cgroups import Cgroup, create_cgroup, find_cgroup, leftover_names
+from crogia.sandbox.cgroups import Cgroup, create_cgroup, find_cgroup, leftover_names, remove_scope
 from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command
 
 log = logging.getLogger(__name__)
@@ -108,11 +110,13 @@ class BubblewrapSandbox(ExecutorSandbox):
 
     backend = "bubblewrap"
 
-    def __init__(self, spec: SandboxSpec, sandbox_id: str, *, bwrap: str, python: str, cgroups: bool) -> None:
+    def __init__(
+        self, spec: SandboxSpec, sandbox_id: str, *, bwrap: str, python: str, cgroup_scope: str | None
+    ) -> None:
         super().__init__(spec, sandbox_id)
         self._bwrap = bwrap
         self._python = python
-        self._use_cgroups = cgroups
+        self._cgroup_scope = cgroup_scope
         self._cgroup: Cgroup | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._waiter: asyncio.Task[int] | None = None
@@ -135,8 +139,11 @@ class BubblewrapSandbox(ExecutorSandbox):
         with contextlib.suppress(asyncio.CancelledError):
             await connect
         detail = await asyncio.to_thread(self._log_tail)
-        log.warning("bubblewrap sandbox %s failed to start: %s", self.id, detail)
-        raise SandboxError("the bubblewrap sandbox exited while starting", sandbox_id=self.id, log=detail)
+        code = self._waiter.result()
+        log.warning("bubblewrap sandbox %s exited with %s while starting: %s", self.id, code, detail)
+        raise SandboxError(
+            f"the bubblewrap sandbox exited with status {code} while starting", sandbox_id=self.id, log=detail
+        )
 
     async def _start(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -156,8 +163,10 @@ class BubblewrapSandbox(ExecutorSandbox):
         self._waiter = asyncio.create_task(self._proc.wait(), name=f"bwrap-wait-{self.id}")
 
     async def _wrapper(self) -> list[str]:
-        if self._use_cgroups and self._cgroup is None:
-            self._cgroup = await asyncio.to_thread(create_cgroup, self.id, self.spec.limits)
+        if self._cgroup_scope is not None and self._cgroup is None:
+            self._cgroup = await asyncio.to_thread(
+                create_cgroup, self._cgroup_scope, self.id, self.spec.limits
+            )
             if self._cgroup is None:
                 log.warning("no writable cgroups: sandbox %s limited by rlimits only", self.id)
         procs = [str(p) for p in self._cgroup.procs_files] if self._cgroup else []
@@ -235,12 +244,17 @@ class BubblewrapProvider(SandboxProvider):
         bwrap: str | None = None,
         python: str = "/usr/bin/python3",
         cgroups: bool = True,
+        scope: str | None = None,
     ) -> None:
         """`bwrap` defaults to `find_bwrap()`; `cgroups=False` forces the rlimit fallback.
 
-        `settings` is accepted so the backend factory can pass it; no setting applies here yet.
+        `scope` names this deployment's cgroup folder, so that servers sharing a host never
+        touch each other's sandboxes; by default it derives from `settings.sandbox_state_dir`
+        (a restarted server finds its predecessor's leftovers), else it is unique to this object.
         """
-        del settings
+        if scope is None and settings is not None:
+            scope = hashlib.sha256(str(settings.sandbox_state_dir).encode()).hexdigest()[:12]
+        self._scope = scope or uuid.uuid4().hex[:12]
         self._bwrap = bwrap or find_bwrap()
         self._python = python
         self._cgroups = cgroups
@@ -271,9 +285,8 @@ class BubblewrapProvider(SandboxProvider):
         if self._bwrap is None:
             raise SandboxError("bubblewrap (bwrap) is not installed")
         sandbox_id = ID_PREFIX + spec.session_id
-        return BubblewrapSandbox(
-            spec, sandbox_id, bwrap=self._bwrap, python=self._python, cgroups=self._cgroups
-        )
+        scope = self._scope if self._cgroups else None
+        return BubblewrapSandbox(spec, sandbox_id, bwrap=self._bwrap, python=self._python, cgroup_scope=scope)
 
     async def create(self, spec: SandboxSpec) -> Sandbox:
         sandbox = self._new(spec)
@@ -300,8 +313,8 @@ class BubblewrapProvider(SandboxProvider):
         return sandbox
 
     async def managed_ids(self) -> list[str]:
-        """Sandboxes this provider runs, plus cgroups left behind by an earlier server."""
-        leftovers = await asyncio.to_thread(leftover_names)
+        """Sandboxes this provider runs, plus cgroups an earlier server of this scope left behind."""
+        leftovers = await asyncio.to_thread(leftover_names, self._scope)
         return sorted(set(self._sandboxes) | {n for n in leftovers if n.startswith(ID_PREFIX)})
 
     async def remove(self, sandbox_id: str) -> None:
@@ -309,7 +322,7 @@ class BubblewrapProvider(SandboxProvider):
         if sandbox is not None:
             await sandbox.destroy()
             return
-        group = await asyncio.to_thread(find_cgroup, sandbox_id)
+        group = await asyncio.to_thread(find_cgroup, self._scope, sandbox_id)
         if group is not None:
             await BubblewrapSandbox._kill_cgroup(group)
             await _remove_cgroup(group)
@@ -319,3 +332,4 @@ class BubblewrapProvider(SandboxProvider):
         self._sandboxes.clear()
         for sandbox in sandboxes:
             await sandbox.destroy()
+        await asyncio.to_thread(remove_scope, self._scope)

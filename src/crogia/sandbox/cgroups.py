@@ -18,8 +18,9 @@ from crogia.sandbox.base import Limits
 
 log = logging.getLogger(__name__)
 
-GROUP_DIR = "crogia"
-"""Folder under the server's own cgroup that holds one cgroup per sandbox."""
+GROUP_PREFIX = "crogia-"
+"""Sandbox cgroups live in `crogia-<scope>` under the server's own cgroup. The scope keeps
+servers sharing a host (and a cgroup) from ever seeing, or cleaning up, each other's."""
 _V1_CONTROLLERS = ("memory", "pids", "cpu")
 _CFS_PERIOD_US = 100_000
 
@@ -93,7 +94,7 @@ def _write(path: Path, value: str) -> bool:
     return True
 
 
-def _v1_group(name: str, limits: Limits) -> Cgroup | None:
+def _v1_group(scope: str, name: str, limits: Limits) -> Cgroup | None:
     own = _own_paths()
     dirs: list[Path] = []
     enforced: set[str] = set()
@@ -101,7 +102,7 @@ def _v1_group(name: str, limits: Limits) -> Cgroup | None:
         for ctrl in _V1_CONTROLLERS:
             if kind != "cgroup" or ctrl not in options or ctrl not in own:
                 continue
-            d = _under(root, point, own[ctrl]) / GROUP_DIR / name
+            d = _under(root, point, own[ctrl]) / (GROUP_PREFIX + scope) / name
             try:
                 d.mkdir(parents=True, exist_ok=True)
             except OSError:
@@ -127,17 +128,17 @@ def _apply_v1(d: Path, ctrl: str, limits: Limits) -> bool:
     )
 
 
-def _v2_group(name: str, limits: Limits) -> Cgroup | None:
+def _v2_group(scope: str, name: str, limits: Limits) -> Cgroup | None:
     own = _own_paths().get("")
     mount = next(((r, p) for r, p, kind, _ in _mounts() if kind == "cgroup2"), None)
     if own is None or mount is None:
         return None
-    parent = _under(mount[0], mount[1], own) / GROUP_DIR
+    parent = _under(mount[0], mount[1], own) / (GROUP_PREFIX + scope)
     try:
         parent.mkdir(exist_ok=True)
     except OSError:
         return None
-    # The server's own cgroup holds processes, so only the new `crogia` level can delegate.
+    # The server's own cgroup holds processes, so only the new `crogia-*` level can delegate.
     wanted = set((parent / "cgroup.controllers").read_text().split()) & {"memory", "pids", "cpu"}
     _write(parent.parent / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
     _write(parent / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
@@ -165,35 +166,35 @@ def _keep_if_enforced(dirs: list[Path], enforced: set[str]) -> Cgroup | None:
     return None
 
 
-def create_cgroup(name: str, limits: Limits) -> Cgroup | None:
+def create_cgroup(scope: str, name: str, limits: Limits) -> Cgroup | None:
     """Create (or reuse) the cgroup `name` with `limits`; None when cgroups are not usable here."""
     if not os.path.isdir("/sys/fs/cgroup"):
         return None
     try:
         own = _own_paths()
         v1 = any(ctrl in own for ctrl in _V1_CONTROLLERS)
-        return _v1_group(name, limits) if v1 else _v2_group(name, limits)
+        return _v1_group(scope, name, limits) if v1 else _v2_group(scope, name, limits)
     except OSError as exc:
         log.debug("cgroups unusable: %s", exc)
         return None
 
 
-def find_cgroup(name: str) -> Cgroup | None:
+def find_cgroup(scope: str, name: str) -> Cgroup | None:
     """The existing cgroup `name` (for example left by a crashed server), without touching limits."""
-    dirs = [d for d in _candidate_dirs(name) if d.is_dir()]
+    dirs = [d for d in _candidate_dirs(scope, name) if d.is_dir()]
     return Cgroup(dirs) if dirs else None
 
 
-def leftover_names() -> set[str]:
-    """Names of sandbox cgroups under this server's cgroup."""
+def leftover_names(scope: str) -> set[str]:
+    """Names of the sandbox cgroups in `scope`."""
     names: set[str] = set()
-    for parent in {d.parent for d in _candidate_dirs("x")}:
+    for parent in {d.parent for d in _candidate_dirs(scope, "x")}:
         with contextlib.suppress(OSError):
             names.update(p.name for p in parent.iterdir() if p.is_dir())
     return names
 
 
-def _candidate_dirs(name: str) -> list[Path]:
+def _candidate_dirs(scope: str, name: str) -> list[Path]:
     try:
         own, mounts = _own_paths(), _mounts()
     except OSError:
@@ -201,5 +202,12 @@ def _candidate_dirs(name: str) -> list[Path]:
     dirs = []
     for root, point, kind, options in mounts:
         ctrls = [c for c in _V1_CONTROLLERS if c in options] if kind == "cgroup" else [""]
-        dirs += [_under(root, point, own[c]) / GROUP_DIR / name for c in ctrls if c in own]
+        dirs += [_under(root, point, own[c]) / (GROUP_PREFIX + scope) / name for c in ctrls if c in own]
     return dirs
+
+
+def remove_scope(scope: str) -> None:
+    """Delete the scope's folders if no sandbox cgroup is left in them."""
+    for parent in {d.parent for d in _candidate_dirs(scope, "x")}:
+        with contextlib.suppress(OSError):
+            parent.rmdir()
