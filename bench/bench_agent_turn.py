@@ -49,7 +49,7 @@ class InstantHost:
     def __init__(self) -> None:
         self.workspace = Workspace(Path("/nonexistent"))
 
-    async def run_shell(self, cmd: str, *, timeout: float | None = None) -> ExecResult:  # noqa: ASYNC109
+    async def run_shell(self, cmd: str, *, timeout: float | None = None) -> ExecResult:
         return ExecResult(0, "")
 
     async def start_process(self, cmd: str) -> ProcessView:

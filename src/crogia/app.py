@@ -26,7 +26,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not tokens:
-            log.warning("API_TOKENS is not set: anyone who can reach this server can run code in its sandboxes")
+            log.warning(
+                "API_TOKENS is not set: anyone who can reach this server can run code in its sandboxes"
+            )
         runtime = await Runtime.start(settings)
         app.state.runtime = runtime
         try:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from crogia.cli import configure_logging, load_settings
 from crogia.app import create_app
+from crogia.cli import configure_logging, load_settings
 
 settings = load_settings()
 configure_logging(settings)

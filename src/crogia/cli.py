@@ -36,7 +36,13 @@ def serve(args: argparse.Namespace) -> None:
     configure_logging(settings)
     host = args.host or settings.bind_host
     port = args.port or settings.port
-    options = {"host": host, "port": port, "loop": "asyncio", "ws_max_size": 4 * 1024 * 1024, "log_config": None}
+    options = {
+        "host": host,
+        "port": port,
+        "loop": "asyncio",
+        "ws_max_size": 4 * 1024 * 1024,
+        "log_config": None,
+    }
     if args.reload:
         uvicorn.run("crogia.asgi:app", reload=True, **options)  # type: ignore[arg-type]
     else:

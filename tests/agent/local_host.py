@@ -60,7 +60,7 @@ class LocalToolHost:
     def workspace(self) -> Workspace:
         return self._workspace
 
-    async def run_shell(self, cmd: str, *, timeout: float | None = None) -> ExecResult:  # noqa: ASYNC109
+    async def run_shell(self, cmd: str, *, timeout: float | None = None) -> ExecResult:
         proc = await asyncio.create_subprocess_exec(
             "bash", "-c", cmd, cwd=self.root, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True,

@@ -110,7 +110,7 @@ async def test_run_shell_reports_timeouts(host: LocalToolHost) -> None:
 
 
 class BrokenHost(LocalToolHost):
-    async def run_shell(self, cmd: str, *, timeout: float | None = None) -> ExecResult:  # noqa: ASYNC109
+    async def run_shell(self, cmd: str, *, timeout: float | None = None) -> ExecResult:
         raise OSError("/srv/crogia/secret/path exploded")
 
 

@@ -17,9 +17,11 @@ async def test_tokens_and_tenants(data_dir: Path) -> None:
     settings = make_settings(data_dir, "bubblewrap", api_tokens="alice=tok-a,bob=tok-b")
     async with run_server(settings, token="tok-a") as alice:
         base = alice.base_url
-        async with httpx.AsyncClient(base_url=base) as anon, httpx.AsyncClient(
-            base_url=base, headers={"Authorization": "Bearer tok-b"}
-        ) as bob, httpx.AsyncClient(base_url=base, headers={"Authorization": "Bearer wrong"}) as wrong:
+        async with (
+            httpx.AsyncClient(base_url=base) as anon,
+            httpx.AsyncClient(base_url=base, headers={"Authorization": "Bearer tok-b"}) as bob,
+            httpx.AsyncClient(base_url=base, headers={"Authorization": "Bearer wrong"}) as wrong,
+        ):
             assert (await anon.get("/api/health")).status_code == 200
             assert (await anon.get("/api/sessions")).status_code == 401
             assert (await wrong.get("/api/sessions")).status_code == 401

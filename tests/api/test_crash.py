@@ -39,7 +39,9 @@ async def test_kill_9_mid_task_then_restart(data_dir: Path, backend: str) -> Non
             async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
                 sid = (await client.post("/api/sessions", json={"task": "crash"})).json()["session_id"]
                 proc = (await client.post(f"/api/sessions/{sid}/processes", json={"cmd": "sleep 600"})).json()
-                task_id = (await client.post(f"/api/sessions/{sid}/tasks", json={"task": "long"})).json()["task_id"]
+                task_id = (await client.post(f"/api/sessions/{sid}/tasks", json={"task": "long"})).json()[
+                    "task_id"
+                ]
                 async with websockets.connect(f"{server.ws_url}/ws/{sid}?since=0") as ws:
                     seen = []
                     while len([e for e in seen if e["type"] == "text_delta"]) < 5:

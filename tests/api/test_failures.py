@@ -39,7 +39,9 @@ async def test_docker_engine_down_gives_503_and_health_says_so(
 async def test_missing_image_names_the_build_command_and_leaves_nothing(data_dir: Path) -> None:
     need_docker()
     async with run_server(make_settings(data_dir, "docker")) as server:
-        created = await server.client.post("/api/sessions", json={"task": "x", "image": "crogia-missing:nope"})
+        created = await server.client.post(
+            "/api/sessions", json={"task": "x", "image": "crogia-missing:nope"}
+        )
         listed = (await server.client.get("/api/sessions")).json()
         managed = await server.runtime.provider.managed_ids()
     assert created.status_code == 503 and "crogia image build" in created.json()["detail"]
@@ -47,9 +49,20 @@ async def test_missing_image_names_the_build_command_and_leaves_nothing(data_dir
 
 
 def test_invalid_settings_stop_start_up_with_a_clear_message(data_dir: Path) -> None:
-    env = {**os.environ, "PORT": "not-a-port", "SANDBOX_BACKEND": "kubernetes", "API_TOKENS": "alice", "BASE_DIRECTORY": str(data_dir)}
+    env = {
+        **os.environ,
+        "PORT": "not-a-port",
+        "SANDBOX_BACKEND": "kubernetes",
+        "API_TOKENS": "alice",
+        "BASE_DIRECTORY": str(data_dir),
+    }
     done = subprocess.run(
-        [sys.executable, "-m", "crogia", "serve"], cwd=data_dir, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "crogia", "serve"],
+        cwd=data_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 2
     assert "PORT" in done.stderr and "SANDBOX_BACKEND" in done.stderr and "API_TOKENS" in done.stderr

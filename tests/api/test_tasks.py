@@ -55,7 +55,10 @@ async def wait_task(server: RunningServer, sid: str, task_id: str, status: str) 
 
 async def test_seed_flow_streams_every_step(agent_server: RunningServer, model: ScriptedOpenAI) -> None:
     model.add(
-        Reply("I'll write it.", tool_calls=[Call("write_file", {"path": "hello.py", "content": "print('hi')\n"})]),
+        Reply(
+            "I'll write it.",
+            tool_calls=[Call("write_file", {"path": "hello.py", "content": "print('hi')\n"})],
+        ),
         Reply(tool_calls=[Call("run_shell", {"cmd": "python3 hello.py"})], usage=(50, 5)),
         Reply("Done: it prints hi.", usage=(80, 6)),
     )
@@ -63,14 +66,19 @@ async def test_seed_flow_streams_every_step(agent_server: RunningServer, model: 
     sid = session["session_id"]
     async with websockets.connect(f"{agent_server.ws_url}/ws/{sid}") as ws:
         assert json.loads(await ws.recv())["type"] == "connection_established"
-        posted = await agent_server.client.post(f"/api/sessions/{sid}/tasks", json={"task": "write hello.py and run it"})
+        posted = await agent_server.client.post(
+            f"/api/sessions/{sid}/tasks", json={"task": "write hello.py and run it"}
+        )
         body = posted.json()
         assert posted.status_code == 200 and body["task"] == "write hello.py and run it" and body["task_id"]
         events = await read_until(ws, "task_completed")
     types = [e["type"] for e in events]
     assert types[0] == "task_started" and types[-1] == "task_completed"
     assert types.count("tool_call") == 2 and types.count("tool_complete") == 2
-    assert "".join(e["content"] for e in events if e["type"] == "text_delta") == "I'll write it.Done: it prints hi."
+    assert (
+        "".join(e["content"] for e in events if e["type"] == "text_delta")
+        == "I'll write it.Done: it prints hi."
+    )
     calls = [e for e in events if e["type"] == "tool_call"]
     assert json.loads(calls[0]["arguments"]) == {"path": "hello.py", "content": "print('hi')\n"}
     shell_done = [e for e in events if e["type"] == "tool_complete"][1]
@@ -85,10 +93,14 @@ async def test_seed_flow_streams_every_step(agent_server: RunningServer, model: 
     assert got["last_task"] == "write hello.py and run it"
 
 
-async def test_reconnect_with_since_misses_nothing(agent_server: RunningServer, model: ScriptedOpenAI) -> None:
+async def test_reconnect_with_since_misses_nothing(
+    agent_server: RunningServer, model: ScriptedOpenAI
+) -> None:
     model.add(Reply(["word "] * 40, delay=0.02))
     sid = (await agent_server.create_session())["session_id"]
-    task_id = (await agent_server.client.post(f"/api/sessions/{sid}/tasks", json={"task": "talk"})).json()["task_id"]
+    task_id = (await agent_server.client.post(f"/api/sessions/{sid}/tasks", json={"task": "talk"})).json()[
+        "task_id"
+    ]
     async with websockets.connect(f"{agent_server.ws_url}/ws/{sid}?since=0") as ws:
         await ws.recv()
         first = [json.loads(await ws.recv()) for _ in range(5)]
@@ -108,7 +120,9 @@ async def test_cancel_mid_tool_kills_the_command(agent_server: RunningServer, mo
     sid = (await agent_server.create_session())["session_id"]
     async with websockets.connect(f"{agent_server.ws_url}/ws/{sid}") as ws:
         await ws.recv()
-        task_id = (await agent_server.client.post(f"/api/sessions/{sid}/tasks", json={"task": "hang"})).json()["task_id"]
+        task_id = (
+            await agent_server.client.post(f"/api/sessions/{sid}/tasks", json={"task": "hang"})
+        ).json()["task_id"]
         await read_until(ws, "tool_call")
         await asyncio.sleep(0.3)
         started = asyncio.get_running_loop().time()
@@ -117,12 +131,15 @@ async def test_cancel_mid_tool_kills_the_command(agent_server: RunningServer, mo
         assert asyncio.get_running_loop().time() - started < 1.5
         await read_until(ws, "task_cancelled")
     check = await agent_server.client.post(
-        f"/api/sessions/{sid}/shell", json={"cmd": "kill -0 $(cat pid.txt) 2>/dev/null && echo alive || echo gone"}
+        f"/api/sessions/{sid}/shell",
+        json={"cmd": "kill -0 $(cat pid.txt) 2>/dev/null && echo alive || echo gone"},
     )
     assert check.json()["output"].strip() == "gone"
     # The session stays usable and the conversation stays valid for the next task.
     model.add(Reply("still here"))
-    next_id = (await agent_server.client.post(f"/api/sessions/{sid}/tasks", json={"task": "again"})).json()["task_id"]
+    next_id = (await agent_server.client.post(f"/api/sessions/{sid}/tasks", json={"task": "again"})).json()[
+        "task_id"
+    ]
     await wait_task(agent_server, sid, next_id, "completed")
     sent = model.messages()
     tool_ids = {m["tool_call_id"] for m in sent if m["role"] == "tool"}
@@ -130,11 +147,17 @@ async def test_cancel_mid_tool_kills_the_command(agent_server: RunningServer, mo
     assert asked == tool_ids
 
 
-async def test_second_task_continues_the_conversation(agent_server: RunningServer, model: ScriptedOpenAI) -> None:
+async def test_second_task_continues_the_conversation(
+    agent_server: RunningServer, model: ScriptedOpenAI
+) -> None:
     model.add(Reply("The secret is 42."), Reply("You told me 42."))
     sid = (await agent_server.create_session())["session_id"]
-    first = (await agent_server.client.post(f"/api/sessions/{sid}/tasks", json={"task": "remember 42"})).json()
-    second = (await agent_server.client.post(f"/api/sessions/{sid}/tasks", json={"task": "what was it?"})).json()
+    first = (
+        await agent_server.client.post(f"/api/sessions/{sid}/tasks", json={"task": "remember 42"})
+    ).json()
+    second = (
+        await agent_server.client.post(f"/api/sessions/{sid}/tasks", json={"task": "what was it?"})
+    ).json()
     await wait_task(agent_server, sid, second["task_id"], "completed")
     await wait_task(agent_server, sid, first["task_id"], "completed")
     contents = [m.get("content") for m in model.messages()]

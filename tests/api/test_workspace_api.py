@@ -24,7 +24,9 @@ async def shell(server: RunningServer, sid: str, cmd: str, **extra: object) -> d
 
 async def test_files_written_by_api_are_seen_by_sandbox_and_back(server: RunningServer, sid: str) -> None:
     base = f"/api/sessions/{sid}/files"
-    wrote = await server.client.post(f"{base}/content", json={"path": "src/app.py", "content": "print('hé')\n"})
+    wrote = await server.client.post(
+        f"{base}/content", json={"path": "src/app.py", "content": "print('hé')\n"}
+    )
     assert wrote.status_code == 200 and "message" in wrote.json()
     out = await shell(server, sid, "python3 src/app.py && echo made > from_sandbox.txt && ln -s / escape")
     assert out["output"] == "hé\n" and out["exit_code"] == 0 and out["command"].startswith("python3")
@@ -46,7 +48,9 @@ async def test_escapes_are_refused(server: RunningServer, sid: str) -> None:
         assert "root:" not in response.text
     listing = await server.client.get(base, params={"path": "root_link"})
     assert 400 <= listing.status_code < 500
-    grep = await server.client.post(f"/api/sessions/{sid}/search/grep", json={"pattern": "root:", "path": "."})
+    grep = await server.client.post(
+        f"/api/sessions/{sid}/search/grep", json={"pattern": "root:", "path": "."}
+    )
     assert grep.status_code == 200 and grep.json()["matches"] == []
 
 
@@ -69,8 +73,14 @@ async def test_binary_upload_download_move_delete(server: RunningServer, sid: st
 
 
 async def test_search_files_and_grep_compat_shapes(server: RunningServer, sid: str) -> None:
-    await shell(server, sid, "mkdir -p pkg && printf 'from flask import Flask\\n' > pkg/app.py && echo '# Flask' > README.md")
-    files = await server.client.post(f"/api/sessions/{sid}/search/files", json={"pattern": "*.py", "path": "."})
+    await shell(
+        server,
+        sid,
+        "mkdir -p pkg && printf 'from flask import Flask\\n' > pkg/app.py && echo '# Flask' > README.md",
+    )
+    files = await server.client.post(
+        f"/api/sessions/{sid}/search/files", json={"pattern": "*.py", "path": "."}
+    )
     assert files.json()["matches"] == ["pkg/app.py"]
     grep = await server.client.post(
         f"/api/sessions/{sid}/search/grep", json={"pattern": "Flask", "path": ".", "file_types": "*.py,*.md"}
@@ -96,7 +106,9 @@ async def test_shell_timeout_output_cap_and_tty(server: RunningServer, sid: str)
 async def test_shell_stream_sends_output_then_result(server: RunningServer, sid: str) -> None:
     events = []
     async with server.client.stream(
-        "POST", f"/api/sessions/{sid}/shell/stream", json={"cmd": "for i in 1 2 3; do echo $i; sleep 0.05; done"}
+        "POST",
+        f"/api/sessions/{sid}/shell/stream",
+        json={"cmd": "for i in 1 2 3; do echo $i; sleep 0.05; done"},
     ) as response:
         assert response.status_code == 200
         async for line in response.aiter_lines():
@@ -121,7 +133,11 @@ async def test_processes_start_logs_exit_and_stop(server: RunningServer, sid: st
     assert procs[quick["pid"]]["exit_code"] == 7 and procs[quick["pid"]]["ended"]
     logs = (await server.client.get(f"{base}/{quick['pid']}/logs", params={"lines": 5})).json()
     assert logs == {"logs": "started\n", "pid": quick["pid"]}
-    reached = await shell(server, sid, "sleep 0.5; curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8765/ || python3 -c \"import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:8765/').status)\"")
+    reached = await shell(
+        server,
+        sid,
+        "sleep 0.5; curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8765/ || python3 -c \"import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:8765/').status)\"",
+    )
     assert "200" in reached["output"]
     stopped = await server.client.post(f"{base}/{server_proc['pid']}/stop")
     assert stopped.status_code == 200 and "message" in stopped.json()
@@ -133,9 +149,13 @@ async def test_processes_start_logs_exit_and_stop(server: RunningServer, sid: st
 
 async def test_follow_log_streams_until_the_process_ends(server: RunningServer, sid: str) -> None:
     base = f"/api/sessions/{sid}/processes"
-    proc = (await server.client.post(base, json={"cmd": "for i in 1 2 3 4; do echo line$i; sleep 0.2; done"})).json()
+    proc = (
+        await server.client.post(base, json={"cmd": "for i in 1 2 3 4; do echo line$i; sleep 0.2; done"})
+    ).json()
     text, events = "", []
-    async with server.client.stream("GET", f"{base}/{proc['pid']}/logs/follow", params={"lines": 10}) as response:
+    async with server.client.stream(
+        "GET", f"{base}/{proc['pid']}/logs/follow", params={"lines": 10}
+    ) as response:
         assert response.status_code == 200
         async for line in response.aiter_lines():
             if line.startswith("event: "):

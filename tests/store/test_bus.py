@@ -37,7 +37,9 @@ async def test_events_are_stored_before_delivery_and_seq_grows(db: Database) -> 
         await bus.close()
     assert [e["seq"] for e in got] == [1, 2, 3, 4, 5]
     assert [e["content"] for e in got] == ["0", "1", "2", "3", "4"]
-    assert got[0]["type"] == "text_delta" and got[0]["session_id"] == "s1" and got[0]["timestamp"].endswith("Z")
+    assert (
+        got[0]["type"] == "text_delta" and got[0]["session_id"] == "s1" and got[0]["timestamp"].endswith("Z")
+    )
     assert stored == 5
 
 

@@ -28,8 +28,18 @@ class ServerProcess:
     async def start(self, timeout: float = 60) -> None:
         with self.log.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "crogia", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                cwd=self.cwd, env=self.env, stdout=log, stderr=log,
+                sys.executable,
+                "-m",
+                "crogia",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                cwd=self.cwd,
+                env=self.env,
+                stdout=log,
+                stderr=log,
             )
         deadline = asyncio.get_running_loop().time() + timeout
         async with httpx.AsyncClient() as client:

@@ -28,7 +28,7 @@ class ToolHost(Protocol):
     @property
     def workspace(self) -> Workspace: ...
 
-    async def run_shell(self, cmd: str, *, timeout: float | None = None) -> ExecResult:  # noqa: ASYNC109
+    async def run_shell(self, cmd: str, *, timeout: float | None = None) -> ExecResult:
         """Run in the sandbox with cwd /workspace; `timeout` is bounded by settings."""
         ...
 

@@ -34,7 +34,7 @@ STATUS: dict[type[CrogiaError], int] = {
 def status_for(exc: CrogiaError) -> int:
     for cls in type(exc).__mro__:
         if cls in STATUS:
-            return STATUS[cls]  # type: ignore[index]
+            return STATUS[cls]
     return 500
 
 

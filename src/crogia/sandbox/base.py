@@ -112,12 +112,14 @@ class Sandbox(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def spawn(self, cmd: str, *, cwd: str = WORKDIR, env: Mapping[str, str] | None = None) -> ProcessHandle:
+    async def spawn(
+        self, cmd: str, *, cwd: str = WORKDIR, env: Mapping[str, str] | None = None
+    ) -> ProcessHandle:
         """Start `cmd` in the background in a new process group, logging to a file."""
 
     @abc.abstractmethod
     async def terminate(self, pid: int, *, grace: float) -> int | None:
-        """SIGTERM the process group, SIGKILL after `grace` seconds; return its exit code (None if unknown)."""
+        """SIGTERM the process group, SIGKILL after `grace` seconds; return its exit code if known."""
 
     @abc.abstractmethod
     async def tail_log(self, pid: int, *, lines: int) -> str:

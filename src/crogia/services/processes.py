@@ -112,13 +112,17 @@ class ProcessService:
         for row in rows:
             state = known.get(row.pid)
             if state is None or not state.running:
-                await self._finish(live.id, row, status="exited", exit_code=state.exit_code if state else None)
+                await self._finish(
+                    live.id, row, status="exited", exit_code=state.exit_code if state else None
+                )
 
     async def _finish(self, session_id: str, row: ProcessRow, *, status: str, exit_code: int | None) -> None:
         async with self.db.transaction() as db:
             changed = await repo.finish_process(db, process_id=row.id, status=status, exit_code=exit_code)
         if changed:
-            event = ProcessExited(pid=row.pid, exit_code=exit_code, status="stopped" if status == "stopped" else "exited")
+            event = ProcessExited(
+                pid=row.pid, exit_code=exit_code, status="stopped" if status == "stopped" else "exited"
+            )
             await self.bus.publish(session_id, event)
 
     def _lock(self, session_id: str) -> asyncio.Lock:

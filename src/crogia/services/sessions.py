@@ -107,7 +107,9 @@ class SessionService:
         self, *, tenant: str, label: str, image: str | None, env: Mapping[str, str], metadata: dict[str, Any]
     ) -> SessionRow:
         session_id = str(uuid.uuid4())
-        spec = self.spec_for(session_id, tenant=tenant, image=image or self.settings.docker_base_image, env=env)
+        spec = self.spec_for(
+            session_id, tenant=tenant, image=image or self.settings.docker_base_image, env=env
+        )
         await anyio.to_thread.run_sync(_make_dirs, spec)
         sandbox: Sandbox | None = None
         try:
@@ -203,7 +205,9 @@ class SessionService:
             await self.touch(row.id, status="stopped")
             return
         if sandbox.id != row.sandbox_id or row.status != "active":
-            await self.touch(row.id, sandbox_id=sandbox.id, status="active", sandbox_backend=self.provider.name)
+            await self.touch(
+                row.id, sandbox_id=sandbox.id, status="active", sandbox_backend=self.provider.name
+            )
         await self._go_live(LiveSession(row.id, row.tenant, sandbox, self._workspace(spec)))
 
     async def _discard(self, session_id: str, spec: SandboxSpec, sandbox: Sandbox | None) -> None:

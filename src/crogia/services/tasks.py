@@ -58,7 +58,7 @@ class TaskService:
 
     # --- queries ---
 
-    async def list(self, session_id: str) -> list[TaskRow]:
+    async def all(self, session_id: str) -> list[TaskRow]:
         async with self.db.session() as db:
             return list(await repo.list_tasks(db, session_id=session_id))
 
@@ -121,7 +121,7 @@ class TaskService:
         worker = self._workers.pop(session_id, None)
         if worker is None:
             return
-        for row in await self.list(session_id):
+        for row in await self.all(session_id):
             if row.status not in FINISHED:
                 worker.cancelled.add(row.id)
         if worker.task is not None:
@@ -196,14 +196,21 @@ class TaskService:
             await self._fail(row, f"The task failed: {type(exc).__name__}.")
         else:
             usage = dict(outcome.usage)
-            await self._end(row, "completed", TaskCompleted(task=row.task, usage=usage, task_id=row.id), usage=usage)
+            await self._end(
+                row, "completed", TaskCompleted(task=row.task, usage=usage, task_id=row.id), usage=usage
+            )
 
     async def _fail(self, row: TaskRow, message: str) -> None:
         await self.bus.publish(row.session_id, ErrorEvent(message=message, task_id=row.id))
         await self._end(row, "failed", TaskFailed(task=row.task, message=message, task_id=row.id), message)
 
     async def _end(
-        self, row: TaskRow, status: str, event: _Event, error: str | None = None, usage: dict[str, int] | None = None
+        self,
+        row: TaskRow,
+        status: str,
+        event: _Event,
+        error: str | None = None,
+        usage: dict[str, int] | None = None,
     ) -> None:
         values: dict[str, Any] = {"status": status, "ended": utcnow(), "error": error}
         if usage is not None:

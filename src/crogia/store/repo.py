@@ -142,9 +142,7 @@ async def finish_process(
     """Mark a running process ended; False when it had already ended (the first writer wins)."""
     values = {"status": status, "exit_code": exit_code, "ended": ended or utcnow()}
     query = (
-        update(ProcessRow)
-        .where(ProcessRow.id == process_id, ProcessRow.status == "running")
-        .values(**values)
+        update(ProcessRow).where(ProcessRow.id == process_id, ProcessRow.status == "running").values(**values)
     )
     result = await db.execute(query)
     return bool(getattr(result, "rowcount", 0))

@@ -67,9 +67,7 @@ class TaskRow(Base):
 class EventRow(Base):
     __tablename__ = "events"
 
-    session_id: Mapped[str] = mapped_column(
-        ForeignKey("sessions.id", ondelete="CASCADE"), primary_key=True
-    )
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     type: Mapped[str] = mapped_column(String(64))
     task_id: Mapped[str | None] = mapped_column(String(64), default=None)
@@ -80,9 +78,7 @@ class EventRow(Base):
 class MessageRow(Base):
     __tablename__ = "messages"
 
-    session_id: Mapped[str] = mapped_column(
-        ForeignKey("sessions.id", ondelete="CASCADE"), primary_key=True
-    )
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), primary_key=True)
     idx: Mapped[int] = mapped_column(Integer, primary_key=True)
     task_id: Mapped[str | None] = mapped_column(String(64), default=None)
     message: Mapped[dict[str, Any]] = mapped_column()

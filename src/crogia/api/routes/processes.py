@@ -16,11 +16,12 @@ from crogia.store.tables import ProcessRow
 
 router = APIRouter(prefix="/api/sessions/{session_id}/processes", tags=["processes"])
 
+
 def process_public(row: ProcessRow) -> ProcessPublic:
     return ProcessPublic(
         pid=row.pid,
         cmd=row.cmd,
-        status=row.status,  # type: ignore[arg-type]
+        status=row.status,
         log=row.log,
         started=row.started,
         exit_code=row.exit_code,

@@ -16,7 +16,7 @@ def task_public(row: TaskRow) -> TaskPublic:
         task_id=row.id,
         session_id=row.session_id,
         task=row.task,
-        status=row.status,  # type: ignore[arg-type]
+        status=row.status,
         created=row.created,
         started=row.started,
         ended=row.ended,
@@ -34,7 +34,7 @@ async def create_task(body: TaskCreate, live: LiveDep, runtime: RuntimeDep) -> T
 
 @router.get("/tasks", response_model=list[TaskPublic], summary="List the session's tasks")
 async def list_tasks(row: SessionRowDep, runtime: RuntimeDep) -> list[TaskPublic]:
-    return [task_public(task) for task in await runtime.tasks.list(row.id)]
+    return [task_public(task) for task in await runtime.tasks.all(row.id)]
 
 
 @router.get("/tasks/{task_id}", response_model=TaskPublic, summary="Get a task")

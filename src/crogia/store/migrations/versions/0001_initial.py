@@ -34,9 +34,7 @@ def upgrade() -> None:
     op.create_table(
         "tasks",
         sa.Column("id", sa.String(64), primary_key=True),
-        sa.Column(
-            "session_id", sa.String(64), sa.ForeignKey("sessions.id", ondelete="CASCADE"), index=True
-        ),
+        sa.Column("session_id", sa.String(64), sa.ForeignKey("sessions.id", ondelete="CASCADE"), index=True),
         sa.Column("task", sa.Text, nullable=False),
         sa.Column("status", sa.String(32), nullable=False),
         sa.Column("error", sa.Text, nullable=True),
