@@ -94,6 +94,8 @@ def mount_args(spec: SandboxSpec) -> list[str]:
 
 def bwrap_args(bwrap: str, spec: SandboxSpec, python: str) -> list[str]:
     """The full `bwrap` command line for `spec`."""
+    # Run by real root, bwrap hands the sandbox every capability unless told otherwise; with
+    # `--cap-drop ALL` it runs as uid 0 with none, and no_new_privs stops exec from regaining them.
     args = [bwrap, "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
     args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if spec.limits.network == "none":

@@ -293,7 +293,7 @@ class ExecutorSandbox(Sandbox):
         *,
         cwd: str = WORKDIR,
         env: Mapping[str, str] | None = None,
-        timeout: float,  # noqa: ASYNC109 - the Sandbox interface's name
+        timeout: float,
         max_output: int,
         tty: bool = False,
         on_output: OutputListener | None = None,
