@@ -144,8 +144,9 @@ class SessionService:
                 await live.sandbox.destroy()
             except Exception:
                 log.warning("destroying sandbox of session %s failed", session_id, exc_info=True)
-        elif row.sandbox_id:
-            await self.provider.remove(row.sandbox_id)
+        if row.sandbox_id or live is not None:
+            # Also tells the provider to forget it (idempotent when already gone).
+            await self.provider.remove(live.sandbox.id if live is not None else row.sandbox_id)
         async with self.db.transaction() as db:
             await repo.delete_session(db, session_id=session_id)
         self.bus.drop_session(session_id)
@@ -215,6 +216,7 @@ class SessionService:
         if sandbox is not None:
             try:
                 await sandbox.destroy()
+                await self.provider.remove(sandbox.id)
             except Exception:
                 log.warning("clean-up of half-made sandbox %s failed", sandbox.id, exc_info=True)
         try:
