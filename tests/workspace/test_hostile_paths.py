@@ -122,3 +122,14 @@ async def test_dot_components_are_normalised(ws: Workspace, seeded: Path) -> Non
     assert await ws.read_text("./a//./file.txt") == "inside\n"
     entries = await ws.list("./a/")
     assert [e.path for e in entries] == ["a/b", "a/file.txt"]
+
+
+async def test_overlong_names_are_refused(ws: Workspace, root: Path) -> None:
+    for call in (ws.read_text("a" * 300), ws.list("b" * 300), ws.write_text("c" * 300 + "/x", "x")):
+        with pytest.raises(InvalidInput, match="too long"):
+            await call
+
+
+async def test_undecodable_names_are_listed_safely(ws: Workspace, root: Path) -> None:
+    os.close(os.open(os.fsencode(root) + b"/caf\xe9.txt", os.O_CREAT | os.O_WRONLY))
+    assert [e.name for e in await ws.list(".")] == ["caf\ufffd.txt"]

@@ -102,7 +102,8 @@ class Workspace:
     async def write_bytes_stream(self, path: str, chunks: AsyncIterator[bytes], *, max_bytes: int) -> int:
         """Atomically write streamed bytes; TooLarge past `max_bytes` (nothing is left behind)."""
         rel = parse_path(path, allow_root=False)
-        target = await anyio.to_thread.run_sync(fileops.AtomicFile, self.root, rel)
+        with anyio.CancelScope(shield=True):  # a cancel must not lose the temp file's owner
+            target = await anyio.to_thread.run_sync(fileops.AtomicFile, self.root, rel)
         try:
             async for chunk in chunks:
                 if target.size + len(chunk) > max_bytes:
@@ -188,7 +189,11 @@ class Workspace:
         return result
 
     async def _open_target(self, rel: RelPath, *, allow_file: bool) -> SearchTarget:
-        return await anyio.to_thread.run_sync(partial(open_target, self.root, rel, allow_file=allow_file))
+        with anyio.CancelScope(shield=True):  # a cancel must not lose the fds' owner
+            target = await anyio.to_thread.run_sync(
+                partial(open_target, self.root, rel, allow_file=allow_file)
+            )
+        return target
 
     async def _run(self, target: SearchTarget, args: Sequence[str], collector: _Collector) -> None:
         """Feed rg's output to `collector`; stop early when it is full or on timeout."""
