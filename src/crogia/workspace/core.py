@@ -171,7 +171,12 @@ class Workspace:
         include_hidden: bool = False,
         max_results: int = 1000,
     ) -> SearchResult[GrepMatch]:
-        """Matching lines under folder `path` (or in file `path`), sorted by file then line."""
+        """Matching lines under folder `path`, sorted by file then line.
+
+        `path` may also name one file: it is then searched whatever the ignore, hidden
+        and type filters say. `context` lines (0-20) come in `context_before/after`.
+        `truncated` is set when more than `max_results` matched or the search timed out.
+        """
         rel = parse_path(path, allow_root=True)
         _check_limit(max_results)
         opts = GrepOptions(
