@@ -166,3 +166,68 @@ async def test_second_task_continues_the_conversation(
     assert [m["role"] for m in conversation["messages"]] == ["user", "assistant", "user", "assistant"]
     tasks = (await agent_server.client.get(f"/api/sessions/{sid}/tasks")).json()
     assert [t["task_id"] for t in tasks] == [first["task_id"], second["task_id"]]
+
+
+async def test_agent_runs_a_server_edits_files_and_survives_bad_tools(
+    agent_server: RunningServer, model: ScriptedOpenAI
+) -> None:
+    serve = "python3 -m http.server 8766 --bind 127.0.0.1"
+    fetch = "sleep 0.5; python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:8766/page.txt').read().decode())\""
+    model.add(
+        Reply(tool_calls=[Call("write_file", {"path": "page.txt", "content": "old text"})]),
+        Reply(tool_calls=[Call("edit_file", {"path": "page.txt", "old_text": "old", "new_text": "new"})]),
+        Reply(tool_calls=[Call("start_process", {"cmd": serve})]),
+        Reply(tool_calls=[Call("run_shell", {"cmd": fetch})]),
+        Reply(tool_calls=[Call("no_such_tool", {}), Call("list_processes", "{not json")]),
+        Reply("Served it."),
+    )
+    sid = (await agent_server.create_session())["session_id"]
+    async with websockets.connect(f"{agent_server.ws_url}/ws/{sid}") as ws:
+        await ws.recv()
+        await agent_server.client.post(f"/api/sessions/{sid}/tasks", json={"task": "serve a page"})
+        events = await read_until(ws, "task_completed")
+    outputs = [e for e in events if e["type"] == "tool_complete"]
+    assert [e["tool_name"] for e in outputs] == [
+        "write_file",
+        "edit_file",
+        "start_process",
+        "run_shell",
+        "no_such_tool",
+        "list_processes",
+    ]
+    assert "new text" in outputs[3]["output"]
+    assert outputs[4]["is_error"] and "no_such_tool" in outputs[4]["output"]
+    assert outputs[5]["is_error"]
+    assert any(e["type"] == "process_started" for e in events)
+    procs = (await agent_server.client.get(f"/api/sessions/{sid}/processes")).json()
+    assert [p["status"] for p in procs] == ["running"]
+    # The model saw the tool errors as text it can act on.
+    tool_texts = [m["content"] for m in model.messages() if m["role"] == "tool"]
+    assert any("no_such_tool" in text for text in tool_texts)
+
+
+async def test_max_turns_and_missing_key_end_with_clear_events(
+    data_dir: Path, backend: str, model: ScriptedOpenAI
+) -> None:
+    loop_forever = Reply(tool_calls=[Call("list_directory", {})])
+    model.add(loop_forever, loop_forever, loop_forever)
+    settings = make_settings(data_dir, backend, openai_base_url=model.base_url, max_turns=2)
+    async with run_server(settings) as server:
+        sid = (await server.create_session())["session_id"]
+        async with websockets.connect(f"{server.ws_url}/ws/{sid}") as ws:
+            await ws.recv()
+            task_id = (await server.client.post(f"/api/sessions/{sid}/tasks", json={"task": "loop"})).json()[
+                "task_id"
+            ]
+            events = await read_until(ws, "task_failed")
+        task = await wait_task(server, sid, task_id, "failed")
+    assert events[-2]["type"] == "error" and "limit of 2 model turns" in events[-2]["message"]
+    assert "turns" in task["error"]
+    no_key = make_settings(data_dir, backend, openai_base_url=model.base_url, openai_api_key="")
+    async with run_server(no_key) as server:
+        sid = (await server.create_session())["session_id"]
+        task_id = (await server.client.post(f"/api/sessions/{sid}/tasks", json={"task": "x"})).json()[
+            "task_id"
+        ]
+        task = await wait_task(server, sid, task_id, "failed")
+    assert "OPENAI_API_KEY" in task["error"]
