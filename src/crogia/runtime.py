@@ -11,6 +11,7 @@ from crogia.bus import EventBus
 from crogia.config import Settings
 from crogia.sandbox import make_provider
 from crogia.sandbox.base import SandboxProvider
+from crogia.services.pool import SandboxPool
 from crogia.services.processes import ProcessService
 from crogia.services.sessions import SessionService
 from crogia.services.shell import ShellService
@@ -31,6 +32,7 @@ class Runtime:
     shell: ShellService
     tasks: TaskService
     agent: Agent
+    pool: SandboxPool
     _docker_checked: tuple[float, bool] = (float("-inf"), False)
 
     @classmethod
@@ -45,15 +47,17 @@ class Runtime:
             raise
         bus = EventBus(db)
         bus.start()
-        sessions = SessionService(settings, db, bus, provider)
+        pool = SandboxPool(settings, provider)
+        sessions = SessionService(settings, db, bus, provider, pool)
         processes = ProcessService(settings, db, bus, sessions)
         shell = ShellService(settings)
         agent = Agent.from_settings(settings)
         tasks = TaskService(db, bus, sessions, shell, processes, agent)
-        runtime = cls(settings, db, bus, provider, sessions, processes, shell, tasks, agent)
+        runtime = cls(settings, db, bus, provider, sessions, processes, shell, tasks, agent, pool)
         try:
             await tasks.fail_interrupted()
             await sessions.reconcile()
+            await pool.start()  # after reconcile, which removes the previous server's pool sandboxes
         except BaseException:
             await runtime.close()
             raise
@@ -79,6 +83,7 @@ class Runtime:
         await self.agent.aclose()
         await self.processes.close()
         await self.bus.close()
+        await self.pool.close()
         await self.sessions.close()
         await self.provider.close()
         await self.db.close()

@@ -21,6 +21,10 @@ WORKDIR = "/workspace"
 STATE_MOUNT = "/run/crogia"
 """Where the sandbox's state folder (executor socket, process logs) appears inside it."""
 
+POOL_LABEL = "crogia.pool"
+"""Label of a sandbox started ahead of time by the warm pool (its value is the pool id). Docker labels
+cannot change after create, so a claimed container keeps it, and its session is known from the store."""
+
 SandboxStatus = Literal["running", "exited", "missing", "unknown"]
 
 

@@ -17,6 +17,7 @@ from crogia.config import Settings
 from crogia.errors import Conflict, CrogiaError, NotFound
 from crogia.sandbox import limits_from
 from crogia.sandbox.base import Sandbox, SandboxProvider, SandboxSpec, SandboxStatus
+from crogia.services.pool import SandboxPool
 from crogia.store import Database, repo
 from crogia.store.tables import SessionRow
 from crogia.workspace import Workspace
@@ -40,11 +41,20 @@ class LiveSession:
 class SessionService:
     """Creates, finds, re-attaches and deletes sessions."""
 
-    def __init__(self, settings: Settings, db: Database, bus: EventBus, provider: SandboxProvider) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        bus: EventBus,
+        provider: SandboxProvider,
+        pool: SandboxPool | None = None,
+    ) -> None:
         self.settings = settings
         self.db = db
         self.bus = bus
         self.provider = provider
+        self.pool = pool
+        """Pre-started sandboxes that `create` claims instead of booting one (SANDBOX_POOL_SIZE)."""
         self._live: dict[str, LiveSession] = {}
         self.on_sandbox: list[SandboxHook] = []
         """Called whenever a session's sandbox is created or re-attached (process exit wiring)."""
@@ -110,10 +120,9 @@ class SessionService:
         spec = self.spec_for(
             session_id, tenant=tenant, image=image or self.settings.docker_base_image, env=env
         )
-        await anyio.to_thread.run_sync(_make_dirs, spec)
         sandbox: Sandbox | None = None
         try:
-            sandbox = await self.provider.create(spec)
+            sandbox = await self._new_sandbox(spec)
             row = SessionRow(
                 id=session_id,
                 tenant=tenant,
@@ -187,6 +196,15 @@ class SessionService:
                 log.warning("closing sandbox connection of %s failed", live.id, exc_info=True)
 
     # --- helpers ---
+
+    async def _new_sandbox(self, spec: SandboxSpec) -> Sandbox:
+        """A pooled sandbox moved onto `spec`'s folders when the pool serves it, else a new one."""
+        if self.pool is not None and self.pool.serves(spec):
+            claimed = await self.pool.claim(spec)
+            if claimed is not None:
+                return claimed
+        await anyio.to_thread.run_sync(_make_dirs, spec)
+        return await self.provider.create(spec)
 
     def _workspace(self, spec: SandboxSpec) -> Workspace:
         return Workspace(spec.workspace, max_read_bytes=self.settings.file_read_max_bytes)
