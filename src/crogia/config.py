@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     sandbox_network: str = "bridge"
     """Docker network mode (bridge, none, host or a network name); bubblewrap: `none` unshares the network."""
     sandbox_pool_size: int = Field(0, ge=0, le=64)
+    sandbox_disk_mb: int = Field(0, ge=0)
+    """Workspace quota (a loop-mounted ext4 image per workspace; needs root). 0: no quota."""
+    sandbox_tmp_mb: int = Field(1024, ge=0)
+    """Size of the sandbox's tmpfs /tmp (at most half of SANDBOX_MEMORY_MB). 0: no size of our own."""
+    session_idle_ttl: float = Field(3600.0, ge=0)
+    """Seconds without activity before a session's sandbox is stopped (it starts again on use). 0: never."""
 
     # --- limits ---
     shell_timeout: float = Field(120.0, gt=0)
@@ -78,6 +84,13 @@ class Settings(BaseSettings):
     def tokens(self) -> dict[str, str]:
         """{token: tenant} from API_TOKENS; empty when authentication is off."""
         return parse_tokens(self.api_tokens)
+
+    @field_validator("sandbox_disk_mb")
+    @classmethod
+    def _check_disk(cls, value: int) -> int:
+        if 0 < value < 64:
+            raise ValueError("SANDBOX_DISK_MB must be 0 (no quota) or at least 64")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -24,8 +24,12 @@ def test_limits_follow_the_settings(data_dir: Path) -> None:
         sandbox_cpus=0.5,
         sandbox_pids_limit=64,
         sandbox_network="none",
+        sandbox_tmp_mb=200,
     )
-    assert limits_from(settings) == Limits(memory_mb=300, cpus=0.5, pids=64, network="none")
+    # /tmp is a tmpfs, counted in the memory limit: at most half of it, so a full /tmp is ENOSPC.
+    limits = Limits(memory_mb=300, cpus=0.5, pids=64, network="none", tmp_mb=150)
+    assert limits_from(settings) == limits
+    assert limits_from(settings.model_copy(update={"sandbox_tmp_mb": 0})).tmp_mb == 0
 
 
 def test_bubblewrap_choice_never_loads_aiodocker(data_dir: Path) -> None:

@@ -25,6 +25,8 @@ def limits_from(settings: Settings) -> Limits:
         cpus=settings.sandbox_cpus,
         pids=settings.sandbox_pids_limit,
         network=settings.sandbox_network,
+        # tmpfs pages count against the memory limit: a full /tmp must give ENOSPC, never an OOM kill.
+        tmp_mb=min(settings.sandbox_tmp_mb, settings.sandbox_memory_mb // 2),
     )
 
 

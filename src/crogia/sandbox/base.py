@@ -36,6 +36,8 @@ class Limits:
     cpus: float = 1.0
     pids: int = 512
     network: str = "bridge"
+    tmp_mb: int = 0
+    """Size of the tmpfs at /tmp (and /var/tmp); 0 leaves the backend's default."""
 
 
 @dataclass(frozen=True, slots=True)

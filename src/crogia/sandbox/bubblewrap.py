@@ -11,7 +11,8 @@ with network "none", net) namespaces, with every capability dropped and no_new_p
 Limits: where the cgroup filesystem is writable (v1, or v2 with delegation), the sandbox gets
 its own cgroup with memory (swap included), pids and CPU quota limits. Otherwise only a
 per-process address-space rlimit of `memory_mb` applies (pids and CPU unenforced) and a
-warning is logged. Network other than "none" shares the host's network.
+warning is logged. Each tmpfs (`/tmp`, `/var/tmp`, `/root`) holds at most `tmp_mb`.
+Network other than "none" shares the host's network.
 
 A bubblewrap sandbox dies with the server (`--die-with-parent`), so `attach` after a restart
 creates a fresh one around the kept workspace and state folder (old process logs stay readable).
@@ -86,7 +87,11 @@ def mount_args(spec: SandboxSpec) -> list[str]:
     args = system_args()
     for name in ETC_FILES:
         args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp", "--tmpfs", "/root"]
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    # A size keeps a full /tmp at ENOSPC; without one the kernel allows half the host's memory.
+    size = ["--size", str(spec.limits.tmp_mb * 1024 * 1024)] if spec.limits.tmp_mb > 0 else []
+    for folder in ("/tmp", "/var/tmp", "/root"):
+        args += [*size, "--tmpfs", folder]
     args += ["--bind", str(spec.workspace), WORKDIR, "--bind", str(spec.state_dir), STATE_MOUNT]
     args += ["--ro-bind", str(DAEMON_DIR), DAEMON_MOUNT, "--remount-ro", "/", "--chdir", WORKDIR]
     return args

@@ -73,9 +73,18 @@ def container_config(spec: SandboxSpec, instance: str | None = None) -> dict[str
             "PidsLimit": limits.pids,
             "NetworkMode": limits.network,
             "SecurityOpt": ["no-new-privileges"],
+            "Tmpfs": _tmpfs(limits.tmp_mb),
             "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "1"}},
         },
     }
+
+
+def _tmpfs(size_mb: int) -> dict[str, str]:
+    """A size-limited tmpfs at /tmp and /var/tmp (in the memory limit), else the image's own folders."""
+    if size_mb <= 0:
+        return {}
+    options = f"rw,exec,nosuid,nodev,size={size_mb}m,mode=1777"
+    return {"/tmp": options, "/var/tmp": options}
 
 
 def _own_labels(instance: str | None) -> dict[str, str]:

@@ -22,6 +22,7 @@ Ops and their values:
       `bash -c cmd` in a new session; stdout+stderr combined (one pty when tty). On timeout the
       whole process group is SIGKILLed and exit_code is 124; killed by signal N gives 128+N.
       Output past max_output bytes keeps its head and tail around a marker giving the cut size.
+      When the command ends (or times out), what it left running in its process group is killed.
       Execs still running when their connection closes are killed like cancelled ones.
   cancel {target}                               -> {cancelled: bool}   kill an exec of this connection
   spawn {cmd, cwd?, env?}                       -> {pid, log}   background, own process group,
@@ -121,6 +122,56 @@ def _exit_status(returncode: int | None) -> int:
 def _killpg(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def _members(sid: int) -> list[int]:
+    """Pids whose process group or session is `sid`, from /proc (this sandbox's pid namespace)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # After the command name: state, ppid, pgrp, session, ...
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 3 and sid in (int(fields[2]), int(fields[3])):
+            found.append(int(name))
+    return found
+
+
+async def end_group(pgid: int, *, thorough: bool = False, within: float = 5.0) -> bool:
+    """SIGKILL a finished command's process group, and its session's strays, until none is left.
+
+    A command's background jobs (or a fork bomb) keep its group when its shell exits; they go
+    with it (`spawn` starts what should stay). A group-wide kill reaches every member, even one
+    being forked, so the loop only waits for init to reap them. `thorough` (or a group that
+    still had members) also looks in /proc for processes of the command's session that left
+    its group. False if something survived `within` seconds.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+            thorough = alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        if thorough:
+            for pid in _members(pgid):
+                alive = True
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        if not alive:
+            return True
+        if loop.time() > deadline:
+            log.warning("processes of command group %d survived SIGKILL", pgid)
+            return False
+        await asyncio.sleep(0.01)
 
 
 class OutputCapture:
@@ -231,15 +282,14 @@ async def run_command(req: Message, send_chunk: Callable[[str], Awaitable[None]]
     timed_out = False
     try:
         done, _ = await asyncio.wait({waiter}, timeout=timeout)
-        if not done:
-            timed_out = True
-            _killpg(proc.pid, signal.SIGKILL)
-            await waiter
-        await asyncio.wait({pump}, timeout=DRAIN_GRACE)
+        timed_out = not done
+        if done:
+            await asyncio.wait({pump}, timeout=DRAIN_GRACE)
     finally:
-        if not waiter.done():
-            _killpg(proc.pid, signal.SIGKILL)
-            await asyncio.wait({waiter}, timeout=2)
+        # Whatever the command left in its group (background jobs, a fork bomb) ends with it.
+        await end_group(proc.pid, thorough=not waiter.done())
+        await asyncio.wait({waiter}, timeout=2)
+        await asyncio.wait({pump}, timeout=DRAIN_GRACE)  # the last words of what was just killed
         pump.cancel()
         with contextlib.suppress(BaseException):
             await pump
