@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from crogia.api.schemas import ErrorBody
 from crogia.errors import (
     Conflict,
     CrogiaError,
@@ -29,6 +31,21 @@ STATUS: dict[type[CrogiaError], int] = {
     SandboxError: 502,
     Unavailable: 503,
 }
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        400: "Bad input: a bad path, pattern or value, or a body that is not valid JSON.",
+        401: "A valid API token is required (only when API_TOKENS is set).",
+        404: "Unknown session, task, process or file (also another tenant's session).",
+        409: "The request clashes with the current state (session stopped, task finished, file exists).",
+        413: "The body, the file or the output is larger than the configured limit.",
+        502: "The sandbox failed in a way that is not the caller's fault.",
+        503: "A dependency is down: the Docker engine, the sandbox image or the executor.",
+    }.items()
+}
+"""Error answers every resource route may give, declared in the OpenAPI document (422 is FastAPI's)."""
 
 
 def status_for(exc: CrogiaError) -> int:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_serializer
+
+# What `setenv` accepts: a name of letters, digits and `_` (no leading digit), a value without NUL.
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
+EnvValue = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$", max_length=131_072)]
+Env = Annotated[dict[EnvName, EnvValue], Field(description="Extra environment variables.")]
 
 
 class _Model(BaseModel):
@@ -19,21 +24,26 @@ class _Model(BaseModel):
         return value
 
 
+class _Request(_Model):
+    # Strict: the document says `"tty": boolean`, so `0` or `"yes"` is a 422, not a guess.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
 class Message(_Model):
     message: str
 
 
 class ErrorBody(_Model):
-    detail: Any
+    detail: str = Field(..., description="What went wrong, in one human sentence.")
 
 
 # --- sessions ---
 
 
-class SessionCreate(_Model):
+class SessionCreate(_Request):
     task: str = Field("", max_length=100_000, description="A label for the session; the task is not run.")
     image: str | None = Field(None, max_length=256, description="Docker image (Docker backend only).")
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment for every command.")
+    env: Env = Field(default_factory=dict, description="Extra environment for every command.")
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -56,7 +66,7 @@ class SessionPublic(_Model):
 # --- tasks ---
 
 
-class TaskCreate(_Model):
+class TaskCreate(_Request):
     task: str = Field(..., min_length=1, max_length=1_000_000)
 
 
@@ -87,10 +97,10 @@ class Conversation(_Model):
 # --- processes ---
 
 
-class ProcessCreate(_Model):
+class ProcessCreate(_Request):
     cmd: str = Field(..., min_length=1, max_length=100_000)
     cwd: str = Field("/workspace", max_length=4096)
-    env: dict[str, str] = Field(default_factory=dict)
+    env: Env = Field(default_factory=dict)
 
 
 class ProcessPublic(_Model):
@@ -129,25 +139,25 @@ class FileContent(_Model):
     content: str
 
 
-class FileWrite(_Model):
+class FileWrite(_Request):
     path: str = Field(..., max_length=4096)
     content: str
 
 
-class FileMove(_Model):
+class FileMove(_Request):
     src: str = Field(..., max_length=4096)
     dst: str = Field(..., max_length=4096)
     overwrite: bool = False
 
 
-class MkdirRequest(_Model):
+class MkdirRequest(_Request):
     path: str = Field(..., max_length=4096)
 
 
 # --- search ---
 
 
-class FileSearch(_Model):
+class FileSearch(_Request):
     pattern: str = Field(..., min_length=1, max_length=4096)
     path: str = Field(".", max_length=4096)
     file_types: str = Field("*", max_length=4096)
@@ -163,7 +173,7 @@ class FileSearchResult(_Model):
     truncated: bool
 
 
-class GrepSearch(_Model):
+class GrepSearch(_Request):
     pattern: str = Field(..., min_length=1, max_length=4096)
     path: str = Field(".", max_length=4096)
     file_types: str = Field("*", max_length=4096)
@@ -193,7 +203,7 @@ class GrepResult(_Model):
 # --- shell ---
 
 
-class ShellRequest(_Model):
+class ShellRequest(_Request):
     cmd: str = Field(..., min_length=1, max_length=1_000_000)
     tty: bool = False
     timeout: float | None = Field(None, gt=0, description="Seconds; bounded by SHELL_MAX_TIMEOUT.")

@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+from crogia.errors import CrogiaError
 from crogia.sandbox.base import OutputListener
 
 T = TypeVar("T")
@@ -21,6 +22,8 @@ async def output_events(
 ) -> AsyncIterator[str]:
     """`event: output` frames (`{"data": chunk}`) while `start` runs, then `finish(result)`.
 
+    The status line is sent before the command starts, so an error it raises (a bad `cwd`, a
+    sandbox gone) ends the stream with `event: error` and `{"detail": ...}` instead of a broken body.
     When the client goes away the generator is closed and the command is cancelled with it,
     so nothing outlives the request.
     """
@@ -34,7 +37,12 @@ async def output_events(
                 yield frame("output", json.dumps({"data": getter.result()}))
             else:
                 getter.cancel()
-        yield finish(run.result())
+        try:
+            result = run.result()
+        except CrogiaError as exc:
+            yield frame("error", json.dumps({"detail": exc.message}))
+            return
+        yield finish(result)
     finally:
         run.cancel()
         await asyncio.gather(run, return_exceptions=True)

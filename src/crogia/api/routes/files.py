@@ -9,9 +9,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from crogia.api.deps import LiveDep, RuntimeDep
+from crogia.api.errors import ERRORS
 from crogia.api.schemas import FileContent, FileItem, FileList, FileMove, FileWrite, Message, MkdirRequest
 
-router = APIRouter(prefix="/api/sessions/{session_id}/files", tags=["files"])
+router = APIRouter(prefix="/api/sessions/{session_id}/files", tags=["files"], responses=ERRORS)
 
 PathQuery = Annotated[str, Query(max_length=4096, description="Path relative to the workspace root.")]
 

@@ -9,12 +9,13 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from crogia.api.deps import LiveDep, RuntimeDep, SessionRowDep
+from crogia.api.errors import ERRORS
 from crogia.api.schemas import Message, ProcessCreate, ProcessLogs, ProcessPublic
 from crogia.api.sse import frame, output_events
 from crogia.sandbox.base import OutputListener
 from crogia.store.tables import ProcessRow
 
-router = APIRouter(prefix="/api/sessions/{session_id}/processes", tags=["processes"])
+router = APIRouter(prefix="/api/sessions/{session_id}/processes", tags=["processes"], responses=ERRORS)
 
 
 def process_public(row: ProcessRow) -> ProcessPublic:

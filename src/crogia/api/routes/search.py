@@ -5,9 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from crogia.api.deps import LiveDep, RuntimeDep
+from crogia.api.errors import ERRORS
 from crogia.api.schemas import FileSearch, FileSearchResult, GrepMatchPublic, GrepResult, GrepSearch
 
-router = APIRouter(prefix="/api/sessions/{session_id}/search", tags=["search"])
+router = APIRouter(prefix="/api/sessions/{session_id}/search", tags=["search"], responses=ERRORS)
 
 
 @router.post("/files", response_model=FileSearchResult, summary="Find files by glob")

@@ -7,11 +7,12 @@ import asyncio
 from fastapi import APIRouter, status
 
 from crogia.api.deps import RuntimeDep, SessionRowDep, TenantDep
+from crogia.api.errors import ERRORS
 from crogia.api.schemas import Message, SessionCreate, SessionPublic
 from crogia.runtime import Runtime
 from crogia.store.tables import SessionRow
 
-router = APIRouter(prefix="/api/sessions", tags=["sessions"])
+router = APIRouter(prefix="/api/sessions", tags=["sessions"], responses=ERRORS)
 
 
 async def session_public(runtime: Runtime, row: SessionRow) -> SessionPublic:

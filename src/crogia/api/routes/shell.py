@@ -9,11 +9,12 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from crogia.api.deps import LiveDep, RuntimeDep
+from crogia.api.errors import ERRORS
 from crogia.api.schemas import ShellRequest, ShellResult
 from crogia.api.sse import frame, output_events
 from crogia.sandbox.base import ExecResult, OutputListener
 
-router = APIRouter(prefix="/api/sessions/{session_id}/shell", tags=["shell"])
+router = APIRouter(prefix="/api/sessions/{session_id}/shell", tags=["shell"], responses=ERRORS)
 
 
 def shell_result(cmd: str, result: ExecResult) -> ShellResult:
@@ -43,7 +44,8 @@ async def run_shell(body: ShellRequest, live: LiveDep, runtime: RuntimeDep) -> S
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 async def stream_shell(body: ShellRequest, live: LiveDep, runtime: RuntimeDep) -> StreamingResponse:
-    """`event: output` frames carry `{"data": chunk}`; a final `event: result` carries the ShellResult."""
+    """`event: output` frames carry `{"data": chunk}`; a final `event: result` carries the ShellResult,
+    or `event: error` carries `{"detail": ...}` when the command cannot run (say, a missing `cwd`)."""
     runtime.shell.bounds(body.timeout, body.max_output)  # bad bounds are a 4xx before streaming starts
     return StreamingResponse(_stream(body, live, runtime), media_type="text/event-stream")
 

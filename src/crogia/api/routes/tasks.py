@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from crogia.api.deps import LiveDep, RuntimeDep, SessionRowDep
+from crogia.api.errors import ERRORS
 from crogia.api.schemas import Conversation, TaskAccepted, TaskCreate, TaskPublic
 from crogia.store.tables import TaskRow
 
-router = APIRouter(prefix="/api/sessions/{session_id}", tags=["tasks"])
+router = APIRouter(prefix="/api/sessions/{session_id}", tags=["tasks"], responses=ERRORS)
 
 
 def task_public(row: TaskRow) -> TaskPublic:
