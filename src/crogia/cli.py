@@ -29,6 +29,10 @@ def configure_logging(settings: Settings) -> None:
     )
 
 
+DEFAULT_LOOP = "asyncio"
+"""The server's event loop; bench/bench_shell.py and bench_throughput.py measure both."""
+
+
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -39,7 +43,7 @@ def serve(args: argparse.Namespace) -> None:
     options = {
         "host": host,
         "port": port,
-        "loop": "asyncio",
+        "loop": args.loop,
         "ws_max_size": 4 * 1024 * 1024,
         "log_config": None,
     }
@@ -82,6 +86,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="bind address (default: HOST, or 127.0.0.1 without API_TOKENS)")
     run.add_argument("--port", type=int, help="port (default: PORT)")
     run.add_argument("--reload", action="store_true", help="restart on code changes (development)")
+    run.add_argument(
+        "--loop",
+        choices=["asyncio", "uvloop"],
+        default=DEFAULT_LOOP,
+        help=f"event loop (default: {DEFAULT_LOOP}; see the README's Performance section)",
+    )
     run.set_defaults(func=serve)
     image = commands.add_parser("image", help="sandbox image").add_subparsers(dest="action", required=True)
     build = image.add_parser("build", help="build DOCKER_BASE_IMAGE (offline route when no registry answers)")
