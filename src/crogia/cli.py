@@ -48,11 +48,11 @@ def serve(args: argparse.Namespace) -> None:
         "log_config": None,
     }
     if args.reload:
-        uvicorn.run("crogia.asgi:app", reload=True, **options)  # type: ignore[arg-type]
+        uvicorn.run("crogia.asgi:app", reload=True, **options)
     else:
         from crogia.app import create_app
 
-        uvicorn.run(create_app(settings), **options)  # type: ignore[arg-type]
+        uvicorn.run(create_app(settings), **options)
 
 
 def image_build(args: argparse.Namespace) -> None:
