@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
-from tests.support.server import RunningServer
+from tests.conftest import make_settings
+from tests.support.server import RunningServer, run_server
 
 
 @pytest.fixture
@@ -164,3 +167,30 @@ async def test_follow_log_streams_until_the_process_ends(server: RunningServer, 
                 text += json.loads(line[6:])["data"]
     assert events[-1] == "end"
     assert text.split() == ["line1", "line2", "line3", "line4"]
+
+
+async def test_size_limits_give_413_and_lose_nothing(data_dir: Path) -> None:
+    settings = make_settings(data_dir, "bubblewrap", request_max_bytes=64_000, file_read_max_bytes=10_000)
+    async with run_server(settings) as small:
+        sid = (await small.create_session())["session_id"]
+        base = f"/api/sessions/{sid}/files"
+        assert (
+            await small.client.put(f"{base}/raw", params={"path": "ok.bin"}, content=b"k" * 1000)
+        ).status_code == 200
+        big = await small.client.put(f"{base}/raw", params={"path": "ok.bin"}, content=b"x" * 100_000)
+        assert big.status_code == 413 and "limit" in big.json()["detail"]
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the cap is counted while streaming
+            for _ in range(100):
+                yield b"y" * 1000
+
+        streamed = await small.client.put(f"{base}/raw", params={"path": "ok.bin"}, content=chunks())
+        assert streamed.status_code == 413
+        assert (await small.client.get(f"{base}/raw", params={"path": "ok.bin"})).content == b"k" * 1000
+        await small.client.post(f"{base}/content", json={"path": "large.txt", "content": "z" * 20_000})
+        too_large = await small.client.get(f"{base}/content", params={"path": "large.txt"})
+        assert too_large.status_code == 413
+        ranged = await small.client.get(f"{base}/content", params={"path": "large.txt", "max_bytes": 5})
+        assert ranged.status_code == 413
+        listing = (await small.client.get(base)).json()["items"]
+        assert sorted(item["name"] for item in listing) == ["large.txt", "ok.bin"]
