@@ -11,6 +11,7 @@ from crogia.bus import EventBus
 from crogia.config import Settings
 from crogia.sandbox import make_provider
 from crogia.sandbox.base import SandboxProvider
+from crogia.services.idle import IdleReaper
 from crogia.services.pool import SandboxPool
 from crogia.services.processes import ProcessService
 from crogia.services.sessions import SessionService
@@ -33,6 +34,7 @@ class Runtime:
     tasks: TaskService
     agent: Agent
     pool: SandboxPool
+    reaper: IdleReaper
     _docker_checked: tuple[float, bool] = (float("-inf"), False)
 
     @classmethod
@@ -53,11 +55,13 @@ class Runtime:
         shell = ShellService(settings)
         agent = Agent.from_settings(settings)
         tasks = TaskService(db, bus, sessions, shell, processes, agent)
-        runtime = cls(settings, db, bus, provider, sessions, processes, shell, tasks, agent, pool)
+        reaper = IdleReaper(sessions, tasks, processes, ttl=settings.session_idle_ttl)
+        runtime = cls(settings, db, bus, provider, sessions, processes, shell, tasks, agent, pool, reaper)
         try:
             await tasks.fail_interrupted()
             await sessions.reconcile()
             await pool.start()  # after reconcile, which removes the previous server's pool sandboxes
+            reaper.start()
         except BaseException:
             await runtime.close()
             raise
@@ -80,6 +84,7 @@ class Runtime:
     async def close(self) -> None:
         """Cancel tasks, flush events, drop sandbox connections, close the store."""
         await self.tasks.close()
+        await self.reaper.close()  # after the tasks: their ends are activity too
         await self.agent.aclose()
         await self.processes.close()
         await self.bus.close()

@@ -25,7 +25,9 @@ async def test_tmp_is_a_sized_tmpfs_that_fills_up(make_sandbox: MakeSandbox) -> 
 
 
 async def test_background_jobs_end_with_their_command(sandbox: Sandbox) -> None:
-    result = await sandbox.exec("sleep 300 & (sleep 0.05; echo late) & echo started", timeout=10, max_output=1024)
+    result = await sandbox.exec(
+        "sleep 300 & (sleep 0.05; echo late) & echo started", timeout=10, max_output=1024
+    )
     assert result.exit_code == 0
     assert result.output.split() == ["started", "late"]  # what they wrote before being killed is kept
     assert await leftovers(sandbox) == []

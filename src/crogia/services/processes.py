@@ -26,6 +26,7 @@ class ProcessService:
         self.settings = settings
         self.db = db
         self.bus = bus
+        self.sessions = sessions
         self._locks: dict[str, asyncio.Lock] = {}
         self._pending: set[asyncio.Task[None]] = set()
         sessions.on_sandbox.append(self._wire)
@@ -48,6 +49,10 @@ class ProcessService:
     async def list(self, session_id: str) -> list[ProcessRow]:
         async with self.db.session() as db:
             return list(await repo.list_processes(db, session_id=session_id))
+
+    async def any_running(self, session_id: str) -> bool:
+        """Whether a background process of the session still runs (it keeps the session awake)."""
+        return any(row.status == "running" for row in await self.list(session_id))
 
     async def get(self, session_id: str, pid: int) -> ProcessRow:
         async with self.db.session() as db:
@@ -73,9 +78,10 @@ class ProcessService:
         log_path = shlex.quote(f"{STATE_MOUNT}/logs/{pid}.log")
         # GNU tail runs inside the sandbox (same pid namespace), so `--pid` ends the follow on exit.
         cmd = f"exec tail -n {int(lines)} --pid={int(pid)} -F {log_path} 2>/dev/null"
-        result = await live.sandbox.exec(
-            cmd, timeout=self.settings.shell_max_timeout, max_output=65536, on_output=on_output
-        )
+        with live.in_use():
+            result = await live.sandbox.exec(
+                cmd, timeout=self.settings.shell_max_timeout, max_output=65536, on_output=on_output
+            )
         return result.exit_code
 
     async def close(self) -> None:
@@ -89,6 +95,9 @@ class ProcessService:
         await self._catch_up(live)
 
     def _on_exit(self, session_id: str, pid: int, exit_code: int) -> None:
+        live = self.sessions.peek(session_id)
+        if live is not None:
+            live.touch()  # the idle time starts when the last process ends
         task = asyncio.create_task(self._record_exit(session_id, pid, exit_code))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)

@@ -1,22 +1,32 @@
-"""Sessions: a workspace folder plus a sandbox, recorded in the store and kept alive across restarts."""
+"""Sessions: a workspace folder plus a sandbox, recorded in the store and kept alive across restarts.
+
+A session idle for SESSION_IDLE_TTL has its sandbox stopped (`sleep`, called by the idle reaper);
+the next request that needs it starts it again (`live`). Sessions stopped before a restart stay
+stopped until then. Activity is kept in memory (`LiveSession.touch`) and written to the store in
+batches (`flush_activity`). With SANDBOX_DISK_MB, each workspace is its own size-limited disk.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
+import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 
 from crogia.bus import EventBus
 from crogia.config import Settings
-from crogia.errors import Conflict, CrogiaError, NotFound
+from crogia.errors import CrogiaError, NotFound
 from crogia.sandbox import limits_from
 from crogia.sandbox.base import Sandbox, SandboxProvider, SandboxSpec, SandboxStatus
+from crogia.sandbox.quota import WorkspaceDisks
 from crogia.services.pool import SandboxPool
 from crogia.store import Database, repo
 from crogia.store.tables import SessionRow
@@ -29,13 +39,39 @@ SandboxHook = Callable[["LiveSession"], Awaitable[None]]
 
 @dataclass(eq=False)
 class LiveSession:
-    """A session whose sandbox this server holds a connection to."""
+    """A session whose sandbox this server holds: running, or stopped for idleness (`asleep`).
+
+    The object lives as long as the session on this server, so holders (a task worker, the
+    agent's tool host) keep working across a stop and start: they read `sandbox` at each use.
+    """
 
     id: str
     tenant: str
     sandbox: Sandbox
     workspace: Workspace
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while the sandbox is stopped or started again."""
+    last_active: float = field(default_factory=time.time)
+    """When it was last used (epoch seconds): a request, a command or a task ending."""
+    flushed: float = 0.0
+    """The `last_active` last written to the store."""
+    busy: int = 0
+    """Commands in flight: a long command or a log follow keeps the session awake."""
+    asleep: bool = False
+
+    def touch(self) -> None:
+        self.last_active = time.time()
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Counts as activity for as long as it lasts."""
+        self.busy += 1
+        self.touch()
+        try:
+            yield
+        finally:
+            self.busy -= 1
+            self.touch()
 
 
 class SessionService:
@@ -55,7 +91,11 @@ class SessionService:
         self.provider = provider
         self.pool = pool
         """Pre-started sandboxes that `create` claims instead of booting one (SANDBOX_POOL_SIZE)."""
+        self.disks = WorkspaceDisks(settings.data_dir / "disks", settings.sandbox_disk_mb)
         self._live: dict[str, LiveSession] = {}
+        self._dormant: set[str] = set()
+        """Sessions stopped before this server started: their sandbox starts on first use."""
+        self._reviving: dict[str, asyncio.Lock] = {}
         self.on_sandbox: list[SandboxHook] = []
         """Called whenever a session's sandbox is created or re-attached (process exit wiring)."""
 
@@ -73,15 +113,25 @@ class SessionService:
             return list(await repo.list_sessions(db, tenant=tenant))
 
     async def live(self, session_id: str, *, tenant: str | None) -> LiveSession:
-        """The running session, or NotFound (unknown / other tenant) or Conflict (not running)."""
+        """The session with its sandbox running (started again if it was stopped); counts as activity.
+
+        NotFound for an unknown session or another tenant's; the backend's error (Unavailable,
+        SandboxError) when a stopped sandbox cannot be started.
+        """
         live = self._live.get(session_id)
         if live is None or (tenant is not None and live.tenant != tenant):
-            row = await self.get(session_id, tenant=tenant)
-            raise Conflict(f"Session {row.id} is {row.status}; its sandbox is not running.")
+            live = await self._revive(await self.get(session_id, tenant=tenant))
+        if live.asleep:
+            await self._wake(live)
+        live.touch()
         return live
 
     def live_count(self) -> int:
-        return len(self._live)
+        """Sessions whose sandbox runs."""
+        return sum(1 for live in self._live.values() if not live.asleep)
+
+    def awake(self) -> Sequence[LiveSession]:
+        return [live for live in self._live.values() if not live.asleep]
 
     def peek(self, session_id: str) -> LiveSession | None:
         return self._live.get(session_id)
@@ -89,7 +139,7 @@ class SessionService:
     async def container_status(self, session_id: str) -> SandboxStatus:
         live = self._live.get(session_id)
         if live is None:
-            return "unknown"
+            return "exited" if session_id in self._dormant else "unknown"
         try:
             return await live.sandbox.status()
         except Exception:
@@ -99,6 +149,60 @@ class SessionService:
     async def touch(self, session_id: str, **values: Any) -> None:
         async with self.db.transaction() as db:
             await repo.touch_session(db, session_id=session_id, **values)
+
+    async def flush_activity(self) -> None:
+        """Write `last_active` of the sessions used since the last flush to the store, in one go."""
+        changed = [
+            (live, live.last_active) for live in self._live.values() if live.last_active > live.flushed
+        ]
+        if not changed:
+            return
+        async with self.db.transaction() as db:
+            for live, when in changed:
+                await repo.touch_session(db, session_id=live.id, last_activity=_utc(when))
+        for live, when in changed:
+            live.flushed = max(live.flushed, when)
+
+    # --- idle stop / start again ---
+
+    async def sleep(self, live: LiveSession, *, idle_for: float) -> bool:
+        """Stop the sandbox of a session unused for `idle_for` seconds; False if it was used meanwhile."""
+        async with live.lock:
+            idle = time.time() - live.last_active >= idle_for and not live.busy
+            if live.asleep or not idle or self._live.get(live.id) is not live:
+                return False
+            live.asleep = True
+            try:
+                await live.sandbox.stop()
+            except Exception:  # the start on next use sorts out whatever state it is in
+                log.warning("stopping the sandbox of idle session %s failed", live.id, exc_info=True)
+            await self.touch(live.id, status="stopped", last_activity=_utc(live.last_active))
+            live.flushed = live.last_active
+        log.info("session %s idle for %.0f s: sandbox %s stopped", live.id, idle_for, live.sandbox.id)
+        return True
+
+    async def _wake(self, live: LiveSession) -> None:
+        async with live.lock:
+            if not live.asleep:
+                return
+            spec = live.sandbox.spec
+            await self.disks.ensure(live.id, spec.workspace)
+            live.sandbox = await self.provider.attach(spec, live.sandbox.id)
+            live.asleep = False
+            live.touch()
+            await self.touch(live.id, status="active", sandbox_id=live.sandbox.id)
+            for hook in self.on_sandbox:
+                await hook(live)
+        log.info("session %s: sandbox %s started again", live.id, live.sandbox.id)
+
+    async def _revive(self, row: SessionRow) -> LiveSession:
+        """A session this server holds no sandbox for (stopped before a restart, or re-attach failed)."""
+        async with self._reviving.setdefault(row.id, asyncio.Lock()):
+            live = self._live.get(row.id)
+            if live is None:
+                live = await self._bring_up(row)
+                log.info("session %s: sandbox %s started again", row.id, live.sandbox.id)
+        return live
 
     # --- create / delete ---
 
@@ -148,11 +252,14 @@ class SessionService:
     async def delete(self, session_id: str, *, tenant: str | None) -> None:
         row = await self.get(session_id, tenant=tenant)
         live = self._live.pop(session_id, None)
+        self._dormant.discard(session_id)
+        self._reviving.pop(session_id, None)
         if live is not None:
-            try:
-                await live.sandbox.destroy()
-            except Exception:
-                log.warning("destroying sandbox of session %s failed", session_id, exc_info=True)
+            async with live.lock:  # not in the middle of a stop or a start
+                try:
+                    await live.sandbox.destroy()
+                except Exception:
+                    log.warning("destroying sandbox of session %s failed", session_id, exc_info=True)
         if row.sandbox_id or live is not None:
             # Also tells the provider to forget it (idempotent when already gone).
             await self.provider.remove(live.sandbox.id if live is not None else row.sandbox_id)
@@ -160,13 +267,26 @@ class SessionService:
             await repo.delete_session(db, session_id=session_id)
         self.bus.drop_session(session_id)
         spec = self.spec_for(session_id, tenant=row.tenant, image=row.image, env=row.env)
-        await anyio.to_thread.run_sync(_remove_dirs, spec, self.settings.workspace_retention == "delete")
+        workspace_too = self.settings.workspace_retention == "delete"
+        if workspace_too:
+            await self.disks.remove(session_id, spec.workspace)
+        else:  # a kept workspace with a quota is its image, disks/<id>.ext4
+            await self.disks.release(spec.workspace)
+        await anyio.to_thread.run_sync(_remove_dirs, spec, workspace_too)
         log.info("session %s deleted", session_id)
 
     # --- start-up / shutdown ---
 
     async def reconcile(self) -> None:
-        """Give every stored session its sandbox back; remove managed sandboxes no session owns."""
+        """Give every active session its sandbox back; remove managed sandboxes no session owns.
+
+        Sessions stopped for idleness stay stopped until a request needs them.
+        """
+        await self.disks.probe()
+        if self.disks.active and self.pool is not None and self.pool.size:
+            # A pooled workspace is renamed to its session's, and a mount point cannot be.
+            log.warning("SANDBOX_POOL_SIZE is ignored: workspace quotas (SANDBOX_DISK_MB) are on")
+            self.pool.size = 0
         rows = await self.list(tenant=None)
         limit = asyncio.Semaphore(8)
 
@@ -174,8 +294,10 @@ class SessionService:
             async with limit:
                 await self._attach(row)
 
-        await asyncio.gather(*(attach(row) for row in rows))
+        self._dormant.update(row.id for row in rows if row.status == "stopped")
+        await asyncio.gather(*(attach(row) for row in rows if row.status != "stopped"))
         owned = {live.sandbox.id for live in self._live.values()}
+        owned |= {row.sandbox_id for row in rows if row.id in self._dormant}
         try:
             managed = await self.provider.managed_ids()
         except CrogiaError as exc:
@@ -194,16 +316,20 @@ class SessionService:
                 await live.sandbox.close()
             except Exception:
                 log.warning("closing sandbox connection of %s failed", live.id, exc_info=True)
+        # A running container keeps its own view of the disk; the next start mounts it again first.
+        for live in lives:
+            await self.disks.release(live.workspace.root)
 
     # --- helpers ---
 
     async def _new_sandbox(self, spec: SandboxSpec) -> Sandbox:
         """A pooled sandbox moved onto `spec`'s folders when the pool serves it, else a new one."""
-        if self.pool is not None and self.pool.serves(spec):
+        if self.pool is not None and self.pool.serves(spec) and not self.disks.active:
             claimed = await self.pool.claim(spec)
             if claimed is not None:
                 return claimed
         await anyio.to_thread.run_sync(_make_dirs, spec)
+        await self.disks.ensure(spec.session_id, spec.workspace)
         return await self.provider.create(spec)
 
     def _workspace(self, spec: SandboxSpec) -> Workspace:
@@ -215,19 +341,34 @@ class SessionService:
             await hook(live)
 
     async def _attach(self, row: SessionRow) -> None:
-        spec = self.spec_for(row.id, tenant=row.tenant, image=row.image, env=row.env)
         try:
-            await anyio.to_thread.run_sync(_make_dirs, spec)
-            sandbox = await self.provider.attach(spec, row.sandbox_id)
+            await self._bring_up(row)
         except Exception as exc:
             log.error("session %s: sandbox could not be re-attached: %s", row.id, exc)
-            await self.touch(row.id, status="stopped")
-            return
+            await self.touch(row.id, status="stopped", last_activity=row.last_activity)
+            self._dormant.add(row.id)
+
+    async def _bring_up(self, row: SessionRow) -> LiveSession:
+        """Start (or re-create) a stored session's sandbox around its kept workspace."""
+        spec = self.spec_for(row.id, tenant=row.tenant, image=row.image, env=row.env)
+        await anyio.to_thread.run_sync(_make_dirs, spec)
+        await self.disks.ensure(row.id, spec.workspace)
+        sandbox = await self.provider.attach(spec, row.sandbox_id)
         if sandbox.id != row.sandbox_id or row.status != "active":
             await self.touch(
-                row.id, sandbox_id=sandbox.id, status="active", sandbox_backend=self.provider.name
+                row.id,
+                sandbox_id=sandbox.id,
+                status="active",
+                sandbox_backend=self.provider.name,
+                last_activity=row.last_activity,  # being started again is not activity
             )
-        await self._go_live(LiveSession(row.id, row.tenant, sandbox, self._workspace(spec)))
+        active = row.last_activity.timestamp()
+        live = LiveSession(
+            row.id, row.tenant, sandbox, self._workspace(spec), last_active=active, flushed=active
+        )
+        self._dormant.discard(row.id)
+        await self._go_live(live)
+        return live
 
     async def _discard(self, session_id: str, spec: SandboxSpec, sandbox: Sandbox | None) -> None:
         self._live.pop(session_id, None)
@@ -242,7 +383,12 @@ class SessionService:
                 await repo.delete_session(db, session_id=session_id)
         except Exception:
             log.warning("clean-up of half-made session row %s failed", session_id, exc_info=True)
+        await self.disks.remove(session_id, spec.workspace)
         await anyio.to_thread.run_sync(_remove_dirs, spec, True)
+
+
+def _utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
 
 
 def _make_dirs(spec: SandboxSpec) -> None:

@@ -38,6 +38,7 @@ class ShellService:
         if "\x00" in cmd:
             raise InvalidInput("The command contains a NUL byte.")
         limit, cap = self.bounds(timeout, max_output)
-        return await live.sandbox.exec(
-            cmd, cwd=cwd, timeout=limit, max_output=cap, tty=tty, on_output=on_output
-        )
+        with live.in_use():
+            return await live.sandbox.exec(
+                cmd, cwd=cwd, timeout=limit, max_output=cap, tty=tty, on_output=on_output
+            )

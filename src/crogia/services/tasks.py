@@ -77,6 +77,11 @@ class TaskService:
         worker = self._workers.get(session_id)
         return worker is not None and worker.running is not None
 
+    def busy(self, session_id: str) -> bool:
+        """A task of the session runs (the agent may be waiting on its model) or waits in the queue."""
+        worker = self._workers.get(session_id)
+        return worker is not None and (worker.running is not None or not worker.queue.empty())
+
     # --- commands ---
 
     async def submit(self, live: LiveSession, text: str) -> TaskRow:
@@ -147,6 +152,7 @@ class TaskService:
                     await asyncio.wait({run})
                 finally:
                     worker.running = None
+                    live.touch()  # the idle time starts when the task ends
         except asyncio.CancelledError:
             if worker.running is not None:
                 worker.running[1].cancel()
