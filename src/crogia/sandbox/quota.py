@@ -161,7 +161,8 @@ def _has_files(folder: Path) -> bool:
 
 
 def _remove(image: Path, mount: Path | None) -> None:
-    image.unlink(missing_ok=True)
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        image.unlink()
     if mount is not None:
         with contextlib.suppress(OSError):
             mount.rmdir()
