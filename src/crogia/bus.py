@@ -24,6 +24,8 @@ from crogia.store import Database, repo
 log = logging.getLogger(__name__)
 
 REPLAY_PAGE = 2000
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+"""Built once: `json.dumps` with options builds an encoder per call."""
 
 
 def iso_now() -> str:
@@ -147,7 +149,7 @@ class EventBus:
             "timestamp": iso_now(),
         }
         record.update(event_payload(event))
-        data = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        data = _ENCODER.encode(record)
         await self._pending.put((session_id, seq, record["type"], event.task_id, data))
         return seq
 

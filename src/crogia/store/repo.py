@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from crogia.store.tables import EventRow, MessageRow, ProcessRow, SessionRow, TaskRow, utcnow
@@ -70,8 +70,12 @@ async def max_event_seq(db: AsyncSession, *, session_id: str) -> int:
     return int(value or 0)
 
 
+_EVENTS = cast(Table, EventRow.__table__)
+
+
 async def insert_events(db: AsyncSession, *, rows: list[dict[str, Any]]) -> None:
-    await db.execute(insert(EventRow), rows)
+    # A Core insert of the table: half the CPU of the ORM's bulk path, on the event loop's thread.
+    await db.execute(insert(_EVENTS), rows)
 
 
 async def events_between(
