@@ -13,6 +13,7 @@ from crogia import __version__
 from crogia.api import errors
 from crogia.api.limits import BodyLimit
 from crogia.api.routes import files, health, processes, search, sessions, shell, tasks, ws
+from crogia.api.shutdown import drain_on_signal
 from crogia.config import Settings
 from crogia.runtime import Runtime
 
@@ -32,7 +33,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime = await Runtime.start(settings)
         app.state.runtime = runtime
         try:
-            yield
+            async with drain_on_signal(runtime):
+                yield
         finally:
             await runtime.close()
 

@@ -53,6 +53,7 @@ class Subscription:
         self._max_queue = max_queue
         self._wake = asyncio.Event()
         self.closed: str | None = None
+        self._ending: str | None = None
 
     def _deliver(self, seq: int, data: str) -> None:
         if self.closed is not None:
@@ -71,6 +72,12 @@ class Subscription:
             self._wake.set()
             self._bus._forget(self)
 
+    def end(self, reason: str) -> None:
+        """Close with `reason` once every event handed over so far has been yielded."""
+        if self.closed is None and self._ending is None:
+            self._ending = reason
+            self._wake.set()
+
     def __aiter__(self) -> Subscription:
         return self
 
@@ -85,6 +92,9 @@ class Subscription:
                 continue
             elif self._live:
                 item = self._live.popleft()
+            elif self._ending is not None:
+                self.close(self._ending)
+                continue
             else:
                 self._wake.clear()
                 await self._wake.wait()
@@ -138,6 +148,12 @@ class EventBus:
         for subs in list(self._subs.values()):
             for sub in list(subs):
                 sub.close("server shutting down; reconnect with since")
+
+    def end_all(self, reason: str) -> None:
+        """End every subscription once it has yielded what it holds (a graceful stop)."""
+        for subs in list(self._subs.values()):
+            for sub in list(subs):
+                sub.end(reason)
 
     async def publish(self, session_id: str, event: _Event) -> int:
         """Queue `event` for storage and delivery; returns its `seq`."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from crogia.agent.loop import Agent
 from crogia.bus import EventBus
@@ -21,6 +23,8 @@ from crogia.store import Database
 
 log = logging.getLogger(__name__)
 
+SHUTTING_DOWN = "server shutting down; reconnect with since"
+
 
 @dataclass(eq=False)
 class Runtime:
@@ -36,6 +40,10 @@ class Runtime:
     pool: SandboxPool
     reaper: IdleReaper
     _docker_checked: tuple[float, bool] = (float("-inf"), False)
+    stopping: bool = False
+    """Set by `drain`: no new tasks or event streams."""
+    streams: set[asyncio.Task[Any]] = field(default_factory=set)
+    """The tasks serving event streams (WebSockets), so `drain` can wait for them to close."""
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -80,6 +88,22 @@ class Runtime:
         await self.sessions.get(session_id, tenant=tenant)
         await self.tasks.stop_session(session_id)
         await self.sessions.delete(session_id, tenant=tenant)
+
+    async def drain(self, *, timeout: float = 5.0) -> None:
+        """The first half of a graceful stop, before the server drops its connections.
+
+        New tasks and streams are refused; running and queued tasks end `cancelled` (with their
+        events); every event is stored and handed to its subscribers; then each stream sends what
+        it holds and closes with `SHUTTING_DOWN`. Waits up to `timeout` for the streams to close.
+        """
+        if self.stopping:
+            return
+        self.stopping = True
+        await self.tasks.close()
+        await self.bus.flush()
+        self.bus.end_all(SHUTTING_DOWN)
+        if self.streams:
+            await asyncio.wait(set(self.streams), timeout=timeout)
 
     async def close(self) -> None:
         """Cancel tasks, flush events, drop sandbox connections, close the store."""

@@ -150,13 +150,15 @@ class TaskService:
                 worker.running = (task_id, run)
                 try:
                     await asyncio.wait({run})
+                except asyncio.CancelledError:
+                    # Stopping the worker stops its run (here: `finally` forgets `worker.running`).
+                    run.cancel()
+                    await asyncio.gather(run, return_exceptions=True)
+                    raise
                 finally:
                     worker.running = None
                     live.touch()  # the idle time starts when the task ends
         except asyncio.CancelledError:
-            if worker.running is not None:
-                worker.running[1].cancel()
-                await asyncio.gather(worker.running[1], return_exceptions=True)
             await self._cancel_queued(live.id, worker)
             raise
 

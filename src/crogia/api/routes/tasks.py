@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from crogia.api.deps import LiveDep, RuntimeDep, SessionRowDep
 from crogia.api.errors import ERRORS
 from crogia.api.schemas import Conversation, TaskAccepted, TaskCreate, TaskPublic
+from crogia.errors import Unavailable
 from crogia.store.tables import TaskRow
 
 router = APIRouter(prefix="/api/sessions/{session_id}", tags=["tasks"], responses=ERRORS)
@@ -29,6 +30,8 @@ def task_public(row: TaskRow) -> TaskPublic:
 @router.post("/tasks", response_model=TaskAccepted, summary="Queue a task for the agent")
 async def create_task(body: TaskCreate, live: LiveDep, runtime: RuntimeDep) -> TaskAccepted:
     """Answers at once; progress streams over `WS /ws/{session_id}`."""
+    if runtime.stopping:
+        raise Unavailable("The server is shutting down; post the task again once it is back.")
     row = await runtime.tasks.submit(live, body.task)
     return TaskAccepted(message="Task started", task=row.task, task_id=row.id, status=row.status)
 

@@ -19,7 +19,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from crogia.api.deps import ws_tenant
 from crogia.bus import Subscription, SubscriptionClosed, iso_now
 from crogia.errors import CrogiaError, NotFound, Unauthorized
-from crogia.runtime import Runtime
+from crogia.runtime import SHUTTING_DOWN, Runtime
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["events"])
@@ -46,6 +46,20 @@ async def events(
         await websocket.close(code=code, reason=exc.message[:120])
         return
     await websocket.accept()
+    if runtime.stopping:
+        await websocket.close(code=CLOSE_GOING_AWAY, reason=SHUTTING_DOWN)
+        return
+    # Registered so a graceful stop (`Runtime.drain`) can wait for this socket to close.
+    stream = asyncio.current_task()
+    assert stream is not None
+    runtime.streams.add(stream)
+    try:
+        await _stream(websocket, runtime, session_id, since)
+    finally:
+        runtime.streams.discard(stream)
+
+
+async def _stream(websocket: WebSocket, runtime: Runtime, session_id: str, since: int | None) -> None:
     after = runtime.bus.last_seq(session_id) if since is None else since
     sub = await runtime.bus.subscribe(session_id, after=after)
     hello = {
