@@ -12,7 +12,7 @@ import pytest
 from crogia.config import Settings
 from crogia.sandbox import instance_id
 from crogia.sandbox.base import SandboxSpec
-from crogia.services.pool import FOLDER_PREFIX, SandboxPool
+from crogia.services.pool import SandboxPool
 from tests.conftest import make_settings, need_docker
 from tests.support.server import RunningServer, run_server
 
@@ -61,12 +61,16 @@ async def shell(server: RunningServer, sid: str, cmd: str) -> dict[str, Any]:
     return result
 
 
-def pool_folders(settings: Settings) -> set[str]:
-    return {
-        path.name
-        for parent in (settings.workspaces_dir, settings.sandbox_state_dir)
-        for path in parent.glob(FOLDER_PREFIX + "*")
-    }
+def folders(settings: Settings) -> set[str]:
+    """Session ids that have a workspace or a state folder, and those marked as unclaimed pool ones."""
+    found = {path.name for path in settings.workspaces_dir.iterdir()}
+    found |= {path.name for path in settings.sandbox_state_dir.iterdir() if path.name != ".pool"}
+    return found
+
+
+def marked(settings: Settings) -> set[str]:
+    markers = settings.sandbox_state_dir / ".pool"
+    return {path.name for path in markers.iterdir()} if markers.is_dir() else set()
 
 
 async def test_session_claims_a_started_sandbox_and_sees_its_workspace(
@@ -74,10 +78,12 @@ async def test_session_claims_a_started_sandbox_and_sees_its_workspace(
 ) -> None:
     pool = server.runtime.pool
     waiting = pool.ready_ids()
+    sandboxes = set(await server.runtime.provider.managed_ids())
     created = await server.create_session(task="pooled")
     sid = str(created["session_id"])
-    assert created["container_id"] in waiting  # claimed, not booted
+    assert sid in waiting and created["container_id"] in sandboxes  # claimed, not booted
     assert created["container_status"] == "running"
+    assert sid not in marked(settings)
 
     wrote = await server.client.post(
         f"/api/sessions/{sid}/files/content", json={"path": "notes/hello.txt", "content": "from rest\n"}
@@ -86,7 +92,6 @@ async def test_session_claims_a_started_sandbox_and_sees_its_workspace(
     out = await shell(server, sid, "pwd && cat notes/hello.txt && echo from sandbox > back.txt")
     assert out["output"] == "/workspace\nfrom rest\n" and out["exit_code"] == 0
     assert (settings.workspaces_dir / sid / "back.txt").read_text() == "from sandbox\n"
-    # The executor socket moved with the state folder; background process logs land there too.
     assert (settings.sandbox_state_dir / sid / "executor.sock").is_socket()
     started = await server.client.post(f"/api/sessions/{sid}/processes", json={"cmd": "echo logged"})
     assert started.status_code == 200, started.text
@@ -94,15 +99,15 @@ async def test_session_claims_a_started_sandbox_and_sees_its_workspace(
     assert list((settings.sandbox_state_dir / sid / "logs").glob("*.log"))
 
     await pool.wait_ready(timeout=60)  # refilled, with a new sandbox
-    assert created["container_id"] not in pool.ready_ids()
-    assert len(pool_folders(settings)) == POOL  # the claimed placeholders were renamed away
+    assert sid not in pool.ready_ids()
+    assert marked(settings) == set(pool.ready_ids())
     assert (await server.client.delete(f"/api/sessions/{sid}")).status_code == 200
 
 
 async def test_sessions_with_their_own_env_bypass_the_pool(server: RunningServer) -> None:
     waiting = set(server.runtime.pool.ready_ids())
     created = await server.create_session(task="own env", env={"GREETING": "hi"})
-    assert created["container_id"] not in waiting
+    assert created["session_id"] not in waiting
     assert set(server.runtime.pool.ready_ids()) == waiting
     out = await shell(server, str(created["session_id"]), "echo $GREETING")
     assert out["output"] == "hi\n"
@@ -130,8 +135,8 @@ async def test_deleting_a_pooled_session_removes_its_sandbox_and_folders(
     assert deleted.status_code == 200
     assert not (settings.workspaces_dir / sid).exists()
     assert not (settings.sandbox_state_dir / sid).exists()
-    managed = set(await server.runtime.provider.managed_ids())
-    assert managed == set(server.runtime.pool.ready_ids())
+    assert folders(settings) == marked(settings) == set(server.runtime.pool.ready_ids())
+    assert len(await server.runtime.provider.managed_ids()) == POOL
 
 
 async def test_restart_reattaches_pooled_sessions_and_leaves_no_leftovers(
@@ -155,37 +160,37 @@ async def test_restart_reattaches_pooled_sessions_and_leaves_no_leftovers(
         out = await shell(second, sid, "cat kept.txt")
         assert out["output"] == "kept\n"
         managed = set(await second.runtime.provider.managed_ids())
-        assert managed == {got["container_id"], *pool.ready_ids()}
+        assert len(managed) == 1 + POOL and got["container_id"] in managed
         assert stale not in managed
-        assert len(pool_folders(settings)) == POOL
+        assert folders(settings) == {sid, *pool.ready_ids()} and marked(settings) == set(pool.ready_ids())
         await second.client.delete(f"/api/sessions/{sid}")
-    assert pool_folders(settings) == set()
+    assert folders(settings) == marked(settings) == set()
 
 
 @pytest.mark.docker
-async def test_stopped_pooled_container_is_recreated_around_the_workspace(docker_settings: Settings) -> None:
-    """A claimed container's binds name the pool's old folders: it cannot start again, so attach
-    replaces it, keeping the workspace."""
+async def test_stopped_pooled_container_starts_again_with_its_binds(docker_settings: Settings) -> None:
+    """A claimed container binds its session's own folders, so a stopped one (engine restart, idle
+    stop) starts again as it was: files outside the workspace are still there."""
     settings = docker_settings
     async with run_server(settings) as first:
         await first.runtime.pool.wait_ready()
         created = await first.create_session(task="stopped")
         sid = str(created["session_id"])
-        await shell(first, sid, "echo kept > kept.txt")
+        await shell(first, sid, "echo kept > kept.txt && echo layer > /root/layer.txt")
     await _docker("stop", "-t", "1", str(created["container_id"]))
     async with run_server(settings) as second:
         got = (await second.client.get(f"/api/sessions/{sid}")).json()
-        assert got["status"] == "active" and got["container_id"] != created["container_id"]
-        assert (await shell(second, sid, "cat kept.txt"))["output"] == "kept\n"
+        assert got["status"] == "active" and got["container_id"] == created["container_id"]
+        out = await shell(second, sid, "cat kept.txt /root/layer.txt")
+        assert out["output"] == "kept\nlayer\n"
         await second.client.delete(f"/api/sessions/{sid}")
 
 
 async def _leftover_pool_sandbox(settings: Settings, backend: str) -> str:
-    """Placeholder folders as a killed server leaves them, plus (Docker) a running pool container."""
+    """Marked folders as a killed server leaves them, plus (Docker) a running pool container."""
     pool = SandboxPool(settings, provider=None)  # type: ignore[arg-type]
     spec = pool.placeholder()
-    spec.workspace.mkdir(parents=True)
-    (spec.state_dir / "logs").mkdir(parents=True)
+    pool._mark(spec)
     if backend != "docker":
         return "bwrap-" + spec.session_id
     from crogia.sandbox.docker import DockerProvider

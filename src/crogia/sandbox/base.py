@@ -22,8 +22,7 @@ STATE_MOUNT = "/run/crogia"
 """Where the sandbox's state folder (executor socket, process logs) appears inside it."""
 
 POOL_LABEL = "crogia.pool"
-"""Label of a sandbox started ahead of time by the warm pool (its value is the pool id). Docker labels
-cannot change after create, so a claimed container keeps it, and its session is known from the store."""
+"""Label of a sandbox started ahead of the session it now serves, by the warm pool (informational)."""
 
 SandboxStatus = Literal["running", "exited", "missing", "unknown"]
 

@@ -20,14 +20,7 @@ import aiodocker
 import aiohttp
 
 from crogia.errors import SandboxError, Unavailable
-from crogia.sandbox.base import (
-    POOL_LABEL,
-    STATE_MOUNT,
-    WORKDIR,
-    SandboxProvider,
-    SandboxSpec,
-    SandboxStatus,
-)
+from crogia.sandbox.base import STATE_MOUNT, WORKDIR, SandboxProvider, SandboxSpec, SandboxStatus
 from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command
 
 MANAGED_LABEL = "crogia.managed-by"
@@ -251,14 +244,9 @@ class DockerProvider(SandboxProvider):
         state = await self._engine.inspect(sandbox_id)
         labels = (state or {}).get("Config", {}).get("Labels") or {}
         status = _STATES.get(str((state or {}).get("State", {}).get("Status")), "unknown")
-        # A claimed pool container keeps its pool id as session label; the store tied it to this session.
-        ours = labels.get(SESSION_LABEL) == spec.session_id or POOL_LABEL in labels
-        if state is None or not ours or status == "missing":
+        if state is None or labels.get(SESSION_LABEL) != spec.session_id or status == "missing":
             return await self.create(spec)
-        # Dead or stuck, or stopped with binds that no longer exist (a claimed pool container's folders
-        # were renamed under it): its workspace is all that matters, so start afresh around it.
-        restartable = _binds_match(state, spec)
-        if status == "unknown" or (status != "running" and not restartable):
+        if status == "unknown":  # dead or stuck: its workspace is all that matters, so start afresh
             await self._engine.remove(sandbox_id)
             return await self.create(spec)
         sandbox = DockerSandbox(spec, sandbox_id, self._engine)
@@ -268,9 +256,6 @@ class DockerProvider(SandboxProvider):
         try:
             await sandbox.connect()
         except Unavailable:  # the container runs but its daemon is gone: restart it
-            if not restartable:
-                await self._engine.remove(sandbox_id)
-                return await self.create(spec)
             await sandbox.stop()
             await sandbox.start()
         return sandbox
@@ -289,12 +274,6 @@ class DockerProvider(SandboxProvider):
         engine, self._engine_obj = self._engine_obj, None
         if engine is not None:
             await engine.docker.close()
-
-
-def _binds_match(state: dict[str, Any], spec: SandboxSpec) -> bool:
-    """Whether the container binds `spec`'s workspace and state folders (so it can start again)."""
-    mounts = {m.get("Target"): m.get("Source") for m in state.get("HostConfig", {}).get("Mounts") or []}
-    return mounts.get(WORKDIR) == str(spec.workspace) and mounts.get(STATE_MOUNT) == str(spec.state_dir)
 
 
 def _prepare_dirs(spec: SandboxSpec) -> None:

@@ -1,17 +1,20 @@
 """The warm pool: sandboxes started ahead of time, so a new session claims one instead of booting it.
 
-A pooled sandbox is made with a placeholder spec: workspace `workspaces/.pool-<id>`, state folder
-`sandboxes/.pool-<id>`. A claim renames both folders to the session's: a bind mount holds the
-directory, not its path, so the running sandbox sees the session's workspace at `/workspace`, and its
-executor socket sits in the session's state folder. The sandbox's spec is then the session's, so a
-later re-creation (after a crash or a server restart) uses the session's folders.
+Each pooled sandbox is made for a session id chosen in advance (a fresh uuid4, as `create` would
+choose): its folders are already `workspaces/<id>` and `sandboxes/<id>`, its Docker labels already
+name that session. A claim hands it over as it is: the session takes the sandbox's id, its spec is
+replaced by the session's (`dataclasses.replace`: same folders, the session's labels), nothing is
+renamed or re-mounted. So a claimed sandbox is like any other: Docker can stop and start it again
+(idle stop, engine restart) with its binds intact, and re-attach after a server restart finds it.
 
-Docker labels cannot change after create: a claimed container keeps `crogia.session=pool-<id>` and
-carries `crogia.pool`; the store's `sandbox_id` is what ties it to its session (see
-`DockerProvider.attach`). Only sessions with the default image and no extra environment come from the
-pool; the others boot their own. One owned task refills the pool, one sandbox at a time, so refilling
-never starves the requests being served. At start-up the previous server's pool sandboxes are orphans,
-removed by `SessionService.reconcile`; `start()` (called after it) deletes their folders and refills.
+An empty marker file `sandboxes/.pool/<id>` (never mounted in a sandbox) says that a folder pair
+belongs to an unclaimed pool sandbox; a claim deletes it. At start-up, `SessionService.reconcile`
+removes the previous server's pool sandboxes (orphans: no session owns them) and calls `sweep`, which
+deletes marked folders that no session owns; `start()` then refills.
+
+Only sessions with the default image and no extra environment come from the pool; the others boot
+their own. One owned task refills the pool, one sandbox at a time, so refilling never starves the
+requests being served.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import os
 import shutil
 import uuid
 from collections import deque
+from collections.abc import Collection
+from pathlib import Path
 
 import anyio
 
@@ -32,13 +37,14 @@ from crogia.sandbox.base import POOL_LABEL, Sandbox, SandboxProvider, SandboxSpe
 
 log = logging.getLogger(__name__)
 
-FOLDER_PREFIX = ".pool-"
+MARKERS = ".pool"
+"""Folder under the sandbox state folder holding one empty file per unclaimed pool sandbox."""
 HEALTH_TIMEOUT = 2.0
 RETRY_MAX = 60.0
 
 
 class SandboxPool:
-    """Keeps up to `size` ready sandboxes of the default image; `claim` hands one to a session."""
+    """Keeps up to `size` ready sandboxes of the default image; `claim` hands one to a new session."""
 
     def __init__(self, settings: Settings, provider: SandboxProvider, *, size: int | None = None) -> None:
         self.settings = settings
@@ -55,35 +61,36 @@ class SandboxPool:
         return len(self._ready)
 
     def ready_ids(self) -> list[str]:
-        return [sandbox.id for sandbox in self._ready]
+        """Session ids of the sandboxes waiting to be claimed."""
+        return [sandbox.spec.session_id for sandbox in self._ready]
+
+    @property
+    def markers(self) -> Path:
+        return self.settings.sandbox_state_dir / MARKERS
 
     def serves(self, spec: SandboxSpec) -> bool:
         """Whether a session with this spec may take a pooled sandbox (default image, no extra env)."""
         return self.size > 0 and spec.image == self.settings.docker_base_image and not spec.env
 
     async def start(self) -> None:
-        """Delete placeholder folders an earlier server left, then start filling (if the pool is on)."""
-        await anyio.to_thread.run_sync(self._sweep)
+        """Start filling (when the pool is on); call after `sweep`."""
         if self.size > 0 and self._filler is None:
             self._wanted.set()
             self._filler = asyncio.create_task(self._fill(), name="crogia-sandbox-pool")
 
-    async def claim(self, spec: SandboxSpec) -> Sandbox | None:
-        """A ready sandbox moved onto `spec`'s folders, or None when none is ready (boot one then)."""
+    async def sweep(self, owned: Collection[str]) -> None:
+        """Delete the folders of pool sandboxes an earlier server made and no session claimed."""
+        await anyio.to_thread.run_sync(self._sweep, set(owned))
+
+    async def claim(self) -> Sandbox | None:
+        """A ready sandbox, now the caller's (its `spec.session_id` is the session's id), or None."""
         while self._ready:
             sandbox = self._ready.popleft()
             self._wanted.set()
-            if not await self._healthy(sandbox):
-                await self._discard(sandbox)
-                continue
-            try:
-                await anyio.to_thread.run_sync(_move, sandbox.spec, spec)
-            except OSError:
-                log.warning("could not move pooled sandbox %s to its session", sandbox.id, exc_info=True)
-                await self._discard(sandbox)
-                return None
-            sandbox.spec = spec
-            return sandbox
+            if await self._healthy(sandbox):
+                await anyio.to_thread.run_sync(self._unmark, sandbox.spec.session_id)
+                return sandbox
+            await self._discard(sandbox)
         return None
 
     async def wait_ready(self, count: int | None = None, *, timeout: float = 120.0) -> None:
@@ -103,20 +110,19 @@ class SandboxPool:
         ready, self._ready = list(self._ready), deque()
         await asyncio.gather(*(self._discard(sandbox) for sandbox in ready))
 
-    # --- helpers ---
-
     def placeholder(self) -> SandboxSpec:
-        """A fresh pool sandbox's spec: the settings' limits, the default image, its own folders."""
-        pool_id = uuid.uuid4().hex[:12]
-        folder = FOLDER_PREFIX + pool_id
+        """A new pool sandbox's spec: a fresh session id and its folders, the default image and limits."""
+        session_id = str(uuid.uuid4())
         return SandboxSpec(
-            session_id=f"pool-{pool_id}",
-            workspace=self.settings.workspaces_dir / folder,
-            state_dir=self.settings.sandbox_state_dir / folder,
+            session_id=session_id,
+            workspace=self.settings.workspaces_dir / session_id,
+            state_dir=self.settings.sandbox_state_dir / session_id,
             image=self.settings.docker_base_image,
             limits=limits_from(self.settings),
-            labels={POOL_LABEL: pool_id},
+            labels={POOL_LABEL: "1"},
         )
+
+    # --- helpers ---
 
     async def _fill(self) -> None:
         delay = 1.0
@@ -138,11 +144,11 @@ class SandboxPool:
 
     async def _make(self) -> Sandbox:
         spec = self.placeholder()
-        await anyio.to_thread.run_sync(_make_dirs, spec)
+        await anyio.to_thread.run_sync(self._mark, spec)
         try:
             return await self.provider.create(spec)
         except BaseException:
-            await anyio.to_thread.run_sync(_remove_dirs, spec)
+            await anyio.to_thread.run_sync(self._remove, spec.session_id)
             raise
 
     async def _healthy(self, sandbox: Sandbox) -> bool:
@@ -160,31 +166,36 @@ class SandboxPool:
             await self.provider.remove(sandbox.id)
         except Exception:
             log.warning("removing pooled sandbox %s failed", sandbox.id, exc_info=True)
-        await anyio.to_thread.run_sync(_remove_dirs, sandbox.spec)
+        await anyio.to_thread.run_sync(self._remove, sandbox.spec.session_id)
 
-    def _sweep(self) -> None:
-        for parent in (self.settings.workspaces_dir, self.settings.sandbox_state_dir):
-            with contextlib.suppress(FileNotFoundError), os.scandir(parent) as entries:
-                for entry in entries:
-                    if entry.name.startswith(FOLDER_PREFIX) and entry.is_dir(follow_symlinks=False):
-                        shutil.rmtree(entry.path, ignore_errors=True)
+    # --- folders (blocking: run in a worker thread) ---
+
+    def _mark(self, spec: SandboxSpec) -> None:
+        self.markers.mkdir(parents=True, exist_ok=True)
+        (self.markers / spec.session_id).touch()
+        spec.workspace.mkdir(parents=True, exist_ok=True)
+        (spec.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+
+    def _unmark(self, session_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.markers / session_id)
+
+    def _remove(self, session_id: str) -> None:
+        shutil.rmtree(self.settings.sandbox_state_dir / session_id, ignore_errors=True)
+        shutil.rmtree(self.settings.workspaces_dir / session_id, ignore_errors=True)
+        self._unmark(session_id)
+
+    def _sweep(self, owned: set[str]) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.markers):
+                if name in owned:  # claimed just before a crash: the session keeps its folders
+                    self._unmark(name)
+                elif _is_uuid(name):
+                    self._remove(name)
 
 
-def _make_dirs(spec: SandboxSpec) -> None:
-    spec.workspace.mkdir(parents=True, exist_ok=True)
-    (spec.state_dir / "logs").mkdir(parents=True, exist_ok=True)
-
-
-def _remove_dirs(spec: SandboxSpec) -> None:
-    shutil.rmtree(spec.state_dir, ignore_errors=True)
-    shutil.rmtree(spec.workspace, ignore_errors=True)
-
-
-def _move(old: SandboxSpec, new: SandboxSpec) -> None:
-    """Rename the pooled sandbox's folders to the session's (both, or neither)."""
-    os.rename(old.workspace, new.workspace)
+def _is_uuid(name: str) -> bool:
     try:
-        os.rename(old.state_dir, new.state_dir)
-    except OSError:
-        os.rename(new.workspace, old.workspace)
-        raise
+        return str(uuid.UUID(name)) == name
+    except ValueError:
+        return False

@@ -15,7 +15,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -220,13 +220,14 @@ class SessionService:
     async def create(
         self, *, tenant: str, label: str, image: str | None, env: Mapping[str, str], metadata: dict[str, Any]
     ) -> SessionRow:
-        session_id = str(uuid.uuid4())
         spec = self.spec_for(
-            session_id, tenant=tenant, image=image or self.settings.docker_base_image, env=env
+            str(uuid.uuid4()), tenant=tenant, image=image or self.settings.docker_base_image, env=env
         )
         sandbox: Sandbox | None = None
         try:
             sandbox = await self._new_sandbox(spec)
+            spec = sandbox.spec  # a pooled sandbox brings the session id it was made for
+            session_id = spec.session_id
             row = SessionRow(
                 id=session_id,
                 tenant=tenant,
@@ -244,7 +245,7 @@ class SessionService:
             await self._go_live(LiveSession(session_id, tenant, sandbox, self._workspace(spec)))
         except BaseException:
             # A half-made session leaves nothing behind: no container, no row, no folder.
-            await self._discard(session_id, spec, sandbox)
+            await self._discard(spec.session_id, spec, sandbox)
             raise
         log.info("session %s created on %s sandbox %s", session_id, self.provider.name, sandbox.id)
         return row
@@ -284,7 +285,7 @@ class SessionService:
         """
         await self.disks.probe()
         if self.disks.active and self.pool is not None and self.pool.size:
-            # A pooled workspace is renamed to its session's, and a mount point cannot be.
+            # The pool makes no workspace disks: with quotas on, every session boots its own sandbox.
             log.warning("SANDBOX_POOL_SIZE is ignored: workspace quotas (SANDBOX_DISK_MB) are on")
             self.pool.size = 0
         rows = await self.list(tenant=None)
@@ -302,11 +303,13 @@ class SessionService:
             managed = await self.provider.managed_ids()
         except CrogiaError as exc:
             log.warning("could not look for orphan sandboxes: %s", exc.message)
-            return
+            managed = []
         for sandbox_id in managed:
             if sandbox_id not in owned:
                 log.info("removing orphan sandbox %s", sandbox_id)
                 await self.provider.remove(sandbox_id)
+        if self.pool is not None:  # the previous server's unclaimed pool sandboxes: their folders go too
+            await self.pool.sweep({row.id for row in rows})
 
     async def close(self) -> None:
         """Drop connections; sandboxes keep running for the next start (Docker), or die with us (bwrap)."""
@@ -323,10 +326,18 @@ class SessionService:
     # --- helpers ---
 
     async def _new_sandbox(self, spec: SandboxSpec) -> Sandbox:
-        """A pooled sandbox moved onto `spec`'s folders when the pool serves it, else a new one."""
+        """A pooled sandbox when the pool serves `spec`, else a new one.
+
+        A pooled sandbox was made for a session id of its own, with its folders: it keeps them, and
+        takes `spec` for the rest (labels, tenant).
+        """
         if self.pool is not None and self.pool.serves(spec) and not self.disks.active:
-            claimed = await self.pool.claim(spec)
+            claimed = await self.pool.claim()
             if claimed is not None:
+                own = claimed.spec
+                claimed.spec = replace(
+                    spec, session_id=own.session_id, workspace=own.workspace, state_dir=own.state_dir
+                )
                 return claimed
         await anyio.to_thread.run_sync(_make_dirs, spec)
         await self.disks.ensure(spec.session_id, spec.workspace)
