@@ -33,7 +33,7 @@ from _common import (
     server,
 )
 from bench_shell import bwrap_echo
-from crogia.services.pool import FOLDER_PREFIX
+from crogia.services.pool import MARKERS
 
 POOL_TARGET_MS = 50.0
 OFF_TARGET_RATIO = 1.1
@@ -62,9 +62,15 @@ async def bwrap_spawn(folder: Path) -> float:
 
 
 async def pool_full(base: Path, size: int, timeout: float = 60) -> None:
-    """Wait until `size` pooled sandboxes have their executor up (their sockets exist)."""
+    """Wait until `size` unclaimed pool sandboxes have their executor up (their sockets exist)."""
     deadline = time.monotonic() + timeout
-    while len(list((base / "sandboxes").glob(f"{FOLDER_PREFIX}*/executor.sock"))) < size:
+    state = base / "sandboxes"
+
+    def ready() -> int:
+        marked = list((state / MARKERS).iterdir()) if (state / MARKERS).is_dir() else []
+        return sum(1 for marker in marked if (state / marker.name / "executor.sock").exists())
+
+    while ready() < size:
         if time.monotonic() > deadline:
             raise TimeoutError("the pool did not fill")
         await asyncio.sleep(0.05)
