@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import Message, Scope
 
 from crogia import __version__
 from crogia.api import errors
@@ -32,6 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         runtime = await Runtime.start(settings)
         app.state.runtime = runtime
+        await _build_routes(app)
         try:
             async with drain_on_signal(runtime):
                 yield
@@ -59,3 +61,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_headers=["*"],
     )
     return app
+
+
+async def _build_routes(app: FastAPI) -> None:
+    """Have FastAPI build its route matchers now, not during the first real request.
+
+    FastAPI builds each router's matching state on first use, ~0.1-0.2 s of CPU on the event loop;
+    one request that matches nothing builds them all, before the server takes traffic.
+    """
+    scope: Scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": "/api/sessions/-/-/-", "raw_path": b"/api/sessions/-/-/-",
+        "query_string": b"", "root_path": "", "headers": [], "client": None, "server": None, "state": {},
+    }  # fmt: skip
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        return None
+
+    await app(scope, receive, send)

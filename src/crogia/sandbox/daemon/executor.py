@@ -515,11 +515,27 @@ class Daemon:
         raise RequestError("bad_request", f"unknown op {op!r}")
 
 
+def _watch_children_without_threads() -> None:
+    """Before Python 3.12 asyncio waits for each child in a thread of its own: a fork bomb that
+    reaches the pids limit before that thread starts leaves its command's end unnoticed. A pidfd
+    watcher (Linux 5.3+) needs no thread; 3.12 and later use one by default."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.get_event_loop_policy().set_child_watcher(watcher)
+
+
 async def serve(socket_path: str, log_dir: str) -> None:
     """Listen on `socket_path` until SIGTERM or SIGINT, then stop background processes."""
     os.makedirs(log_dir, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)  # left over from a previous run of this sandbox
+    _watch_children_without_threads()
     daemon = Daemon(log_dir)
     server = await asyncio.start_unix_server(daemon.accept, path=socket_path, limit=READ_LIMIT)
     os.chmod(socket_path, 0o600)
