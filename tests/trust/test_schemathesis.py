@@ -42,7 +42,7 @@ from tests.trust.threaded import ThreadedServer
 
 pytestmark = pytest.mark.slow
 
-MAX_EXAMPLES = 40
+MAX_EXAMPLES = 60
 """Random examples per operation and generation mode (the coverage phase adds its boundary cases)."""
 SPARE_SESSIONS = 6
 TOKEN = "fuzz-token-0123456789"
