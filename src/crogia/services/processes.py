@@ -80,7 +80,10 @@ class ProcessService:
         cmd = f"exec tail -n {int(lines)} --pid={int(pid)} -F {log_path} 2>/dev/null"
         with live.in_use():
             result = await live.sandbox.exec(
-                cmd, timeout=self.settings.shell_max_timeout, max_output=65536, on_output=on_output
+                cmd,
+                timeout=self.settings.shell_max_timeout,
+                max_output=self.settings.shell_max_output,  # also the first burst of streamed output
+                on_output=on_output,
             )
         return result.exit_code
 

@@ -17,12 +17,14 @@ Exit:      {"type": "exit", "pid": 12, "exit_code": 0}     (pushed to every clie
 
 Ops and their values:
   ping                                          -> {version, pid}
-  exec {cmd, cwd?, env?, timeout?, max_output?, tty?, stream?}
+  exec {cmd, cwd?, env?, timeout?, max_output?, tty?, stream?, stream_rate?}
                                                 -> {exit_code, output, timed_out, truncated}
       `bash -c cmd` in a new session; stdout+stderr combined (one pty when tty). On timeout the
       whole process group is SIGKILLed and exit_code is 124; killed by signal N gives 128+N.
       Output past max_output bytes keeps its head and tail around a marker giving the cut size.
       When the command ends (or times out), what it left running in its process group is killed.
+      Streamed chunks: max_output bytes at once, then stream_rate bytes/s (default 1 MiB/s); the
+      rest is skipped with a marker saying how much (the result still keeps head and tail).
       Execs still running when their connection closes are killed like cancelled ones.
   cancel {target}                               -> {cancelled: bool}   kill an exec of this connection
   spawn {cmd, cwd?, env?}                       -> {pid, log}   background, own process group,
@@ -64,6 +66,8 @@ TAIL_MAX_BYTES = 4 * 1024 * 1024
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # After bash exits, a backgrounded child may keep the output open: read on only this long.
 DRAIN_GRACE = 0.2
+STREAM_RATE = 1024 * 1024
+"""Bytes per second a streamed command sends once its first max_output bytes are out."""
 
 log = logging.getLogger("crogia.executor")
 RequestId = Union[int, str]  # noqa: UP007 - evaluated at runtime, and this file must run on Python 3.9
@@ -205,6 +209,43 @@ class OutputCapture:
         return f"{head}\n\n[... {cut} bytes of output truncated ...]\n\n{tail}", True
 
 
+class LiveStream:
+    """A command's output as streamed text: `burst` bytes at once, then `rate` bytes per second.
+
+    Nobody reads gigabytes scrolling by; skipping what is over the budget (and saying how much)
+    keeps a command printing without end from costing the server a byte of JSON per byte.
+    """
+
+    def __init__(self, send: Callable[[str], Awaitable[None]], burst: int, rate: float) -> None:
+        self.send = send
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.burst = max(burst, 1)
+        self.rate = rate
+        self.tokens = float(self.burst)
+        self.refilled = time.monotonic()
+        self.skipped = 0
+
+    async def feed(self, data: bytes, final: bool = False) -> None:
+        text = self.decoder.decode(data, final)
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.rate)
+        self.refilled = now
+        if self.tokens < min(len(data), self.burst):
+            self.skipped += len(data)
+            return
+        self.tokens -= len(data)
+        await self.flush_skipped()
+        if text:
+            await self.send(text)
+
+    async def flush_skipped(self) -> None:
+        if self.skipped:
+            skipped, self.skipped = self.skipped, 0
+            await self.send(
+                f"\n[... {skipped} bytes of output not streamed (over {self.rate:.0f} bytes/s) ...]\n"
+            )
+
+
 async def _pump(fd: int, on_data: Callable[[bytes], Awaitable[None]]) -> None:
     """Read `fd` until EOF (or EIO: a pty whose last slave closed), feeding `on_data`."""
     loop = asyncio.get_running_loop()
@@ -252,18 +293,16 @@ async def run_command(req: Message, send_chunk: Callable[[str], Awaitable[None]]
     timeout = _arg(req, "timeout", (int, float), None)
     max_output: int = _arg(req, "max_output", int, 1024 * 1024)
     tty = bool(req.get("tty", False))
-    stream = bool(req.get("stream", False))
+    stream_rate = float(_arg(req, "stream_rate", (int, float), STREAM_RATE))
     cwd = _checked_cwd(req)
     env = _child_env(req.get("env"), tty)
     capture = OutputCapture(max(max_output, 1))
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    live = LiveStream(send_chunk, max_output, stream_rate) if req.get("stream") else None
 
     async def on_data(data: bytes) -> None:
         capture.add(data)
-        if stream:
-            text = decoder.decode(data)
-            if text:
-                await send_chunk(text)
+        if live is not None:
+            await live.feed(data)
 
     read_fd, child_fd = _open_output(tty)
     try:
@@ -294,10 +333,9 @@ async def run_command(req: Message, send_chunk: Callable[[str], Awaitable[None]]
         with contextlib.suppress(BaseException):
             await pump
         os.close(read_fd)
-    if stream:
-        tail_text = decoder.decode(b"", final=True)
-        if tail_text:
-            await send_chunk(tail_text)
+    if live is not None:
+        await live.feed(b"", final=True)
+        await live.flush_skipped()
     output, truncated = capture.text()
     code = 124 if timed_out else _exit_status(proc.returncode)
     return {"exit_code": code, "output": output, "timed_out": timed_out, "truncated": truncated}
