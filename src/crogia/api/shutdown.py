@@ -54,9 +54,9 @@ async def drain_on_signal(runtime: Runtime) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for sig, old in previous.items():
-            if signal.getsignal(sig) is handler:
-                signal.signal(sig, old)
+        for signum, old in previous.items():
+            if signal.getsignal(signum) is handler:
+                signal.signal(signum, old)
         if draining:
             await asyncio.gather(*draining, return_exceptions=True)
 
