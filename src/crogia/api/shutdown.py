@@ -55,7 +55,7 @@ async def drain_on_signal(runtime: Runtime) -> AsyncIterator[None]:
         yield
     finally:
         for signum, old in previous.items():
-            if signal.getsignal(signum) is handler:
+            if old is not None and signal.getsignal(signum) is handler:
                 signal.signal(signum, old)
         if draining:
             await asyncio.gather(*draining, return_exceptions=True)
