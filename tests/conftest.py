@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -51,7 +52,23 @@ def data_dir() -> Iterator[Path]:
     # Short paths: unix socket paths (executor.sock) must stay under 108 bytes.
     path = Path(tempfile.mkdtemp(prefix="cg-", dir="/tmp"))
     yield path
+    remove_containers_of(path)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_containers_of(data_dir: Path) -> None:
+    """Docker sandboxes outlive their server on purpose; a test's ones must not outlive the test."""
+    if shutil.which("docker") is None:
+        return
+    from crogia.sandbox import instance_id
+
+    label = f"crogia.instance={instance_id(make_settings(data_dir, 'docker'))}"
+    found = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"label={label}"], capture_output=True, text=True, timeout=60
+    )
+    ids = found.stdout.split()
+    if ids:
+        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, timeout=120)
 
 
 def make_settings(data_dir: Path, backend: str, **overrides: object) -> Settings:
