@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections import deque
 from datetime import UTC, datetime
 from typing import Any
@@ -107,6 +108,22 @@ class Subscription:
         """How many live events are queued for this subscriber."""
         return len(self._live)
 
+    def take_ready(self, limit: int = 512) -> list[str]:
+        """Up to `limit` more live events that are already queued, without waiting, in order.
+
+        After an event was yielded, a sender takes the ones queued behind it in one go and writes
+        them under one lock: per event, that saves a wake-up of the iterator and of the lock.
+        """
+        items: list[str] = []
+        if self.closed is not None or self._replay or self.last_seq < self._replay_upto:
+            return items
+        while self._live and len(items) < limit:
+            seq, data = self._live.popleft()
+            if seq > self.last_seq:
+                self.last_seq = seq
+                items.append(data)
+        return items
+
     async def _fetch_replay_page(self) -> None:
         async with self._bus.db.session() as db:
             rows = await repo.events_between(
@@ -123,6 +140,8 @@ class EventBus:
 
     def __init__(self, db: Database, *, batch: int = 5000, client_queue: int = 20_000) -> None:
         self.db = db
+        self._stamp: tuple[int, str] = (-1, "")
+        """(millisecond, its ISO text): events in a burst share a millisecond, and formatting is costly."""
         self._batch = batch
         self._client_queue = client_queue
         self._next: dict[str, int] = {}
@@ -162,7 +181,7 @@ class EventBus:
             "type": getattr(event, "type"),  # noqa: B009 - every concrete event has a literal `type`
             "session_id": session_id,
             "seq": seq,
-            "timestamp": iso_now(),
+            "timestamp": self._timestamp(),
         }
         record.update(event_payload(event))
         data = _ENCODER.encode(record)
@@ -184,6 +203,14 @@ class EventBus:
         sub = Subscription(self, session_id, after, upto, self._client_queue)
         self._subs.setdefault(session_id, set()).add(sub)
         return sub
+
+    def _timestamp(self) -> str:
+        ms = time.time_ns() // 1_000_000
+        if ms != self._stamp[0]:
+            second = datetime.fromtimestamp(ms // 1000, UTC).replace(microsecond=ms % 1000 * 1000)
+            moment = second.isoformat(timespec="milliseconds")
+            self._stamp = (ms, moment.replace("+00:00", "Z"))
+        return self._stamp[1]
 
     def last_seq(self, session_id: str) -> int:
         return self._committed.get(session_id, 0)

@@ -88,6 +88,8 @@ async def _send_events(websocket: WebSocket, sub: Subscription, lock: asyncio.Lo
         async for _seq, data in sub:
             async with lock:
                 await websocket.send_text(data)
+                for more in sub.take_ready():  # what queued up meanwhile, without a wake-up each
+                    await websocket.send_text(more)
     except SubscriptionClosed as closed:
         slow = "behind" in closed.reason
         return (CLOSE_TOO_SLOW if slow else CLOSE_GOING_AWAY), closed.reason
