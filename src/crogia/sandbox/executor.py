@@ -42,6 +42,8 @@ SOCKET_NAME = "executor.sock"
 READ_LIMIT = 64 * 1024 * 1024
 # A reply may lag its command's own timeout by this much before the daemon counts as hung.
 REPLY_MARGIN = 30.0
+CONNECT_POLL_MAX = 0.01
+"""Longest pause between attempts to reach a starting daemon."""
 _MAX_SUN_PATH = 100  # sockaddr_un.sun_path holds 108 bytes; longer paths go through /proc/self/fd
 
 
@@ -105,7 +107,9 @@ class ExecutorClient:
                         f"the sandbox's executor did not answer within {within:g} s", reason=str(exc)
                     ) from exc
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
+            # A failed attempt costs microseconds (no socket yet), while a long wait adds directly
+            # to every sandbox start: poll often.
+            delay = min(delay * 2, CONNECT_POLL_MAX)
 
     @property
     def closed(self) -> bool:
