@@ -94,7 +94,7 @@ async def ours(backend: str, count: int) -> dict[str, float]:
             sandboxes = [await container_kib(s["container_id"]) for s in sessions]
             sandbox_kib = sum(sandboxes) / count
         else:
-            sandbox_kib = sum(tree_kib(child) for child in descendants(srv.pid)) / count
+            sandbox_kib = sum(pss_kib(pid) for pid in descendants(srv.pid)) / count
     return {"server_kib": server_kib, "sandbox_kib": sandbox_kib, "total_kib": server_kib + sandbox_kib}
 
 
