@@ -9,13 +9,12 @@ batches (`flush_activity`). With SANDBOX_DISK_MB, each workspace is its own size
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +26,7 @@ from crogia.errors import CrogiaError, NotFound
 from crogia.sandbox import limits_from
 from crogia.sandbox.base import Sandbox, SandboxProvider, SandboxSpec, SandboxStatus
 from crogia.sandbox.quota import WorkspaceDisks
+from crogia.services.live import LiveSession as LiveSession
 from crogia.services.pool import SandboxPool
 from crogia.store import Database, repo
 from crogia.store.tables import SessionRow
@@ -35,43 +35,6 @@ from crogia.workspace import Workspace
 log = logging.getLogger(__name__)
 
 SandboxHook = Callable[["LiveSession"], Awaitable[None]]
-
-
-@dataclass(eq=False)
-class LiveSession:
-    """A session whose sandbox this server holds: running, or stopped for idleness (`asleep`).
-
-    The object lives as long as the session on this server, so holders (a task worker, the
-    agent's tool host) keep working across a stop and start: they read `sandbox` at each use.
-    """
-
-    id: str
-    tenant: str
-    sandbox: Sandbox
-    workspace: Workspace
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    """Held while the sandbox is stopped or started again."""
-    last_active: float = field(default_factory=time.time)
-    """When it was last used (epoch seconds): a request, a command or a task ending."""
-    flushed: float = 0.0
-    """The `last_active` last written to the store."""
-    busy: int = 0
-    """Commands in flight: a long command or a log follow keeps the session awake."""
-    asleep: bool = False
-
-    def touch(self) -> None:
-        self.last_active = time.time()
-
-    @contextlib.contextmanager
-    def in_use(self) -> Iterator[None]:
-        """Counts as activity for as long as it lasts."""
-        self.busy += 1
-        self.touch()
-        try:
-            yield
-        finally:
-            self.busy -= 1
-            self.touch()
 
 
 class SessionService:
