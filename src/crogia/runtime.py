@@ -40,6 +40,7 @@ class Runtime:
     pool: SandboxPool
     reaper: IdleReaper
     _docker_checked: tuple[float, bool] = (float("-inf"), False)
+    _docker_check: asyncio.Task[None] | None = None
     stopping: bool = False
     """Set by `drain`: no new tasks or event streams."""
     streams: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -77,12 +78,19 @@ class Runtime:
         return runtime
 
     async def docker_available(self) -> bool:
-        """Whether the Docker engine answers, cached for a second so health stays cheap."""
-        now = time.monotonic()
-        if now - self._docker_checked[0] > 1.0:
-            ok = self.provider.name == "docker" and await self.provider.available()
-            self._docker_checked = (now, ok)
+        """Whether the Docker engine answers: the last check's answer, refreshed in the background at
+        most once a second, so health never waits on a busy engine (only the very first call does)."""
+        if self.provider.name != "docker":
+            return False
+        checked = self._docker_checked[0]
+        if checked == float("-inf"):
+            await self._check_docker()
+        elif time.monotonic() - checked > 1.0 and (self._docker_check is None or self._docker_check.done()):
+            self._docker_check = asyncio.create_task(self._check_docker(), name="crogia-docker-check")
         return self._docker_checked[1]
+
+    async def _check_docker(self) -> None:
+        self._docker_checked = (time.monotonic(), await self.provider.available())
 
     async def delete_session(self, session_id: str, *, tenant: str | None) -> None:
         await self.sessions.get(session_id, tenant=tenant)
@@ -107,6 +115,9 @@ class Runtime:
 
     async def close(self) -> None:
         """Cancel tasks, flush events, drop sandbox connections, close the store."""
+        if self._docker_check is not None:
+            self._docker_check.cancel()
+            await asyncio.gather(self._docker_check, return_exceptions=True)
         await self.tasks.close()
         await self.reaper.close()  # after the tasks: their ends are activity too
         await self.agent.aclose()
