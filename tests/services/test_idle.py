@@ -17,6 +17,8 @@ from tests.conftest import make_settings
 from tests.support.scripted_openai import Reply, ScriptedOpenAI
 from tests.support.server import RunningServer, run_server
 
+pytestmark = pytest.mark.slow  # each waits for a sandbox to go idle
+
 TTL = 1.0
 
 

@@ -67,7 +67,8 @@ SHELL_TOOLS = (
     Tool(
         "run_shell",
         "Run a bash command in the sandbox with cwd /workspace and wait for it. Returns its output and exit "
-        "code. It is killed at the timeout: use start_process for servers and other long-running commands.",
+        "code. It is killed at the timeout, and what it starts in the background ends with it: use "
+        "start_process for servers and other long-running commands.",
         {
             "cmd": Param("string", "The bash command line.", required=True),
             "timeout": Param("number", "Seconds before the command is killed; the server bounds it."),
