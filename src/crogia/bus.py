@@ -176,7 +176,10 @@ class EventBus:
 
     async def publish(self, session_id: str, event: _Event) -> int:
         """Queue `event` for storage and delivery; returns its `seq`."""
-        seq = await self._next_seq(session_id)
+        if session_id in self._next:  # the usual case, without a coroutine per event
+            seq = self._next[session_id] = self._next[session_id] + 1
+        else:
+            seq = await self._next_seq(session_id)
         record: dict[str, Any] = {
             "type": getattr(event, "type"),  # noqa: B009 - every concrete event has a literal `type`
             "session_id": session_id,
@@ -185,7 +188,11 @@ class EventBus:
         }
         record.update(event_payload(event))
         data = _ENCODER.encode(record)
-        await self._pending.put((session_id, seq, record["type"], event.task_id, data))
+        item = (session_id, seq, record["type"], event.task_id, data)
+        try:
+            self._pending.put_nowait(item)
+        except asyncio.QueueFull:  # the writer is behind: wait for room
+            await self._pending.put(item)
         return seq
 
     async def flush(self) -> None:
