@@ -59,7 +59,7 @@ async def test_cancel_during_a_slow_tool(
     assert recorder.types()[-2:] == ["tool_call", "tool_complete"]
     done = recorder.of_type("tool_complete")[-1]
     assert (done.call_id, done.is_error, done.output) == ("call_slow", True, CANCELLED)
-    pid = int(pid_file.read_text())  # noqa: ASYNC240 (a few bytes)
+    pid = int(pid_file.read_text())
     assert not alive(pid)  # the command went with the cancel
     assert not (host.root / "later.txt").exists()
 
