@@ -11,20 +11,9 @@ import pytest
 import websockets
 
 from tests.support.scripted_openai import Call, Reply, ScriptedOpenAI
-from tests.support.subprocess_server import ServerProcess
+from tests.support.subprocess_server import ServerProcess, server_env
 
 pytestmark = pytest.mark.slow
-
-
-def server_env(data_dir: Path, backend: str, model_url: str) -> dict[str, str]:
-    return {
-        "BASE_DIRECTORY": str(data_dir),
-        "SANDBOX_BACKEND": backend,
-        "OPENAI_API_KEY": "test",
-        "OPENAI_BASE_URL": model_url,
-        "MODEL_RETRIES": "0",
-        "LOG_LEVEL": "INFO",
-    }
 
 
 async def test_kill_9_mid_task_then_restart(data_dir: Path, backend: str) -> None:

@@ -72,3 +72,15 @@ class ServerProcess:
                 await self.proc.wait()
                 raise
         return self.proc.returncode or 0
+
+
+def server_env(data_dir: Path, backend: str, model_url: str) -> dict[str, str]:
+    """Settings for a server process on `data_dir` that talks to a scripted model."""
+    return {
+        "BASE_DIRECTORY": str(data_dir),
+        "SANDBOX_BACKEND": backend,
+        "OPENAI_API_KEY": "test",
+        "OPENAI_BASE_URL": model_url,
+        "MODEL_RETRIES": "0",
+        "LOG_LEVEL": "INFO",
+    }

@@ -21,7 +21,7 @@ from crogia.runtime import SHUTTING_DOWN
 from tests.conftest import make_settings
 from tests.support.scripted_openai import Reply, ScriptedOpenAI
 from tests.support.server import run_server
-from tests.support.subprocess_server import ServerProcess
+from tests.support.subprocess_server import ServerProcess, server_env
 
 SESSIONS = 3
 CLIENTS_PER_SESSION = 2
@@ -57,17 +57,6 @@ class Client:
 async def model() -> AsyncIterator[ScriptedOpenAI]:
     async with ScriptedOpenAI(responder=lambda _: Reply(["tick "] * 2000, delay=0.02)) as scripted:
         yield scripted
-
-
-def server_env(data_dir: Path, backend: str, model_url: str) -> dict[str, str]:
-    return {
-        "BASE_DIRECTORY": str(data_dir),
-        "SANDBOX_BACKEND": backend,
-        "OPENAI_API_KEY": "test",
-        "OPENAI_BASE_URL": model_url,
-        "MODEL_RETRIES": "0",
-        "LOG_LEVEL": "INFO",
-    }
 
 
 async def replay(server: ServerProcess, sid: str) -> list[dict[str, Any]]:
