@@ -33,7 +33,7 @@ import uvloop
 import websockets
 
 from _common import ROOT, Row, data_dir, parse_args, percentile, report
-from crogia.cli import DEFAULT_LOOP
+from crogia.cli import DEFAULT_LOOP, WS_IMPL
 
 RATE_TARGET = 40_000.0
 P99_TARGET_MS = 50.0
@@ -64,7 +64,14 @@ async def serve_ours(port: int, base: Path) -> None:
         _env_file=None, base_directory=base, sandbox_backend="bubblewrap", log_level="WARNING"
     )  # type: ignore[call-arg]
     app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=4 << 20)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        ws_max_size=4 << 20,
+        ws=os.environ.get("BENCH_WS", WS_IMPL),
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for it
@@ -105,7 +112,14 @@ async def serve_raw(port: int) -> None:
         clients.remove(websocket)
 
     app = Starlette(routes=[WebSocketRoute("/ws/{sid}", endpoint)])
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=4 << 20)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        ws_max_size=4 << 20,
+        ws=os.environ.get("BENCH_WS", WS_IMPL),
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for it

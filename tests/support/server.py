@@ -13,6 +13,7 @@ import httpx
 import uvicorn
 
 from crogia.app import create_app
+from crogia.cli import WS_IMPL
 from crogia.config import Settings
 from crogia.runtime import Runtime
 
@@ -41,7 +42,14 @@ class RunningServer:
 async def run_server(settings: Settings, *, token: str | None = None) -> AsyncIterator[RunningServer]:
     app = create_app(settings)
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, loop="asyncio", log_level="warning", lifespan="on", ws_max_size=4 << 20
+        app,
+        host="127.0.0.1",
+        port=0,
+        loop="asyncio",
+        log_level="warning",
+        lifespan="on",
+        ws_max_size=4 << 20,
+        ws=WS_IMPL,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
