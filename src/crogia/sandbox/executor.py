@@ -47,9 +47,21 @@ CONNECT_POLL_MAX = 0.01
 _MAX_SUN_PATH = 100  # sockaddr_un.sun_path holds 108 bytes; longer paths go through /proc/self/fd
 
 
+_BOOT = (  # what running the file as a script does, sys.path included
+    "import sys; p = sys.argv.pop(1); sys.path[0] = p.rpartition('/')[0]; "
+    "exec(compile(open(p, 'rb').read(), p, 'exec'))"
+)
+
+
 def daemon_command(python: str = "/usr/bin/python3") -> list[str]:
-    """The command line that starts the executor inside a sandbox."""
-    return [python, f"{DAEMON_MOUNT}/executor.py", "--socket", f"{STATE_MOUNT}/{SOCKET_NAME}"]
+    """The command line that starts the executor inside a sandbox.
+
+    Run as a script, a file's syntax tree stays alive until the script returns: ~2 MB held by every
+    idle sandbox. `compile()` frees it at once (the daemon then hands the memory back to the OS).
+    `-S`: the daemon needs nothing from site-packages.
+    """
+    daemon = f"{DAEMON_MOUNT}/executor.py"
+    return [python, "-S", "-c", _BOOT, daemon, "--socket", f"{STATE_MOUNT}/{SOCKET_NAME}"]
 
 
 _ERRORS: dict[str, type[CrogiaError]] = {"not_found": NotFound, "bad_request": InvalidInput}
