@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 
 from crogia.config import Settings
-from crogia.sandbox import instance_id
 from crogia.sandbox.quota import WorkspaceDisks
-from tests.conftest import make_settings
+from tests.conftest import make_settings, remove_containers_of
 from tests.support.server import RunningServer, run_server
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="workspace quotas need root (mount)")
@@ -33,15 +32,8 @@ def allocated_mb(path: Path) -> float:
 async def settings(data_dir: Path, backend: str) -> AsyncIterator[Settings]:
     settings = make_settings(data_dir, backend, sandbox_disk_mb=DISK_MB)
     yield settings
-    if backend == "docker":
-        from crogia.sandbox.docker import DockerProvider
-
-        provider = DockerProvider(instance=instance_id(settings))
-        try:
-            for sandbox_id in await provider.managed_ids():
-                await provider.remove(sandbox_id)
-        finally:
-            await provider.close()
+    if backend == "docker":  # before unmounting: a running container still binds the workspace
+        remove_containers_of(data_dir)
     for folder in (data_dir / "workspaces").glob("*"):  # never leave a mount behind, even on failure
         if mounted(folder):
             await WorkspaceDisks(data_dir / "disks", 0).release(folder)

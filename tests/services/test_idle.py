@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from crogia.config import Settings
-from crogia.sandbox import instance_id
 from tests.conftest import make_settings
 from tests.support.scripted_openai import Reply, ScriptedOpenAI
 from tests.support.server import RunningServer, run_server
@@ -29,18 +28,10 @@ async def model() -> AsyncIterator[ScriptedOpenAI]:
 
 
 @pytest.fixture
-async def settings(data_dir: Path, backend: str, model: ScriptedOpenAI) -> AsyncIterator[Settings]:
+async def settings(data_dir: Path, backend: str, model: ScriptedOpenAI) -> Settings:
     settings = make_settings(data_dir, backend, session_idle_ttl=TTL, openai_base_url=model.base_url)
-    yield settings
-    if backend == "docker":  # containers outlive a server; these tests' must not outlive the test
-        from crogia.sandbox.docker import DockerProvider
-
-        provider = DockerProvider(instance=instance_id(settings))
-        try:
-            for sandbox_id in await provider.managed_ids():
-                await provider.remove(sandbox_id)
-        finally:
-            await provider.close()
+    # Containers are removed with the data folder (tests/conftest.py `data_dir`).
+    return settings
 
 
 @pytest.fixture

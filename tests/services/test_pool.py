@@ -20,31 +20,17 @@ POOL = 2
 
 
 @pytest.fixture
-async def settings(data_dir: Path, backend: str) -> AsyncIterator[Settings]:
-    """Pool settings on this test's data folder; containers it leaves behind are removed afterwards."""
-    settings = make_settings(data_dir, backend, sandbox_pool_size=POOL)
-    yield settings
-    if backend == "docker":
-        await _remove_containers(settings)
+async def settings(data_dir: Path, backend: str) -> Settings:
+    """Pool settings on this test's data folder (its containers go with the folder: `data_dir`)."""
+    return make_settings(data_dir, backend, sandbox_pool_size=POOL)
 
 
 @pytest.fixture
-async def docker_settings(data_dir: Path) -> AsyncIterator[Settings]:
+async def docker_settings(data_dir: Path) -> Settings:
     need_docker()
     settings = make_settings(data_dir, "docker", sandbox_pool_size=POOL)
-    yield settings
-    await _remove_containers(settings)
-
-
-async def _remove_containers(settings: Settings) -> None:
-    from crogia.sandbox.docker import DockerProvider
-
-    provider = DockerProvider(instance=instance_id(settings))
-    try:
-        for sandbox_id in await provider.managed_ids():
-            await provider.remove(sandbox_id)
-    finally:
-        await provider.close()
+    # Containers are removed with the data folder (tests/conftest.py `data_dir`).
+    return settings
 
 
 @pytest.fixture
