@@ -99,3 +99,51 @@ async def test_slow_subscriber_is_closed_with_reason_and_others_unaffected(db: D
     finally:
         await bus.close()
     assert len(got) == 200
+
+
+async def test_event_text_is_the_model_plus_stamps_for_every_kind(db: Database) -> None:
+    """The JSON text is spliced from pydantic's serializer; it must equal the plain model dump."""
+    from crogia.events import (
+        ErrorEvent,
+        ProcessExited,
+        ProcessStarted,
+        TaskCancelled,
+        TaskCompleted,
+        TaskFailed,
+        TaskStarted,
+        ToolCall,
+        ToolComplete,
+    )
+
+    await add_session(db)
+    samples = [
+        TaskStarted(task="fix ünïcödé 🚀", task_id="t1"),
+        TextDelta(content='quote " backslash \\ newline \n tab \t'),
+        ToolCall(tool_name="shell", arguments='{"cmd": "ls"}', call_id="c1", task_id="t1"),
+        ToolComplete(tool_name="shell", output="x" * 5000, call_id="c1", is_error=True),
+        TaskCompleted(task="t", usage={"prompt_tokens": 3, "completion_tokens": 4}),
+        TaskFailed(task="t", message="boom"),
+        TaskCancelled(task="t"),
+        ErrorEvent(message="bad"),
+        ProcessStarted(pid=7, cmd="sleep 1", log="/tmp/x.log"),
+        ProcessExited(pid=7, exit_code=None, status="stopped"),
+        TextDelta(content="lone \ud800 surrogate from a model"),
+    ]
+    bus = EventBus(db)
+    bus.start()
+    try:
+        sub = await bus.subscribe("s1", after=0)
+        for event in samples:
+            await bus.publish("s1", event)
+        got = await asyncio.wait_for(collect(sub, len(samples)), 5)
+        await bus.flush()
+        async with db.session() as s:
+            stored = await repo.events_between(s, session_id="s1", after=0, upto=100, limit=100)
+    finally:
+        await bus.close()
+    assert [json.loads(data) for _, data in stored] == got
+    for seq, (event, sent) in enumerate(zip(samples, got, strict=True), start=1):
+        assert list(sent)[:4] == ["type", "session_id", "seq", "timestamp"]
+        assert sent["seq"] == seq and sent["session_id"] == "s1"
+        stamps = {"session_id", "seq", "timestamp"}
+        assert {k: v for k, v in sent.items() if k not in stamps} == event.model_dump(exclude_none=True)

@@ -63,9 +63,7 @@ async def test_delete_session_removes_children(db: Database) -> None:
     await add_session(db)
     async with db.transaction() as s:
         s.add(TaskRow(id="t1", session_id="s1", task="x", status="queued", usage={}))
-        await repo.insert_events(
-            s, rows=[{"session_id": "s1", "seq": 1, "type": "x", "task_id": None, "data": "{}"}]
-        )
+        await repo.insert_events(s, rows=[("s1", 1, "x", None, "{}")])
     async with db.transaction() as s:
         await repo.delete_session(s, session_id="s1")
     async with db.session() as s:
@@ -76,10 +74,7 @@ async def test_delete_session_removes_children(db: Database) -> None:
 @pytest.mark.parametrize("count", [1, 2500])
 async def test_events_between_pages(db: Database, count: int) -> None:
     await add_session(db)
-    rows = [
-        {"session_id": "s1", "seq": i, "type": "t", "task_id": None, "data": str(i)}
-        for i in range(1, count + 1)
-    ]
+    rows = [("s1", i, "t", None, str(i)) for i in range(1, count + 1)]
     async with db.transaction() as s:
         await repo.insert_events(s, rows=rows)
     async with db.session() as s:
