@@ -25,6 +25,7 @@ lint: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
+	cd src/crogia/sandbox/daemon && $(abspath $(VENV))/bin/mypy --strict --explicit-package-bases --config-file "" *.py
 
 format: setup
 	$(VENV)/bin/ruff format src tests bench

@@ -1,0 +1,237 @@
+"""The executor's children: starting, reaping and killing them, and background processes (`spawn`).
+
+Part of the executor daemon (`executor.py` says how it fits). Children start through posix_spawn
+(no copy of the daemon) in a session of their own, and are waited for through pidfds.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from executor_core import LOOP, RequestError, arg, cancelled_error, log
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    from collections.abc import Callable
+    from typing import Any
+
+    from executor_core import Message, Steps
+else:
+    import _signal as signal  # `signal` itself imports enum (and enum half the stdlib)
+
+TAIL_MAX_BYTES = 4 * 1024 * 1024
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def child_env(extra: Any, tty: bool) -> dict[str, str]:
+    if extra is None:
+        extra = {}
+    if not isinstance(extra, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in extra.items()
+    ):
+        raise RequestError("bad_request", "env must map strings to strings")
+    env = dict(os.environ)
+    env.setdefault("PATH", DEFAULT_PATH)
+    env.setdefault("HOME", "/root")
+    env.setdefault("LANG", "C.UTF-8")
+    if tty:
+        env.setdefault("TERM", "xterm-256color")
+    env.update(extra)
+    return env
+
+
+def checked_cwd(req: Message) -> str:
+    cwd: str = arg(req, "cwd", str, "/workspace")
+    if not os.path.isdir(cwd):
+        raise RequestError("bad_request", f"working directory {cwd} does not exist")
+    return cwd
+
+
+def kill(pid: int, sig: int, group: bool = True) -> bool:
+    try:
+        (os.killpg if group else os.kill)(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _members(sid: int) -> list[int]:
+    """Pids whose process group or session is `sid`, from /proc (this sandbox's pid namespace)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # After the command name: state, ppid, pgrp, session, ...
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 3 and sid in (int(fields[2]), int(fields[3])):
+            found.append(int(name))
+    return found
+
+
+def end_group(pgid: int, thorough: bool = False, within: float = 5.0) -> Steps:
+    """SIGKILL a finished command's process group, and its session's strays, until none is left.
+
+    A command's background jobs (or a fork bomb) keep its group when its shell exits; they go
+    with it (`spawn` starts what should stay). A group-wide kill reaches every member, even one
+    being forked, so the loop only waits for init to reap them. `thorough` (or a group that
+    still had members) also looks in /proc for processes of the command's session that left
+    its group. False if something survived `within` seconds.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+            thorough = alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        if thorough:
+            for pid in _members(pgid):
+                alive = True
+                kill(pid, signal.SIGKILL, group=False)
+        if not alive:
+            return True
+        if time.monotonic() > deadline:
+            log(f"WARNING processes of command group {pgid} survived SIGKILL")
+            return False
+        yield None, 0.01
+
+
+class Child:
+    """A child of the daemon, reaped when its pidfd says it ended (without pidfds: on SIGCHLD)."""
+
+    unwatched: dict[int, Child] = {}  # noqa: RUF012
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.code: int | None = None
+        self.on_exit: Callable[[int], None] | None = None
+        try:
+            self.fd: int | None = os.pidfd_open(pid)
+            LOOP.watch(self.fd, self.reap)
+        except (AttributeError, OSError):
+            self.fd = None
+            Child.unwatched[pid] = self
+
+    def reap(self, _events: int = 0) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.pid, 255 << 8
+        if not pid:
+            return
+        code = os.waitstatus_to_exitcode(status)
+        self.code = 128 - code if code < 0 else code
+        Child.unwatched.pop(self.pid, None)
+        if self.fd is not None:
+            LOOP.unwatch(self.fd)
+            os.close(self.fd)
+        if self.on_exit is not None:
+            self.on_exit(self.code)
+
+
+def start_child(cmd: str, cwd: str, env: dict[str, str], out: int, tty: bool = False) -> Child:
+    """`bash -c cmd` in a session of its own writing to `out` (a pty's end it also reads, if `tty`)."""
+    # Opened by name after setsid (no O_NOCTTY), the pty becomes the session's controlling terminal.
+    stdin = (os.ttyname(out), os.O_RDWR) if tty else (os.devnull, os.O_RDONLY)
+    actions = [(os.POSIX_SPAWN_OPEN, 0, *stdin, 0), *((os.POSIX_SPAWN_DUP2, out, fd) for fd in (1, 2))]
+    for folder in env["PATH"].split(":"):
+        bash = os.path.join(folder, "bash")
+        if os.access(bash, os.X_OK):
+            break
+    # posix_spawn (vfork-like: no copy of this process) takes no cwd: lend it ours for the call.
+    os.chdir(cwd)
+    try:
+        pid = os.posix_spawn(bash, ["bash", "-c", cmd], env, file_actions=actions, setsid=True,
+                             setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))  # fmt: skip
+    finally:
+        os.chdir("/")
+    return Child(pid)
+
+
+class Background:
+    """The background processes started by `spawn`, kept for the daemon's lifetime."""
+
+    def __init__(self, log_dir: str, notify: Callable[[Message], None]) -> None:
+        self.log_dir, self.notify = log_dir, notify
+        self.entries: dict[int, dict[str, Any]] = {}
+
+    def spawn(self, req: Message) -> Message:
+        cmd: str = arg(req, "cmd", str)
+        cwd, env = checked_cwd(req), child_env(req.get("env"), False)
+        # The pid is known only after the spawn: log to a temporary name, then rename the open file.
+        tmp = os.path.join(self.log_dir, f".spawn-{os.getpid()}-{time.monotonic_ns()}.log")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        try:
+            proc = start_child(cmd, cwd, env, fd)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        path = os.path.join(self.log_dir, f"{proc.pid}.log")
+        os.replace(tmp, path)
+        entry = {"pid": proc.pid, "cmd": cmd, "log": path, "running": True, "exit_code": None,
+                 "started": time.time(), "ended": None}  # fmt: skip
+        self.entries[proc.pid] = entry
+
+        def ended(code: int) -> None:
+            entry.update(running=False, exit_code=code, ended=time.time())
+            self.notify({"type": "exit", "pid": proc.pid, "exit_code": code})
+
+        proc.on_exit = ended
+        return {"pid": proc.pid, "log": path}
+
+    def terminate(self, req: Message) -> Steps:
+        pid: int = arg(req, "pid", int)
+        grace = float(arg(req, "grace", (int, float), 5.0))
+        entry = self.entries.get(pid)
+        if entry is None:
+            raise RequestError("not_found", f"no background process with pid {pid}")
+        if entry["running"]:
+            kill(pid, signal.SIGTERM)
+            if (yield lambda: not entry["running"], max(grace, 0.0)):
+                raise cancelled_error()
+        kill(pid, signal.SIGKILL)  # even when the leader obeyed, the rest of its group goes too
+        while entry["running"]:
+            if (yield lambda: not entry["running"], None):
+                raise cancelled_error()
+        return {"exit_code": entry["exit_code"]}
+
+    def tail(self, req: Message) -> Message:
+        lines: int = arg(req, "lines", int, 50)
+        pid: int = arg(req, "pid", int)
+        output = _tail_file(os.path.join(self.log_dir, f"{pid}.log"), max(0, min(lines, 100_000)))
+        # A log from before a restart of this sandbox is still worth reading.
+        if output is None and pid not in self.entries:
+            raise RequestError("not_found", f"no background process with pid {pid}")
+        return {"output": output or ""}
+
+    def shutdown(self, grace: float) -> Steps:
+        running = [pid for pid, e in self.entries.items() if e["running"]]
+        for pid in running:
+            kill(pid, signal.SIGTERM)
+        yield lambda: not any(self.entries[p]["running"] for p in running), grace
+        for pid in running:
+            kill(pid, signal.SIGKILL)
+        return {}
+
+
+def _tail_file(path: str, lines: int) -> str | None:
+    """The last `lines` lines of the file, or None when it does not exist."""
+    try:
+        with open(path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(0, end - TAIL_MAX_BYTES))
+            data = f.read() if lines else b""
+    except FileNotFoundError:
+        return None
+    return b"".join(data.splitlines(keepends=True)[-lines:]).decode("utf-8", "replace")
