@@ -40,6 +40,7 @@ async def test_files_written_by_api_are_seen_by_sandbox_and_back(server: Running
     assert kinds == {"src": "directory", "from_sandbox.txt": "file", "escape": "symlink"}
     sizes = {item["name"]: item["size"] for item in listing["items"]}
     assert sizes["src"] is None and sizes["from_sandbox.txt"] == 5
+    assert listing["truncated"] is False
 
 
 async def test_escapes_are_refused(server: RunningServer, sid: str) -> None:

@@ -147,7 +147,12 @@ async def test_list_depth_and_cap(ws: Workspace, root: Path) -> None:
     for i in range(30):
         write(root, f"many/{i:02}.txt")
     capped = Workspace(root, max_list_entries=10, ripgrep=ws.ripgrep)
-    assert len(await capped.list("many")) == 10
+    cut = await capped.list("many")
+    assert len(cut) == 10 and cut.truncated
+    assert [e.name for e in cut] == [f"{i:02}.txt" for i in range(10)]
+    whole = await Workspace(root, max_list_entries=30, ripgrep=ws.ripgrep).list("many")
+    assert len(whole) == 30 and not whole.truncated
+    assert not (await ws.list(".")).truncated
     with pytest.raises(InvalidInput):
         await ws.list(".", depth=0)
     with pytest.raises(InvalidInput, match="not a folder"):

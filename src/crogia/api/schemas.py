@@ -132,6 +132,8 @@ class FileItem(_Model):
 class FileList(_Model):
     path: str
     items: list[FileItem]
+    truncated: bool = False
+    """True when the folder (or tree, with `depth`) held more than the 10,000 entries a listing returns."""
 
 
 class FileContent(_Model):

@@ -16,7 +16,7 @@ path strings alone:
 """
 
 from crogia.workspace.core import Workspace
-from crogia.workspace.models import Entry, EntryType, GrepMatch, SearchResult
+from crogia.workspace.models import Entry, EntryType, GrepMatch, Listing, SearchResult
 from crogia.workspace.ripgrep import Ripgrep
 
-__all__ = ["Entry", "EntryType", "GrepMatch", "Ripgrep", "SearchResult", "Workspace"]
+__all__ = ["Entry", "EntryType", "GrepMatch", "Listing", "Ripgrep", "SearchResult", "Workspace"]

@@ -21,7 +21,7 @@ import anyio.to_thread
 from crogia.errors import InvalidInput, TooLarge
 from crogia.workspace import fileops, treeops
 from crogia.workspace.collect import FileCollector, GrepCollector
-from crogia.workspace.models import Entry, GrepMatch, SearchResult
+from crogia.workspace.models import GrepMatch, Listing, SearchResult
 from crogia.workspace.paths import RelPath, parse_path
 from crogia.workspace.ripgrep import Ripgrep, check_exit
 from crogia.workspace.search import (
@@ -67,13 +67,15 @@ class Workspace:
         self.max_list_entries = max_list_entries
         self.ripgrep = ripgrep or Ripgrep()
 
-    async def list(self, path: str = ".", *, depth: int = 1) -> list[Entry]:
+    async def list(self, path: str = ".", *, depth: int = 1) -> Listing:
         """Entries of a folder, folders first; `depth > 1` recurses (capped at `max_list_entries`)."""
         rel = parse_path(path, allow_root=True)
         if depth < 1:
             raise InvalidInput("Depth must be at least 1.")
         depth = min(depth, MAX_LIST_DEPTH)
-        return await anyio.to_thread.run_sync(treeops.list_dir, self.root, rel, depth, self.max_list_entries)
+        cap = self.max_list_entries
+        entries = await anyio.to_thread.run_sync(treeops.list_dir, self.root, rel, depth, cap + 1)
+        return Listing(entries[:cap], truncated=len(entries) > cap)
 
     async def read_text(self, path: str, *, max_bytes: int | None = None) -> str:
         """A file's UTF-8 text; TooLarge over `max_bytes` (default `max_read_bytes`)."""

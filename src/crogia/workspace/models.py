@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Generic, Literal, TypeVar
@@ -24,6 +25,20 @@ class Entry:
     """Bytes for files and symlinks (the link itself); None for directories."""
     modified: datetime
     """UTC."""
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """A folder's entries in listing order; `truncated` when the entry cap cut it short."""
+
+    entries: list[Entry]
+    truncated: bool = False
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,6 +82,8 @@ async def list_directory(ctx: ToolContext, args: dict[str, Any]) -> str:
             rows.append(f"{entry.name}/\tdirectory")
         else:
             rows.append(f"{entry.name}\t{entry.type}\t{plural(entry.size or 0, 'byte')}")
+    if entries.truncated:
+        rows.append(f"[only the first {len(entries)} entries are listed]")
     return "\n".join(rows)
 
 

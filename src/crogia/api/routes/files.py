@@ -21,11 +21,11 @@ PathQuery = Annotated[str, Query(max_length=4096, description="Path relative to 
 async def list_files(
     live: LiveDep, path: PathQuery = ".", depth: Annotated[int, Query(ge=1, le=32)] = 1
 ) -> FileList:
-    entries = await live.workspace.list(path, depth=depth)
+    listing = await live.workspace.list(path, depth=depth)
     items = [
-        FileItem(name=e.name, path=e.path, type=e.type, size=e.size, modified=e.modified) for e in entries
+        FileItem(name=e.name, path=e.path, type=e.type, size=e.size, modified=e.modified) for e in listing
     ]
-    return FileList(path=path, items=items)
+    return FileList(path=path, items=items, truncated=listing.truncated)
 
 
 @router.get("/content", response_model=FileContent, summary="Read a text file")
