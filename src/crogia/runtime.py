@@ -13,6 +13,7 @@ from crogia.bus import EventBus
 from crogia.config import Settings
 from crogia.sandbox import make_provider
 from crogia.sandbox.base import SandboxProvider
+from crogia.sandbox.quota import WorkspaceDisks
 from crogia.services.idle import IdleReaper
 from crogia.services.pool import SandboxPool
 from crogia.services.processes import ProcessService
@@ -58,8 +59,9 @@ class Runtime:
             raise
         bus = EventBus(db)
         bus.start()
-        pool = SandboxPool(settings, provider)
-        sessions = SessionService(settings, db, bus, provider, pool)
+        disks = WorkspaceDisks(settings.data_dir / "disks", settings.sandbox_disk_mb)
+        pool = SandboxPool(settings, provider, disks=disks)
+        sessions = SessionService(settings, db, bus, provider, pool, disks)
         processes = ProcessService(settings, db, bus, sessions)
         shell = ShellService(settings)
         agent = Agent.from_settings(settings)

@@ -130,3 +130,35 @@ async def test_a_workspace_from_before_the_quota_is_left_alone(data_dir: Path) -
     mounts = Path("/proc/self/mountinfo").read_text().count(f" {fresh} ")
     await disks.remove("s2", fresh)
     assert mounts == 1 and not mounted(fresh) and not disks.image("s2").exists()
+
+
+async def test_pooled_sandboxes_come_with_their_disk(settings: Settings) -> None:
+    """SANDBOX_POOL_SIZE with SANDBOX_DISK_MB: a claimed session has its quota from the first command."""
+    disks = settings.data_dir / "disks"
+    async with run_server(settings.model_copy(update={"sandbox_pool_size": 2})) as server:
+        pool = server.runtime.pool
+        await pool.wait_ready(timeout=60)
+        waiting = pool.ready_ids()
+        pooled_mounted = all(mounted(settings.workspaces_dir / sid) for sid in waiting)
+        sid = str((await server.create_session(task="pooled quota"))["session_id"])
+        fill = await shell(
+            server, sid, "df -m --output=size /workspace | tail -1; head -c 100M /dev/zero > f"
+        )
+        await pool.wait_ready(timeout=60)
+        unclaimed = pool.ready_ids()
+    # Stopping the server removed the unclaimed pool sandboxes with their disks; the session kept its own.
+    leftovers = [
+        sid_
+        for sid_ in unclaimed
+        if (disks / f"{sid_}.ext4").exists() or mounted(settings.workspaces_dir / sid_)
+    ]
+    session_image = (disks / f"{sid}.ext4").exists()
+    async with run_server(settings) as server:
+        await server.client.delete(f"/api/sessions/{sid}")
+    size, *_ = fill["output"].split()
+
+    assert sid in waiting and pooled_mounted
+    assert DISK_MB * 0.8 < int(size) <= DISK_MB
+    assert fill["exit_code"] != 0 and "No space left on device" in fill["output"]
+    assert leftovers == [] and session_image
+    assert not (disks / f"{sid}.ext4").exists() and not mounted(settings.workspaces_dir / sid)

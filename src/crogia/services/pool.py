@@ -14,7 +14,8 @@ deletes marked folders that no session owns; `start()` then refills.
 
 Only sessions with the default image and no extra environment come from the pool; the others boot
 their own. One owned task refills the pool, one sandbox at a time, so refilling never starves the
-requests being served.
+requests being served. With workspace quotas (SANDBOX_DISK_MB), a pooled sandbox's workspace is
+already its own mounted disk image, made before the sandbox starts, as for any other session.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import anyio
 from crogia.config import Settings
 from crogia.sandbox import limits_from
 from crogia.sandbox.base import POOL_LABEL, Sandbox, SandboxProvider, SandboxSpec
+from crogia.sandbox.quota import WorkspaceDisks
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +48,19 @@ RETRY_MAX = 60.0
 class SandboxPool:
     """Keeps up to `size` ready sandboxes of the default image; `claim` hands one to a new session."""
 
-    def __init__(self, settings: Settings, provider: SandboxProvider, *, size: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        provider: SandboxProvider,
+        *,
+        size: int | None = None,
+        disks: WorkspaceDisks | None = None,
+    ) -> None:
         self.settings = settings
         self.provider = provider
         self.size = settings.sandbox_pool_size if size is None else size
+        self.disks = disks
+        """Workspace quotas: each pooled workspace gets its disk image before its sandbox starts."""
         self._ready: deque[Sandbox] = deque()
         self._wanted = asyncio.Event()
         self._added = asyncio.Event()
@@ -79,8 +90,10 @@ class SandboxPool:
             self._filler = asyncio.create_task(self._fill(), name="crogia-sandbox-pool")
 
     async def sweep(self, owned: Collection[str]) -> None:
-        """Delete the folders of pool sandboxes an earlier server made and no session claimed."""
-        await anyio.to_thread.run_sync(self._sweep, set(owned))
+        """Delete the folders (and disks) of pool sandboxes an earlier server made and no session claimed."""
+        unclaimed = await anyio.to_thread.run_sync(self._sweep, set(owned))
+        for session_id in unclaimed:
+            await self._forget(session_id)
 
     async def claim(self) -> Sandbox | None:
         """A ready sandbox, now the caller's (its `spec.session_id` is the session's id), or None."""
@@ -146,9 +159,11 @@ class SandboxPool:
         spec = self.placeholder()
         await anyio.to_thread.run_sync(self._mark, spec)
         try:
+            if self.disks is not None:
+                await self.disks.ensure(spec.session_id, spec.workspace)
             return await self.provider.create(spec)
         except BaseException:
-            await anyio.to_thread.run_sync(self._remove, spec.session_id)
+            await self._forget(spec.session_id)
             raise
 
     async def _healthy(self, sandbox: Sandbox) -> bool:
@@ -166,7 +181,13 @@ class SandboxPool:
             await self.provider.remove(sandbox.id)
         except Exception:
             log.warning("removing pooled sandbox %s failed", sandbox.id, exc_info=True)
-        await anyio.to_thread.run_sync(self._remove, sandbox.spec.session_id)
+        await self._forget(sandbox.spec.session_id)
+
+    async def _forget(self, session_id: str) -> None:
+        """Remove an unclaimed sandbox's disk image (if any), folders and marker."""
+        if self.disks is not None:
+            await self.disks.remove(session_id, self.settings.workspaces_dir / session_id)
+        await anyio.to_thread.run_sync(self._remove, session_id)
 
     # --- folders (blocking: run in a worker thread) ---
 
@@ -185,13 +206,16 @@ class SandboxPool:
         shutil.rmtree(self.settings.workspaces_dir / session_id, ignore_errors=True)
         self._unmark(session_id)
 
-    def _sweep(self, owned: set[str]) -> None:
+    def _sweep(self, owned: set[str]) -> list[str]:
+        """Unmark pool sandboxes claimed just before a crash; the unclaimed ones, to remove."""
+        unclaimed = []
         with contextlib.suppress(FileNotFoundError):
             for name in os.listdir(self.markers):
-                if name in owned:  # claimed just before a crash: the session keeps its folders
+                if name in owned:  # the session keeps its folders
                     self._unmark(name)
                 elif _is_uuid(name):
-                    self._remove(name)
+                    unclaimed.append(name)
+        return unclaimed
 
 
 def _is_uuid(name: str) -> bool:

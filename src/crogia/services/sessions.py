@@ -47,6 +47,7 @@ class SessionService:
         bus: EventBus,
         provider: SandboxProvider,
         pool: SandboxPool | None = None,
+        disks: WorkspaceDisks | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -54,7 +55,8 @@ class SessionService:
         self.provider = provider
         self.pool = pool
         """Pre-started sandboxes that `create` claims instead of booting one (SANDBOX_POOL_SIZE)."""
-        self.disks = WorkspaceDisks(settings.data_dir / "disks", settings.sandbox_disk_mb)
+        self.disks = disks or WorkspaceDisks(settings.data_dir / "disks", settings.sandbox_disk_mb)
+        """Workspace quotas (SANDBOX_DISK_MB), shared with the pool."""
         self._live: dict[str, LiveSession] = {}
         self._dormant: set[str] = set()
         """Sessions stopped before this server started: their sandbox starts on first use."""
@@ -247,10 +249,6 @@ class SessionService:
         Sessions stopped for idleness stay stopped until a request needs them.
         """
         await self.disks.probe()
-        if self.disks.active and self.pool is not None and self.pool.size:
-            # The pool makes no workspace disks: with quotas on, every session boots its own sandbox.
-            log.warning("SANDBOX_POOL_SIZE is ignored: workspace quotas (SANDBOX_DISK_MB) are on")
-            self.pool.size = 0
         rows = await self.list(tenant=None)
         limit = asyncio.Semaphore(8)
 
@@ -294,7 +292,7 @@ class SessionService:
         A pooled sandbox was made for a session id of its own, with its folders: it keeps them, and
         takes `spec` for the rest (labels, tenant).
         """
-        if self.pool is not None and self.pool.serves(spec) and not self.disks.active:
+        if self.pool is not None and self.pool.serves(spec):
             claimed = await self.pool.claim()
             if claimed is not None:
                 own = claimed.spec
