@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 REPLAY_PAGE = 2000
 MAX_PENDING = 100_000
 """Events queued for storage before `publish` waits for the writer."""
+DROPPED_MEMORY = 10_000
+"""Deleted sessions remembered, so their late events are discarded without a database round trip."""
 _ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"))
 """For the rare payload pydantic cannot write as UTF-8 (a lone surrogate from a model): escaped."""
 _NOT_PAYLOAD: set[str] = {"type"}
@@ -155,6 +157,8 @@ class EventBus:
         self._committed: dict[str, int] = {}
         self._subs: dict[str, set[Subscription]] = {}
         self._quoted: dict[str, str] = {}
+        self._dropped: dict[str, None] = {}
+        """Recently deleted sessions, oldest first."""
         """Each session id as JSON text, made once."""
         self._pending: deque[Pending | asyncio.Future[None]] = deque()
         """Appended by `publish` without an await; taken in batches by the writer."""
@@ -188,6 +192,8 @@ class EventBus:
         """Queue `event` for storage and delivery; returns its `seq`."""
         if session_id in self._next:  # the usual case, without a coroutine per event
             seq = self._next[session_id] = self._next[session_id] + 1
+        elif session_id in self._dropped:  # a late event of a deleted session: nowhere to go
+            return 0
         else:
             seq = await self._next_seq(session_id)
         kind: str = getattr(event, "type")  # noqa: B009 - every concrete event has a literal `type`
@@ -237,6 +243,9 @@ class EventBus:
         self._next.pop(session_id, None)
         self._committed.pop(session_id, None)
         self._quoted.pop(session_id, None)
+        self._dropped[session_id] = None
+        if len(self._dropped) > DROPPED_MEMORY:
+            del self._dropped[next(iter(self._dropped))]
 
     def subscriber_count(self, session_id: str) -> int:
         return len(self._subs.get(session_id, ()))
@@ -278,21 +287,27 @@ class EventBus:
                     item.set_result(None)
 
     async def _store(self, events: list[Pending]) -> list[Pending]:
+        if await self._insert(events):
+            return events
+        # A batch fails as a whole: most often it held late events of a session deleted meanwhile.
+        live = [event for event in events if event[0] not in self._dropped]
+        if not live or (len(live) < len(events) and await self._insert(live)):
+            return live
+        kept = []
+        for event in live:
+            if await self._insert([event]):
+                kept.append(event)
+            else:
+                log.warning("event %s/%s (%s) could not be stored: dropped", event[0], event[1], event[2])
+        return kept
+
+    async def _insert(self, events: list[Pending]) -> bool:
         try:
             async with self.db.transaction() as db:
                 await repo.insert_events(db, rows=events)
-            return events
         except Exception:
-            # A batch fails as a whole (say, one session was deleted meanwhile): keep the rest.
-            kept = []
-            for event in events:
-                try:
-                    async with self.db.transaction() as db:
-                        await repo.insert_events(db, rows=[event])
-                    kept.append(event)
-                except Exception:
-                    log.warning("dropped event %s/%s that could not be stored", event[0], event[1])
-            return kept
+            return False
+        return True
 
     def _fan_out(self, events: list[Pending]) -> None:
         for sid, seq, _typ, _task_id, data in events:

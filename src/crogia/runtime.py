@@ -42,6 +42,7 @@ class Runtime:
     reaper: IdleReaper
     _docker_checked: tuple[float, bool] = (float("-inf"), False)
     _docker_check: asyncio.Task[None] | None = None
+    _warm_up: asyncio.Task[None] | None = None
     stopping: bool = False
     """Set by `drain`: no new tasks or event streams."""
     streams: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -73,6 +74,7 @@ class Runtime:
             await sessions.reconcile()
             await pool.start()  # after reconcile, which removes the previous server's pool sandboxes
             reaper.start()
+            runtime._warm_up = asyncio.create_task(agent.warm_up(), name="crogia-agent-warm-up")
         except BaseException:
             await runtime.close()
             raise
@@ -117,9 +119,10 @@ class Runtime:
 
     async def close(self) -> None:
         """Cancel tasks, flush events, drop sandbox connections, close the store."""
-        if self._docker_check is not None:
-            self._docker_check.cancel()
-            await asyncio.gather(self._docker_check, return_exceptions=True)
+        for task in (self._docker_check, self._warm_up):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.tasks.close()
         await self.reaper.close()  # after the tasks: their ends are activity too
         await self.agent.aclose()

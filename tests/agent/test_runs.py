@@ -238,10 +238,36 @@ async def test_missing_configuration_fails_before_any_call(
         (Agent(model=MODEL, api_key="", base_url=scripted.base_url), "OPENAI_API_KEY"),
         (Agent(model="", api_key="k", base_url=scripted.base_url), "MODEL_NAME"),
     ]:
+        await agent.warm_up()  # nothing to build: the run still says what is missing
         with pytest.raises(AgentNotConfigured, match=words):
             await run_task(agent, "hi", host, recorder)
     assert scripted.requests == []
     assert recorder.saved == []
+
+
+async def test_warm_up_builds_the_client_off_the_loop_and_runs_use_it(
+    scripted: ScriptedOpenAI, host: LocalToolHost, recorder: Recorder
+) -> None:
+    import threading
+
+    built_on: list[str] = []
+    agent = Agent(model=MODEL, api_key="k", base_url=scripted.base_url)
+    original = agent._new_caller
+
+    def recording() -> Any:
+        built_on.append(threading.current_thread().name)
+        return original()
+
+    agent._new_caller = recording  # type: ignore[method-assign]
+    try:
+        await agent.warm_up()
+        await agent.warm_up()  # once is enough
+        scripted.add(Reply("warm"))
+        outcome = await run_task(agent, "hi", host, recorder)
+    finally:
+        await agent.aclose()
+    assert len(built_on) == 1 and built_on[0] != threading.main_thread().name
+    assert outcome.final_text == "warm" and len(scripted.requests) == 1
 
 
 async def test_model_options_reach_the_request(

@@ -147,3 +147,30 @@ async def test_event_text_is_the_model_plus_stamps_for_every_kind(db: Database) 
         assert sent["seq"] == seq and sent["session_id"] == "s1"
         stamps = {"session_id", "seq", "timestamp"}
         assert {k: v for k, v in sent.items() if k not in stamps} == event.model_dump(exclude_none=True)
+
+
+async def test_a_deleted_sessions_late_events_do_not_cost_the_others_theirs(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch holding events of a session deleted meanwhile fails as a whole; the rest is still stored."""
+    await add_session(db, "s1")
+    await add_session(db, "s2")
+    bus = EventBus(db)  # the writer starts later, so both sessions' events share one batch
+    try:
+        for i in range(3):
+            await bus.publish("s1", TextDelta(content=f"a{i}"))
+            await bus.publish("s2", TextDelta(content=f"b{i}"))
+        async with db.transaction() as s:
+            await repo.delete_session(s, session_id="s2")
+        bus.drop_session("s2")
+        late = await bus.publish("s2", TextDelta(content="after the delete"))
+        bus.start()
+        await bus.flush()
+        async with db.session() as s:
+            stored = await repo.events_between(s, session_id="s1", after=0, upto=100, limit=100)
+            gone = await repo.max_event_seq(s, session_id="s2")
+    finally:
+        await bus.close()
+    assert [json.loads(data)["content"] for _, data in stored] == ["a0", "a1", "a2"]
+    assert late == 0 and gone == 0
+    assert "could not be stored" not in caplog.text  # expected losses are not warnings

@@ -140,8 +140,11 @@ async def test_fifty_sessions_and_a_hundred_clients_at_once(
             tasks = await asyncio.gather(*(client.get(f"/api/sessions/{sid}/tasks") for sid in sids))
     finally:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
-            await asyncio.gather(*(client.delete(f"/api/sessions/{sid}") for sid in sids))
+            deleted = await asyncio.gather(*(client.delete(f"/api/sessions/{sid}") for sid in sids))
         await server.stop()
+    log = server.log.read_text()
+    assert "Traceback" not in log and "unhandled" not in log, log[-3000:]
+    assert [d.status_code for d in deleted] == [200] * len(sids), [d.text for d in deleted]
 
     statuses = [t["status"] for answer_ in tasks for t in answer_.json()]
     assert statuses == ["completed"] * SESSIONS * TASKS_PER_SESSION
