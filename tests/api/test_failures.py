@@ -67,3 +67,24 @@ def test_invalid_settings_stop_start_up_with_a_clear_message(data_dir: Path) -> 
     assert done.returncode == 2
     assert "PORT" in done.stderr and "SANDBOX_BACKEND" in done.stderr and "API_TOKENS" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_a_database_locked_elsewhere_gives_503_and_nothing_half_done(data_dir: Path) -> None:
+    """Another process holding SQLite's write lock past busy_timeout: a retryable 503, not a 500."""
+    import sqlite3
+
+    async with run_server(make_settings(data_dir, "bubblewrap")) as server:
+        sid = (await server.create_session(task="locked"))["session_id"]
+        other = sqlite3.connect(data_dir / "crogia.db", isolation_level=None)
+        try:
+            other.execute("BEGIN EXCLUSIVE")
+            posted = await server.client.post(f"/api/sessions/{sid}/tasks", json={"task": "wait"})
+            readable = await server.client.get(f"/api/sessions/{sid}")
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        tasks = (await server.client.get(f"/api/sessions/{sid}/tasks")).json()
+    assert posted.status_code == 503 and posted.headers["retry-after"] == "1"
+    assert "database" in posted.json()["detail"]
+    assert readable.status_code == 200  # WAL: reads go on while the writer waits
+    assert tasks == []

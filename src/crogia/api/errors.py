@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 
 from crogia.api.schemas import ErrorBody
 from crogia.errors import (
@@ -42,7 +43,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         409: "The request clashes with the current state (session stopped, task finished, file exists).",
         413: "The body, the file or the output is larger than the configured limit.",
         502: "The sandbox failed in a way that is not the caller's fault.",
-        503: "A dependency is down: the Docker engine, the sandbox image or the executor.",
+        503: "A dependency is down or busy: Docker engine, sandbox image, executor or database.",
     }.items()
 }
 """Error answers every resource route may give, declared in the OpenAPI document (422 is FastAPI's)."""
@@ -64,6 +65,15 @@ async def crogia_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": exc.message}, status_code=status, headers=headers)
 
 
+async def database_error(request: Request, exc: Exception) -> JSONResponse:
+    """The database could not answer (PostgreSQL down, SQLite locked by another process): retryable."""
+    log.warning(
+        "%s %s -> 503: database error: %s", request.method, request.url.path, str(exc).splitlines()[0]
+    )
+    body = {"detail": "The database is unavailable or busy; retry shortly."}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+
+
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse({"detail": "Internal server error; see the server log."}, status_code=500)
@@ -71,4 +81,5 @@ async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(CrogiaError, crogia_error)
+    app.add_exception_handler(OperationalError, database_error)
     app.add_exception_handler(Exception, unexpected_error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -44,6 +45,7 @@ class Database:
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._write_turns = asyncio.Lock() if self.is_sqlite else None
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -52,7 +54,18 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        async with self._sessions() as session, session.begin():
+        """A session in a transaction, committed at the end (rolled back on an exception).
+
+        On SQLite, this process's write transactions take turns on one asyncio lock. SQLite has one
+        writer at a time and leaves the others to a polling busy handler; with a hundred tasks
+        starting at once on a busy loop, a waiter could starve past `busy_timeout` and fail with
+        "database is locked" (seen in the load test). Queued on the lock, they wait in order instead.
+        """
+        if self._write_turns is None:
+            async with self._sessions() as session, session.begin():
+                yield session
+            return
+        async with self._write_turns, self._sessions() as session, session.begin():
             yield session
 
     async def migrate(self) -> None:
