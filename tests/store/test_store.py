@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC
 
 import pytest
@@ -81,3 +82,23 @@ async def test_events_between_pages(db: Database, count: int) -> None:
         page = await repo.events_between(s, session_id="s1", after=0, upto=count, limit=1000)
         assert await repo.max_event_seq(s, session_id="s1") == count
     assert [seq for seq, _ in page] == list(range(1, min(count, 1000) + 1))
+
+
+async def test_write_transactions_take_turns_and_refuse_nesting(db: Database) -> None:
+    """On SQLite, writers queue on one lock (no busy-handler starvation); nesting would deadlock."""
+    await add_session(db)
+
+    async def touch(label: str) -> None:
+        async with db.transaction() as s:
+            await repo.touch_session(s, session_id="s1", last_task=label)
+            await asyncio.sleep(0.01)  # a slow step while holding SQLite's write lock
+
+    await asyncio.gather(*(touch(f"t{i}") for i in range(50)))
+    async with db.session() as s:
+        row = await repo.get_session(s, session_id="s1")
+    assert row is not None  # none failed with "database is locked"
+    if db.is_sqlite:
+        assert row.last_task == "t49"  # they took their turns in order
+        with pytest.raises(RuntimeError, match="re-entrant"):
+            async with db.transaction(), db.transaction():
+                pass

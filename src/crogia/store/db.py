@@ -46,6 +46,8 @@ class Database:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._write_turns = asyncio.Lock() if self.is_sqlite else None
+        self._writer: asyncio.Task[Any] | None = None
+        """The task holding `_write_turns`."""
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -65,8 +67,16 @@ class Database:
             async with self._sessions() as session, session.begin():
                 yield session
             return
-        async with self._write_turns, self._sessions() as session, session.begin():
-            yield session
+        me = asyncio.current_task()
+        if self._writer is me:  # it would wait for itself forever
+            raise RuntimeError("Database.transaction() is not re-entrant")
+        async with self._write_turns:
+            self._writer = me
+            try:
+                async with self._sessions() as session, session.begin():
+                    yield session
+            finally:
+                self._writer = None
 
     async def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
