@@ -19,6 +19,7 @@ from collections import deque
 from datetime import UTC, datetime
 
 from pydantic_core import PydanticSerializationError
+from sqlalchemy.exc import OperationalError
 
 from crogia.events import _Event, event_payload
 from crogia.store import Database, repo
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 REPLAY_PAGE = 2000
 MAX_PENDING = 100_000
 """Events queued for storage before `publish` waits for the writer."""
+STORE_RETRIES = (0.05, 0.25, 1.0)
+"""Pauses before storing a batch again after a transient database error (locked, connection lost)."""
 DROPPED_MEMORY = 10_000
 """Deleted sessions remembered, so their late events are discarded without a database round trip."""
 _ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"))
@@ -287,8 +290,16 @@ class EventBus:
                     item.set_result(None)
 
     async def _store(self, events: list[Pending]) -> list[Pending]:
-        if await self._insert(events):
-            return events
+        for pause in STORE_RETRIES:
+            try:
+                async with self.db.transaction() as db:
+                    await repo.insert_events(db, rows=events)
+                return events
+            except (OperationalError, OSError) as exc:  # busy or away for a moment: the same batch again
+                log.warning("storing %d events failed (%s); retrying", len(events), str(exc).splitlines()[0])
+                await asyncio.sleep(pause)
+            except Exception:
+                break
         # A batch fails as a whole: most often it held late events of a session deleted meanwhile.
         live = [event for event in events if event[0] not in self._dropped]
         if not live or (len(live) < len(events) and await self._insert(live)):

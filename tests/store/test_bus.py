@@ -174,3 +174,44 @@ async def test_a_deleted_sessions_late_events_do_not_cost_the_others_theirs(
     assert [json.loads(data)["content"] for _, data in stored] == ["a0", "a1", "a2"]
     assert late == 0 and gone == 0
     assert "could not be stored" not in caplog.text  # expected losses are not warnings
+
+
+async def test_a_batch_is_stored_again_after_the_database_was_locked(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process holds SQLite's write lock past busy_timeout: the batch is stored later, not lost."""
+    if not db.is_sqlite:
+        pytest.skip("SQLite's write lock")
+    import sqlite3
+    import threading
+
+    await add_session(db)
+    bus = EventBus(db)
+    bus.start()
+    path = db.url.split(":///", 1)[1]
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        release.wait(30)
+        other.execute("ROLLBACK")
+        other.close()
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    try:
+        await asyncio.to_thread(locked.wait, 10)
+        sub = await bus.subscribe("s1", after=0)
+        for i in range(3):
+            await bus.publish("s1", TextDelta(content=str(i)))
+        await asyncio.sleep(5.3)  # past busy_timeout (5 s): the first attempt has failed by now
+        release.set()
+        got = await asyncio.wait_for(collect(sub, 3), 10)
+    finally:
+        release.set()
+        await asyncio.to_thread(holder.join)
+        await bus.close()
+    assert [e["content"] for e in got] == ["0", "1", "2"]
+    assert "retrying" in caplog.text and "dropped" not in caplog.text
