@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -177,18 +178,18 @@ async def test_a_deleted_sessions_late_events_do_not_cost_the_others_theirs(
 
 
 async def test_a_batch_is_stored_again_after_the_database_was_locked(
-    db: Database, caplog: pytest.LogCaptureFixture
+    data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Another process holds SQLite's write lock past busy_timeout: the batch is stored later, not lost."""
-    if not db.is_sqlite:
-        pytest.skip("SQLite's write lock")
     import sqlite3
     import threading
 
+    path = data_dir / "locked.db"
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    await db.migrate()
     await add_session(db)
     bus = EventBus(db)
     bus.start()
-    path = db.url.split(":///", 1)[1]
     locked, release = threading.Event(), threading.Event()
 
     def hold_the_lock() -> None:
@@ -213,5 +214,6 @@ async def test_a_batch_is_stored_again_after_the_database_was_locked(
         release.set()
         await asyncio.to_thread(holder.join)
         await bus.close()
+        await db.close()
     assert [e["content"] for e in got] == ["0", "1", "2"]
     assert "retrying" in caplog.text and "dropped" not in caplog.text
