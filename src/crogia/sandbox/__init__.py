@@ -7,11 +7,13 @@ without bwrap) never loads what it cannot use.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 
 from crogia.config import Settings
 from crogia.sandbox.base import Limits, SandboxProvider
+from crogia.sandbox.executor import compile_daemon
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ def instance_id(settings: Settings) -> str:
 
 async def make_provider(settings: Settings) -> SandboxProvider:
     """Build the provider `settings.sandbox_backend` selects; the caller closes it."""
+    await asyncio.to_thread(compile_daemon)
     backend = settings.sandbox_backend
     if backend == "bubblewrap":
         return _bubblewrap()

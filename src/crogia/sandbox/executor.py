@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import compileall
 import contextlib
 import itertools
 import json
@@ -47,21 +48,28 @@ CONNECT_POLL_MAX = 0.01
 _MAX_SUN_PATH = 100  # sockaddr_un.sun_path holds 108 bytes; longer paths go through /proc/self/fd
 
 
-_BOOT = (  # what running the file as a script does, sys.path included
-    "import sys; p = sys.argv.pop(1); sys.path[0] = p.rpartition('/')[0]; "
-    "exec(compile(open(p, 'rb').read(), p, 'exec'))"
-)
+_BOOT = "import sys; sys.path[0] = sys.argv.pop(1); import executor; executor.main()"
 
 
 def daemon_command(python: str = "/usr/bin/python3") -> list[str]:
     """The command line that starts the executor inside a sandbox.
 
-    Run as a script, a file's syntax tree stays alive until the script returns: ~2 MB held by every
-    idle sandbox. `compile()` frees it at once (the daemon then hands the memory back to the OS).
+    The daemon is imported, not run as a script: a script's whole syntax tree stays alive until it
+    returns (~2 MB held by every idle sandbox), an imported module's does not, and an import can use
+    the bytecode `compile_daemon()` left beside the sources (starts ~4 ms sooner, ~0.4 MB less).
     `-S`: the daemon needs nothing from site-packages.
     """
-    daemon = f"{DAEMON_MOUNT}/executor.py"
-    return [python, "-S", "-c", _BOOT, daemon, "--socket", f"{STATE_MOUNT}/{SOCKET_NAME}"]
+    return [python, "-S", "-c", _BOOT, DAEMON_MOUNT, "--socket", f"{STATE_MOUNT}/{SOCKET_NAME}"]
+
+
+def compile_daemon() -> None:
+    """Write the daemon's bytecode into its folder (blocking), for sandboxes whose Python matches ours.
+
+    A sandbox sees the folder read-only, so it could never cache the bytecode itself. Where the
+    folder is not writable (a read-only install) sandboxes compile at each start: slower, not wrong.
+    """
+    if not compileall.compile_dir(DAEMON_DIR, quiet=2):
+        log.info("executor daemon bytecode not written to %s: sandboxes compile it at start", DAEMON_DIR)
 
 
 _ERRORS: dict[str, type[CrogiaError]] = {"not_found": NotFound, "bad_request": InvalidInput}

@@ -2,7 +2,7 @@
 """Crogia's executor daemon: runs inside every sandbox and executes commands for the server.
 
 Standard library only; runs on Python 3.9+ as `python3 /opt/crogia/executor.py --socket PATH`
-(the server starts it through `compile()` instead, see `daemon_command()`: ~2 MB less memory).
+(the server imports it instead, see `daemon_command()`: ~2 MB less memory, and its bytecode).
 It needs an init process above it to reap orphans (tini in Docker, bwrap's pid 1 under bubblewrap).
 
 Protocol: newline-delimited JSON objects (UTF-8) over a unix stream socket. Several clients
@@ -198,7 +198,7 @@ class Daemon:
 
 
 def _trim_heap() -> Steps:
-    """Give back the ~2 MB that compiling this file left in the C heap (glibc only), once idle."""
+    """Give back what start-up (compiling, importing) left in the C heap (glibc only), once idle."""
     yield None, 0.2
     try:
         import ctypes
