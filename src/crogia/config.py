@@ -103,9 +103,15 @@ class Settings(BaseSettings):
             return self.host
         return "0.0.0.0" if self.api_tokens.strip() else "127.0.0.1"
 
+    @field_validator("base_directory")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Resolved once here: resolving touches the file system, and `data_dir` is read per request.
+        return value.expanduser().resolve()
+
     @property
     def data_dir(self) -> Path:
-        return self.base_directory.expanduser().resolve()
+        return self.base_directory
 
     @property
     def workspaces_dir(self) -> Path:

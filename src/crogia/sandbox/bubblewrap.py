@@ -159,7 +159,7 @@ class BubblewrapSandbox(ExecutorSandbox):
         for folder in (self.spec.workspace, self.spec.state_dir):
             await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
         wrapper = await self._wrapper()
-        argv = bwrap_args(self._bwrap, self.spec, self._python)
+        argv = await asyncio.to_thread(bwrap_args, self._bwrap, self.spec, self._python)  # stats /bin, /lib*
         out = await asyncio.to_thread(open, self.spec.state_dir / "executor.log", "ab")
         try:
             self._proc = await asyncio.create_subprocess_exec(
