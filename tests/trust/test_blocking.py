@@ -3,7 +3,8 @@
 blockbuster (the detector pydantic-ai uses) makes the blocking calls it knows (file and socket I/O,
 `os.stat`, `time.sleep`, locks, sqlite3, ...) raise when made on the loop's thread from Crogia's
 code, so a route that blocks answers 500 and a background task that blocks logs the error. One
-session then goes through the REST API a user drives and an agent task that uses every tool.
+session then goes through the REST API a user drives, an agent task uses every tool, the warm pool
+refills, and an idle session's sandbox is stopped and started again.
 """
 
 from __future__ import annotations
@@ -94,17 +95,42 @@ async def agent_task(server: RunningServer) -> list[dict[str, Any]]:
     return events
 
 
+async def idle_and_back(server: RunningServer) -> list[tuple[str, int]]:
+    """A session left idle has its sandbox stopped (the reaper), then started again by a command."""
+    sid = (await server.client.post("/api/sessions", json={"task": "idle"})).json()["session_id"]
+    stopped = False
+    for _ in range(100):
+        stopped = (await server.client.get(f"/api/sessions/{sid}")).json()["status"] == "stopped"
+        if stopped:
+            break
+        await asyncio.sleep(0.1)
+    woke = await server.client.post(f"/api/sessions/{sid}/shell", json={"cmd": "echo back"})
+    deleted = await server.client.delete(f"/api/sessions/{sid}")
+    return [
+        ("wake", woke.status_code if woke.json().get("output") == "back\n" else 599),
+        ("delete", deleted.status_code),
+    ]
+
+
 async def test_no_blocking_call_on_the_loop(
     data_dir: Path, backend: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with ScriptedOpenAI() as model:
         for reply in TOOL_TURNS:
             model.add(reply)
-        settings = make_settings(data_dir, backend, openai_base_url=model.base_url, model_retries=0)
+        settings = make_settings(
+            data_dir, backend, openai_base_url=model.base_url, model_retries=0, sandbox_pool_size=1
+        )
         async with run_server(settings) as server:
+            await server.runtime.pool.wait_ready()
             with blockbuster_ctx(scanned_modules=["crogia"]):
-                statuses = await rest_calls(server)
+                statuses = await rest_calls(server)  # claims from the pool, which refills meanwhile
                 events = await agent_task(server)
+                await server.runtime.pool.wait_ready()
+        idle = settings.model_copy(update={"session_idle_ttl": 0.5, "sandbox_pool_size": 0})
+        async with run_server(idle) as server:
+            with blockbuster_ctx(scanned_modules=["crogia"]):
+                statuses += await idle_and_back(server)
     assert [(name, code) for name, code in statuses if code >= 400] == []
     assert "Blocking call" not in caplog.text
     done = [e for e in events if e["type"] == "tool_complete"]
