@@ -94,6 +94,18 @@ async def test_find_errors(ws: Workspace, project: Path) -> None:
         await ws.find_files("*", max_results=0)
 
 
+async def test_a_nul_in_a_pattern_or_type_is_bad_input(ws: Workspace, project: Path) -> None:
+    """Found by schemathesis: a NUL cannot be passed to rg as an argument (it was a 500)."""
+    for call in (
+        ws.find_files("a\x00b"),
+        ws.find_files("*", file_types="py\x00"),
+        ws.grep("a\x00b"),
+        ws.grep("x", file_types="\x00"),
+    ):
+        with pytest.raises(InvalidInput, match="NUL"):
+            await call
+
+
 async def test_bang_pattern_is_literal(ws: Workspace, root: Path) -> None:
     write(root, "!important.txt")
     write(root, "other.txt")

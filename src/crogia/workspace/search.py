@@ -24,8 +24,16 @@ _TYPE_GLOB = re.compile(r"^[^\s/:,!{}]+$")
 _COMMON = ["--no-config", "--no-messages", "--color=never", "--no-require-git", "--no-ignore-global"]
 
 
+def _no_nul(value: str, what: str) -> str:
+    # A program's arguments are C strings: a NUL cannot be passed on, so say so instead.
+    if "\x00" in value:
+        raise InvalidInput(f"The {what} must not contain a NUL character.")
+    return value
+
+
 def type_globs(file_types: str) -> list[str]:
     """`"*"`/`""` -> no filter; `"*.py,*.md"`, `"py,md"` and `".py"` -> basename globs."""
+    _no_nul(file_types, "file types")
     globs: list[str] = []
     for raw in file_types.split(","):
         item = raw.strip()
@@ -67,7 +75,7 @@ def files_args(pattern: str, include_ignored: bool, include_hidden: bool) -> lis
     and both must hold.
     """
     args = ["--files", "--null", *_filter_args(include_ignored, include_hidden)]
-    pattern = pattern.strip()
+    pattern = _no_nul(pattern, "pattern").strip()
     if pattern not in ("", "*", "**"):
         # A leading '!' would turn the glob into an exclusion; the user meant a literal '!'.
         args.append("--glob=" + ("\\" + pattern if pattern.startswith("!") else pattern))
@@ -91,6 +99,7 @@ def grep_args(opts: GrepOptions, *, stdin: bool) -> list[str]:
     """rg printing `path NUL line (':'|'-') text` records, one per line."""
     if not opts.pattern:
         raise InvalidInput("The search pattern must not be empty.")
+    _no_nul(opts.pattern, "search pattern")
     if not 0 <= opts.context <= MAX_CONTEXT:
         raise InvalidInput(f"Context must be between 0 and {MAX_CONTEXT} lines.")
     args = [
