@@ -64,6 +64,24 @@ async def test_bad_input_gets_clear_4xx(server: RunningServer) -> None:
     assert (await server.client.post("/api/sessions/nope/tasks", json={"task": "x"})).status_code == 404
 
 
+async def test_a_nul_byte_anywhere_is_a_400(server: RunningServer) -> None:
+    """Commands, paths and patterns become C strings (argv, file names): a NUL is refused, never a 5xx."""
+    sid = (await server.create_session(task="nul"))["session_id"]
+    base = f"/api/sessions/{sid}"
+    c = server.client
+    answers = {
+        "shell": await c.post(f"{base}/shell", json={"cmd": "echo a\x00b"}),
+        "process": await c.post(f"{base}/processes", json={"cmd": "echo a\x00b"}),
+        "write": await c.post(f"{base}/files/content", json={"path": "a\x00b", "content": "x"}),
+        "grep": await c.post(f"{base}/search/grep", json={"pattern": "a\x00b"}),
+        "find": await c.post(f"{base}/search/files", json={"pattern": "a\x00b"}),
+        "file types": await c.post(f"{base}/search/grep", json={"pattern": "a", "file_types": "\x00"}),
+    }
+    assert {name: r.status_code for name, r in answers.items()} == dict.fromkeys(answers, 400)
+    assert all("NUL" in r.json()["detail"] for r in answers.values())
+    assert (await c.get(f"{base}/processes")).json() == []  # nothing was started
+
+
 async def test_seed_websocket_flow(server: RunningServer) -> None:
     sid = (await server.create_session(task="label"))["session_id"]
     async with websockets.connect(f"{server.ws_url}/ws/{sid}") as ws:

@@ -36,6 +36,8 @@ class ProcessService:
     ) -> ProcessRow:
         if not cmd.strip():
             raise InvalidInput("The command is empty.")
+        if "\x00" in cmd:
+            raise InvalidInput("The command contains a NUL byte.")
         # Held across spawn + insert so an instant exit is recorded after the row exists.
         async with self._lock(live.id):
             handle = await live.sandbox.spawn(cmd, cwd=cwd, env=env)
