@@ -80,6 +80,17 @@ async def test_a_nul_byte_anywhere_is_a_400(server: RunningServer) -> None:
     assert {name: r.status_code for name, r in answers.items()} == dict.fromkeys(answers, 400)
     assert all("NUL" in r.json()["detail"] for r in answers.values())
     assert (await c.get(f"{base}/processes")).json() == []  # nothing was started
+    # Stored text cannot hold a NUL on PostgreSQL (it was a 500 there): refused by the schema.
+    refused = [
+        await c.post("/api/sessions", json={"task": "label \x00"}),
+        await c.post("/api/sessions", json={"metadata": {"a": [{"b\x00": 1}]}}),
+        await c.post("/api/sessions", json={"metadata": {"a": {"b": "c\x00"}}}),
+        await c.post(f"{base}/tasks", json={"task": "do \x00 this"}),
+    ]
+    assert [r.status_code for r in refused] == [422] * 4
+    kept = await c.post("/api/sessions", json={"metadata": {"text": "a literal \\u0000 is fine"}})
+    assert kept.status_code == 200 and kept.json()["metadata"] == {"text": "a literal \\u0000 is fine"}
+    assert len((await c.get("/api/sessions")).json()) == 2
 
 
 async def test_seed_websocket_flow(server: RunningServer) -> None:

@@ -5,12 +5,24 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_serializer, field_validator
 
 # What `setenv` accepts: a name of letters, digits and `_` (no leading digit), a value without NUL.
 EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
-EnvValue = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$", max_length=131_072)]
+NO_NUL = r"^[^\x00]*$"
+"""Stored text and command lines cannot hold a NUL (PostgreSQL text, C strings): refused up front."""
+EnvValue = Annotated[str, StringConstraints(pattern=NO_NUL, max_length=131_072)]
 Env = Annotated[dict[EnvName, EnvValue], Field(description="Extra environment variables.")]
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False
 
 
 class _Model(BaseModel):
@@ -41,10 +53,21 @@ class ErrorBody(_Model):
 
 
 class SessionCreate(_Request):
-    task: str = Field("", max_length=100_000, description="A label for the session; the task is not run.")
-    image: str | None = Field(None, max_length=256, description="Docker image (Docker backend only).")
+    task: str = Field(
+        "", max_length=100_000, pattern=NO_NUL, description="A label for the session; the task is not run."
+    )
+    image: str | None = Field(
+        None, max_length=256, pattern=NO_NUL, description="Docker image (Docker backend only)."
+    )
     env: Env = Field(default_factory=dict, description="Extra environment for every command.")
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("metadata")
+    @classmethod
+    def _no_nul_inside(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if _holds_nul(value):
+            raise ValueError("metadata must not contain a NUL character")
+        return value
 
 
 class SessionPublic(_Model):
@@ -67,7 +90,7 @@ class SessionPublic(_Model):
 
 
 class TaskCreate(_Request):
-    task: str = Field(..., min_length=1, max_length=1_000_000)
+    task: str = Field(..., min_length=1, max_length=1_000_000, pattern=NO_NUL)
 
 
 class TaskAccepted(_Model):
