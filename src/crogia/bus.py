@@ -160,9 +160,9 @@ class EventBus:
         self._committed: dict[str, int] = {}
         self._subs: dict[str, set[Subscription]] = {}
         self._quoted: dict[str, str] = {}
+        """Each session id as JSON text, made once."""
         self._dropped: dict[str, None] = {}
         """Recently deleted sessions, oldest first."""
-        """Each session id as JSON text, made once."""
         self._pending: deque[Pending | asyncio.Future[None]] = deque()
         """Appended by `publish` without an await; taken in batches by the writer."""
         self._has_work = asyncio.Event()
@@ -291,34 +291,34 @@ class EventBus:
 
     async def _store(self, events: list[Pending]) -> list[Pending]:
         for pause in STORE_RETRIES:
-            try:
-                async with self.db.transaction() as db:
-                    await repo.insert_events(db, rows=events)
+            error = await self._insert(events)
+            if error is None:
                 return events
-            except (OperationalError, OSError) as exc:  # busy or away for a moment: the same batch again
-                log.warning("storing %d events failed (%s); retrying", len(events), str(exc).splitlines()[0])
-                await asyncio.sleep(pause)
-            except Exception:
+            if not isinstance(error, (OperationalError, OSError)):
                 break
+            # Busy or away for a moment: the same batch again.
+            log.warning("storing %d events failed (%s); retrying", len(events), str(error).splitlines()[0])
+            await asyncio.sleep(pause)
         # A batch fails as a whole: most often it held late events of a session deleted meanwhile.
         live = [event for event in events if event[0] not in self._dropped]
-        if not live or (len(live) < len(events) and await self._insert(live)):
+        if not live or (len(live) < len(events) and await self._insert(live) is None):
             return live
         kept = []
         for event in live:
-            if await self._insert([event]):
+            if await self._insert([event]) is None:
                 kept.append(event)
             else:
                 log.warning("event %s/%s (%s) could not be stored: dropped", event[0], event[1], event[2])
         return kept
 
-    async def _insert(self, events: list[Pending]) -> bool:
+    async def _insert(self, events: list[Pending]) -> Exception | None:
+        """Store `events` in one transaction; the error if that failed."""
         try:
             async with self.db.transaction() as db:
                 await repo.insert_events(db, rows=events)
-        except Exception:
-            return False
-        return True
+        except Exception as exc:
+            return exc
+        return None
 
     def _fan_out(self, events: list[Pending]) -> None:
         for sid, seq, _typ, _task_id, data in events:

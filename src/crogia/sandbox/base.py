@@ -54,6 +54,12 @@ class SandboxSpec:
     labels: Mapping[str, str] = field(default_factory=dict)
 
 
+def make_dirs(spec: SandboxSpec) -> None:
+    """Create the host folders a sandbox binds: the workspace, and its state folder with `logs` (blocking)."""
+    spec.workspace.mkdir(parents=True, exist_ok=True)
+    (spec.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+
+
 @dataclass(frozen=True, slots=True)
 class ExecResult:
     """Outcome of one command run to completion (or to its timeout)."""

@@ -34,7 +34,7 @@ import anyio
 
 from crogia.config import Settings
 from crogia.sandbox import limits_from
-from crogia.sandbox.base import POOL_LABEL, Sandbox, SandboxProvider, SandboxSpec
+from crogia.sandbox.base import POOL_LABEL, Sandbox, SandboxProvider, SandboxSpec, make_dirs
 from crogia.sandbox.quota import WorkspaceDisks
 
 log = logging.getLogger(__name__)
@@ -194,8 +194,7 @@ class SandboxPool:
     def _mark(self, spec: SandboxSpec) -> None:
         self.markers.mkdir(parents=True, exist_ok=True)
         (self.markers / spec.session_id).touch()
-        spec.workspace.mkdir(parents=True, exist_ok=True)
-        (spec.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        make_dirs(spec)
 
     def _unmark(self, session_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -9,10 +9,11 @@ from collections.abc import Mapping
 
 from crogia.bus import EventBus
 from crogia.config import Settings
-from crogia.errors import InvalidInput, NotFound
+from crogia.errors import NotFound
 from crogia.events import ProcessExited, ProcessStarted
 from crogia.sandbox.base import STATE_MOUNT, WORKDIR, OutputListener
 from crogia.services.sessions import LiveSession, SessionService
+from crogia.services.shell import check_command
 from crogia.store import Database, repo
 from crogia.store.tables import ProcessRow
 
@@ -34,10 +35,7 @@ class ProcessService:
     async def start(
         self, live: LiveSession, cmd: str, *, cwd: str = WORKDIR, env: Mapping[str, str] | None = None
     ) -> ProcessRow:
-        if not cmd.strip():
-            raise InvalidInput("The command is empty.")
-        if "\x00" in cmd:
-            raise InvalidInput("The command contains a NUL byte.")
+        check_command(cmd)
         # Held across spawn + insert so an instant exit is recorded after the row exists.
         async with self._lock(live.id):
             handle = await live.sandbox.spawn(cmd, cwd=cwd, env=env)

@@ -24,7 +24,7 @@ from crogia.bus import EventBus
 from crogia.config import Settings
 from crogia.errors import CrogiaError, NotFound
 from crogia.sandbox import limits_from
-from crogia.sandbox.base import Sandbox, SandboxProvider, SandboxSpec, SandboxStatus
+from crogia.sandbox.base import Sandbox, SandboxProvider, SandboxSpec, SandboxStatus, make_dirs
 from crogia.sandbox.quota import WorkspaceDisks
 from crogia.services.live import LiveSession as LiveSession
 from crogia.services.pool import SandboxPool
@@ -300,7 +300,7 @@ class SessionService:
                     spec, session_id=own.session_id, workspace=own.workspace, state_dir=own.state_dir
                 )
                 return claimed
-        await anyio.to_thread.run_sync(_make_dirs, spec)
+        await anyio.to_thread.run_sync(make_dirs, spec)
         await self.disks.ensure(spec.session_id, spec.workspace)
         return await self.provider.create(spec)
 
@@ -323,7 +323,7 @@ class SessionService:
     async def _bring_up(self, row: SessionRow) -> LiveSession:
         """Start (or re-create) a stored session's sandbox around its kept workspace."""
         spec = self.spec_for(row.id, tenant=row.tenant, image=row.image, env=row.env)
-        await anyio.to_thread.run_sync(_make_dirs, spec)
+        await anyio.to_thread.run_sync(make_dirs, spec)
         await self.disks.ensure(row.id, spec.workspace)
         sandbox = await self.provider.attach(spec, row.sandbox_id)
         if sandbox.id != row.sandbox_id or row.status != "active":
@@ -361,11 +361,6 @@ class SessionService:
 
 def _utc(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
-
-
-def _make_dirs(spec: SandboxSpec) -> None:
-    spec.workspace.mkdir(parents=True, exist_ok=True)
-    (spec.state_dir / "logs").mkdir(parents=True, exist_ok=True)
 
 
 def _remove_dirs(spec: SandboxSpec, workspace_too: bool) -> None:

@@ -8,6 +8,14 @@ from crogia.sandbox.base import WORKDIR, ExecResult, OutputListener
 from crogia.services.sessions import LiveSession
 
 
+def check_command(cmd: str) -> None:
+    """InvalidInput for a command no shell can be given: empty, or holding a NUL (argv is C strings)."""
+    if not cmd.strip():
+        raise InvalidInput("The command is empty.")
+    if "\x00" in cmd:
+        raise InvalidInput("The command contains a NUL byte.")
+
+
 class ShellService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -33,10 +41,7 @@ class ShellService:
         cwd: str = WORKDIR,
         on_output: OutputListener | None = None,
     ) -> ExecResult:
-        if not cmd.strip():
-            raise InvalidInput("The command is empty.")
-        if "\x00" in cmd:
-            raise InvalidInput("The command contains a NUL byte.")
+        check_command(cmd)
         limit, cap = self.bounds(timeout, max_output)
         with live.in_use():
             return await live.sandbox.exec(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -73,6 +74,7 @@ async def max_event_seq(db: AsyncSession, *, session_id: str) -> int:
 _EVENT_COLUMNS = ("session_id", "seq", "type", "task_id", "data")
 
 
+@functools.cache
 def _insert_events_sql(paramstyle: str) -> str:
     def mark(n: int) -> str:
         return {"qmark": "?", "numeric_dollar": f"${n}", "numeric": f":{n}"}.get(paramstyle, "%s")
