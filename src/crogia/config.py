@@ -33,6 +33,26 @@ class Settings(BaseSettings):
     max_turns: int = Field(50, ge=1, le=1000)
     model_retries: int = Field(4, ge=0, le=20)
     model_timeout: float = Field(600.0, gt=0)
+    model_api: Literal["chat", "responses"] = "chat"
+    """`chat` (Chat Completions: every OpenAI-compatible server) or `responses` (OpenAI's Responses API)."""
+    model_reasoning_effort: Literal["", "none", "minimal", "low", "medium", "high", "xhigh"] = ""
+    """Sent to reasoning models; empty: the server's default."""
+    model_reasoning: bool | None = None
+    """Unset: from the model's name (o-series and gpt-5 are reasoning models)."""
+    model_context_tokens: int = Field(0, ge=0)
+    """The model's context window; 0: from the model's name (128k for unknown names)."""
+    model_max_output_tokens: int = Field(0, ge=0)
+    """Tokens reserved for (and the limit sent on) each answer; 0: from the model's name."""
+    model_temperature: float | None = Field(None, ge=0, le=2)
+    """Sent only to models that accept one; unset: the server's default."""
+    context_compact_at: float = Field(0.8, gt=0.1, le=1.0)
+    """Compact the conversation sent to the model past this share of its window."""
+    context_keep_turns: int = Field(3, ge=1, le=100)
+    context_max_compactions: int = Field(5, ge=1, le=100)
+    task_max_tokens: int = Field(0, ge=0)
+    """Total tokens one task may use (prompt + completion over all its calls); 0: no limit."""
+    task_timeout: float = Field(0.0, ge=0)
+    """Seconds one task may run; 0: no limit."""
 
     # --- storage ---
     database_url: str = ""

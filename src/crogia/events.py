@@ -52,6 +52,14 @@ class TaskCompleted(_Event):
     usage: dict[str, int] = Field(default_factory=dict)
 
 
+class ContextCompacted(_Event):
+    type: Literal["context_compacted"] = "context_compacted"
+    tokens_before: int
+    tokens_after: int
+    strategy: str
+    """`truncate_tool_outputs` or `summarize`, with `+truncate_recent` when the last turns were cut too."""
+
+
 class TaskFailed(_Event):
     type: Literal["task_failed"] = "task_failed"
     task: str
@@ -88,6 +96,7 @@ Event = Annotated[
     | ToolCall
     | ToolComplete
     | TaskCompleted
+    | ContextCompacted
     | TaskFailed
     | TaskCancelled
     | ErrorEvent

@@ -252,13 +252,13 @@ async def test_warm_up_builds_the_client_off_the_loop_and_runs_use_it(
 
     built_on: list[str] = []
     agent = Agent(model=MODEL, api_key="k", base_url=scripted.base_url)
-    original = agent._new_caller
+    original = agent._new_client
 
     def recording() -> Any:
         built_on.append(threading.current_thread().name)
         return original()
 
-    agent._new_caller = recording  # type: ignore[method-assign]
+    agent._new_client = recording  # type: ignore[method-assign]
     try:
         await agent.warm_up()
         await agent.warm_up()  # once is enough

@@ -31,3 +31,21 @@ class ModelError(AgentError):
     """The model server refused the request, or kept failing after every retry."""
 
     code = "model_error"
+
+
+class ContextOverflow(ModelError):
+    """The server answered that the conversation does not fit the model's context window."""
+
+    code = "context_length_exceeded"
+
+
+class TaskLimitReached(AgentError):
+    """A per-task budget ran out (TASK_MAX_TOKENS, TASK_TIMEOUT)."""
+
+    code = "task_limit_reached"
+
+
+class AgentStuck(AgentError):
+    """The model repeated the same failing tool call until the stuck guard stopped it."""
+
+    code = "agent_stuck"

@@ -8,16 +8,21 @@ run tell the user it is retrying, and keeps delays and attempt counts explicit a
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from openai import APIConnectionError, APIError, APIStatusError, APITimeoutError, AsyncOpenAI
+from openai import APIConnectionError, APIError, APIStatusError, APITimeoutError, AsyncOpenAI, AsyncStream
 
-from crogia.agent.errors import ModelError
-from crogia.agent.stream import IncompleteStream, TurnBuilder
+from crogia.agent.errors import ContextOverflow, ModelError
+from crogia.agent.profiles import ModelApi, ModelProfile, profile_for
+from crogia.agent.responses import ResponsesTurn, chat_wire, responses_input, responses_tools
+from crogia.agent.stream import IncompleteStream, MalformedStream, Turn, TurnBuilder
+
+log = logging.getLogger(__name__)
 
 TextSink = Callable[[str], Awaitable[None]]
 """Receives each piece of streamed text as it arrives."""
@@ -52,6 +57,8 @@ def retry_reason(exc: Exception) -> str | None:
     """Why `exc` is worth retrying, in words; None when retrying cannot help."""
     if isinstance(exc, IncompleteStream):
         return "the model's stream ended before the answer was complete"
+    if isinstance(exc, MalformedStream):
+        return str(exc)
     if isinstance(exc, APITimeoutError):
         return "the model server did not answer in time"
     if isinstance(exc, APIConnectionError):
@@ -84,7 +91,7 @@ def _retry_after(exc: BaseException) -> float | None:
 
 
 class ModelCaller:
-    """Streams chat completion turns for one model and one tool set."""
+    """Streams turns for one model, one API and one tool set."""
 
     def __init__(
         self,
@@ -93,34 +100,45 @@ class ModelCaller:
         model: str,
         tools: Sequence[Mapping[str, Any]],
         policy: RetryPolicy,
+        profile: ModelProfile | None = None,
+        api: ModelApi = "chat",
         options: Mapping[str, Any] | None = None,
     ) -> None:
         self.client = client
         self.policy = policy
+        self.api: ModelApi = api
+        self.profile = profile or profile_for(model)
         options = dict(options or {})
-        # Built once: only `messages` changes from one turn to the next.
-        self._body: dict[str, Any] = dict(options.pop("extra_body", None) or {})
-        self._request: dict[str, Any] = {
-            **options,
-            "model": model,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if tools:
-            self._body["tools"] = list(tools)
+        extra = dict(options.pop("extra_body", None) or {})
+        sampling = self.profile.chat_options() if api == "chat" else self.profile.responses_options()
+        # Built once: only the conversation changes from one turn to the next.
+        self._body: dict[str, Any] = {"model": model, "stream": True, **sampling, **options, **extra}
+        if api == "chat":
+            self._body["stream_options"] = {"include_usage": True}
+        self._tools = list(tools) if api == "chat" else responses_tools([dict(t) for t in tools])
+        self._path = "/chat/completions" if api == "chat" else "/responses"
 
     async def turn(
-        self, messages: list[dict[str, Any]], *, on_text: TextSink, on_retry: RetrySink
-    ) -> TurnBuilder:
-        """Stream one complete turn; raise `ModelError` when it cannot be had."""
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        system: str,
+        on_text: TextSink,
+        on_retry: RetrySink,
+        tools: bool = True,
+    ) -> Turn:
+        """Stream one complete turn for `messages` (the system prompt apart); raise `ModelError`."""
         attempts = self.policy.retries + 1
-        for attempt in range(attempts):
+        attempt = 0
+        while True:
             try:
-                return await self._attempt(messages, on_text)
-            except (APIError, IncompleteStream) as exc:
+                return await self._attempt(self._request(messages, system, tools), on_text)
+            except (APIError, IncompleteStream, MalformedStream) as exc:
+                if self._drop_rejected(exc):
+                    continue  # not an attempt: the request changed, the server is fine
                 reason = retry_reason(exc)
                 if reason is None:
-                    raise ModelError(f"the model server refused the request: {_describe(exc)}") from exc
+                    raise _refused(exc) from exc
                 if attempt + 1 == attempts:
                     raise ModelError(
                         f"the model call failed after {attempts} attempts: {reason}", attempts=attempts
@@ -130,24 +148,79 @@ class ModelCaller:
                     f"{reason}; retrying in {delay:.1f}s (attempt {attempt + 2} of {attempts})", delay
                 )
                 await anyio.sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
+                attempt += 1
 
-    async def _attempt(self, messages: list[dict[str, Any]], on_text: TextSink) -> TurnBuilder:
-        builder = TurnBuilder()
-        # Messages and tools are already wire-format JSON, so they travel in `extra_body`, which the
-        # client sends as is (it overrides the empty `messages`). Through `messages=` the client
-        # would type-walk every message on the event loop: ~0.3 ms each, 20 ms at 60 messages.
-        stream = await self.client.chat.completions.create(
-            messages=[], extra_body={**self._body, "messages": messages}, **self._request
+    def _request(self, messages: list[dict[str, Any]], system: str, tools: bool) -> dict[str, Any]:
+        body = dict(self._body)
+        if self.api == "chat":
+            body["messages"] = [{"role": "system", "content": system}, *chat_wire(messages)]
+        else:
+            body["instructions"] = system
+            body["input"] = responses_input(messages)
+        if tools and self._tools:
+            body["tools"] = self._tools
+        return body
+
+    async def _attempt(self, body: dict[str, Any], on_text: TextSink) -> Turn:
+        turn: Turn = TurnBuilder() if self.api == "chat" else ResponsesTurn()
+        # The body is wire-format JSON already, and the stream is read as the plain dicts the
+        # SSE decoder yields: typed request params and typed chunks cost ~0.3 ms per message and
+        # most of the per-chunk CPU, for nothing the loop needs.
+        stream = await self.client.post(
+            self._path, cast_to=object, body=body, stream=True, stream_cls=AsyncStream[object]
         )
         # `async with` closes the HTTP response on every exit, cancellation included.
         async with stream:
-            async for chunk in stream:
-                text = builder.feed(chunk)
+            async for event in stream:
+                text = turn.feed(event)
                 if text:
                     await on_text(text)
-        builder.check_complete()
-        return builder
+        turn.check_complete()
+        return turn
+
+    def _drop_rejected(self, exc: Exception) -> bool:
+        """A 400 naming one of our optional parameters: leave it out from now on (once each)."""
+        if not isinstance(exc, APIStatusError) or exc.status_code != 400:
+            return False
+        named = _named_parameter(exc, [k for k in self._body if k not in _REQUIRED])
+        if named is None:
+            return False
+        log.warning("the model server rejected the parameter %r (%s); sending without it", named, exc.message)
+        del self._body[named]
+        return True
+
+
+_REQUIRED = frozenset({"model", "stream", "messages", "input", "instructions", "tools"})
+
+
+def _error_field(exc: APIStatusError, key: str) -> str:
+    body = exc.body
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body = body["error"]
+    value = body.get(key) if isinstance(body, dict) else None
+    return value if isinstance(value, str) else ""
+
+
+def _named_parameter(exc: APIStatusError, candidates: list[str]) -> str | None:
+    param = _error_field(exc, "param")
+    if param in candidates:
+        return param
+    message = _error_field(exc, "message") or exc.message
+    return next((key for key in candidates if f"'{key}'" in message or f"`{key}`" in message), None)
+
+
+def is_context_overflow(exc: BaseException) -> bool:
+    """The server said the prompt does not fit the model's window."""
+    if not isinstance(exc, APIStatusError) or exc.status_code != 400:
+        return False
+    text = f"{_error_field(exc, 'code')} {_error_field(exc, 'message') or exc.message}".lower()
+    return "context_length_exceeded" in text or "maximum context length" in text
+
+
+def _refused(exc: Exception) -> ModelError:
+    if is_context_overflow(exc):
+        return ContextOverflow(f"the conversation does not fit the model's context window: {_describe(exc)}")
+    return ModelError(f"the model server refused the request: {_describe(exc)}")
 
 
 def _describe(exc: BaseException) -> str:
