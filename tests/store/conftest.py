@@ -7,6 +7,7 @@ import pytest
 from sqlalchemy import text
 
 from crogia.store import Database
+from crogia.store.tables import Base
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -20,6 +21,7 @@ async def db(request: pytest.FixtureRequest, data_dir: Path) -> AsyncIterator[Da
     yield database
     if request.param == "postgres":
         async with database.engine.begin() as conn:
-            for table in ("events", "messages", "processes", "tasks", "sessions", "alembic_version"):
+            tables = [table.name for table in reversed(Base.metadata.sorted_tables)]
+            for table in (*tables, "alembic_version"):
                 await conn.execute(text(f"DROP TABLE IF EXISTS {table} CASCADE"))
     await database.close()

@@ -16,7 +16,7 @@ from typing import Any
 from crogia.agent.compaction import SUMMARY_INSTRUCTIONS, ContextView, transcript
 from crogia.agent.context import ContextKeeper, ContextSettings
 from crogia.agent.conversation import CANCELLED, INTERRUPTED, close_open_tool_calls
-from crogia.agent.errors import AgentStuck, ContextOverflow, MaxTurnsExceeded, TaskLimitReached
+from crogia.agent.errors import AgentError, AgentStuck, ContextOverflow, MaxTurnsExceeded, TaskLimitReached
 from crogia.agent.guards import StuckGuard, batches
 from crogia.agent.host import ToolHost
 from crogia.agent.model import ModelCaller
@@ -83,17 +83,23 @@ class TaskRun:
         self._partial: list[str] = []
         """Text streamed so far in the turn in flight (kept if the run is cancelled)."""
         self._running: list[ToolCallRequest] = []
+        self._deadline: asyncio.Timeout | None = None
 
     async def execute(self, task: str) -> RunOutcome:
+        """Run the task; an `AgentError` carries the tokens used so far in `context["usage"]`."""
         try:
             async with asyncio.timeout(self.limits.timeout or None) as deadline:
+                self._deadline = deadline
                 return await self._execute(task)
         except TimeoutError:
             if not deadline.expired():
                 raise
-            raise TaskLimitReached(
-                f"the task ran out of time after {self.limits.timeout:g}s (TASK_TIMEOUT)"
-            ) from None
+            error = TaskLimitReached(f"the task ran out of time after {self.limits.timeout:g}s (TASK_TIMEOUT)")
+            error.context["usage"] = self.usage.as_dict()
+            raise error from None
+        except AgentError as exc:
+            exc.context["usage"] = self.usage.as_dict()
+            raise
 
     async def _execute(self, task: str) -> RunOutcome:
         # A history saved by a server that died mid-tool has unanswered calls the API would reject.
@@ -228,10 +234,12 @@ class TaskRun:
         if self._partial:
             # The user saw this text stream; keep it so the model knows what it already said.
             self.messages.append({"role": "assistant", "content": "".join(self._partial)})
-        close_open_tool_calls(self.messages, CANCELLED)
+        timed_out = self._deadline is not None and self._deadline.expired()
+        note = "stopped: the task ran out of time (TASK_TIMEOUT)" if timed_out else CANCELLED
+        close_open_tool_calls(self.messages, note)
         await self._save()
         for call in self._running:
-            await self._tool_complete(call, ToolResult(CANCELLED, is_error=True))
+            await self._tool_complete(call, ToolResult(note, is_error=True))
 
     async def _save(self) -> None:
         # A snapshot: the caller may keep it while the run goes on appending.

@@ -84,13 +84,24 @@ class SessionPublic(_Model):
     label: str
     image: str
     metadata: dict[str, Any]
+    usage: dict[str, int] = Field(default_factory=dict, description="Tokens used by all its tasks.")
 
 
 # --- tasks ---
 
 
 class TaskCreate(_Request):
+    # Unknown fields are refused here: a misspelt option (`max_turn`) must not be silently dropped.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     task: str = Field(..., min_length=1, max_length=1_000_000, pattern=NO_NUL)
+    model: str | None = Field(
+        None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/@+-]+$", description="Overrides MODEL_NAME."
+    )
+    max_turns: int | None = Field(None, ge=1, le=1000, description="Overrides MAX_TURNS.")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = Field(
+        None, description="Overrides MODEL_REASONING_EFFORT (reasoning models only)."
+    )
 
 
 class TaskAccepted(_Model):

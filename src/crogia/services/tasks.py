@@ -13,7 +13,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from crogia.agent.loop import Agent, AgentError
+from crogia.agent.loop import Agent, AgentError, ContextView, TaskOptions
+from crogia.agent.stream import sum_usage
 from crogia.bus import EventBus
 from crogia.errors import Conflict, NotFound
 from crogia.events import ErrorEvent, TaskCancelled, TaskCompleted, TaskFailed, TaskStarted, _Event
@@ -36,6 +37,8 @@ class _Worker:
     running: tuple[str, asyncio.Task[None]] | None = None
     cancelled: set[str] = field(default_factory=set)
     """Tasks the user cancelled (queued or running)."""
+    options: dict[str, TaskOptions] = field(default_factory=dict)
+    """Per-task options of queued tasks (a restart fails queued tasks, so memory is enough)."""
 
 
 class TaskService:
@@ -73,6 +76,17 @@ class TaskService:
         async with self.db.session() as db:
             return await repo.conversation(db, session_id=session_id)
 
+    async def usage(self, session_id: str) -> dict[str, int]:
+        """Tokens used by all the session's tasks."""
+        async with self.db.session() as db:
+            return sum_usage(await repo.task_usages(db, session_id=session_id))
+
+    async def context_view(self, session_id: str) -> ContextView:
+        """What the agent sends its model in place of the start of the conversation."""
+        async with self.db.session() as db:
+            head, covers = await repo.context_view(db, session_id=session_id)
+        return ContextView(head=head, covers=covers)
+
     def is_running(self, session_id: str) -> bool:
         worker = self._workers.get(session_id)
         return worker is not None and worker.running is not None
@@ -84,7 +98,7 @@ class TaskService:
 
     # --- commands ---
 
-    async def submit(self, live: LiveSession, text: str) -> TaskRow:
+    async def submit(self, live: LiveSession, text: str, options: TaskOptions | None = None) -> TaskRow:
         row = TaskRow(id=str(uuid.uuid4()), session_id=live.id, task=text, status="queued", usage={})
         row.created = utcnow()
         async with self.db.transaction() as db:
@@ -94,6 +108,8 @@ class TaskService:
         if worker is None or worker.task is None or worker.task.done():
             worker = self._workers[live.id] = _Worker()
             worker.task = asyncio.create_task(self._work(live, worker), name=f"crogia-tasks-{live.id}")
+        if options is not None:
+            worker.options[row.id] = options
         worker.queue.put_nowait(row.id)
         return row
 
@@ -146,7 +162,8 @@ class TaskService:
                 row = await self.get(live.id, task_id)
                 if row.status != "queued":
                     continue
-                run = asyncio.create_task(self._run(live, row), name=f"crogia-task-{task_id}")
+                options = worker.options.pop(task_id, None)
+                run = asyncio.create_task(self._run(live, row, options), name=f"crogia-task-{task_id}")
                 worker.running = (task_id, run)
                 try:
                     await asyncio.wait({run})
@@ -172,11 +189,12 @@ class TaskService:
             if row.status == "queued":
                 await self._end(row, "cancelled", TaskCancelled(task=row.task, task_id=row.id))
 
-    async def _run(self, live: LiveSession, row: TaskRow) -> None:
+    async def _run(self, live: LiveSession, row: TaskRow, options: TaskOptions | None) -> None:
         async with self.db.transaction() as db:
             await repo.update_task(db, task_id=row.id, status="running", started=utcnow())
         await self.bus.publish(live.id, TaskStarted(task=row.task, task_id=row.id))
         history = await self.conversation(live.id)
+        view = await self.context_view(live.id)
         stored = len(history)
 
         async def emit(event: _Event) -> None:
@@ -191,14 +209,28 @@ class TaskService:
                 await repo.touch_session(db, session_id=live.id)
             stored = len(messages)
 
+        async def save_view(new: ContextView) -> None:
+            async with self.db.transaction() as db:
+                await repo.set_context_view(db, session_id=live.id, head=new.head, covers=new.covers)
+
         host = SessionToolHost(live, self.shell, self.processes)
         try:
-            outcome = await self.agent.run(row.task, history, host, emit=emit, save=save, task_id=row.id)
+            outcome = await self.agent.run(
+                row.task,
+                history,
+                host,
+                emit=emit,
+                save=save,
+                task_id=row.id,
+                view=view,
+                save_view=save_view,
+                options=options,
+            )
         except asyncio.CancelledError:
             await asyncio.shield(self._end(row, "cancelled", TaskCancelled(task=row.task, task_id=row.id)))
             raise
         except AgentError as exc:
-            await self._fail(row, exc.message)
+            await self._fail(row, exc.message, exc.context.get("usage"))
         except Exception as exc:
             log.exception("task %s failed", row.id)
             await self._fail(row, f"The task failed: {type(exc).__name__}.")
@@ -208,9 +240,10 @@ class TaskService:
                 row, "completed", TaskCompleted(task=row.task, usage=usage, task_id=row.id), usage=usage
             )
 
-    async def _fail(self, row: TaskRow, message: str) -> None:
+    async def _fail(self, row: TaskRow, message: str, usage: dict[str, int] | None = None) -> None:
         await self.bus.publish(row.session_id, ErrorEvent(message=message, task_id=row.id))
-        await self._end(row, "failed", TaskFailed(task=row.task, message=message, task_id=row.id), message)
+        failed = TaskFailed(task=row.task, message=message, task_id=row.id)
+        await self._end(row, "failed", failed, message, usage=usage)
 
     async def _end(
         self,

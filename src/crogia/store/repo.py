@@ -10,7 +10,15 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from crogia.store.tables import EventRow, MessageRow, ProcessRow, SessionRow, TaskRow, utcnow
+from crogia.store.tables import (
+    ContextViewRow,
+    EventRow,
+    MessageRow,
+    ProcessRow,
+    SessionRow,
+    TaskRow,
+    utcnow,
+)
 
 # --- sessions ---
 
@@ -36,7 +44,7 @@ async def touch_session(db: AsyncSession, *, session_id: str, **values: Any) -> 
 
 async def delete_session(db: AsyncSession, *, session_id: str) -> None:
     # Explicit child deletes: SQLite enforces ON DELETE CASCADE only with the pragma, PostgreSQL always.
-    for table in (EventRow, MessageRow, ProcessRow, TaskRow):
+    for table in (EventRow, MessageRow, ContextViewRow, ProcessRow, TaskRow):
         await db.execute(delete(table).where(table.session_id == session_id))
     await db.execute(delete(SessionRow).where(SessionRow.id == session_id))
 
@@ -128,6 +136,25 @@ async def append_messages(
         for i, message in enumerate(messages)
     ]
     await db.execute(insert(MessageRow), rows)
+
+
+async def context_view(db: AsyncSession, *, session_id: str) -> tuple[list[dict[str, Any]], int]:
+    """(head, covers) of the session's compacted view; ([], 0) when it was never compacted."""
+    row = await db.get(ContextViewRow, session_id)
+    return ([], 0) if row is None else (list(row.head), row.covers)
+
+
+async def set_context_view(db: AsyncSession, *, session_id: str, head: list[dict[str, Any]], covers: int) -> None:
+    row = await db.get(ContextViewRow, session_id)
+    if row is None:
+        db.add(ContextViewRow(session_id=session_id, head=head, covers=covers))
+    else:
+        row.head, row.covers = head, covers
+
+
+async def task_usages(db: AsyncSession, *, session_id: str) -> list[dict[str, Any]]:
+    """The `usage` of every task of the session (for the session's total)."""
+    return list((await db.scalars(select(TaskRow.usage).where(TaskRow.session_id == session_id))).all())
 
 
 # --- processes ---

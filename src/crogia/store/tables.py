@@ -84,6 +84,19 @@ class MessageRow(Base):
     message: Mapped[dict[str, Any]] = mapped_column()
 
 
+class ContextViewRow(Base):
+    """The compacted form of a session's conversation the agent sends its model (one per session).
+
+    `head` stands for the first `covers` rows of `messages`; the view is `head` + the rest.
+    """
+
+    __tablename__ = "context_views"
+
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), primary_key=True)
+    covers: Mapped[int] = mapped_column(Integer, default=0)
+    head: Mapped[list[Any]] = mapped_column(default=list)
+
+
 class ProcessRow(Base):
     __tablename__ = "processes"
     __table_args__ = (Index("ix_processes_session_pid", "session_id", "pid"),)

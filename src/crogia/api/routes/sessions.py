@@ -30,6 +30,7 @@ async def session_public(runtime: Runtime, row: SessionRow) -> SessionPublic:
         label=row.label,
         image=row.image,
         metadata=row.meta,
+        usage=await runtime.tasks.usage(row.id),
     )
 
 

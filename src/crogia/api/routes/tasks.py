@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from crogia.agent.loop import TaskOptions
 from crogia.api.deps import LiveDep, RuntimeDep, SessionRowDep
 from crogia.api.errors import ERRORS
 from crogia.api.schemas import Conversation, TaskAccepted, TaskCreate, TaskPublic
@@ -32,7 +33,8 @@ async def create_task(body: TaskCreate, live: LiveDep, runtime: RuntimeDep) -> T
     """Answers at once; progress streams over `WS /ws/{session_id}`."""
     if runtime.stopping:
         raise Unavailable("The server is shutting down; post the task again once it is back.")
-    row = await runtime.tasks.submit(live, body.task)
+    options = TaskOptions(model=body.model, max_turns=body.max_turns, reasoning_effort=body.reasoning_effort)
+    row = await runtime.tasks.submit(live, body.task, options)
     return TaskAccepted(message="Task started", task=row.task, task_id=row.id, status=row.status)
 
 
