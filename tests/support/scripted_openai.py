@@ -1,7 +1,8 @@
-"""A scripted OpenAI-compatible Chat Completions server on 127.0.0.1, for tests and benchmarks.
+"""A scripted OpenAI-compatible server on 127.0.0.1 (Chat Completions and Responses), for tests.
 
-It speaks the real protocol over real HTTP/1.1 (keep-alive, chunked SSE `data: {...}` lines
-ending with `data: [DONE]`), so the official `openai` client runs unmodified against it::
+It speaks the real protocols over real HTTP/1.1 (keep-alive, chunked SSE: `data: {...}` lines
+ending with `data: [DONE]` for Chat Completions, `event:`/`data:` pairs ending with
+`response.completed` for Responses), so the official `openai` client runs unmodified::
 
     from tests.support.scripted_openai import Call, HttpError, Reply, ScriptedOpenAI
 
@@ -14,11 +15,14 @@ ending with `data: [DONE]`), so the official `openai` client runs unmodified aga
         ...
         server.requests[0]["messages"]   # what the model was sent (parsed JSON bodies)
 
-Each POST to `.../chat/completions` takes the next scripted item: a `Reply`, an `HttpError`,
+Each POST to `.../chat/completions` or `.../responses` takes the next scripted item: a `Reply`, an `HttpError`,
 or a responder callable `f(request_body) -> Reply | HttpError` (sync or async). When the
 script is empty the `responder=` fallback answers; without one the server answers HTTP 500
-"script exhausted", so a test that makes an unplanned call fails loudly. The server runs on
-the current event loop; every connection task is owned and cancelled on exit.
+"script exhausted", so a test that makes an unplanned call fails loudly. As OpenAI does, it
+answers 400 `context_length_exceeded` for a prompt past `context_limit` tokens (4 characters a
+token) and 400 `unsupported_parameter` for a parameter named in `unsupported`, without taking a
+scripted item. The server runs on the current event loop; every connection task is owned and
+cancelled on exit.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import asyncio
 import inspect
 import json
 from collections import deque
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -37,10 +42,13 @@ from tests.support.scripted_replies import (
     Reply,
     Responder,
     Scripted,
+    context_exceeded,
     error_body,
     reply_chunks,
     reply_completion,
+    unsupported_parameter,
 )
+from tests.support.scripted_responses import response_events
 
 __all__ = ["Call", "HttpError", "Reply", "Responder", "Scripted", "ScriptedOpenAI"]
 
@@ -56,7 +64,21 @@ _REASONS = {
 class ScriptedOpenAI:
     """The scripted server; use as `async with ScriptedOpenAI(*script) as server`."""
 
-    def __init__(self, *script: Scripted, responder: Responder | None = None) -> None:
+    def __init__(
+        self,
+        *script: Scripted,
+        responder: Responder | None = None,
+        context_limit: int = 0,
+        unsupported: tuple[str, ...] = (),
+        auto_usage: bool = False,
+    ) -> None:
+        self.context_limit = context_limit
+        """Prompts estimated past this many tokens get 400 context_length_exceeded (0: no limit)."""
+        self.unsupported = unsupported
+        self.auto_usage = auto_usage
+        """Replies without scripted usage report the prompt's estimated tokens (and 10 completion)."""
+        self.paths: list[str] = []
+        """The path of every request in `requests`."""
         self.script: deque[Scripted] = deque(script)
         """Items still to answer, in order; `add()` appends more."""
         self.responder = responder
@@ -76,6 +98,11 @@ class ScriptedOpenAI:
         """The `messages` the model was sent in request number `request` (default: the last)."""
         messages: list[dict[str, Any]] = self.requests[request]["messages"]
         return messages
+
+    def inputs(self, request: int = -1) -> list[dict[str, Any]]:
+        """The `input` items of Responses request number `request` (default: the last)."""
+        items: list[dict[str, Any]] = self.requests[request]["input"]
+        return items
 
     async def __aenter__(self) -> ScriptedOpenAI:
         self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
@@ -119,7 +146,8 @@ class ScriptedOpenAI:
             k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)
         }
         body = await reader.readexactly(int(headers.get("content-length", "0")))
-        if method != "POST" or not target.split("?")[0].endswith("/chat/completions"):
+        path = target.split("?")[0]
+        if method != "POST" or not path.endswith(("/chat/completions", "/responses")):
             await _send_json(writer, 404, {"error": {"message": f"no route {method} {target}"}})
             return True
         try:
@@ -128,16 +156,30 @@ class ScriptedOpenAI:
             await _send_json(writer, 400, {"error": {"message": "request body is not JSON"}})
             return True
         self.requests.append(request)
-        answer = await self._next_answer(request)
+        self.paths.append(path)
+        answer = self._refusal(request) or await self._next_answer(request)
+        if isinstance(answer, Reply) and answer.usage is None and self.auto_usage:
+            answer = replace(answer, usage=(prompt_tokens(request), 10))
         if isinstance(answer, HttpError):
             await _send_error(writer, answer)
             return True
+        if path.endswith("/responses"):
+            return await self._stream_responses(writer, answer)
         if not request.get("stream"):
             await _send_json(
                 writer, 200, reply_completion(answer, request_no=len(self.requests), model=_model(request))
             )
             return True
         return await self._stream(writer, answer, request)
+
+    def _refusal(self, request: dict[str, Any]) -> HttpError | None:
+        for name in self.unsupported:
+            if name in request:
+                return unsupported_parameter(name)
+        tokens = prompt_tokens(request)
+        if self.context_limit and tokens > self.context_limit:
+            return context_exceeded(self.context_limit, tokens)
+        return None
 
     async def _next_answer(self, request: dict[str, Any]) -> Answer:
         item = self.script.popleft() if self.script else self.responder
@@ -167,6 +209,30 @@ class ScriptedOpenAI:
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return True
+
+
+    async def _stream_responses(self, writer: asyncio.StreamWriter, reply: Reply) -> bool:
+        events = response_events(reply, request_no=len(self.requests), model=_model(self.requests[-1]))
+        writer.write(_SSE_HEAD)
+        for n, (name, payload) in enumerate(events):
+            if n == reply.break_after:
+                return await _stop_early(writer, reply)
+            if n and reply.delay:
+                await asyncio.sleep(reply.delay)
+            _write_chunk(writer, f"event: {name}\ndata: {json.dumps(payload)}\n\n".encode())
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+
+_SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+def prompt_tokens(request: dict[str, Any]) -> int:
+    """The request's prompt in tokens, as this server counts them (4 characters a token)."""
+    prompt = request.get("messages") or [request.get("instructions"), request.get("input")]
+    return len(json.dumps(prompt)) // 4
 
 
 async def _stop_early(writer: asyncio.StreamWriter, reply: Reply) -> bool:

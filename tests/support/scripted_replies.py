@@ -40,10 +40,12 @@ class Reply:
     chunk_size: int = 8
     delay: float = 0.0
     """Seconds to wait before each chunk after the first (slow tokens)."""
-    usage: tuple[int, int] | None = None
-    """(prompt_tokens, completion_tokens): sent as the final usage chunk when the request asks
-    for usage. None sends no usage chunk (as some OpenAI-compatible servers do), so a test's
-    token sums count only what it scripted."""
+    usage: tuple[int, int] | tuple[int, int, int, int] | None = None
+    """(prompt_tokens, completion_tokens[, cached_tokens, reasoning_tokens]): sent as the final
+    usage chunk when the request asks for usage. None sends no usage chunk (as some
+    OpenAI-compatible servers do) unless the server counts usage itself (`auto_usage`)."""
+    reasoning: str | None = None
+    """Responses API: a reasoning item first, with this summary and an encrypted_content blob."""
     break_after: int | None = None
     """Stop after this many chunks (the first is the role chunk), without `[DONE]`."""
     drop: Literal["abort", "eof"] = "abort"
@@ -62,6 +64,8 @@ class HttpError:
     retry_after: float | None = None
     """Sent as the `retry-after` header (seconds) when set."""
     headers: Mapping[str, str] = field(default_factory=dict)
+    code: str | None = None
+    param: str | None = None
 
 
 Answer: TypeAlias = Reply | HttpError
@@ -103,11 +107,13 @@ class ChunkFactory:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return {**self.base, "choices": [choice]}
 
-    def usage(self, prompt: int, completion: int) -> dict[str, Any]:
+    def usage(self, prompt: int, completion: int, cached: int = 0, reasoning: int = 0) -> dict[str, Any]:
         usage = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0},
         }
         return {**self.base, "choices": [], "usage": usage}
 
@@ -167,4 +173,19 @@ def error_body(error: HttpError) -> dict[str, Any]:
         if error.status >= 500
         else "invalid_request_error"
     )
-    return {"error": {"message": error.message, "type": kind, "param": None, "code": None}}
+    return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
+
+
+def context_exceeded(limit: int, tokens: int) -> HttpError:
+    """What OpenAI answers for a prompt past the model's window."""
+    message = (
+        f"This model's maximum context length is {limit} tokens. However, your messages resulted in "
+        f"{tokens} tokens. Please reduce the length of the messages."
+    )
+    return HttpError(400, message, code="context_length_exceeded", param="messages")
+
+
+def unsupported_parameter(name: str) -> HttpError:
+    """What OpenAI answers for a parameter the model does not take."""
+    message = f"Unsupported parameter: '{name}' is not supported with this model."
+    return HttpError(400, message, code="unsupported_parameter", param=name)
