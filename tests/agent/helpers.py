@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from crogia.agent.loop import Agent, RunOutcome
+from crogia.agent.loop import Agent, ContextView, RunOutcome
 from crogia.events import Event
 from tests.agent.local_host import LocalToolHost
 
@@ -17,12 +17,16 @@ class Recorder:
     def __init__(self) -> None:
         self.events: list[Event] = []
         self.saved: list[list[dict[str, Any]]] = []
+        self.views: list[ContextView] = []
 
     async def emit(self, event: Event) -> None:
         self.events.append(event)
 
     async def save(self, messages: list[dict[str, Any]]) -> None:
         self.saved.append(messages)
+
+    async def save_view(self, view: ContextView) -> None:
+        self.views.append(view)
 
     @property
     def conversation(self) -> list[dict[str, Any]]:
@@ -56,7 +60,15 @@ async def run_task(
     host: LocalToolHost,
     recorder: Recorder,
     history: list[dict[str, Any]] | None = None,
+    view: ContextView | None = None,
 ) -> RunOutcome:
     return await agent.run(
-        task, history or [], host, emit=recorder.emit, save=recorder.save, task_id="task-1"
+        task,
+        history or [],
+        host,
+        emit=recorder.emit,
+        save=recorder.save,
+        task_id="task-1",
+        view=view,
+        save_view=recorder.save_view,
     )

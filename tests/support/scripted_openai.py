@@ -50,7 +50,7 @@ from tests.support.scripted_replies import (
 )
 from tests.support.scripted_responses import response_events
 
-__all__ = ["Call", "HttpError", "Reply", "Responder", "Scripted", "ScriptedOpenAI"]
+__all__ = ["Call", "HttpError", "Reply", "Responder", "Scripted", "ScriptedOpenAI", "prompt_tokens"]
 
 _REASONS = {
     200: "OK",
