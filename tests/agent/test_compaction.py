@@ -88,7 +88,9 @@ async def test_context_length_exceeded_compacts_and_retries_once(
     summary = Reply("TASK: earlier task. DONE: read three files.")
     async with ScriptedOpenAI(summary, Reply("continued"), context_limit=3000) as server:
         # The agent thinks its window is large: only the server's 400 can tell it otherwise.
-        agent = make_agent(base_url=server.base_url, api=api, context=ContextSettings(input_tokens=100_000, keep_turns=1))
+        agent = make_agent(
+            base_url=server.base_url, api=api, context=ContextSettings(input_tokens=100_000, keep_turns=1)
+        )
         outcome = await run_task(agent, "continue", host, recorder, history=history)
 
     assert outcome.final_text == "continued"
@@ -131,7 +133,9 @@ async def test_old_tool_outputs_are_cut_first_and_the_last_turns_kept_whole() ->
     assert done.strategy == "truncate_tool_outputs" and done.tokens_after < keeper.settings.threshold
     view = keeper.messages()
     outputs = [m["content"] for m in view if m["role"] == "tool"]
-    assert all("cut by context compaction" in o and o.startswith(f"head{i}") for i, o in enumerate(outputs[:4]))
+    assert all(
+        "cut by context compaction" in o and o.startswith(f"head{i}") for i, o in enumerate(outputs[:4])
+    )
     assert all(o.endswith(f"tail{i}") for i, o in enumerate(outputs))
     assert [len(o) for o in outputs[4:]] == [len(m["content"]) for m in full[-3::2]]
     assert len(full[2]["content"]) > 9000  # the full history is untouched

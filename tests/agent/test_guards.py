@@ -49,7 +49,9 @@ async def test_task_max_tokens_ends_the_task_with_its_reason(
 ) -> None:
     scripted.add(*[Reply(tool_calls=[Call("list_directory", {})], usage=(100, 20))] * 3)
     agent = make_agent(limits=RunLimits(max_tokens=250))
-    with pytest.raises(TaskLimitReached, match=r"used 360 tokens, reaching its limit of 250 \(TASK_MAX_TOKENS\)") as caught:
+    with pytest.raises(
+        TaskLimitReached, match=r"used 360 tokens, reaching its limit of 250 \(TASK_MAX_TOKENS\)"
+    ) as caught:
         await run_task(agent, "go", host, recorder)
 
     assert len(scripted.requests) == 3 and caught.value.context["usage"]["total_tokens"] == 360
@@ -77,5 +79,7 @@ async def test_max_turns_per_task_overrides_the_agent_setting(
     scripted.add(*[Reply(tool_calls=[Call("list_directory", {})])] * 2)
     agent = make_agent(max_turns=50)
     with pytest.raises(MaxTurnsExceeded, match="limit of 2 model turns"):
-        await agent.run("go", [], host, emit=recorder.emit, save=recorder.save, options=TaskOptions(max_turns=2))
+        await agent.run(
+            "go", [], host, emit=recorder.emit, save=recorder.save, options=TaskOptions(max_turns=2)
+        )
     assert len(scripted.requests) == 2

@@ -57,7 +57,13 @@ async def test_read_only_calls_run_together_and_report_in_call_order(
     (host.workspace.root / "a.txt").write_text("A\n")
     calls = [Call("list_processes", {}, id=f"p{n}") for n in range(3)]
     scripted.add(
-        Reply(tool_calls=[*calls, Call("run_shell", {"cmd": "echo shell"}, id="s"), Call("read_file", {"path": "a.txt"}, id="r")]),
+        Reply(
+            tool_calls=[
+                *calls,
+                Call("run_shell", {"cmd": "echo shell"}, id="s"),
+                Call("read_file", {"path": "a.txt"}, id="r"),
+            ]
+        ),
         Reply("done"),
     )
     outcome = await run_task(make_agent(), "go", gated, recorder)
@@ -67,9 +73,8 @@ async def test_read_only_calls_run_together_and_report_in_call_order(
     assert [c.call_id for c in completes] == ["p0", "p1", "p2", "s", "r"]
     assert not any(c.is_error for c in completes)
     kinds = [(e.type, e.call_id) for e in recorder.events if e.type in ("tool_call", "tool_complete")]
-    assert kinds[:6] == [("tool_call", "p0"), ("tool_call", "p1"), ("tool_call", "p2")] + [
-        ("tool_complete", "p0"), ("tool_complete", "p1"), ("tool_complete", "p2")
-    ]  # fmt: skip
+    ids = ["p0", "p1", "p2"]
+    assert kinds[:6] == [*(("tool_call", i) for i in ids), *(("tool_complete", i) for i in ids)]
     tool_ids = [m["tool_call_id"] for m in scripted.messages(1) if m["role"] == "tool"]
     assert tool_ids == ["p0", "p1", "p2", "s", "r"]
     assert_valid_conversation(recorder.conversation)
@@ -92,6 +97,9 @@ async def test_a_cancel_stops_every_call_of_the_batch(
         raise AssertionError("the run was not cancelled")
 
     completes = recorder.of_type("tool_complete")
-    assert [(c.call_id, c.output, c.is_error) for c in completes] == [("a", CANCELLED, True), ("b", CANCELLED, True)]
+    assert [(c.call_id, c.output, c.is_error) for c in completes] == [
+        ("a", CANCELLED, True),
+        ("b", CANCELLED, True),
+    ]
     assert_valid_conversation(recorder.conversation)
     assert [m["content"] for m in recorder.conversation if m["role"] == "tool"] == [CANCELLED, CANCELLED]

@@ -45,7 +45,9 @@ async def test_the_responses_api_gets_its_own_parameter_names(
     scripted: ScriptedOpenAI, make_agent: MakeAgent, host: LocalToolHost, recorder: Recorder
 ) -> None:
     scripted.add(Reply("ok"))
-    agent = make_agent(model="o4-mini", api="responses", profile={"temperature": 0.3, "reasoning_effort": "high"})
+    agent = make_agent(
+        model="o4-mini", api="responses", profile={"temperature": 0.3, "reasoning_effort": "high"}
+    )
     await run_task(agent, "hi", host, recorder)
 
     [request] = scripted.requests

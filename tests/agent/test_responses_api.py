@@ -16,7 +16,9 @@ async def test_reasoning_items_go_back_to_the_model_on_the_next_turn(
 ) -> None:
     (host.workspace.root / "a.txt").write_text("alpha\n")
     scripted.add(
-        Reply("Reading.", reasoning="look at a.txt", tool_calls=[Call("read_file", {"path": "a.txt"}, pieces=4)]),
+        Reply(
+            "Reading.", reasoning="look at a.txt", tool_calls=[Call("read_file", {"path": "a.txt"}, pieces=4)]
+        ),
         Reply("It says alpha.", reasoning="done", usage=(300, 40, 200, 25)),
     )
     agent = make_agent(model="o4-mini", api="responses")
@@ -86,7 +88,13 @@ async def test_bad_tool_calls_on_the_responses_api_go_back_to_the_model(
     scripted: ScriptedOpenAI, make_agent: MakeAgent, host: LocalToolHost, recorder: Recorder
 ) -> None:
     scripted.add(
-        Reply(tool_calls=[Call("read_file", '{"path": '), Call("no_such_tool", {}), Call("list_directory", {}, id="")]),
+        Reply(
+            tool_calls=[
+                Call("read_file", '{"path": '),
+                Call("no_such_tool", {}),
+                Call("list_directory", {}, id=""),
+            ]
+        ),
         Reply("recovered"),
     )
     outcome = await run_task(make_agent(api="responses"), "hi", host, recorder)
@@ -108,4 +116,6 @@ async def test_a_failed_response_event_is_retried_then_ends_the_run(
     assert outcome.final_text == "x"
     with pytest.raises(ModelError):
         async with ScriptedOpenAI() as empty:
-            await run_task(make_agent(base_url=empty.base_url, api="responses", retries=0), "hi", host, recorder)
+            await run_task(
+                make_agent(base_url=empty.base_url, api="responses", retries=0), "hi", host, recorder
+            )

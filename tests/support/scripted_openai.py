@@ -15,8 +15,8 @@ ending with `data: [DONE]` for Chat Completions, `event:`/`data:` pairs ending w
         ...
         server.requests[0]["messages"]   # what the model was sent (parsed JSON bodies)
 
-Each POST to `.../chat/completions` or `.../responses` takes the next scripted item: a `Reply`, an `HttpError`,
-or a responder callable `f(request_body) -> Reply | HttpError` (sync or async). When the
+Each POST to `.../chat/completions` or `.../responses` takes the next scripted item: a `Reply`,
+an `HttpError`, or a responder callable `f(request_body) -> Reply | HttpError` (sync or async). When the
 script is empty the `responder=` fallback answers; without one the server answers HTTP 500
 "script exhausted", so a test that makes an unplanned call fails loudly. As OpenAI does, it
 answers 400 `context_length_exceeded` for a prompt past `context_limit` tokens (4 characters a
@@ -209,7 +209,6 @@ class ScriptedOpenAI:
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return True
-
 
     async def _stream_responses(self, writer: asyncio.StreamWriter, reply: Reply) -> bool:
         events = response_events(reply, request_no=len(self.requests), model=_model(self.requests[-1]))

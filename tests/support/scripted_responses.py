@@ -60,16 +60,28 @@ def response_events(reply: Reply, *, request_no: int, model: str) -> list[tuple[
     n = request_no
     if reply.reasoning is not None:
         summary = [{"type": "summary_text", "text": reply.reasoning}]
-        item = {"id": f"rs_{n}", "type": "reasoning", "summary": summary, "encrypted_content": f"enc:{n}:opaque"}
+        item = {
+            "id": f"rs_{n}",
+            "type": "reasoning",
+            "summary": summary,
+            "encrypted_content": f"enc:{n}:opaque",
+        }
         delta = ("response.reasoning_summary_text.delta", {"summary_index": 0, "delta": reply.reasoning})
         out.item(item, [delta])
     pieces = text_pieces(reply)
     if pieces:
         text = "".join(pieces)
         part = {"type": "output_text", "text": text, "annotations": []}
-        message = {"id": f"msg_{n}", "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+        message = {
+            "id": f"msg_{n}",
+            "type": "message",
+            "status": "completed",
+            "role": "assistant",
+            "content": [part],
+        }
         deltas = [
-            ("response.output_text.delta", {"content_index": 0, "delta": piece, "logprobs": []}) for piece in pieces
+            ("response.output_text.delta", {"content_index": 0, "delta": piece, "logprobs": []})
+            for piece in pieces
         ]
         deltas.append(("response.output_text.done", {"content_index": 0, "text": text, "logprobs": []}))
         out.item(message, deltas)
@@ -84,7 +96,10 @@ def response_events(reply: Reply, *, request_no: int, model: str) -> list[tuple[
             "name": call.name,
             "arguments": arguments,
         }
-        deltas = [("response.function_call_arguments.delta", {"delta": p}) for p in split_evenly(arguments, call.pieces)]
+        deltas = [
+            ("response.function_call_arguments.delta", {"delta": p})
+            for p in split_evenly(arguments, call.pieces)
+        ]
         deltas.append(("response.function_call_arguments.done", {"arguments": arguments}))
         out.item(item, deltas)
     _finish(out, reply)

@@ -118,5 +118,7 @@ def transcript(messages: list[dict[str, Any]], *, max_chars: int, per_message: i
     text = "\n\n".join(lines)
     if len(text) > max_chars:
         half = max_chars // 2
-        text = text[:half] + "\n\n[... the middle of the history was too long to include ...]\n\n" + text[-half:]
+        text = (
+            text[:half] + "\n\n[... the middle of the history was too long to include ...]\n\n" + text[-half:]
+        )
     return text

@@ -90,7 +90,8 @@ class ContextKeeper:
         if self.compactions >= settings.max_compactions:
             raise ContextOverflow(
                 f"the conversation outgrew the model's window again after {self.compactions} "
-                "compactions in this task (CONTEXT_MAX_COMPACTIONS); start a new session or raise MODEL_CONTEXT_TOKENS"
+                "compactions in this task (CONTEXT_MAX_COMPACTIONS); "
+                "start a new session or raise MODEL_CONTEXT_TOKENS"
             )
         before = self.tokens()
         target = int(settings.threshold * 0.6)  # well under the threshold: no compaction next turn
@@ -108,7 +109,9 @@ class ContextKeeper:
             strategy += "+truncate_recent"
         after = self._size(new)
         if after >= before:
-            raise ContextOverflow("the conversation does not fit the model's window and nothing is left to compact")
+            raise ContextOverflow(
+                "the conversation does not fit the model's window and nothing is left to compact"
+            )
         self.compactions += 1
         self.view = ContextView(head=new, covers=len(self.full))
         self._base_tokens, self._base_len = after, len(self.full)

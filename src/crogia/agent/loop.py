@@ -49,7 +49,6 @@ class TaskOptions:
     reasoning_effort: str | None = None
 
 
-
 class Agent:
     """Runs tasks against one model; safe to share between sessions (it keeps no run state)."""
 
@@ -151,7 +150,9 @@ class Agent:
         options = options or TaskOptions()
         caller = self._model_caller(options.model or self.model, options.reasoning_effort)
         prompt = self.system_prompt() if callable(self.system_prompt) else self.system_prompt
-        limits = self.limits if options.max_turns is None else replace(self.limits, max_turns=options.max_turns)
+        limits = (
+            self.limits if options.max_turns is None else replace(self.limits, max_turns=options.max_turns)
+        )
         run = TaskRun(
             caller,
             self.toolbox,
@@ -223,7 +224,9 @@ class Agent:
     def _new_client(self) -> AsyncOpenAI:
         if self._given_client is not None:
             return self._given_client.with_options(max_retries=0)
-        return AsyncOpenAI(api_key=self._api_key, base_url=self._base_url, timeout=self._timeout, max_retries=0)
+        return AsyncOpenAI(
+            api_key=self._api_key, base_url=self._base_url, timeout=self._timeout, max_retries=0
+        )
 
 
 @dataclass(frozen=True, slots=True)

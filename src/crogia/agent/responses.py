@@ -131,7 +131,11 @@ def responses_input(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         role = message.get("role")
         if role == "tool":
             items.append(
-                {"type": "function_call_output", "call_id": message.get("tool_call_id"), "output": message.get("content") or ""}
+                {
+                    "type": "function_call_output",
+                    "call_id": message.get("tool_call_id"),
+                    "output": message.get("content") or "",
+                }
             )
         elif role == "assistant" and message.get(ITEMS):
             items.extend(message[ITEMS])

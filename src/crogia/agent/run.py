@@ -94,7 +94,9 @@ class TaskRun:
         except TimeoutError:
             if not deadline.expired():
                 raise
-            error = TaskLimitReached(f"the task ran out of time after {self.limits.timeout:g}s (TASK_TIMEOUT)")
+            error = TaskLimitReached(
+                f"the task ran out of time after {self.limits.timeout:g}s (TASK_TIMEOUT)"
+            )
             error.context["usage"] = self.usage.as_dict()
             raise error from None
         except AgentError as exc:
@@ -134,7 +136,9 @@ class TaskRun:
         used, limit = self.usage.total_tokens, self.limits.max_tokens
         if limit and used >= limit:
             await self._stop(f"not run: the task reached its limit of {limit} tokens")
-            raise TaskLimitReached(f"the task used {used} tokens, reaching its limit of {limit} (TASK_MAX_TOKENS)")
+            raise TaskLimitReached(
+                f"the task used {used} tokens, reaching its limit of {limit} (TASK_MAX_TOKENS)"
+            )
 
     async def _model_turn(self) -> Turn:
         if self.context.over():

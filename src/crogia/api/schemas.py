@@ -96,7 +96,11 @@ class TaskCreate(_Request):
 
     task: str = Field(..., min_length=1, max_length=1_000_000, pattern=NO_NUL)
     model: str | None = Field(
-        None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/@+-]+$", description="Overrides MODEL_NAME."
+        None,
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9._:/@+-]+$",
+        description="Overrides MODEL_NAME.",
     )
     max_turns: int | None = Field(None, ge=1, le=1000, description="Overrides MAX_TURNS.")
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = Field(

@@ -144,7 +144,9 @@ async def context_view(db: AsyncSession, *, session_id: str) -> tuple[list[dict[
     return ([], 0) if row is None else (list(row.head), row.covers)
 
 
-async def set_context_view(db: AsyncSession, *, session_id: str, head: list[dict[str, Any]], covers: int) -> None:
+async def set_context_view(
+    db: AsyncSession, *, session_id: str, head: list[dict[str, Any]], covers: int
+) -> None:
     row = await db.get(ContextViewRow, session_id)
     if row is None:
         db.add(ContextViewRow(session_id=session_id, head=head, covers=covers))
