@@ -71,7 +71,9 @@ async def test_options_reach_the_model_and_usage_is_reported(
 
     o4, default = model.requests
     assert (o4["model"], o4["reasoning_effort"], o4["max_completion_tokens"]) == ("o4-mini", "low", 2000)
-    assert "temperature" not in o4 and default["model"] == "scripted-model" and "reasoning_effort" not in default
+    assert (
+        "temperature" not in o4 and default["model"] == "scripted-model" and "reasoning_effort" not in default
+    )
     assert done["usage"]["cached_tokens"] == 60 and done["usage"]["reasoning_tokens"] == 4
     session = (await agent_server.client.get(f"/api/sessions/{sid}")).json()
     assert session["usage"]["prompt_tokens"] == 300 and session["usage"]["reasoning_tokens"] == 12
@@ -91,7 +93,9 @@ def summarising(runs: int) -> Any:
             return Reply("still here")
         if state["runs"] < runs:
             state["runs"] += 1
-            return Reply(tool_calls=[Call("run_shell", {"cmd": f"python3 -c \"print('{state['runs']}' * 6000)\""})])
+            return Reply(
+                tool_calls=[Call("run_shell", {"cmd": f"python3 -c \"print('{state['runs']}' * 6000)\""})]
+            )
         return Reply("printed")
 
     return respond
