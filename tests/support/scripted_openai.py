@@ -198,14 +198,16 @@ class ScriptedOpenAI:
         )
         head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
         writer.write(head.encode())
-        for n, chunk in enumerate(chunks):
+        payloads = list(reply.raw) if reply.raw is not None else [json.dumps(chunk) for chunk in chunks]
+        for n, payload in enumerate(payloads):
             if n == reply.break_after:
                 return await _stop_early(writer, reply)
             if n and reply.delay:
                 await asyncio.sleep(reply.delay)
-            _write_chunk(writer, f"data: {json.dumps(chunk)}\n\n".encode())
+            _write_chunk(writer, f"data: {payload}\n\n".encode())
             await writer.drain()
-        _write_chunk(writer, b"data: [DONE]\n\n")
+        if reply.done:
+            _write_chunk(writer, b"data: [DONE]\n\n")
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return True

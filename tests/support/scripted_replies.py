@@ -46,6 +46,10 @@ class Reply:
     OpenAI-compatible servers do) unless the server counts usage itself (`auto_usage`)."""
     reasoning: str | None = None
     """Responses API: a reasoning item first, with this summary and an encrypted_content blob."""
+    raw: Sequence[str] | None = None
+    """Chat Completions: these `data:` payloads verbatim instead of the reply's chunks (bad servers)."""
+    done: bool = True
+    """Chat Completions: end with `data: [DONE]` (some servers just close the body)."""
     break_after: int | None = None
     """Stop after this many chunks (the first is the role chunk), without `[DONE]`."""
     drop: Literal["abort", "eof"] = "abort"
