@@ -193,8 +193,10 @@ class TaskService:
         async with self.db.transaction() as db:
             await repo.update_task(db, task_id=row.id, status="running", started=utcnow())
         await self.bus.publish(live.id, TaskStarted(task=row.task, task_id=row.id))
-        history = await self.conversation(live.id)
-        view = await self.context_view(live.id)
+        async with self.db.session() as db:
+            history = await repo.conversation(db, session_id=live.id)
+            head, covers = await repo.context_view(db, session_id=live.id)
+        view = ContextView(head=head, covers=covers)
         stored = len(history)
 
         async def emit(event: _Event) -> None:
@@ -206,8 +208,8 @@ class TaskService:
                 await repo.append_messages(
                     db, session_id=live.id, task_id=row.id, start=stored, messages=messages[stored:]
                 )
-                await repo.touch_session(db, session_id=live.id)
             stored = len(messages)
+            live.touch()  # activity is written to the store in batches (`flush_activity`), not per step
 
         async def save_view(new: ContextView) -> None:
             async with self.db.transaction() as db:
