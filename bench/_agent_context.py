@@ -8,6 +8,7 @@ So the figure excludes the model, the HTTP client and the tools, as the loop's b
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -117,3 +118,22 @@ async def compaction_ms(history: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens_after": done.tokens_after,
         "strategy": done.strategy,
     }
+
+
+def chunk_decode_us(repeats: int = 5000) -> dict[str, float]:
+    """Client-side CPU per streamed chunk, network-free: JSON to a typed chunk (as
+    `chat.completions.create` streams) against JSON to a dict fed to `TurnBuilder` (the loop now)."""
+    from openai._models import construct_type
+    from openai.types.chat import ChatCompletionChunk
+
+    raw = json.dumps(reply_chunks(Reply("hello "), request_no=1, model="m", include_usage=False)[1])
+    builder = TurnBuilder()
+    started = time.process_time()
+    for _ in range(repeats):
+        construct_type(type_=ChatCompletionChunk, value=json.loads(raw))
+    typed = (time.process_time() - started) / repeats * 1e6
+    started = time.process_time()
+    for _ in range(repeats):
+        builder.feed(json.loads(raw))
+    plain = (time.process_time() - started) / repeats * 1e6
+    return {"chunk_cpu_us_typed": round(typed, 1), "chunk_cpu_us_dicts": round(plain, 1)}

@@ -35,7 +35,7 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.support when run as a script
 
-from bench._agent_context import compaction_ms, long_history, loop_cpu_per_turn
+from bench._agent_context import chunk_decode_us, compaction_ms, long_history, loop_cpu_per_turn
 from tests.support.scripted_openai import Call, Reply, ScriptedOpenAI
 
 from crogia.agent.host import ProcessView
@@ -178,7 +178,7 @@ async def measure_long(turns: int, repeats: int) -> dict[str, Any]:
     compactions = [await compaction_ms(history) for _ in range(repeats)]
     compact = statistics.median(c["compaction_ms"] for c in compactions)
     loop_long = statistics.median(long)
-    return {
+    return chunk_decode_us() | {
         "loop_cpu_ms_per_turn_empty_history": round(statistics.median(empty), 3),
         "loop_cpu_ms_per_turn_150k_history": round(loop_long, 3),
         "loop_target_ms": TARGET_LONG_MS,
@@ -210,8 +210,13 @@ def main() -> int:
         f"(agent/raw_typed = {result['ratio_agent_to_raw_typed']:.2f})"
     )
     print(
-        f"client CPU per chunk: {result['client_us_per_chunk_dicts']:.1f} us as dicts, "
+        "time per chunk (wall, scripted server in-process): "
+        f"{result['client_us_per_chunk_dicts']:.1f} us as dicts, "
         f"{result['client_us_per_chunk_typed']:.1f} us typed ({result['saved_us_per_chunk']:.1f} us saved)"
+    )
+    print(
+        f"client CPU per chunk, no network: {result['chunk_cpu_us_dicts']:.1f} us as dicts, "
+        f"{result['chunk_cpu_us_typed']:.1f} us as typed ChatCompletionChunk"
     )
     print(
         f"loop CPU per turn: {result['loop_cpu_ms_per_turn_empty_history']:.3f} ms (empty history), "

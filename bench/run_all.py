@@ -108,14 +108,14 @@ def _agent_context_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
             "met": data["compaction_within_target"],
         },
         {
-            "what": "client time per streamed chunk (plain dicts)",
-            "ours": data["client_us_per_chunk_dicts"],
+            "what": "client CPU per streamed chunk (plain dicts)",
+            "ours": data["chunk_cpu_us_dicts"],
             "unit": "us",
-            "baseline": data["client_us_per_chunk_typed"],
+            "baseline": data["chunk_cpu_us_typed"],
             "baseline_what": "typed ChatCompletionChunk per chunk",
-            "ratio": round(data["client_us_per_chunk_dicts"] / data["client_us_per_chunk_typed"], 3),
+            "ratio": round(data["chunk_cpu_us_dicts"] / data["chunk_cpu_us_typed"], 3),
             "target": "< baseline",
-            "met": data["client_us_per_chunk_dicts"] < data["client_us_per_chunk_typed"],
+            "met": data["chunk_cpu_us_dicts"] < data["chunk_cpu_us_typed"],
         },
     ]
 
