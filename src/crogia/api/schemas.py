@@ -112,11 +112,6 @@ class TaskPublic(_Model):
     usage: dict[str, int]
 
 
-class Conversation(_Model):
-    session_id: str
-    messages: list[dict[str, Any]]
-
-
 # --- processes ---
 
 
@@ -253,5 +248,6 @@ class Health(_Model):
     timestamp: datetime
     active_sessions: int
     docker_available: bool
+    active_shells: int = Field(0, description="Open interactive terminals (`/api/sessions/{id}/shells`).")
     sandbox_backend: str
     version: str
