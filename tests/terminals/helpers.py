@@ -88,8 +88,7 @@ class TermClient:
             while True:
                 await self.next()
         except websockets.ConnectionClosed as exc:
-            assert exc.rcvd is not None
-            return exc.rcvd.code, exc.rcvd.reason
+            return _code(exc)
 
     async def close(self) -> None:
         await self.ws.close()
@@ -107,3 +106,19 @@ async def run_in_sandbox(server: RunningServer, sid: str, cmd: str) -> str:
     assert response.status_code == 200, response.text
     output: str = response.json()["output"]
     return output
+
+
+def _code(exc: websockets.ConnectionClosed) -> tuple[int, str]:
+    if exc.rcvd is None:
+        raise AssertionError(f"the server sent no close frame: {exc}")
+    return exc.rcvd.code, exc.rcvd.reason
+
+
+async def refused(server: RunningServer, shell_id: str, query: str = "") -> tuple[int, str]:
+    """Connect to a terminal the server must refuse: its close code and reason."""
+    async with websockets.connect(f"{server.ws_url}/ws/shells/{shell_id}{query}") as ws:
+        try:
+            await asyncio.wait_for(ws.recv(), WAIT)
+        except websockets.ConnectionClosed as exc:
+            return _code(exc)
+    raise AssertionError("the socket stayed open")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from tests.support.server import RunningServer
-from tests.terminals.helpers import TermClient, new_shell, run_in_sandbox
+from tests.terminals.helpers import TermClient, new_shell, refused, run_in_sandbox
 
 CURSES = (
     "python3 -c \"import curses; curses.wrapper(lambda s: (s.addstr(0, 0, 'CURSES %d %d' % s.getmaxyx()),"
@@ -107,7 +107,7 @@ async def test_shell_exit_is_reported_with_its_code(server: RunningServer) -> No
     assert (await term.closed())[0] == 1000
     count = "ps -eo args | grep -c '^sleep 1004$'"
     assert (await run_in_sandbox(server, sid, count)).strip() == "0"
-    late = await _refused(server, shell_id)
+    late = await refused(server, shell_id)
     assert late == (1008, "Shell session not found")
 
 
@@ -123,15 +123,3 @@ async def test_output_is_decoded_across_reads_and_binary_frames_on_request(serve
     await raw.expect(r"B\ufffdZ", raw=True)
     assert b"B\xffZ" in raw.raw
     await raw.close()
-
-
-async def _refused(server: RunningServer, shell_id: str, query: str = "") -> tuple[int, str]:
-    import websockets
-
-    async with websockets.connect(f"{server.ws_url}/ws/shells/{shell_id}{query}") as ws:
-        try:
-            await ws.recv()
-        except websockets.ConnectionClosed as exc:
-            assert exc.rcvd is not None
-            return exc.rcvd.code, exc.rcvd.reason
-    raise AssertionError("the socket stayed open")
