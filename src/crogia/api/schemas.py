@@ -225,7 +225,9 @@ class GrepResult(_Model):
 
 class ShellRequest(_Request):
     cmd: str = Field(..., min_length=1, max_length=1_000_000)
-    tty: bool = False
+    tty: bool = Field(
+        False, description="Run on a pseudo-terminal (stdout and stderr merged, TERM set). Off by default."
+    )
     timeout: float | None = Field(None, gt=0, description="Seconds; bounded by SHELL_MAX_TIMEOUT.")
     max_output: int | None = Field(None, ge=1, description="Bytes; bounded by SHELL_MAX_OUTPUT.")
     cwd: str = Field("/workspace", max_length=4096)

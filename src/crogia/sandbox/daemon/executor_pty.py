@@ -97,18 +97,27 @@ class Terminal:
             self.read()
 
     def read(self) -> None:
-        try:
-            data = os.read(self.master, READ_MAX)
-        except BlockingIOError:
-            return
-        except OSError as exc:  # EIO: the last holder of the pty's other end closed it
-            if exc.errno != errno.EIO:
-                log(f"WARNING reading terminal {self.tid} failed: {exc}")
-            data = b""
-        if not data:
+        data, ended = bytearray(), False
+        while len(data) < READ_MAX:  # a pty hands out ~4 KiB a read: one push carries several
+            try:
+                chunk = os.read(self.master, READ_MAX - len(data))
+            except BlockingIOError:
+                break
+            except OSError as exc:  # EIO: the last holder of the pty's other end closed it
+                if exc.errno != errno.EIO:
+                    log(f"WARNING reading terminal {self.tid} failed: {exc}")
+                chunk = b""
+            if not chunk:
+                ended = True
+                break
+            data += chunk
+        if data:
+            self.push(bytes(data))
+        if ended:
             self.eof = True
             LOOP.unwatch(self.master)
-            return
+
+    def push(self, data: bytes) -> None:
         self.conn.send({"type": "pty_output", "tid": self.tid,
                         "data_b64": binascii.b2a_base64(data, newline=False).decode()})  # fmt: skip
         if len(self.conn.outbuf) > PAUSE_AT and self.conn.open:
