@@ -104,7 +104,7 @@ class Runtime:
     async def delete_session(self, session_id: str, *, tenant: str | None) -> None:
         await self.sessions.get(session_id, tenant=tenant)
         await self.tasks.stop_session(session_id)
-        await self.terminals.end_session(session_id)
+        self.terminals.end_session(session_id)
         await self.sessions.delete(session_id, tenant=tenant)
 
     async def drain(self, *, timeout: float = 5.0) -> None:

@@ -82,3 +82,15 @@ async def _wait_until_stopped(server: RunningServer, sid: str) -> None:
             return
         await asyncio.sleep(0.1)  # polling the condition: the reaper ticks on its own clock
     raise AssertionError("the idle session was never stopped")
+
+
+async def test_session_delete_ends_its_terminals(server: RunningServer) -> None:
+    sid = str((await server.create_session())["session_id"])
+    shell_id = (await new_shell(server, sid))["shell_id"]
+    term = await TermClient.open(server, shell_id)
+    await term.run("echo here", "d1")
+    assert (await server.client.delete(f"/api/sessions/{sid}")).status_code == 200
+    assert (await term.next())["type"] == "shell_exited"
+    assert (await term.closed())[0] == 1000
+    assert (await server.client.delete(f"/api/shells/{shell_id}")).status_code == 404
+    assert (await server.client.get("/api/health")).json()["active_shells"] == 0

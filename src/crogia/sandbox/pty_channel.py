@@ -108,6 +108,8 @@ def parse_push(msg: Mapping[str, Any]) -> PtyOutput | PtyExit:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise ProtocolError("pty_output: data_b64 is not base64") from None
+    if len(raw) > OUTPUT_MAX:
+        raise ProtocolError(f"pty_output: more than {OUTPUT_MAX} bytes")
     return PtyOutput(tid, raw)
 
 

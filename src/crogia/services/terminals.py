@@ -186,10 +186,14 @@ class TerminalService:
                 log.info("closing terminal %s: %s", term.id, exc.message)
         term.end("exited", code)
 
-    async def end_session(self, session_id: str) -> None:
-        """The session is being deleted: its terminals end with it (called by `Runtime.delete_session`)."""
+    def end_session(self, session_id: str) -> None:
+        """The session is being deleted: its terminals end with it (called by `Runtime.delete_session`).
+
+        No pty_close: the sandbox, and every process in it, is removed right after.
+        """
         for term in self.of_session(session_id):
-            await self.delete(term)
+            self._all.pop(term.id, None)
+            term.end("exited", None)
 
     def close(self) -> None:
         """Server shutdown: the sockets still attached are told the terminals ended."""
