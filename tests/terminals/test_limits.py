@@ -64,7 +64,13 @@ async def test_an_idle_stop_ends_terminals_until_the_session_wakes(data_dir: Pat
     async with run_server(make_settings(data_dir, backend, session_idle_ttl=0.5)) as server:
         sid = str((await server.create_session())["session_id"])
         shell_id = (await new_shell(server, sid))["shell_id"]
-        await _wait_until_stopped(server, sid)
+        live = server.runtime.sessions.peek(sid)
+        assert live is not None
+        watching = await TermClient.open(server, shell_id)
+        await watching.run("echo watched", "i0")
+        assert live.busy == 1 and not live.asleep  # a socket attached counts as use
+        await watching.close()
+        await _wait_until_stopped(server, sid)  # once nobody looks and nothing prints
         shells = (await server.client.get(f"/api/sessions/{sid}/shells")).json()["shells"]
         assert [(s["shell_id"], s["status"]) for s in shells] == [(shell_id, "stopped")]
         assert (await refused(server, shell_id))[0] == 4409
