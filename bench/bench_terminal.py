@@ -167,7 +167,8 @@ async def main() -> None:
     raw = raw_echo(keys)
     raw_rate = raw_flood(size)
     rows, extra = [], {}
-    for backend in os.environ.get("BENCH_BACKENDS", "").split(",") if os.environ.get("BENCH_BACKENDS") else backends():
+    only = os.environ.get("BENCH_BACKENDS")  # e.g. `bubblewrap`: one backend instead of every one found
+    for backend in only.split(",") if only else backends():
         async with terminal(backend) as (sock, pid):
             ours = await ws_echo(sock, keys)
             rate, grown = await ws_flood(sock, pid, size)

@@ -25,8 +25,11 @@ class TermClient:
         self.events: list[dict[str, Any]] = []
 
     @classmethod
-    async def open(cls, server: RunningServer, shell_id: str, query: str = "") -> TermClient:
-        ws = await websockets.connect(f"{server.ws_url}/ws/shells/{shell_id}{query}", max_size=None)
+    async def open(
+        cls, server: RunningServer, shell_id: str, query: str = "", *, max_queue: int = 16
+    ) -> TermClient:
+        url = f"{server.ws_url}/ws/shells/{shell_id}{query}"
+        ws = await websockets.connect(url, max_size=None, max_queue=max_queue)
         client = cls(ws)
         hello = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
         assert hello["type"] == "shell_connected", hello

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from pathlib import Path
 
-from tests.support.server import RunningServer
+from tests.conftest import make_settings
+from tests.support.server import RunningServer, run_server
 from tests.terminals.helpers import TermClient, new_shell, refused, run_in_sandbox
 
 CURSES = (
@@ -123,3 +126,24 @@ async def test_output_is_decoded_across_reads_and_binary_frames_on_request(serve
     await raw.expect(r"B\ufffdZ", raw=True)
     assert b"B\xffZ" in raw.raw
     await raw.close()
+
+
+async def test_a_slow_client_loses_the_oldest_output_not_the_servers_memory(
+    data_dir: Path, backend: str
+) -> None:
+    async with run_server(make_settings(data_dir, backend, terminal_scrollback_bytes=65536)) as server:
+        sid = str((await server.create_session())["session_id"])
+        shell_id = (await new_shell(server, sid))["shell_id"]
+        term = await TermClient.open(server, shell_id, max_queue=1)  # stops reading: TCP pushes back
+        await term.type("seq 1 500000; echo END-$((6*7))\r")  # 3.4 MB, 52 times the ring
+        held = server.runtime.terminals.find(shell_id)
+        assert held is not None
+        for _ in range(1200):  # the shell is done once the ring holds the marker
+            if b"END-42\r\n" in held.ring.buf:
+                break
+            assert len(held.ring.buf) <= 65536
+            await asyncio.sleep(0.05)
+        await term.expect(r"END-42\r\n")
+        lines = [line for line in term.text.split("\r\n") if line.isdigit()]
+        assert lines[-1] == "500000" and len(lines) < 500000  # the tail arrived; the middle was dropped
+        await term.close()
