@@ -27,6 +27,7 @@ SCRIPTS = [
     ("bench_grep.py", "grep.json"),
     ("bench_grep_api.py", "grep_api.json"),
     ("bench_ws.py", "ws.json"),
+    ("bench_terminal.py", "terminal.json"),
     ("bench_agent_turn.py", "agent_turn.json"),
     ("bench_memory.py", "memory.json"),
 ]

@@ -13,7 +13,19 @@ from starlette.types import Message, Scope
 from crogia import __version__
 from crogia.api import errors
 from crogia.api.limits import BodyLimit
-from crogia.api.routes import files, health, processes, search, sessions, shell, tasks, ws
+from crogia.api.routes import (
+    conversation,
+    files,
+    health,
+    processes,
+    search,
+    sessions,
+    shell,
+    shells,
+    shells_ws,
+    tasks,
+    ws,
+)
 from crogia.api.shutdown import drain_on_signal
 from crogia.config import Settings
 from crogia.runtime import Runtime
@@ -50,7 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.tokens = tokens
     errors.install(app)
-    for module in (health, sessions, tasks, processes, files, search, shell, ws):
+    routes = (health, sessions, tasks, conversation, processes, files, search, shell, shells, shells_ws, ws)
+    for module in routes:
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.request_max_bytes)
     app.add_middleware(

@@ -8,6 +8,9 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+_LOCAL = ("localhost", "127.0.0.1")
+"""The original web client's dev servers (3000, and Vite's 5173) run on these."""
+
 
 class Settings(BaseSettings):
     """Every setting Crogia reads. Names match the seed's `env.example` where the seed had one."""
@@ -23,7 +26,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     debug: bool = True
     allowed_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["http://localhost:3000", "http://127.0.0.1:3000"]
+        default_factory=lambda: [f"http://{host}:{port}" for port in (3000, 5173) for host in _LOCAL]
     )
     docker_base_image: str = "crogia-sandbox:latest"
     log_level: Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"] = "INFO"
@@ -82,6 +85,10 @@ class Settings(BaseSettings):
     request_max_bytes: int = Field(104_857_600, ge=1024)
     process_stop_grace: float = Field(5.0, ge=0)
     search_max_results: int = Field(1000, ge=1)
+    terminals_per_session: int = Field(8, ge=1, le=64)
+    """Open interactive terminals a session may have (`POST .../shells` is a 409 past it)."""
+    terminal_scrollback_bytes: int = Field(262_144, ge=4096, le=16_777_216)
+    """Recent output a terminal keeps for a client that (re)connects; a slow client loses the oldest."""
 
     # --- trust ---
     api_tokens: str = ""

@@ -20,6 +20,7 @@ from crogia.services.processes import ProcessService
 from crogia.services.sessions import SessionService
 from crogia.services.shell import ShellService
 from crogia.services.tasks import TaskService
+from crogia.services.terminals import TerminalService
 from crogia.store import Database
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class Runtime:
     agent: Agent
     pool: SandboxPool
     reaper: IdleReaper
+    terminals: TerminalService
     _docker_checked: tuple[float, bool] = (float("-inf"), False)
     _docker_check: asyncio.Task[None] | None = None
     _warm_up: asyncio.Task[None] | None = None
@@ -68,7 +70,10 @@ class Runtime:
         agent = Agent.from_settings(settings)
         tasks = TaskService(db, bus, sessions, shell, processes, agent)
         reaper = IdleReaper(sessions, tasks, processes, ttl=settings.session_idle_ttl)
-        runtime = cls(settings, db, bus, provider, sessions, processes, shell, tasks, agent, pool, reaper)
+        terminals = TerminalService(settings)
+        runtime = cls(
+            settings, db, bus, provider, sessions, processes, shell, tasks, agent, pool, reaper, terminals
+        )
         try:
             await tasks.fail_interrupted()
             await sessions.reconcile()
@@ -99,6 +104,7 @@ class Runtime:
     async def delete_session(self, session_id: str, *, tenant: str | None) -> None:
         await self.sessions.get(session_id, tenant=tenant)
         await self.tasks.stop_session(session_id)
+        self.terminals.end_session(session_id)
         await self.sessions.delete(session_id, tenant=tenant)
 
     async def drain(self, *, timeout: float = 5.0) -> None:
@@ -129,6 +135,7 @@ class Runtime:
         await self.processes.close()
         await self.bus.close()
         await self.pool.close()
+        self.terminals.close()
         await self.sessions.close()
         await self.provider.close()
         await self.db.close()

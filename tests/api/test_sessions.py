@@ -34,7 +34,7 @@ async def test_create_get_list_delete(server: RunningServer, backend: str) -> No
     created = await server.create_session(task="build a flask app")
     assert created.keys() >= COMPAT_FIELDS
     assert created["status"] == "active" and created["container_status"] == "running"
-    assert created["last_task"] == "" and created["sandbox"] == backend
+    assert created["last_task"] == "build a flask app" and created["sandbox"] == backend  # until a task
     workdir = Path(str(created["workdir"]))
     assert workdir.is_dir()
     sid = created["session_id"]

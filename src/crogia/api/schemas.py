@@ -127,11 +127,6 @@ class TaskPublic(_Model):
     usage: dict[str, int]
 
 
-class Conversation(_Model):
-    session_id: str
-    messages: list[dict[str, Any]]
-
-
 # --- processes ---
 
 
@@ -245,7 +240,9 @@ class GrepResult(_Model):
 
 class ShellRequest(_Request):
     cmd: str = Field(..., min_length=1, max_length=1_000_000)
-    tty: bool = False
+    tty: bool = Field(
+        False, description="Run on a pseudo-terminal (stdout and stderr merged, TERM set). Off by default."
+    )
     timeout: float | None = Field(None, gt=0, description="Seconds; bounded by SHELL_MAX_TIMEOUT.")
     max_output: int | None = Field(None, ge=1, description="Bytes; bounded by SHELL_MAX_OUTPUT.")
     cwd: str = Field("/workspace", max_length=4096)
@@ -268,5 +265,6 @@ class Health(_Model):
     timestamp: datetime
     active_sessions: int
     docker_available: bool
+    active_shells: int = Field(0, description="Open interactive terminals (`/api/sessions/{id}/shells`).")
     sandbox_backend: str
     version: str

@@ -13,7 +13,10 @@ import abc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+if TYPE_CHECKING:
+    from crogia.sandbox.pty_channel import PtyListener
 
 WORKDIR = "/workspace"
 """Where the session's workspace appears inside every sandbox."""
@@ -139,6 +142,25 @@ class Sandbox(abc.ABC):
     @abc.abstractmethod
     async def processes(self) -> list[ProcessState]:
         """Every background process the executor knows, running or ended."""
+
+    @abc.abstractmethod
+    async def pty_open(self, *, cols: int, rows: int, listener: PtyListener) -> int:
+        """Open an interactive terminal (a login `bash` in /workspace); returns its id in the sandbox.
+
+        `listener` hears its output and its end; the terminal ends with this server's connection.
+        """
+
+    @abc.abstractmethod
+    async def pty_input(self, tid: int, data: bytes) -> None:
+        """Write `data` (at most 64 KiB) to the terminal, as typed."""
+
+    @abc.abstractmethod
+    async def pty_resize(self, tid: int, *, cols: int, rows: int) -> None:
+        """Change the terminal's window size (its program gets SIGWINCH)."""
+
+    @abc.abstractmethod
+    async def pty_close(self, tid: int, *, grace: float) -> int | None:
+        """SIGHUP every process the terminal started, SIGKILL after `grace`; its exit code if known."""
 
     @abc.abstractmethod
     def set_exit_listener(self, listener: ExitListener | None) -> None:

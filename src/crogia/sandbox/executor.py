@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from crogia.errors import CrogiaError, InvalidInput, NotFound, SandboxError, Unavailable
+from crogia.sandbox import pty_channel
 from crogia.sandbox.base import (
     STATE_MOUNT,
     WORKDIR,
@@ -33,6 +34,7 @@ from crogia.sandbox.base import (
     SandboxSpec,
     SandboxStatus,
 )
+from crogia.sandbox.pty_channel import PTY_PUSHES, PtyListener, PtyRouter
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,8 @@ class ExecutorClient:
         self._chunks: dict[int, Callable[[str], None]] = {}
         self._exit_listener: ExitListener | None = None
         self._closed = False
+        self.ptys = PtyRouter()
+        """The terminals opened over this connection (they end with it)."""
         self._reader_task = asyncio.create_task(self._read_loop(), name="executor-reader")
 
     @classmethod
@@ -186,6 +190,7 @@ class ExecutorClient:
         finally:
             self._closed = True
             self._fail_pending(Unavailable("lost the connection to the sandbox's executor"))
+            self.ptys.end_all()
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
@@ -198,6 +203,8 @@ class ExecutorClient:
                     future.set_exception(_error_from(msg))
         elif kind == "chunk":
             self._call(self._chunks.get(msg.get("id")), msg.get("data", ""))  # type: ignore[arg-type]
+        elif kind in PTY_PUSHES:
+            self.ptys.dispatch(msg)  # a malformed push raises ProtocolError: the connection breaks
         elif kind == "exit" and self._exit_listener is not None:
             self._call(self._exit_listener, int(msg["pid"]), int(msg["exit_code"]))
 
@@ -365,3 +372,33 @@ class ExecutorSandbox(Sandbox):
             ProcessState(pid=int(p["pid"]), running=bool(p["running"]), exit_code=p.get("exit_code"))
             for p in reply["processes"]
         ]
+
+    # --- terminals (message shapes: `pty_channel`) ---
+
+    async def pty_open(self, *, cols: int, rows: int, listener: PtyListener) -> int:
+        client = await self._client_for_pty()
+        client.ptys.opening += 1
+        try:
+            reply = await client.request(**pty_channel.open_request(cols=cols, rows=rows))
+        finally:
+            client.ptys.opening -= 1
+        tid = pty_channel.open_reply(reply)
+        client.ptys.register(tid, listener)
+        return tid
+
+    async def pty_input(self, tid: int, data: bytes) -> None:
+        await self._call(**pty_channel.input_request(tid, data))
+
+    async def pty_resize(self, tid: int, *, cols: int, rows: int) -> None:
+        await self._call(**pty_channel.resize_request(tid, cols=cols, rows=rows))
+
+    async def pty_close(self, tid: int, *, grace: float) -> int | None:
+        client = await self._client_for_pty()
+        client.ptys.unregister(tid)
+        request = client.request(**pty_channel.close_request(tid, grace=grace))
+        return pty_channel.close_reply(await asyncio.wait_for(request, grace + REPLY_MARGIN))
+
+    async def _client_for_pty(self) -> ExecutorClient:
+        if self._client is None or self._client.closed:
+            raise Unavailable("the sandbox is not running", sandbox_id=self.id)
+        return self._client

@@ -197,7 +197,7 @@ class SessionService:
                 id=session_id,
                 tenant=tenant,
                 label=label,
-                last_task="",
+                last_task=label,  # until the first task replaces it, as the original server did
                 status="active",
                 sandbox_backend=self.provider.name,
                 sandbox_id=sandbox.id,

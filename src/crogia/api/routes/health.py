@@ -19,6 +19,7 @@ async def health(runtime: RuntimeDep) -> Health:
         status="healthy",
         timestamp=datetime.now(UTC),
         active_sessions=runtime.sessions.live_count(),
+        active_shells=runtime.terminals.active_count(),
         docker_available=await runtime.docker_available(),
         sandbox_backend=runtime.provider.name,
         version=__version__,

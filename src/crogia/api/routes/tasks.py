@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from crogia.agent.loop import TaskOptions
 from crogia.api.deps import LiveDep, RuntimeDep, SessionRowDep
 from crogia.api.errors import ERRORS
-from crogia.api.schemas import Conversation, TaskAccepted, TaskCreate, TaskPublic
+from crogia.api.schemas import TaskAccepted, TaskCreate, TaskPublic
 from crogia.errors import Unavailable
 from crogia.store.tables import TaskRow
 
@@ -51,8 +51,3 @@ async def get_task(task_id: str, row: SessionRowDep, runtime: RuntimeDep) -> Tas
 @router.post("/tasks/{task_id}/cancel", response_model=TaskPublic, summary="Cancel a queued or running task")
 async def cancel_task(task_id: str, row: SessionRowDep, runtime: RuntimeDep) -> TaskPublic:
     return task_public(await runtime.tasks.cancel(row.id, task_id))
-
-
-@router.get("/conversation", response_model=Conversation, summary="The persisted conversation")
-async def conversation(row: SessionRowDep, runtime: RuntimeDep) -> Conversation:
-    return Conversation(session_id=row.id, messages=await runtime.tasks.conversation(row.id))

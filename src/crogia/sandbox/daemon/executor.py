@@ -35,6 +35,7 @@ Ops and their values:
       (also of a process from before a restart, while its log file is there)
   list                                          -> {processes: [{pid, cmd, log, running, exit_code,
                                                     started, ended}]}  (times are epoch seconds)
+  pty_open, pty_input, pty_resize, pty_close    interactive terminals: see executor_pty.py
 
 Children get the daemon's own environment plus LANG=C.UTF-8, a default PATH and HOME (and TERM
 under a tty), overridden by the request's `env`. A bad request never stops the daemon.
@@ -51,6 +52,7 @@ Modules (one folder, mounted read-only at /opt/crogia; they import each other by
   executor_core.py   wire format (JSON lines), the epoll loop, requests as tasks
   executor_procs.py  children (spawn, reap, kill a group) and background processes
   executor_exec.py   the `exec` op: run, capture head and tail, stream at a rate
+  executor_pty.py    the `pty_*` ops: interactive terminals
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ import time
 from executor_core import IN, LOOP, OUT, RequestError, Task, dumps, error_reply, loads, log
 from executor_exec import run_command
 from executor_procs import Background, Child
+from executor_pty import Terminals
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -160,6 +163,7 @@ class Daemon:
     def __init__(self, log_dir: str) -> None:
         self.connections: set[Connection] = set()
         self.background = Background(log_dir, self.broadcast)
+        self.terminals = Terminals()
         self.stopping = False
 
     def broadcast(self, msg: Message) -> None:
@@ -177,6 +181,8 @@ class Daemon:
             return (yield from self.background.terminate(req))
         if op == "tail":
             return self.background.tail(req)
+        if op.startswith("pty_"):
+            return (yield from self.terminals.handle(op, req, conn))
         if op == "list":
             return {"processes": [dict(e) for e in self.background.entries.values()]}
         raise RequestError("bad_request", f"unknown op {op!r}")
