@@ -67,12 +67,50 @@ class Settings(BaseSettings):
     api_tokens: str = ""
     """Comma-separated `tenant=token` pairs; empty disables authentication."""
 
+    # --- the front door (see the README's Security section) ---
+    max_connections: int = Field(4096, ge=16)
+    """Open connections (HTTP and WebSocket) served; lowered at start-up to what RLIMIT_NOFILE leaves."""
+    header_timeout: float = Field(10.0, gt=0)
+    """Seconds a client has to send a request's line and headers (from its first byte, or connecting)."""
+    body_timeout: float = Field(30.0, gt=0)
+    """Seconds a request body may stall; after that grace it must also average BODY_MIN_RATE."""
+    body_min_rate: int = Field(1024, ge=1)
+    """Bytes per second a request body must average once BODY_TIMEOUT has passed."""
+    keepalive_timeout: float = Field(5.0, gt=0)
+    """Seconds an idle keep-alive connection stays open between requests."""
+    max_header_bytes: int = Field(16_384, ge=1024, le=1_048_576)
+    """Bytes of request line plus headers; past it: 431."""
+    max_headers: int = Field(100, ge=8, le=1000)
+    """Header fields per request; past it: 431."""
+    ws_ping_interval: float = Field(20.0, gt=0)
+    """Seconds between the server's WebSocket pings."""
+    ws_ping_timeout: float = Field(20.0, gt=0)
+    """Seconds a WebSocket peer has to answer a ping before it is closed as dead (1011)."""
+    max_sessions: int = Field(256, ge=0)
+    """Sessions on this server (stopped ones count); 0: no cap."""
+    max_sessions_per_tenant: int = Field(64, ge=0)
+    """Sessions per tenant; 0: no cap."""
+    sandbox_images: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Images a session may ask for (comma-separated); empty: DOCKER_BASE_IMAGE only."""
+
     @field_validator("allowed_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("sandbox_images", mode="before")
+    @classmethod
+    def _split_images(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @property
+    def allowed_images(self) -> list[str]:
+        """SANDBOX_IMAGES, or DOCKER_BASE_IMAGE alone when it is empty."""
+        return self.sandbox_images or [self.docker_base_image]
 
     @field_validator("api_tokens")
     @classmethod

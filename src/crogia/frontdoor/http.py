@@ -1,0 +1,291 @@
+"""uvicorn's httptools protocol with the bounds it lacks.
+
+uvicorn 0.54 with httptools reads a request head of any size (an unterminated header grows in the
+parser's buffer), arms no timer before a connection's first response (an idle or trickling connection
+stays forever), and `limit_concurrency` answers its 503 only once a request is parsed, to health as
+well. This subclass adds, per connection:
+
+* a head limit: request line + headers past MAX_HEADER_BYTES, or more than MAX_HEADERS fields: 431;
+* a head deadline: HEADER_TIMEOUT from connecting or from a request's first byte: 408, closed;
+* a body watch: a body that stalls for BODY_TIMEOUT, or afterwards averages under BODY_MIN_RATE
+  (time the server itself is not reading does not count): 408, closed;
+* a connection cap: past `max_connections` open connections (WebSockets included), a connection may
+  still ask `GET /api/health` (and is closed after it); anything else gets 503; past the headroom
+  it gets a 503 at once and is closed. Idle keep-alive time stays uvicorn's (`timeout_keep_alive`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+import uvicorn
+from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from crogia.config import Settings
+from crogia.frontdoor import fds
+
+log = logging.getLogger("crogia.frontdoor")
+
+HEALTH_PATH = b"/api/health"
+OVERFLOW_HEAD_TIMEOUT = 2.0
+"""Seconds a connection past the cap has to send its request head."""
+BODY_CHECK_EVERY = 1.0
+
+
+@dataclass(frozen=True)
+class FrontDoorLimits:
+    max_connections: int
+    headroom: int
+    header_timeout: float
+    body_timeout: float
+    body_min_rate: int
+    max_header_bytes: int
+    max_headers: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings, budget: fds.FdBudget) -> FrontDoorLimits:
+        return cls(
+            max_connections=budget.max_connections,
+            headroom=budget.headroom,
+            header_timeout=settings.header_timeout,
+            body_timeout=settings.body_timeout,
+            body_min_rate=settings.body_min_rate,
+            max_header_bytes=settings.max_header_bytes,
+            max_headers=settings.max_headers,
+        )
+
+
+class FrontDoorConfig(uvicorn.Config):
+    """uvicorn's Config carrying the limits to each connection's protocol."""
+
+    def __init__(self, app: Any, *, front_door: FrontDoorLimits, **options: Any) -> None:
+        self.front_door = front_door
+        super().__init__(app, **options)
+
+
+def limits_of(config: uvicorn.Config) -> FrontDoorLimits:
+    """The config's limits; under plain `uvicorn --http crogia.frontdoor.http:FrontDoorProtocol`,
+    read once from the settings (environment and `.env`)."""
+    found: FrontDoorLimits | None = getattr(config, "front_door", None)
+    if found is None:
+        settings = Settings()
+        budget = fds.plan(settings)
+        log.info("%s", budget.describe())
+        found = FrontDoorLimits.from_settings(settings, budget)
+        config.front_door = found  # type: ignore[attr-defined]
+    return found
+
+
+def _answer(status: int, reason: str, detail: str, *extra: bytes) -> bytes:
+    body = json.dumps({"detail": detail}).encode()
+    head = [f"HTTP/1.1 {status} {reason}".encode(), b"content-type: application/json"]
+    head += [b"content-length: %d" % len(body), b"connection: close", *extra]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+AT_CAPACITY_DETAIL = "The server is at its connection limit (MAX_CONNECTIONS); retry shortly."
+AT_CAPACITY = _answer(503, "Service Unavailable", AT_CAPACITY_DETAIL, b"retry-after: 1")
+
+
+async def _at_capacity(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    body = json.dumps({"detail": AT_CAPACITY_DETAIL}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    headers += [(b"connection", b"close"), (b"retry-after", b"1")]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _TooManyHeaders(Exception):
+    pass
+
+
+class FrontDoorProtocol(HttpToolsProtocol):
+    """One HTTP/1.1 connection, bounded in size and time (see the module's docstring)."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.limits = limits_of(config)
+        self.overflow = False
+        """Past the cap: only `/api/health` is served, then the connection closes."""
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_fields = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_bytes = 0
+        self._body_last = self._body_tick = self._body_active = 0.0
+
+    # --- connection ---
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        open_now = len(self.connections)
+        if open_now > self.limits.max_connections + self.limits.headroom:
+            log.warning("connection limit: %d connections open, refusing new ones with 503", open_now)
+            self._close_with(AT_CAPACITY)
+            return
+        self.overflow = open_now > self.limits.max_connections
+        timeout = OVERFLOW_HEAD_TIMEOUT if self.overflow else self.limits.header_timeout
+        self._head_timer = self.loop.call_later(min(timeout, self.limits.header_timeout), self._head_late)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timers()
+        super().connection_lost(exc)
+
+    def handle_websocket_upgrade(self) -> None:
+        self._stop_timers()  # the WebSocket protocol takes the transport; its pings watch it from now on
+        super().handle_websocket_upgrade()
+
+    def _should_upgrade(self) -> bool:
+        return not self.overflow and super()._should_upgrade()
+
+    # --- bytes in ---
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            if self._head_timer is None:  # the first byte of a request after a keep-alive wait
+                self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_late)
+            room = self.limits.max_header_bytes - self._head_bytes
+            if len(data) > room:
+                self._head_bytes += room
+                if not self._feed(data[:room]):
+                    return
+                if self._in_head:
+                    self._too_large(f"Request headers are larger than {self.limits.max_header_bytes} bytes.")
+                    return
+                data = data[room:]
+            else:
+                self._head_bytes += len(data)
+        if self._feed(data) and not self._in_head and self.cycle is not None and self.cycle.more_body:
+            self._watch_body()
+
+    def _feed(self, data: bytes) -> bool:
+        """uvicorn's `data_received`, with a 431 for too many headers; False once the connection ends."""
+        if self.parser is None or self.transport.is_closing():
+            return False
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return False
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _TooManyHeaders):
+                self._too_large(f"A request may carry at most {self.limits.max_headers} header fields.")
+            else:
+                self.logger.warning("Invalid HTTP request received.")
+                self.send_400_response("Invalid HTTP request received.")
+            return False
+        return not self.transport.is_closing()
+
+    # --- parser callbacks ---
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_fields += 1
+        if self._head_fields > self.limits.max_headers:
+            raise _TooManyHeaders
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._cancel_head_timer()
+        if self.overflow:
+            health = self.parser.get_method() == b"GET" and httptools.parse_url(self.url).path == HEALTH_PATH
+            self.app = self.config.loaded_app if health else _at_capacity
+        super().on_headers_complete()
+        if self.overflow and self.cycle is not None:
+            self.cycle.keep_alive = False
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        self._body_last = self.loop.time()
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._in_head, self._head_bytes, self._head_fields = True, 0, 0
+        self._stop_body_watch()
+        super().on_message_complete()
+
+    # --- timers ---
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self.transport.is_closing():
+            detail = f"The request head did not arrive within {self.limits.header_timeout:g} s."
+            self._close_with(_answer(408, "Request Timeout", detail))
+
+    def _watch_body(self) -> None:
+        if self._body_timer is None:
+            now = self.loop.time()
+            self._body_bytes, self._body_last, self._body_tick, self._body_active = 0, now, now, 0.0
+            self._body_timer = self.loop.call_later(BODY_CHECK_EVERY, self._check_body)
+
+    def _check_body(self) -> None:
+        now = self.loop.time()
+        tick, self._body_tick = now - self._body_tick, now
+        if self.flow.read_paused:  # waiting on the application, not on the client
+            self._body_last = now
+        else:
+            self._body_active += tick
+            grace = self.limits.body_timeout
+            stalled = now - self._body_last >= grace
+            slow = self._body_bytes < (self._body_active - grace) * self.limits.body_min_rate
+            if stalled or slow:
+                self._body_timer = None
+                self._body_late()
+                return
+        self._body_timer = self.loop.call_later(BODY_CHECK_EVERY, self._check_body)
+
+    def _body_late(self) -> None:
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started:
+            self.transport.close()
+            return
+        if cycle is not None:
+            cycle.disconnected = True  # the application sees http.disconnect; its answer goes nowhere
+        detail = (
+            f"The request body stalled for {self.limits.body_timeout:g} s or arrived slower than "
+            f"{self.limits.body_min_rate} bytes/s."
+        )
+        self._close_with(_answer(408, "Request Timeout", detail))
+
+    def _stop_body_watch(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _stop_timers(self) -> None:
+        self._cancel_head_timer()
+        self._stop_body_watch()
+
+    # --- answers the application never sees ---
+
+    def _too_large(self, detail: str) -> None:
+        self._close_with(_answer(431, "Request Header Fields Too Large", detail))
+
+    def _close_with(self, response: bytes) -> None:
+        self._stop_timers()
+        if not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
