@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+IMAGE_REFERENCE = re.compile(
+    r"[a-z0-9]+(?:[._/:-][a-z0-9]+)*(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
+)
+"""Docker's reference grammar, loosely: lower-case path parts, an optional port, tag and digest."""
 
 
 class Settings(BaseSettings):
@@ -105,6 +111,14 @@ class Settings(BaseSettings):
     def _split_images(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("sandbox_images")
+    @classmethod
+    def _check_images(cls, value: list[str]) -> list[str]:
+        for image in value:
+            if not IMAGE_REFERENCE.fullmatch(image):
+                raise ValueError(f"SANDBOX_IMAGES entry {image!r} is not an image reference (name[:tag])")
         return value
 
     @property

@@ -36,7 +36,9 @@ class FdBudget:
     max_connections: int
     """Open connections served normally."""
     headroom: int
-    """Connections past `max_connections` that still get `/api/health` or a 503; beyond: refused."""
+    """Connections past `max_connections` waiting to say what they want: `/api/health` is served, the
+    rest get 503. A new one past the headroom evicts the oldest waiting one; past twice the headroom
+    (requests in flight on such connections), new ones get 503 at once."""
 
     def describe(self) -> str:
         raised = f" (soft limit raised from {self.raised_from})" if self.raised_from < self.limit else ""
@@ -75,10 +77,15 @@ def plan(settings: Settings) -> FdBudget:
         )
         reserved = limit // 2
     available = limit - reserved
-    headroom = max(8, min(256, available // 9))
-    cap = min(settings.max_connections, available - headroom)
+    headroom = max(8, min(256, min(settings.max_connections, available) // 8))
+    cap = min(settings.max_connections, available - 2 * headroom)
     if cap < settings.max_connections:
         log.warning(
-            "MAX_CONNECTIONS lowered from %d to %d to fit RLIMIT_NOFILE %d", settings.max_connections, cap, limit
+            "MAX_CONNECTIONS lowered from %d to %d to fit RLIMIT_NOFILE %d",
+            settings.max_connections,
+            cap,
+            limit,
         )
-    return FdBudget(raised_from=before, limit=limit, reserved=reserved, max_connections=cap, headroom=headroom)
+    return FdBudget(
+        raised_from=before, limit=limit, reserved=reserved, max_connections=cap, headroom=headroom
+    )

@@ -106,6 +106,15 @@ class _TooManyHeaders(Exception):
     pass
 
 
+def _waiting_past_cap(state: ServerState) -> dict[FrontDoorProtocol, None]:
+    """The connections past the cap still silent, oldest first; kept on uvicorn's shared server state."""
+    waiting: dict[FrontDoorProtocol, None] | None = getattr(state, "crogia_waiting", None)
+    if waiting is None:
+        waiting = {}
+        state.crogia_waiting = waiting  # type: ignore[attr-defined]
+    return waiting
+
+
 class FrontDoorProtocol(HttpToolsProtocol):
     """One HTTP/1.1 connection, bounded in size and time (see the module's docstring)."""
 
@@ -133,16 +142,34 @@ class FrontDoorProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         open_now = len(self.connections)
-        if open_now > self.limits.max_connections + self.limits.headroom:
-            log.warning("connection limit: %d connections open, refusing new ones with 503", open_now)
-            self._close_with(AT_CAPACITY)
-            return
-        self.overflow = open_now > self.limits.max_connections
-        timeout = OVERFLOW_HEAD_TIMEOUT if self.overflow else self.limits.header_timeout
-        self._head_timer = self.loop.call_later(min(timeout, self.limits.header_timeout), self._head_late)
+        timeout = self.limits.header_timeout
+        if open_now > self.limits.max_connections:
+            if open_now > self.limits.max_connections + 2 * self.limits.headroom:
+                log.warning("connection limit: %d connections open, answering new ones 503", open_now)
+                self._close_with(AT_CAPACITY)
+                return
+            self._wait_past_cap()
+            timeout = min(timeout, OVERFLOW_HEAD_TIMEOUT)
+        self._head_timer = self.loop.call_later(timeout, self._head_late)
+
+    def _wait_past_cap(self) -> None:
+        """Join the connections past the cap; evict the oldest one still silent if they are too many.
+
+        A flood of idle connections then cycles through the headroom while a client that asks for
+        `/api/health` at once (as monitors do) is read before its turn to be evicted comes.
+        """
+        self.overflow = True
+        waiting = _waiting_past_cap(self.server_state)
+        if len(waiting) >= self.limits.headroom:
+            oldest = next(iter(waiting))
+            waiting.pop(oldest)
+            log.warning("connection limit: %d connections open, evicting a silent one", len(self.connections))
+            oldest._close_with(AT_CAPACITY)
+        waiting[self] = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timers()
+        _waiting_past_cap(self.server_state).pop(self, None)
         super().connection_lost(exc)
 
     def handle_websocket_upgrade(self) -> None:
@@ -206,6 +233,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
         self._in_head = False
         self._cancel_head_timer()
         if self.overflow:
+            _waiting_past_cap(self.server_state).pop(self, None)
             health = self.parser.get_method() == b"GET" and httptools.parse_url(self.url).path == HEALTH_PATH
             self.app = self.config.loaded_app if health else _at_capacity
         super().on_headers_complete()
