@@ -52,7 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     for module in (health, sessions, tasks, processes, files, search, shell, ws):
         app.include_router(module.router)
-    app.add_middleware(BodyLimit, max_bytes=settings.request_max_bytes)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.request_max_bytes, json_max_bytes=settings.json_max_bytes
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.allowed_origins,

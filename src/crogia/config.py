@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     shell_max_output: int = Field(1_048_576, ge=1024)
     file_read_max_bytes: int = Field(10_485_760, ge=1024)
     request_max_bytes: int = Field(104_857_600, ge=1024)
+    json_max_bytes: int = Field(8_388_608, ge=1024)
+    """Bodies other than streamed uploads (held in memory to be parsed); at most REQUEST_MAX_BYTES."""
     process_stop_grace: float = Field(5.0, ge=0)
     search_max_results: int = Field(1000, ge=1)
 
