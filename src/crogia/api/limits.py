@@ -65,7 +65,5 @@ async def _too_large(send: Send, limit: int, streamed: bool) -> None:
         detail += " Upload large files with PUT .../files/raw (streamed, up to REQUEST_MAX_BYTES)."
     body = json.dumps({"detail": detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    # Closed after the answer: kept alive, the server would read and discard the rest of the body.
-    headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": 413, "headers": headers})
     await send({"type": "http.response.body", "body": body})
