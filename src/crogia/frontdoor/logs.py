@@ -12,22 +12,28 @@ TOKEN_IN_TEXT = re.compile(r"(?i)((?:^|[?&;\s])(?:access_)?token=)[^&\s\"';]+")
 
 
 class RedactTokens(logging.Filter):
-    """Rewrites `token=<secret>` as `token=***` in a record's formatted message."""
+    """Rewrites `token=<secret>` as `token=***` in a record's message and string arguments.
+
+    The arguments stay arguments: uvicorn's access formatter unpacks them by position.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not _mentions_token(record):
-            return True
-        record.msg = TOKEN_IN_TEXT.sub(r"\1***", record.getMessage())
-        record.args = None
+        if isinstance(record.msg, str) and "token=" in record.msg.lower():
+            # The template itself names a token (`"token=%s"`): format first, so the value goes too.
+            record.msg, record.args = _redact(record.getMessage()), None
+        elif isinstance(record.args, tuple) and any(_holds_token(arg) for arg in record.args):
+            record.args = tuple(_redact(arg) if isinstance(arg, str) else arg for arg in record.args)
+        elif isinstance(record.args, dict) and any(_holds_token(arg) for arg in record.args.values()):
+            record.args = {k: _redact(v) if isinstance(v, str) else v for k, v in record.args.items()}
         return True
 
 
-def _mentions_token(record: logging.LogRecord) -> bool:
-    # Cheap test first: the access log calls this for every request.
-    if "token=" in str(record.msg).lower():
-        return True
-    args = record.args if isinstance(record.args, tuple) else ()
-    return any(isinstance(arg, str) and "token=" in arg.lower() for arg in args)
+def _holds_token(value: object) -> bool:
+    return isinstance(value, str) and "token=" in value.lower()
+
+
+def _redact(text: str) -> str:
+    return TOKEN_IN_TEXT.sub(r"\1***", text)
 
 
 @dataclass
@@ -64,9 +70,8 @@ class RepeatLimiter(logging.Filter):
                 dropped = window.suppressed if window else 0
                 self._prune(record.created)
                 self._windows[key] = _Window(record.created, seen=1)
-                if dropped:
-                    record.msg = f"{record.getMessage()} [{dropped} more like this suppressed]"
-                    record.args = None
+                if dropped:  # the arguments stay: formatters may read them by position
+                    record.msg = f"{record.msg} [{dropped} more like this suppressed]"
                 return True
             window.seen += 1
             if window.seen <= self.burst:
