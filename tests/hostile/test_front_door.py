@@ -289,3 +289,37 @@ def test_tokens_never_reach_the_log(server: Server, session_id: str) -> None:
     log = server.log_text()
     assert TOKEN not in log
     assert "token=***" in log
+
+
+def test_plain_uvicorn_logging_is_redacted_and_still_formats() -> None:
+    """Under plain `uvicorn main:app`, uvicorn's own handlers and formatters write the lines: the
+    filters must leave records they can still format (its access formatter unpacks the arguments)."""
+    import io
+    import logging
+
+    from uvicorn.logging import AccessFormatter, DefaultFormatter
+
+    from crogia.frontdoor import logs
+
+    out = io.StringIO()
+    names = ("crogia-test.access", "crogia-test.error")
+    formatters = (AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s'), DefaultFormatter())
+    for name, formatter in zip(names, formatters, strict=True):
+        handler = logging.StreamHandler(out)
+        handler.setFormatter(formatter)
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+    try:
+        logs.install(names)
+        access, error = (logging.getLogger(name) for name in names)
+        access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:1", "GET", f"/ws/x?token={TOKEN}", "1.1", 101)
+        error.info('%s - "WebSocket %s" [accepted]', "127.0.0.1:1", f"/ws/x?since=0&token={TOKEN}")
+    finally:
+        for name in names:
+            logging.getLogger(name).handlers.clear()
+            logging.getLogger(name).filters.clear()
+    text = out.getvalue()
+    assert TOKEN not in text and text.count("token=***") == 2, text
+    assert '"GET /ws/x?token=*** HTTP/1.1" 101' in text
