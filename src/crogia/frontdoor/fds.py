@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 BASE_FDS = 128
 """Descriptors the server needs whatever the load: database, logs, listeners, the Docker client, threads."""
 FDS_PER_SESSION = 8
-"""A session's executor connection, its sandbox's pipes and pidfd, process log follows (measured: 3-5)."""
+"""A session's executor connection (1 measured per idle session), plus log follows and streams."""
 SESSIONS_WHEN_UNCAPPED = 256
 """The reserve assumes this many sessions when MAX_SESSIONS is 0."""
 
