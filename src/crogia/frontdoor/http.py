@@ -17,19 +17,15 @@ well. This subclass adds, per connection:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import httptools
 import uvicorn
-from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from crogia.config import Settings
-from crogia.frontdoor import fds
+from crogia.frontdoor.limits import AT_CAPACITY, answer, at_capacity, limits_of
 
 log = logging.getLogger("crogia.frontdoor")
 
@@ -37,69 +33,6 @@ HEALTH_PATH = b"/api/health"
 OVERFLOW_HEAD_TIMEOUT = 2.0
 """Seconds a connection past the cap has to send its request head."""
 BODY_CHECK_EVERY = 1.0
-
-
-@dataclass(frozen=True)
-class FrontDoorLimits:
-    max_connections: int
-    headroom: int
-    header_timeout: float
-    body_timeout: float
-    body_min_rate: int
-    max_header_bytes: int
-    max_headers: int
-
-    @classmethod
-    def from_settings(cls, settings: Settings, budget: fds.FdBudget) -> FrontDoorLimits:
-        return cls(
-            max_connections=budget.max_connections,
-            headroom=budget.headroom,
-            header_timeout=settings.header_timeout,
-            body_timeout=settings.body_timeout,
-            body_min_rate=settings.body_min_rate,
-            max_header_bytes=settings.max_header_bytes,
-            max_headers=settings.max_headers,
-        )
-
-
-class FrontDoorConfig(uvicorn.Config):
-    """uvicorn's Config carrying the limits to each connection's protocol."""
-
-    def __init__(self, app: Any, *, front_door: FrontDoorLimits, **options: Any) -> None:
-        self.front_door = front_door
-        super().__init__(app, **options)
-
-
-def limits_of(config: uvicorn.Config) -> FrontDoorLimits:
-    """The config's limits; under plain `uvicorn --http crogia.frontdoor.http:FrontDoorProtocol`,
-    read once from the settings (environment and `.env`)."""
-    found: FrontDoorLimits | None = getattr(config, "front_door", None)
-    if found is None:
-        settings = Settings()
-        budget = fds.plan(settings)
-        log.info("%s", budget.describe())
-        found = FrontDoorLimits.from_settings(settings, budget)
-        config.front_door = found  # type: ignore[attr-defined]
-    return found
-
-
-def _answer(status: int, reason: str, detail: str, *extra: bytes) -> bytes:
-    body = json.dumps({"detail": detail}).encode()
-    head = [f"HTTP/1.1 {status} {reason}".encode(), b"content-type: application/json"]
-    head += [b"content-length: %d" % len(body), b"connection: close", *extra]
-    return b"\r\n".join(head) + b"\r\n\r\n" + body
-
-
-AT_CAPACITY_DETAIL = "The server is at its connection limit (MAX_CONNECTIONS); retry shortly."
-AT_CAPACITY = _answer(503, "Service Unavailable", AT_CAPACITY_DETAIL, b"retry-after: 1")
-
-
-async def _at_capacity(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-    body = json.dumps({"detail": AT_CAPACITY_DETAIL}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    headers += [(b"connection", b"close"), (b"retry-after", b"1")]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class _TooManyHeaders(Exception):
@@ -235,7 +168,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
         if self.overflow:
             _waiting_past_cap(self.server_state).pop(self, None)
             health = self.parser.get_method() == b"GET" and httptools.parse_url(self.url).path == HEALTH_PATH
-            self.app = self.config.loaded_app if health else _at_capacity
+            self.app = self.config.loaded_app if health else at_capacity
         super().on_headers_complete()
         if self.overflow and self.cycle is not None:
             self.cycle.keep_alive = False
@@ -254,9 +187,12 @@ class FrontDoorProtocol(HttpToolsProtocol):
 
     def _head_late(self) -> None:
         self._head_timer = None
+        if self.flow.read_paused:  # a pipelined request waits for the one before it: not the client's delay
+            self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_late)
+            return
         if self._in_head and not self.transport.is_closing():
             detail = f"The request head did not arrive within {self.limits.header_timeout:g} s."
-            self._close_with(_answer(408, "Request Timeout", detail))
+            self._close_with(answer(408, "Request Timeout", detail))
 
     def _watch_body(self) -> None:
         if self._body_timer is None:
@@ -291,7 +227,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
             f"The request body stalled for {self.limits.body_timeout:g} s or arrived slower than "
             f"{self.limits.body_min_rate} bytes/s."
         )
-        self._close_with(_answer(408, "Request Timeout", detail))
+        self._close_with(answer(408, "Request Timeout", detail))
 
     def _stop_body_watch(self) -> None:
         if self._body_timer is not None:
@@ -310,7 +246,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
     # --- answers the application never sees ---
 
     def _too_large(self, detail: str) -> None:
-        self._close_with(_answer(431, "Request Header Fields Too Large", detail))
+        self._close_with(answer(431, "Request Header Fields Too Large", detail))
 
     def _close_with(self, response: bytes) -> None:
         self._stop_timers()

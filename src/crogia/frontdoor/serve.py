@@ -11,7 +11,8 @@ from uvicorn.supervisors import ChangeReload
 from crogia.cli import WS_IMPL
 from crogia.config import Settings
 from crogia.frontdoor import fds
-from crogia.frontdoor.http import FrontDoorConfig, FrontDoorLimits, FrontDoorProtocol
+from crogia.frontdoor.http import FrontDoorProtocol
+from crogia.frontdoor.limits import FrontDoorConfig, FrontDoorLimits
 
 log = logging.getLogger("crogia.frontdoor")
 
