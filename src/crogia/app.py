@@ -65,7 +65,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routes = (health, sessions, tasks, conversation, processes, files, search, shell, shells, shells_ws, ws)
     for module in routes:
         app.include_router(module.router)
-    app.add_middleware(BodyLimit, max_bytes=settings.request_max_bytes)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.request_max_bytes, json_max_bytes=settings.json_max_bytes
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.allowed_origins,

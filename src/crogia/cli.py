@@ -27,6 +27,9 @@ def configure_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True
     )
+    from crogia.frontdoor import logs
+
+    logs.install()  # tokens out of every line, repeated errors rate-limited
 
 
 DEFAULT_LOOP = "asyncio"
@@ -38,26 +41,12 @@ WS_IMPL = "websockets-sansio"
 
 
 def serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    from crogia.frontdoor.serve import serve as run
 
     settings = load_settings()
     configure_logging(settings)
-    host = args.host or settings.bind_host
-    port = args.port or settings.port
-    options = {
-        "host": host,
-        "port": port,
-        "loop": args.loop,
-        "ws": WS_IMPL,
-        "ws_max_size": 4 * 1024 * 1024,
-        "log_config": None,
-    }
-    if args.reload:
-        uvicorn.run("crogia.asgi:app", reload=True, **options)
-    else:
-        from crogia.app import create_app
-
-        uvicorn.run(create_app(settings), **options)
+    host, port = args.host or settings.bind_host, args.port or settings.port
+    run(settings, host=host, port=port, loop=args.loop, reload=args.reload)
 
 
 def image_build(args: argparse.Namespace) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -10,6 +11,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _LOCAL = ("localhost", "127.0.0.1")
 """The original web client's dev servers (3000, and Vite's 5173) run on these."""
+IMAGE_REFERENCE = re.compile(
+    r"[a-z0-9]+(?:[._/:-][a-z0-9]+)*(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
+)
+"""Docker's reference grammar, loosely: lower-case path parts, an optional port, tag and digest."""
 
 
 class Settings(BaseSettings):
@@ -83,6 +88,8 @@ class Settings(BaseSettings):
     shell_max_output: int = Field(1_048_576, ge=1024)
     file_read_max_bytes: int = Field(10_485_760, ge=1024)
     request_max_bytes: int = Field(104_857_600, ge=1024)
+    json_max_bytes: int = Field(8_388_608, ge=1024)
+    """Bodies other than streamed uploads (held in memory to be parsed); at most REQUEST_MAX_BYTES."""
     process_stop_grace: float = Field(5.0, ge=0)
     search_max_results: int = Field(1000, ge=1)
     terminals_per_session: int = Field(8, ge=1, le=64)
@@ -94,12 +101,58 @@ class Settings(BaseSettings):
     api_tokens: str = ""
     """Comma-separated `tenant=token` pairs; empty disables authentication."""
 
+    # --- the front door (see the README's Security section) ---
+    max_connections: int = Field(4096, ge=16)
+    """Open connections (HTTP and WebSocket) served; lowered at start-up to what RLIMIT_NOFILE leaves."""
+    header_timeout: float = Field(10.0, gt=0)
+    """Seconds a client has to send a request's line and headers (from its first byte, or connecting)."""
+    body_timeout: float = Field(30.0, gt=0)
+    """Seconds a request body may stall; after that grace it must also average BODY_MIN_RATE."""
+    body_min_rate: int = Field(1024, ge=1)
+    """Bytes per second a request body must average once BODY_TIMEOUT has passed."""
+    keepalive_timeout: float = Field(5.0, gt=0)
+    """Seconds an idle keep-alive connection stays open between requests."""
+    max_header_bytes: int = Field(16_384, ge=1024, le=1_048_576)
+    """Bytes of request line plus headers; past it: 431."""
+    max_headers: int = Field(100, ge=8, le=1000)
+    """Header fields per request; past it: 431."""
+    ws_ping_interval: float = Field(20.0, gt=0)
+    """Seconds between the server's WebSocket pings."""
+    ws_ping_timeout: float = Field(20.0, gt=0)
+    """Seconds a WebSocket peer has to answer a ping before it is closed as dead (1011)."""
+    max_sessions: int = Field(256, ge=0)
+    """Sessions on this server (stopped ones count); 0: no cap."""
+    max_sessions_per_tenant: int = Field(64, ge=0)
+    """Sessions per tenant; 0: no cap."""
+    sandbox_images: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Images a session may ask for (comma-separated); empty: DOCKER_BASE_IMAGE only."""
+
     @field_validator("allowed_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("sandbox_images", mode="before")
+    @classmethod
+    def _split_images(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("sandbox_images")
+    @classmethod
+    def _check_images(cls, value: list[str]) -> list[str]:
+        for image in value:
+            if not IMAGE_REFERENCE.fullmatch(image):
+                raise ValueError(f"SANDBOX_IMAGES entry {image!r} is not an image reference (name[:tag])")
+        return value
+
+    @property
+    def allowed_images(self) -> list[str]:
+        """SANDBOX_IMAGES, or DOCKER_BASE_IMAGE alone when it is empty."""
+        return self.sandbox_images or [self.docker_base_image]
 
     @field_validator("api_tokens")
     @classmethod

@@ -51,6 +51,12 @@ class Unauthorized(CrogiaError):
     code = "unauthorized"
 
 
+class Forbidden(CrogiaError):
+    """Not allowed on this server whoever asks (an image outside SANDBOX_IMAGES)."""
+
+    code = "forbidden"
+
+
 class Unavailable(CrogiaError):
     """A dependency is down: Docker engine unreachable, sandbox image missing, executor gone."""
 

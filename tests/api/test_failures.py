@@ -36,15 +36,18 @@ async def test_docker_engine_down_gives_503_and_health_says_so(
 
 
 @pytest.mark.docker
-async def test_missing_image_names_the_build_command_and_leaves_nothing(data_dir: Path) -> None:
+async def test_an_allowed_image_the_engine_lacks_is_a_400_naming_it_and_leaves_nothing(
+    data_dir: Path,
+) -> None:
     need_docker()
-    async with run_server(make_settings(data_dir, "docker")) as server:
+    images = ["crogia-sandbox:latest", "crogia-missing:nope"]
+    async with run_server(make_settings(data_dir, "docker", sandbox_images=images)) as server:
         created = await server.client.post(
             "/api/sessions", json={"task": "x", "image": "crogia-missing:nope"}
         )
         listed = (await server.client.get("/api/sessions")).json()
         managed = await server.runtime.provider.managed_ids()
-    assert created.status_code == 503 and "crogia image build" in created.json()["detail"]
+    assert created.status_code == 400 and "crogia-missing:nope" in created.json()["detail"]
     assert listed == [] and managed == [] and leftovers(data_dir) == []
 
 

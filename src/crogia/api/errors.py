@@ -13,6 +13,7 @@ from crogia.api.schemas import ErrorBody
 from crogia.errors import (
     Conflict,
     CrogiaError,
+    Forbidden,
     InvalidInput,
     NotFound,
     SandboxError,
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 STATUS: dict[type[CrogiaError], int] = {
     InvalidInput: 400,
     Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
     TooLarge: 413,
@@ -39,8 +41,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for status, description in {
         400: "Bad input: a bad path, pattern or value, or a body that is not valid JSON.",
         401: "A valid API token is required (only when API_TOKENS is set).",
+        403: "Not allowed on this server (an image outside SANDBOX_IMAGES).",
         404: "Unknown session, task, process or file (also another tenant's session).",
-        409: "The request clashes with the current state (session stopped, task finished, file exists).",
+        409: (
+            "The request clashes with the current state (session stopped, task finished, file exists) "
+            "or a cap (MAX_SESSIONS, MAX_SESSIONS_PER_TENANT)."
+        ),
         413: "The body, the file or the output is larger than the configured limit.",
         502: "The sandbox failed in a way that is not the caller's fault.",
         503: "A dependency is down or busy: Docker engine, sandbox image, executor or database.",

@@ -2,17 +2,45 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_serializer, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_serializer,
+    field_validator,
+)
 
 # What `setenv` accepts: a name of letters, digits and `_` (no leading digit), a value without NUL.
 EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
 NO_NUL = r"^[^\x00]*$"
 """Stored text and command lines cannot hold a NUL (PostgreSQL text, C strings): refused up front."""
-EnvValue = Annotated[str, StringConstraints(pattern=NO_NUL, max_length=131_072)]
-Env = Annotated[dict[EnvName, EnvValue], Field(description="Extra environment variables.")]
+EnvValue = Annotated[str, StringConstraints(pattern=NO_NUL, max_length=32_768)]
+ENV_MAX_ENTRIES = 64
+ENV_MAX_BYTES = 32_768
+METADATA_MAX_BYTES = 16_384
+
+
+def _env_within_caps(value: dict[str, str]) -> dict[str, str]:
+    # Every command carries the env: a big one costs each exec, and past ~2 MB exec fails (E2BIG).
+    if len(value) > ENV_MAX_ENTRIES:
+        raise ValueError(f"env may hold at most {ENV_MAX_ENTRIES} entries (it has {len(value)})")
+    size = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in value.items())
+    if size > ENV_MAX_BYTES:
+        raise ValueError(f"env may hold at most {ENV_MAX_BYTES} bytes of names and values (it has {size})")
+    return value
+
+
+Env = Annotated[
+    dict[EnvName, EnvValue],
+    AfterValidator(_env_within_caps),
+    Field(description=f"Extra environment variables: at most {ENV_MAX_ENTRIES} and {ENV_MAX_BYTES} bytes."),
+]
 
 
 def _holds_nul(value: Any) -> bool:
@@ -60,13 +88,20 @@ class SessionCreate(_Request):
         None, max_length=256, pattern=NO_NUL, description="Docker image (Docker backend only)."
     )
     env: Env = Field(default_factory=dict, description="Extra environment for every command.")
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"Free JSON kept with the session: at most {METADATA_MAX_BYTES} bytes.",
+    )
 
     @field_validator("metadata")
     @classmethod
     def _no_nul_inside(cls, value: dict[str, Any]) -> dict[str, Any]:
         if _holds_nul(value):
             raise ValueError("metadata must not contain a NUL character")
+        # Stored with the row and sent with every listing: kept small.
+        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+        if size > METADATA_MAX_BYTES:
+            raise ValueError(f"metadata may be at most {METADATA_MAX_BYTES} bytes as JSON (it is {size})")
         return value
 
 

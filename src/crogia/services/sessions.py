@@ -28,6 +28,7 @@ from crogia.sandbox.base import Sandbox, SandboxProvider, SandboxSpec, SandboxSt
 from crogia.sandbox.quota import WorkspaceDisks
 from crogia.services.live import LiveSession as LiveSession
 from crogia.services.pool import SandboxPool
+from crogia.services.quotas import SessionQuotas, capped
 from crogia.store import Database, repo
 from crogia.store.tables import SessionRow
 from crogia.workspace import Workspace
@@ -63,6 +64,7 @@ class SessionService:
         self._reviving: dict[str, asyncio.Lock] = {}
         self.on_sandbox: list[SandboxHook] = []
         """Called whenever a session's sandbox is created or re-attached (process exit wiring)."""
+        self.quotas = SessionQuotas(settings, db)
 
     # --- lookups ---
 
@@ -182,6 +184,7 @@ class SessionService:
             labels={"crogia.tenant": tenant},
         )
 
+    @capped  # MAX_SESSIONS, MAX_SESSIONS_PER_TENANT, SANDBOX_IMAGES
     async def create(
         self, *, tenant: str, label: str, image: str | None, env: Mapping[str, str], metadata: dict[str, Any]
     ) -> SessionRow:

@@ -37,6 +37,13 @@ async def list_sessions(db: AsyncSession, *, tenant: str | None = None) -> Seque
     return (await db.scalars(query)).all()
 
 
+async def count_sessions(db: AsyncSession, *, tenant: str) -> tuple[int, int]:
+    """(sessions on this server, sessions of `tenant`), stopped ones included."""
+    mine = func.count().filter(SessionRow.tenant == tenant)
+    total, own = (await db.execute(select(func.count(), mine).select_from(SessionRow))).one()
+    return int(total), int(own)
+
+
 async def touch_session(db: AsyncSession, *, session_id: str, **values: Any) -> None:
     values.setdefault("last_activity", utcnow())
     await db.execute(update(SessionRow).where(SessionRow.id == session_id).values(**values))
