@@ -32,6 +32,8 @@ async def create_task(body: TaskCreate, live: LiveDep, runtime: RuntimeDep) -> T
     """Answers at once; progress streams over `WS /ws/{session_id}`."""
     if runtime.stopping:
         raise Unavailable("The server is shutting down; post the task again once it is back.")
+    if runtime.bus.store_error:  # its events would only pile up in memory
+        raise Unavailable(f"The event store is down ({runtime.bus.store_error}); retry shortly.")
     row = await runtime.tasks.submit(live, body.task)
     return TaskAccepted(message="Task started", task=row.task, task_id=row.id, status=row.status)
 
