@@ -86,7 +86,10 @@ async def test_a_stopped_sandbox_comes_up_once_for_many_requests(server: Running
     sessions = server.runtime.sessions
     live = sessions.peek(sid)
     assert live is not None and await sessions.sleep(live, idle_for=0)
-    assert live.state == "asleep" and (await server.client.get(f"/api/sessions/{sid}")).json()["status"] == "stopped"
+    assert (
+        live.state == "asleep"
+        and (await server.client.get(f"/api/sessions/{sid}")).json()["status"] == "stopped"
+    )
     started: list[str] = []
 
     async def count(up: LiveSession) -> None:
