@@ -64,15 +64,14 @@ class Lifecycle:
         """Writes a session's row (its `status`: `active` while running, `stopped` otherwise)."""
         self._sessions: dict[str, LiveSession] = {}
         self._gone: dict[str, None] = {}
+        self.get = self._sessions.get
+        """The session with this id this server tracks, or None (the dict's own `get`: the hot path)."""
         self.on_sandbox: list[SandboxHook] = []
         """Called whenever a session's sandbox comes up (created, started again, re-attached)."""
         self.on_stop: list[StopHook] = []
         """Called when a sandbox is about to stop: for idleness ("idle", under the session's lock,
         before the stop) or because the session is being deleted ("deleted", state `deleting`,
         before the sandbox is destroyed). Terminals and tasks of the session end here."""
-
-    def get(self, session_id: str) -> LiveSession | None:
-        return self._sessions.get(session_id)
 
     def known(self) -> list[LiveSession]:
         return list(self._sessions.values())
@@ -185,7 +184,8 @@ class Lifecycle:
 
     def drop_all(self) -> list[LiveSession]:
         """Shutdown: every tracked session, no longer tracked."""
-        lives, self._sessions = list(self._sessions.values()), {}
+        lives = list(self._sessions.values())
+        self._sessions.clear()  # the same dict: `get` is its method
         return lives
 
 
