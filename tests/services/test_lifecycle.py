@@ -81,6 +81,23 @@ async def test_delete_of_a_stopped_session_wins_the_race_to_start_it(server: Run
         await assert_gone(server, sid)
 
 
+async def test_after_a_restart_a_stopped_session_is_dormant_and_delete_still_wins(
+    data_dir: Path, backend: str
+) -> None:
+    settings = make_settings(data_dir, backend, sandbox_pool_size=0)
+    async with run_server(settings) as first:
+        sid = str((await first.create_session(task="dormant"))["session_id"])
+        live = first.runtime.sessions.peek(sid)
+        assert live is not None and await first.runtime.sessions.sleep(live, idle_for=0)
+    async with run_server(settings) as second:
+        again = second.runtime.sessions.peek(sid)
+        assert again is not None and again.state == "dormant"
+        assert (await second.client.get(f"/api/sessions/{sid}")).json()["container_status"] == "exited"
+        codes = await race_delete(second, sid)
+        assert set(codes) <= {200, 404}, codes
+        await assert_gone(second, sid)
+
+
 async def test_a_stopped_sandbox_comes_up_once_for_many_requests(server: RunningServer) -> None:
     sid = str((await server.create_session(task="wake"))["session_id"])
     sessions = server.runtime.sessions
