@@ -78,6 +78,7 @@ def make_settings(data_dir: Path, backend: str, **overrides: object) -> Settings
         "openai_api_key": "test-key",
         "log_level": "INFO",
         "sandbox_memory_mb": 1024,
+        "sandbox_pool_size": 0,  # the pool's tests turn it on; elsewhere it would only load the 2 cores
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -5,6 +5,10 @@ queued events in batches and only then hands them to subscribers, so every event
 is already in the database. A subscriber registers for live events *before* it reads the stored
 ones, and skips any `seq` it has already passed: no gap, no duplicate.
 
+While the database is away, the writer keeps retrying the same batch: events wait in memory
+(bounded: `publish` waits for room) and none is dropped, so `seq` has no gap. After DOWN_AFTER
+seconds of failures `store_error` says so (health shows it; new tasks get a 503) until it is back.
+
 Each subscriber has a bounded queue. One that falls too far behind is closed with a reason
 (and reconnects with `since`), so a slow client never slows the agent or other clients.
 """
@@ -19,7 +23,7 @@ from collections import deque
 from datetime import UTC, datetime
 
 from pydantic_core import PydanticSerializationError
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from crogia.events import _Event, event_payload
 from crogia.store import Database, repo
@@ -29,8 +33,11 @@ log = logging.getLogger(__name__)
 REPLAY_PAGE = 2000
 MAX_PENDING = 100_000
 """Events queued for storage before `publish` waits for the writer."""
-STORE_RETRIES = (0.05, 0.25, 1.0)
-"""Pauses before storing a batch again after a transient database error (locked, connection lost)."""
+RETRY_FIRST, RETRY_MAX = 0.05, 2.0
+"""Pauses before storing a batch again after a transient database error (locked, connection lost):
+doubling from the first to the longest, for as long as it takes. Nothing is dropped meanwhile."""
+DOWN_AFTER = 1.3
+"""Seconds of failed attempts after which the store counts as down (`store_error`, health, 503s)."""
 DROPPED_MEMORY = 10_000
 """Deleted sessions remembered, so their late events are discarded without a database round trip."""
 _ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"))
@@ -169,6 +176,11 @@ class EventBus:
         self._room = asyncio.Event()
         self._init_lock = asyncio.Lock()
         self._writer: asyncio.Task[None] | None = None
+        self.store_error: str | None = None
+        """Why events cannot be stored, once that has lasted DOWN_AFTER seconds; None when they can."""
+        self.store_failures = 0
+        """Failed attempts to store a batch since the store last answered."""
+        self.down_after = DOWN_AFTER
 
     def start(self) -> None:
         self._writer = asyncio.create_task(self._write_loop(), name="crogia-event-writer")
@@ -290,26 +302,40 @@ class EventBus:
                     item.set_result(None)
 
     async def _store(self, events: list[Pending]) -> list[Pending]:
-        for pause in STORE_RETRIES:
-            error = await self._insert(events)
-            if error is None:
-                return events
-            if not isinstance(error, (OperationalError, OSError)):
-                break
-            # Busy or away for a moment: the same batch again.
-            log.warning("storing %d events failed (%s); retrying", len(events), str(error).splitlines()[0])
-            await asyncio.sleep(pause)
+        """Store `events`; returns those stored: all but the late ones of deleted sessions."""
+        if await self._insert_retrying(events) is None:
+            return events
         # A batch fails as a whole: most often it held late events of a session deleted meanwhile.
         live = [event for event in events if event[0] not in self._dropped]
-        if not live or (len(live) < len(events) and await self._insert(live) is None):
+        if not live or (len(live) < len(events) and await self._insert_retrying(live) is None):
             return live
         kept = []
         for event in live:
-            if await self._insert([event]) is None:
+            error = await self._insert_retrying([event])
+            if error is None:
                 kept.append(event)
-            else:
-                log.warning("event %s/%s (%s) could not be stored: dropped", event[0], event[1], event[2])
+            else:  # not the database being away: this event itself cannot be stored (a bug)
+                log.error("event %s/%s (%s) cannot be stored: %s", event[0], event[1], event[2], error)
         return kept
+
+    async def _insert_retrying(self, events: list[Pending]) -> Exception | None:
+        """Insert `events`, retrying while the database is away; the error if it refused them."""
+        pause, failing_since = RETRY_FIRST, time.monotonic()
+        while True:
+            error = await self._insert(events)
+            if error is None or not _transient(error):
+                if self.store_failures:
+                    log.info("events are stored again after %d failed attempts", self.store_failures)
+                self.store_failures, self.store_error = 0, None
+                return error
+            self.store_failures += 1
+            first_line = str(error).splitlines()[0]
+            if self.store_error is None and time.monotonic() - failing_since >= self.down_after:
+                self.store_error = f"events cannot be stored: {first_line}"
+                log.error("the event store is down (%s); %d events wait", first_line, len(self._pending))
+            log.warning("storing %d events failed (%s); retrying", len(events), first_line)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX)
 
     async def _insert(self, events: list[Pending]) -> Exception | None:
         """Store `events` in one transaction; the error if that failed."""
@@ -326,6 +352,13 @@ class EventBus:
                 self._committed[sid] = seq
             for sub in list(self._subs.get(sid, ())):
                 sub._deliver(seq, data)
+
+
+def _transient(error: Exception) -> bool:
+    """A database busy or away for a while (locked, connection lost), not one refusing the rows."""
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, (OperationalError, OSError))
 
 
 def _payload_json(event: _Event) -> str:

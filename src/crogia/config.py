@@ -74,7 +74,8 @@ class Settings(BaseSettings):
     sandbox_pids_limit: int = Field(512, ge=16)
     sandbox_network: str = "bridge"
     """Docker network mode (bridge, none, host or a network name); bubblewrap: `none` unshares the network."""
-    sandbox_pool_size: int = Field(0, ge=0, le=64)
+    sandbox_pool_size: int = Field(2, ge=0, le=64)
+    """Pre-started sandboxes new sessions claim (~10 ms instead of 40-250 ms; ~4-7 MB each idle). 0: off."""
     sandbox_disk_mb: int = Field(0, ge=0)
     """Workspace quota (a loop-mounted ext4 image per workspace; needs root). 0: no quota."""
     sandbox_tmp_mb: int = Field(1024, ge=0)

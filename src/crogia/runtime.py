@@ -15,6 +15,8 @@ from crogia.sandbox import make_provider
 from crogia.sandbox.base import SandboxProvider
 from crogia.sandbox.quota import WorkspaceDisks
 from crogia.services.idle import IdleReaper
+from crogia.services.lifecycle import StopReason
+from crogia.services.live import LiveSession
 from crogia.services.pool import SandboxPool
 from crogia.services.processes import ProcessService
 from crogia.services.sessions import SessionService
@@ -74,6 +76,7 @@ class Runtime:
         runtime = cls(
             settings, db, bus, provider, sessions, processes, shell, tasks, agent, pool, reaper, terminals
         )
+        sessions.on_stop.append(runtime._end_tasks)
         try:
             await tasks.fail_interrupted()
             await sessions.reconcile()
@@ -102,10 +105,12 @@ class Runtime:
         self._docker_checked = (time.monotonic(), await self.provider.available())
 
     async def delete_session(self, session_id: str, *, tenant: str | None) -> None:
-        await self.sessions.get(session_id, tenant=tenant)
-        await self.tasks.stop_session(session_id)
-        self.terminals.end_session(session_id)
-        await self.sessions.delete(session_id, tenant=tenant)
+        await self.sessions.delete(session_id, tenant=tenant)  # its tasks end first (`_end_tasks`)
+
+    async def _end_tasks(self, live: LiveSession, reason: StopReason) -> None:
+        if reason == "deleted":
+            await self.tasks.stop_session(live.id)
+            self.terminals.end_session(live.id)
 
     async def drain(self, *, timeout: float = 5.0) -> None:
         """The first half of a graceful stop, before the server drops its connections.

@@ -13,6 +13,7 @@ import pytest
 import websockets
 
 from tests.conftest import make_settings
+from tests.support.postgres import free_port
 from tests.support.scripted_openai import Call, Reply, ScriptedOpenAI
 from tests.support.server import RunningServer, run_server
 
@@ -51,6 +52,17 @@ async def wait_task(server: RunningServer, sid: str, task_id: str, status: str) 
             return task  # type: ignore[no-any-return]
         await asyncio.sleep(0.05)
     raise AssertionError(f"task never reached {status}: {task}")
+
+
+async def output_of(server: RunningServer, sid: str, cmd: str) -> str:
+    """The first non-empty output of `cmd`, run again until it has one (at most 15 s)."""
+    for _ in range(300):
+        response = await server.client.post(f"/api/sessions/{sid}/shell", json={"cmd": cmd})
+        output = str(response.json()["output"]).strip()
+        if output:
+            return output
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"`{cmd}` never printed anything")
 
 
 async def test_seed_flow_streams_every_step(agent_server: RunningServer, model: ScriptedOpenAI) -> None:
@@ -124,7 +136,7 @@ async def test_cancel_mid_tool_kills_the_command(agent_server: RunningServer, mo
             await agent_server.client.post(f"/api/sessions/{sid}/tasks", json={"task": "hang"})
         ).json()["task_id"]
         await read_until(ws, "tool_call")
-        await asyncio.sleep(0.3)
+        pid = await output_of(agent_server, sid, "cat pid.txt 2>/dev/null")  # the command runs now
         started = asyncio.get_running_loop().time()
         cancelled = await agent_server.client.post(f"/api/sessions/{sid}/tasks/{task_id}/cancel")
         assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
@@ -132,7 +144,7 @@ async def test_cancel_mid_tool_kills_the_command(agent_server: RunningServer, mo
         await read_until(ws, "task_cancelled")
     check = await agent_server.client.post(
         f"/api/sessions/{sid}/shell",
-        json={"cmd": "kill -0 $(cat pid.txt) 2>/dev/null && echo alive || echo gone"},
+        json={"cmd": f"kill -0 {int(pid)} 2>/dev/null && echo alive || echo gone"},
     )
     assert check.json()["output"].strip() == "gone"
     # The session stays usable and the conversation stays valid for the next task.
@@ -171,8 +183,11 @@ async def test_second_task_continues_the_conversation(
 async def test_agent_runs_a_server_edits_files_and_survives_bad_tools(
     agent_server: RunningServer, model: ScriptedOpenAI
 ) -> None:
-    serve = "python3 -m http.server 8766 --bind 127.0.0.1"
-    fetch = "sleep 0.5; python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:8766/page.txt').read().decode())\""
+    port = free_port()
+    serve = f"python3 -m http.server {port} --bind 127.0.0.1"
+    get = f"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{port}/page.txt').read().decode())"
+    # Again until the server listens:
+    fetch = f'for i in $(seq 200); do python3 -c "{get}" 2>/dev/null && break; sleep 0.05; done'
     model.add(
         Reply(tool_calls=[Call("write_file", {"path": "page.txt", "content": "old text"})]),
         Reply(tool_calls=[Call("edit_file", {"path": "page.txt", "old_text": "old", "new_text": "new"})]),

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_settings
+from tests.support.postgres import free_port
 from tests.support.server import RunningServer, run_server
 
 
@@ -127,7 +128,8 @@ async def test_shell_stream_sends_output_then_result(server: RunningServer, sid:
 async def test_processes_start_logs_exit_and_stop(server: RunningServer, sid: str) -> None:
     base = f"/api/sessions/{sid}/processes"
     quick = (await server.client.post(base, json={"cmd": "echo started; exit 7"})).json()
-    server_proc = (await server.client.post(base, json={"cmd": "python3 -m http.server 8765"})).json()
+    port = free_port()
+    server_proc = (await server.client.post(base, json={"cmd": f"python3 -m http.server {port}"})).json()
     assert {"pid", "cmd", "status", "log", "started"} <= server_proc.keys()
     for _ in range(100):
         procs = {p["pid"]: p for p in (await server.client.get(base)).json()}
@@ -140,7 +142,9 @@ async def test_processes_start_logs_exit_and_stop(server: RunningServer, sid: st
     reached = await shell(
         server,
         sid,
-        "sleep 0.5; curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8765/ || python3 -c \"import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:8765/').status)\"",
+        # Again until the server listens:
+        f"for i in $(seq 200); do curl -sf -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{port}/"
+        " && break; sleep 0.05; done",
     )
     assert "200" in reached["output"]
     stopped = await server.client.post(f"{base}/{server_proc['pid']}/stop")

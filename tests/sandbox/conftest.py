@@ -16,6 +16,7 @@ import pytest
 from crogia.sandbox.base import Limits, Sandbox, SandboxProvider, SandboxSpec
 from crogia.sandbox.bubblewrap import BubblewrapProvider
 from crogia.sandbox.docker import DockerProvider
+from tests.conftest import IN_CI
 
 
 @dataclass(frozen=True)
@@ -35,13 +36,21 @@ PROVIDER_FACTORIES: dict[str, ProviderFactory] = {
 MakeSandbox = Callable[..., Awaitable[Sandbox]]
 
 
+def unavailable(backend: str) -> None:
+    """Skip a backend this host cannot run, but fail under CI: every backend must run there."""
+    reason = f"the {backend} backend is not available here"
+    if IN_CI:
+        pytest.fail(f"{reason}, and under CI every backend must run")
+    pytest.skip(reason)
+
+
 @pytest.fixture(params=[pytest.param(name, marks=f.marks, id=name) for name, f in PROVIDER_FACTORIES.items()])
 async def provider(request: pytest.FixtureRequest) -> AsyncIterator[SandboxProvider]:
     factory = PROVIDER_FACTORIES[request.param]
     built = factory.build()
     if not await built.available():
         await built.close()
-        pytest.skip(f"the {request.param} backend is not available here")
+        unavailable(request.param)
     built.test_image = factory.image  # type: ignore[attr-defined]
     yield built
     await built.close()

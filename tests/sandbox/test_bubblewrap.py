@@ -16,14 +16,14 @@ from crogia.errors import SandboxError
 from crogia.sandbox.base import Limits, SandboxSpec
 from crogia.sandbox.bubblewrap import BubblewrapProvider, BubblewrapSandbox
 from crogia.sandbox.cgroups import find_cgroup
-from tests.sandbox.conftest import new_spec
+from tests.sandbox.conftest import new_spec, unavailable
 
 
 @pytest.fixture
 async def bwrap() -> AsyncIterator[BubblewrapProvider]:
     provider = BubblewrapProvider()
     if not await provider.available():
-        pytest.skip("bubblewrap is not usable here")
+        unavailable("bubblewrap")
     yield provider
     await provider.close()
 

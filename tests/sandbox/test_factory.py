@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import TypeAdapter, ValidationError
 
-from crogia.sandbox import limits_from, make_provider
+from crogia.sandbox import instance_id, limits_from, make_provider
 from crogia.sandbox.base import Limits
+from crogia.sandbox.config import BackendConfig, BubblewrapConfig, DockerConfig, backend_config
 from tests.conftest import make_settings, need_docker
 
 NO_ENGINE = "unix:///tmp/no-docker-here.sock"
@@ -82,3 +84,26 @@ async def test_auto_picks_docker_when_the_engine_answers(data_dir: Path) -> None
         assert provider.name == "docker"
     finally:
         await provider.close()
+
+
+async def test_every_backend_is_built_with_this_servers_instance(data_dir: Path) -> None:
+    """A restarted server (same data folder) looks where a crashed one left its sandboxes and cgroups."""
+    settings = make_settings(data_dir, "bubblewrap")
+    first, second = await make_provider(settings), await make_provider(settings)
+    elsewhere = await make_provider(make_settings(data_dir / "elsewhere", "bubblewrap"))
+    try:
+        scopes = [provider._scope for provider in (first, second, elsewhere)]  # type: ignore[attr-defined]
+    finally:
+        for provider in (first, second, elsewhere):
+            await provider.close()
+    assert scopes[0] == scopes[1] == instance_id(settings) != scopes[2]
+    docker = backend_config(settings, "docker")
+    assert docker.type == "docker" and docker.instance == instance_id(settings)
+
+
+def test_backend_configs_are_told_apart_by_their_type() -> None:
+    adapter: TypeAdapter[BackendConfig] = TypeAdapter(BackendConfig)
+    assert isinstance(adapter.validate_python({"type": "bubblewrap", "instance": "x"}), BubblewrapConfig)
+    assert isinstance(adapter.validate_python({"type": "docker", "instance": "x"}), DockerConfig)
+    with pytest.raises(ValidationError):
+        adapter.validate_python({"type": "podman", "instance": "x"})

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import event, text
 
 from crogia.bus import EventBus, SubscriptionClosed
 from crogia.events import TextDelta
@@ -188,6 +191,7 @@ async def test_a_batch_is_stored_again_after_the_database_was_locked(
     db = Database(f"sqlite+aiosqlite:///{path}")
     await db.migrate()
     await add_session(db)
+    await impatient(db)
     bus = EventBus(db)
     bus.start()
     locked, release = threading.Event(), threading.Event()
@@ -207,7 +211,7 @@ async def test_a_batch_is_stored_again_after_the_database_was_locked(
         sub = await bus.subscribe("s1", after=0)
         for i in range(3):
             await bus.publish("s1", TextDelta(content=str(i)))
-        await asyncio.sleep(5.3)  # past busy_timeout (5 s): the first attempt has failed by now
+        await until(lambda: bus.store_failures >= 2)  # locked past busy_timeout, twice
         release.set()
         got = await asyncio.wait_for(collect(sub, 3), 10)
     finally:
@@ -216,4 +220,57 @@ async def test_a_batch_is_stored_again_after_the_database_was_locked(
         await bus.close()
         await db.close()
     assert [e["content"] for e in got] == ["0", "1", "2"]
-    assert "retrying" in caplog.text and "dropped" not in caplog.text
+    assert "retrying" in caplog.text and "cannot be stored" not in caplog.text
+    assert bus.store_failures == 0 and bus.store_error is None
+
+
+async def test_no_event_is_lost_while_the_store_is_down_for_long(data_dir: Path) -> None:
+    """Past DOWN_AFTER the store counts as down (health, 503 for tasks); every event waits, in order."""
+    db = Database(f"sqlite+aiosqlite:///{data_dir / 'down.db'}")
+    await db.migrate()
+    await add_session(db)
+    bus = EventBus(db)
+    bus.down_after = 0.3
+    bus.start()
+    try:
+        await bus.publish("s1", TextDelta(content="0"))
+        await bus.flush()
+        sub = await bus.subscribe("s1", after=0)
+        async with db.engine.begin() as conn:  # SQLite: "no such table", an OperationalError
+            await conn.execute(text("ALTER TABLE events RENAME TO events_away"))
+        for i in range(1, 6):
+            await bus.publish("s1", TextDelta(content=str(i)))
+        await until(lambda: bus.store_error is not None)
+        assert sub.pending() == 0  # nothing is handed out before it is stored
+        async with db.engine.begin() as conn:
+            await conn.execute(text("ALTER TABLE events_away RENAME TO events"))
+        got = await asyncio.wait_for(collect(sub, 6), 10)
+        await until(lambda: bus.store_error is None)
+        async with db.session() as s:
+            stored = await repo.events_between(s, session_id="s1", after=0, upto=100, limit=100)
+    finally:
+        await bus.close()
+        await db.close()
+    assert [e["content"] for e in got] == [str(i) for i in range(6)]
+    assert [seq for seq, _ in stored] == list(range(1, 7))  # no gap
+
+
+async def impatient(db: Database) -> None:
+    """SQLite connections that wait 0.2 s for a lock instead of 5 s (the test waits less)."""
+
+    def pragma(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout=200")
+        cursor.close()
+
+    event.listen(db.engine.sync_engine, "connect", pragma)
+    await db.engine.dispose()
+
+
+async def until(condition: Callable[[], bool], within: float = 20) -> None:
+    """Wait for `condition` to hold, checking every 10 ms; AssertionError after `within` seconds."""
+    for _ in range(int(within * 100)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition never held")

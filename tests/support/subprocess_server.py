@@ -83,4 +83,5 @@ def server_env(data_dir: Path, backend: str, model_url: str) -> dict[str, str]:
         "OPENAI_BASE_URL": model_url,
         "MODEL_RETRIES": "0",
         "LOG_LEVEL": "INFO",
+        "SANDBOX_POOL_SIZE": "0",
     }

@@ -66,6 +66,8 @@ async def get_session_row(session_id: str, runtime: RuntimeDep, tenant: TenantDe
 
 
 async def get_live_session(session_id: str, runtime: RuntimeDep, tenant: TenantDep) -> LiveSession:
+    """The session with its sandbox running (the state machine starts a stopped one): every route
+    that needs a sandbox comes here; 404 once a delete has started, 409 while it is being created."""
     return await runtime.sessions.live(session_id, tenant=tenant)
 
 

@@ -62,9 +62,18 @@ def status_for(exc: CrogiaError) -> int:
     return 500
 
 
+def _deleted_meanwhile(request: Request) -> bool:
+    """Whether the request's session is being deleted: its sandbox failing under it is then a 404."""
+    session_id = request.path_params.get("session_id")
+    runtime = getattr(request.app.state, "runtime", None)
+    return bool(session_id) and runtime is not None and runtime.sessions.deleted(session_id)
+
+
 async def crogia_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, CrogiaError)
     status = status_for(exc)
+    if status >= 500 and _deleted_meanwhile(request):
+        return JSONResponse({"detail": "Session not found."}, status_code=404)
     if status >= 500:
         log.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc.message)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -81,6 +90,8 @@ async def database_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    if _deleted_meanwhile(request):  # e.g. its folders removed under a file request
+        return JSONResponse({"detail": "Session not found."}, status_code=404)
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse({"detail": "Internal server error; see the server log."}, status_code=500)
 

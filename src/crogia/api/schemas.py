@@ -297,9 +297,12 @@ class ShellResult(_Model):
 
 class Health(_Model):
     status: str
+    """`healthy`, or `degraded` while events cannot be stored (`store_error`)."""
     timestamp: datetime
     active_sessions: int
     docker_available: bool
     active_shells: int = Field(0, description="Open interactive terminals (`/api/sessions/{id}/shells`).")
     sandbox_backend: str
     version: str
+    store_error: str | None = None
+    """Why events cannot be stored (the database has been away for a while); absent when they can."""

@@ -8,11 +8,11 @@ without bwrap) never loads what it cannot use.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 
 from crogia.config import Settings
 from crogia.sandbox.base import Limits, SandboxProvider
+from crogia.sandbox.config import DockerConfig, backend_config, instance_id
 from crogia.sandbox.executor import compile_daemon
 
 log = logging.getLogger(__name__)
@@ -32,20 +32,13 @@ def limits_from(settings: Settings) -> Limits:
     )
 
 
-def instance_id(settings: Settings) -> str:
-    """A stable id of this server's data folder: the sandboxes it owns carry it across restarts."""
-    return hashlib.sha256(str(settings.data_dir).encode()).hexdigest()[:16]
-
-
 async def make_provider(settings: Settings) -> SandboxProvider:
     """Build the provider `settings.sandbox_backend` selects; the caller closes it."""
     await asyncio.to_thread(compile_daemon)
     backend = settings.sandbox_backend
     if backend == "bubblewrap":
-        return _bubblewrap()
-    from crogia.sandbox.docker import DockerProvider  # lazy: aiodocker only when Docker may be used
-
-    docker = DockerProvider(instance=instance_id(settings))
+        return backend_config(settings, "bubblewrap").build()
+    docker = DockerConfig(instance=instance_id(settings)).build()
     if await docker.available():
         log.info("sandbox backend: docker (engine at %s)", docker.url)
         if not await docker.has_image(settings.docker_base_image):
@@ -59,10 +52,4 @@ async def make_provider(settings: Settings) -> SandboxProvider:
         return docker
     await docker.close()
     log.info("sandbox backend: bubblewrap (no Docker engine answers at %s)", docker.url)
-    return _bubblewrap()
-
-
-def _bubblewrap() -> SandboxProvider:
-    from crogia.sandbox.bubblewrap import BubblewrapProvider
-
-    return BubblewrapProvider()
+    return backend_config(settings, "bubblewrap").build()

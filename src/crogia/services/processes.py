@@ -30,6 +30,8 @@ class ProcessService:
         self.sessions = sessions
         self._locks: dict[str, asyncio.Lock] = {}
         self._pending: set[asyncio.Task[None]] = set()
+        self._stopping: set[tuple[str, int]] = set()
+        """(session, pid) being stopped: the exit notice the daemon sends before its reply means `stopped`."""
         sessions.on_sandbox.append(self._wire)
 
     async def start(
@@ -64,8 +66,13 @@ class ProcessService:
     async def stop(self, live: LiveSession, pid: int) -> ProcessRow:
         row = await self.get(live.id, pid)
         if row.status == "running":
-            code = await live.sandbox.terminate(pid, grace=self.settings.process_stop_grace)
-            await self._finish(live.id, row, status="stopped", exit_code=code)
+            key = (live.id, pid)
+            self._stopping.add(key)
+            try:
+                code = await live.sandbox.terminate(pid, grace=self.settings.process_stop_grace)
+                await self._finish(live.id, row, status="stopped", exit_code=code)
+            finally:
+                self._stopping.discard(key)
         return await self.get(live.id, pid)
 
     async def logs(self, live: LiveSession, pid: int, *, lines: int) -> str:
@@ -111,7 +118,8 @@ class ProcessService:
                 async with self.db.session() as db:
                     row = await repo.get_process(db, session_id=session_id, pid=pid)
                 if row is not None:
-                    await self._finish(session_id, row, status="exited", exit_code=exit_code)
+                    status = "stopped" if (session_id, pid) in self._stopping else "exited"
+                    await self._finish(session_id, row, status=status, exit_code=exit_code)
         except Exception:
             log.exception("recording the exit of process %s in session %s failed", pid, session_id)
 

@@ -15,12 +15,14 @@ router = APIRouter(prefix="/api", tags=["health"])
 
 @router.get("/health", response_model=Health, summary="Health check (never needs a token)")
 async def health(runtime: RuntimeDep) -> Health:
+    store_error = runtime.bus.store_error
     return Health(
-        status="healthy",
+        status="degraded" if store_error else "healthy",
         timestamp=datetime.now(UTC),
         active_sessions=runtime.sessions.live_count(),
         active_shells=runtime.terminals.active_count(),
         docker_available=await runtime.docker_available(),
         sandbox_backend=runtime.provider.name,
         version=__version__,
+        store_error=store_error,
     )

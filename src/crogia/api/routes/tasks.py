@@ -33,6 +33,8 @@ async def create_task(body: TaskCreate, live: LiveDep, runtime: RuntimeDep) -> T
     """Answers at once; progress streams over `WS /ws/{session_id}`."""
     if runtime.stopping:
         raise Unavailable("The server is shutting down; post the task again once it is back.")
+    if runtime.bus.store_error:  # its events would only pile up in memory
+        raise Unavailable(f"The event store is down ({runtime.bus.store_error}); retry shortly.")
     options = TaskOptions(model=body.model, max_turns=body.max_turns, reasoning_effort=body.reasoning_effort)
     row = await runtime.tasks.submit(live, body.task, options)
     return TaskAccepted(message="Task started", task=row.task, task_id=row.id, status=row.status)

@@ -28,6 +28,8 @@ STREAM_RATE = 1024 * 1024
 """Bytes per second a streamed command sends once its first max_output bytes are out."""
 BACKLOG_MAX = 8 * 1024 * 1024
 """Streamed chunks are skipped (and counted) while their client has this much unread."""
+TAIL_CHARS = 4096
+"""The end of skipped streamed output that is still sent when the command ends (its last lines)."""
 
 
 class OutputCapture:
@@ -69,19 +71,32 @@ class LiveStream:
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.burst, self.rate = max(burst, 1), rate
         self.tokens, self.refilled, self.skipped = float(self.burst), time.monotonic(), 0
+        self.tail = ""
 
-    def feed(self, data: bytes, final: bool = False) -> None:
-        text = self.decoder.decode(data, final)
+    def feed(self, data: bytes) -> None:
+        text = self.decoder.decode(data)
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.rate)
         self.refilled = now
         if self.tokens < min(len(data), self.burst) or len(self.conn.outbuf) > BACKLOG_MAX:
             self.skipped += len(data)
+            # The last words of a command matter most: the tail of what is skipped is kept for `finish`.
+            self.tail = (self.tail + text)[-TAIL_CHARS:]
             return
         self.tokens -= len(data)
+        self.tail = ""  # counted in `skipped`, told before this chunk
         self.flush_skipped()
         if text:
             self.conn.send({"type": "chunk", "id": self.rid, "data": text})
+
+    def finish(self) -> None:
+        """The command ended: whatever the budget, its last skipped output is streamed after the count."""
+        tail = self.tail + self.decoder.decode(b"", True)
+        self.skipped = max(0, self.skipped - len(self.tail.encode()))
+        self.tail = ""
+        self.flush_skipped()
+        if tail:
+            self.conn.send({"type": "chunk", "id": self.rid, "data": tail})
 
     def flush_skipped(self) -> None:
         if self.skipped:
@@ -152,8 +167,7 @@ def run_command(req: Message, conn: Connection, rid: RequestId) -> Steps:
     if cancelled:
         raise cancelled_error()
     if live is not None:
-        live.feed(b"", final=True)
-        live.flush_skipped()
+        live.finish()
     output, truncated = capture.text()
     code = 124 if timed_out else proc.code
     return {"exit_code": code, "output": output, "timed_out": timed_out, "truncated": truncated}

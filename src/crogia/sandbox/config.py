@@ -1,0 +1,68 @@
+"""Backend configs: plain data with a `type` literal, each building its provider lazily.
+
+As in SWE-ReX's `deployment/config.py`: a config says everything its backend needs and `build()`
+imports the backend only then, so a host without aiodocker (or bwrap) never loads it. Every
+config gets this server's `instance` id from `backend_config`: the one name its sandboxes,
+containers and cgroups carry across restarts, so a restarted server finds what a crashed one
+left behind (a provider built without it would get a random scope and never reclaim them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from crogia.config import Settings
+
+if TYPE_CHECKING:
+    from crogia.sandbox.bubblewrap import BubblewrapProvider
+    from crogia.sandbox.docker import DockerProvider
+
+__all__ = ["BackendConfig", "BubblewrapConfig", "DockerConfig", "backend_config", "instance_id"]
+
+
+def instance_id(settings: Settings) -> str:
+    """A stable id of this server's data folder: the sandboxes it owns carry it across restarts."""
+    return hashlib.sha256(str(settings.data_dir).encode()).hexdigest()[:16]
+
+
+class BubblewrapConfig(BaseModel):
+    """bubblewrap: sandboxes are processes of this server, limited by cgroups `crogia-<instance>`."""
+
+    model_config = ConfigDict(frozen=True)
+    type: Literal["bubblewrap"] = "bubblewrap"
+    instance: str
+    """Names this server's cgroup folder (its leftovers after a crash are found by it)."""
+
+    def build(self) -> BubblewrapProvider:
+        from crogia.sandbox.bubblewrap import BubblewrapProvider
+
+        return BubblewrapProvider(scope=self.instance)
+
+
+class DockerConfig(BaseModel):
+    """Docker: one container per sandbox, labelled with `instance`."""
+
+    model_config = ConfigDict(frozen=True)
+    type: Literal["docker"] = "docker"
+    instance: str
+    """Labels every container this server makes; `managed_ids` lists only those."""
+    url: str | None = None
+    """The engine; default: the Docker context, DOCKER_HOST, the socket."""
+
+    def build(self) -> DockerProvider:
+        from crogia.sandbox.docker import DockerProvider  # lazy: aiodocker only when Docker may be used
+
+        return DockerProvider(url=self.url, instance=self.instance)
+
+
+BackendConfig = Annotated[BubblewrapConfig | DockerConfig, Field(discriminator="type")]
+
+
+def backend_config(settings: Settings, kind: Literal["bubblewrap", "docker"]) -> BackendConfig:
+    """The config of backend `kind` for this server: its instance id always set."""
+    if kind == "bubblewrap":
+        return BubblewrapConfig(instance=instance_id(settings))
+    return DockerConfig(instance=instance_id(settings))
