@@ -44,8 +44,11 @@ class Settings(BaseSettings):
     sandbox_memory_mb: int = Field(2048, ge=64)
     sandbox_cpus: float = Field(1.0, gt=0)
     sandbox_pids_limit: int = Field(512, ge=16)
-    sandbox_network: str = "bridge"
-    """Docker network mode (bridge, none, host or a network name); bubblewrap: `none` unshares the network."""
+    sandbox_network: str = "isolated"
+    """`isolated`: public internet only (no host, no private range, no other sandbox); `none`: no network.
+    Old Docker modes (bridge, host, a network name) still work but are not isolated (a warning says so)."""
+    sandbox_dns: str = ""
+    """DNS server the sandboxes' queries go to (an IP address); empty: the host's resolver."""
     sandbox_pool_size: int = Field(0, ge=0, le=64)
     sandbox_disk_mb: int = Field(0, ge=0)
     """Workspace quota (a loop-mounted ext4 image per workspace; needs root). 0: no quota."""

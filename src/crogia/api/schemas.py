@@ -254,4 +254,5 @@ class Health(_Model):
     active_sessions: int
     docker_available: bool
     sandbox_backend: str
+    network: str = Field(description="Sandbox network isolation: isolated, none, or shared (not isolated).")
     version: str

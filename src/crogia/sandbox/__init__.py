@@ -14,6 +14,7 @@ import logging
 from crogia.config import Settings
 from crogia.sandbox.base import Limits, SandboxProvider
 from crogia.sandbox.executor import compile_daemon
+from crogia.sandbox.network import warn_if_shared
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,10 @@ def instance_id(settings: Settings) -> str:
 async def make_provider(settings: Settings) -> SandboxProvider:
     """Build the provider `settings.sandbox_backend` selects; the caller closes it."""
     await asyncio.to_thread(compile_daemon)
+    warn_if_shared(settings.sandbox_network)
     backend = settings.sandbox_backend
     if backend == "bubblewrap":
-        return _bubblewrap()
+        return _bubblewrap(settings)
     from crogia.sandbox.docker import DockerProvider  # lazy: aiodocker only when Docker may be used
 
     docker = DockerProvider(instance=instance_id(settings))
@@ -59,10 +61,10 @@ async def make_provider(settings: Settings) -> SandboxProvider:
         return docker
     await docker.close()
     log.info("sandbox backend: bubblewrap (no Docker engine answers at %s)", docker.url)
-    return _bubblewrap()
+    return _bubblewrap(settings)
 
 
-def _bubblewrap() -> SandboxProvider:
+def _bubblewrap(settings: Settings) -> SandboxProvider:
     from crogia.sandbox.bubblewrap import BubblewrapProvider
 
-    return BubblewrapProvider()
+    return BubblewrapProvider(settings)

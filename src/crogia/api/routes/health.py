@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from crogia import __version__
 from crogia.api.deps import RuntimeDep
 from crogia.api.schemas import Health
+from crogia.sandbox.network import describe
 
 router = APIRouter(prefix="/api", tags=["health"])
 
@@ -21,5 +22,6 @@ async def health(runtime: RuntimeDep) -> Health:
         active_sessions=runtime.sessions.live_count(),
         docker_available=await runtime.docker_available(),
         sandbox_backend=runtime.provider.name,
+        network=describe(runtime.settings.sandbox_network),
         version=__version__,
     )
