@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, make_settings, remove_containers_of
 from tests.support.netns_hosts import NetnsHost, netns_host
 from tests.support.postgres import free_port
 from tests.support.subprocess_server import ServerProcess
@@ -66,6 +67,16 @@ class Net:
         assert reply.status_code == 200, reply.text
         return str(reply.json()["output"]).strip()
 
+    async def wait_log(self, sid: str, pid: int, text: str, within: float = 30) -> None:
+        """Wait until a background process's log shows `text`."""
+        deadline = asyncio.get_running_loop().time() + within
+        while asyncio.get_running_loop().time() < deadline:
+            logs = await self.client.get(f"/api/sessions/{sid}/processes/{pid}/logs")
+            if text in logs.json().get("logs", ""):
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"process {pid} never logged {text!r}")
+
     async def probe(self, sid: str, host: str, port: int) -> str:
         await self.run(sid, f"cat > /tmp/probe.py <<'EOF'\n{PROBE}\nEOF")
         return await self.run(sid, f"python3 /tmp/probe.py {host} {port}")
@@ -111,6 +122,19 @@ async def running(
             yield Net(server, client, *hosts)
     finally:
         await server.stop()
+        if backend == "docker":
+            await asyncio.to_thread(remove_docker_network, data_dir)
+
+
+def remove_docker_network(data_dir: Path) -> None:
+    """The containers outlive the server, so their network and its rules do: remove all three."""
+    from crogia.sandbox import instance_id
+    from crogia.sandbox.docker_network import remove_rules, tag_of
+
+    remove_containers_of(data_dir)
+    tag = tag_of(instance_id(make_settings(data_dir, "docker")))
+    subprocess.run(["docker", "network", "rm", f"crogia-{tag}"], capture_output=True, timeout=60)
+    remove_rules(tag, f"crg{tag}")
 
 
 @pytest.fixture
@@ -167,6 +191,7 @@ async def test_other_sandbox_and_host_ports_unreachable(net: Net) -> None:
         f"/api/sessions/{a}/processes", json={"cmd": f'python3 -c "{LISTEN.format(port=port)}"'}
     )
     assert started.status_code == 200, started.text
+    await net.wait_log(a, int(started.json()["pid"]), "listening")
     assert await net.probe(a, "127.0.0.1", port) == "OPEN sandbox-listener"  # it does listen
     a_addr = await net.run(
         a,

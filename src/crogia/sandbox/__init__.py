@@ -47,7 +47,7 @@ async def make_provider(settings: Settings) -> SandboxProvider:
         return _bubblewrap(settings)
     from crogia.sandbox.docker import DockerProvider  # lazy: aiodocker only when Docker may be used
 
-    docker = DockerProvider(instance=instance_id(settings))
+    docker = DockerProvider(instance=instance_id(settings), dns=settings.sandbox_dns)
     if await docker.available():
         log.info("sandbox backend: docker (engine at %s)", docker.url)
         if not await docker.has_image(settings.docker_base_image):
