@@ -39,7 +39,7 @@ from crogia.errors import Conflict, SandboxError
 from crogia.sandbox.base import STATE_MOUNT, WORKDIR, Sandbox, SandboxProvider, SandboxSpec, SandboxStatus
 from crogia.sandbox.cgroups import Cgroup, create_cgroup, find_cgroup, leftover_names, remove_scope
 from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command
-from crogia.sandbox.netns import SandboxNetns, leftover_netns, netns_name
+from crogia.sandbox.netns import NetnsStock, SandboxNetns, leftover_netns
 from crogia.sandbox.network import RESOLV_CONF, mode_of
 
 log = logging.getLogger(__name__)
@@ -132,16 +132,16 @@ class BubblewrapSandbox(ExecutorSandbox):
         bwrap: str,
         python: str,
         cgroup_scope: str | None,
-        netns: SandboxNetns | None = None,
+        stock: NetnsStock | None = None,
         resolv_conf: Path | None = None,
     ) -> None:
         super().__init__(spec, sandbox_id)
         self._bwrap = bwrap
         self._python = python
         self._cgroup_scope = cgroup_scope
-        self._netns = netns
+        self._stock = stock
+        self._netns: SandboxNetns | None = None
         self._resolv_conf = resolv_conf
-        self._pasta: asyncio.Task[None] | None = None
         self._cgroup: Cgroup | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._waiter: asyncio.Task[int] | None = None
@@ -159,8 +159,7 @@ class BubblewrapSandbox(ExecutorSandbox):
         connect = asyncio.ensure_future(self.connect())
         await asyncio.wait({connect, self._waiter}, return_when=asyncio.FIRST_COMPLETED)
         if connect.done():
-            connect.result()
-            return await self._network_ready()
+            return connect.result()
         connect.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await connect
@@ -171,16 +170,6 @@ class BubblewrapSandbox(ExecutorSandbox):
             f"the bubblewrap sandbox exited with status {code} while starting", sandbox_id=self.id, log=detail
         )
 
-    async def _network_ready(self) -> None:
-        """Wait for pasta to have configured the namespace: no command runs before egress is up."""
-        if self._pasta is None:
-            return
-        try:
-            await self._pasta
-        except BaseException:
-            await self._stop()
-            raise
-
     async def _start(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             return
@@ -188,8 +177,9 @@ class BubblewrapSandbox(ExecutorSandbox):
         for folder in (self.spec.workspace, self.spec.state_dir):
             await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
         wrapper = await self._wrapper()
-        if self._netns is not None:
-            await self._netns.prepare()  # the rules are in before anything runs in the namespace
+        if self._stock is not None:  # ready: its rules in, its egress up, before anything runs in it
+            await self._stop_network()
+            self._netns = await self._stock.take()
             wrapper += self._netns.enter_argv
         argv = await asyncio.to_thread(bwrap_args, self._bwrap, self.spec, self._python, self._resolv_conf)
         out = await asyncio.to_thread(open, self.spec.state_dir / "executor.log", "ab")
@@ -200,8 +190,6 @@ class BubblewrapSandbox(ExecutorSandbox):
         finally:
             out.close()
         self._waiter = asyncio.create_task(self._proc.wait(), name=f"bwrap-wait-{self.id}")
-        if self._netns is not None:  # pasta comes up while the daemon boots; `start` waits for both
-            self._pasta = asyncio.create_task(self._netns.attach(), name=f"pasta-{self.id}")
 
     async def _wrapper(self) -> list[str]:
         if self._cgroup_scope is not None and self._cgroup is None:
@@ -233,12 +221,9 @@ class BubblewrapSandbox(ExecutorSandbox):
         await self._stop_network()
 
     async def _stop_network(self) -> None:
-        if self._pasta is not None:
-            self._pasta.cancel()
-            await asyncio.gather(self._pasta, return_exceptions=True)
-            self._pasta = None
-        if self._netns is not None:
-            await self._netns.remove()
+        netns, self._netns = self._netns, None
+        if netns is not None:
+            await netns.remove()  # never reused: the next start takes a fresh one
 
     @staticmethod
     async def _kill_cgroup(group: Cgroup) -> None:
@@ -306,6 +291,7 @@ class BubblewrapProvider(SandboxProvider):
         self._scope = scope or uuid.uuid4().hex[:12]
         self._dns = settings.sandbox_dns if settings is not None else ""
         self._private: Path | None = None  # server-only: the sandboxes' resolv.conf, pasta pid files
+        self._stock: NetnsStock | None = None
         self._bwrap = bwrap or find_bwrap()
         self._python = python
         self._cgroups = cgroups
@@ -337,22 +323,23 @@ class BubblewrapProvider(SandboxProvider):
             raise SandboxError("bubblewrap (bwrap) is not installed")
         sandbox_id = ID_PREFIX + spec.session_id
         scope = self._scope if self._cgroups else None
-        netns, resolv = None, None
+        stock, resolv = None, None
         if mode_of(spec.limits.network) == "isolated":
-            private = self._private_dir()
-            netns, resolv = (
-                SandboxNetns(netns_name(self._scope, sandbox_id), private, self._dns),
-                private / "resolv.conf",
-            )
+            stock, resolv = self._netns_stock(), self._private_dir() / "resolv.conf"
         return BubblewrapSandbox(
             spec,
             sandbox_id,
             bwrap=self._bwrap,
             python=self._python,
             cgroup_scope=scope,
-            netns=netns,
+            stock=stock,
             resolv_conf=resolv,
         )
+
+    def _netns_stock(self) -> NetnsStock:
+        if self._stock is None:
+            self._stock = NetnsStock(self._scope, self._private_dir(), self._dns)
+        return self._stock
 
     def _private_dir(self) -> Path:
         if self._private is None:
@@ -406,6 +393,9 @@ class BubblewrapProvider(SandboxProvider):
         for sandbox in sandboxes:
             await sandbox.destroy()
         await asyncio.to_thread(remove_scope, self._scope)
+        if self._stock is not None:
+            await self._stock.close()
+            self._stock = None
         for name in await asyncio.to_thread(leftover_netns, self._scope):
             await SandboxNetns(name, Path("/nonexistent")).remove()
         if self._private is not None:

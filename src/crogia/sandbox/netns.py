@@ -1,10 +1,10 @@
 """A bubblewrap sandbox's own network namespace: firewall first, then pasta for egress.
 
-Order, per start: `ip netns add` makes an empty namespace (loopback only); nftables rules are
-loaded inside it that reject every blocked destination (`crogia.sandbox.network`) and this
-host's own addresses, except DNS to the one forwarding address; then `bwrap` is launched inside
-it (`nsenter --net`, after the cgroup wrapper) while pasta attaches to it, and the sandbox
-counts as started only once both the daemon answers and pasta has configured the interface.
+Order: `ip netns add` makes an empty namespace (loopback only); nftables rules are loaded
+inside it that reject every blocked destination (`crogia.sandbox.network`) and this host's own
+addresses, except DNS to the one forwarding address; pasta attaches and configures the
+interface; only then is the namespace handed to a sandbox, whose `bwrap` is launched inside it
+(`nsenter --net`, after the cgroup wrapper). `NetnsStock` keeps a few ready, off the start path.
 The sandbox has no capability in that namespace (bwrap drops them all; with a user namespace
 the netns belongs to the host's), so it can neither change the rules nor add routes.
 
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import ipaddress
 import logging
 import os
+import secrets
 import shutil
 import signal
 from pathlib import Path
@@ -41,11 +41,6 @@ log = logging.getLogger(__name__)
 NETNS_DIR = Path("/run/netns")
 _TIMEOUT = 20.0
 _BIND_RESOLV = 'mount --make-rprivate / && mount --bind "$0" /etc/resolv.conf && exec "$@"'
-
-
-def netns_name(scope: str, sandbox_id: str) -> str:
-    """This scope's namespace name for a sandbox (short, so `ip netns list` stays readable)."""
-    return f"crogia-{scope}-{hashlib.sha256(sandbox_id.encode()).hexdigest()[:12]}"
 
 
 def _not_covered(addresses: list[str], ranges: tuple[str, ...]) -> list[str]:
@@ -167,3 +162,68 @@ def leftover_netns(scope: str) -> list[str]:
     with contextlib.suppress(OSError):
         return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(f"crogia-{scope}-"))
     return []
+
+
+class NetnsStock:
+    """A few ready namespaces (rules loaded, pasta attached), so a sandbox start need not wait for one.
+
+    Each is fresh (never used by another sandbox) and identical to the rest, so any serves any
+    sandbox; a used one is deleted, never returned. Ones older than `max_age` are replaced, so
+    their snapshot of this host's addresses stays recent. `take()` refills in the background.
+    """
+
+    def __init__(
+        self, scope: str, private_dir: Path, dns: str = "", *, size: int = 2, max_age: float = 60.0
+    ) -> None:
+        self._scope = scope
+        self._private = private_dir
+        self._dns = dns
+        self._size = size
+        self._max_age = max_age
+        self._ready: list[tuple[float, SandboxNetns]] = []
+        self._filler: asyncio.Task[None] | None = None
+
+    async def take(self) -> SandboxNetns:
+        """A ready namespace: one from the stock, else one made now (which raises if it cannot be)."""
+        now = asyncio.get_running_loop().time()
+        while self._ready:
+            made, netns = self._ready.pop(0)
+            if now - made <= self._max_age:
+                self._refill()
+                return netns
+            await netns.remove()
+        netns = await self._make()
+        self._refill()
+        return netns
+
+    async def _make(self) -> SandboxNetns:
+        netns = SandboxNetns(f"crogia-{self._scope}-{secrets.token_hex(6)}", self._private, self._dns)
+        try:
+            await netns.prepare()
+            await netns.attach()
+        except BaseException:
+            await netns.remove()
+            raise
+        return netns
+
+    def _refill(self) -> None:
+        if self._filler is None or self._filler.done():
+            self._filler = asyncio.create_task(self._fill(), name=f"crogia-netns-stock-{self._scope}")
+
+    async def _fill(self) -> None:
+        try:
+            while len(self._ready) < self._size:
+                netns = await self._make()
+                self._ready.append((asyncio.get_running_loop().time(), netns))
+        except (SandboxError, Unavailable, OSError) as exc:  # the next take() makes its own and says why
+            log.warning("could not prepare a sandbox network namespace ahead: %s", exc)
+
+    async def close(self) -> None:
+        """Stop refilling and delete every namespace still in stock."""
+        if self._filler is not None:
+            self._filler.cancel()
+            await asyncio.gather(self._filler, return_exceptions=True)
+            self._filler = None
+        ready, self._ready = self._ready, []
+        for _, netns in ready:
+            await netns.remove()
