@@ -258,9 +258,7 @@ class DockerProvider(SandboxProvider):
     async def create(self, spec: SandboxSpec) -> DockerSandbox:
         await asyncio.to_thread(_prepare_dirs, spec)
         await self._ensure_network(spec)
-        config = container_config(spec, self._instance, self._network.name, self._dns)
-        with self._engine.errors(spec.image):
-            container = await self._engine.docker.containers.create(config)
+        container = await self._create_container(spec)
         sandbox = DockerSandbox(spec, container.id, self._engine)
         try:
             await sandbox.start()
@@ -270,6 +268,20 @@ class DockerProvider(SandboxProvider):
             await self._engine.remove(container.id)
             raise
         return sandbox
+
+    async def _create_container(self, spec: SandboxSpec) -> aiodocker.containers.DockerContainer:
+        config = container_config(spec, self._instance, self._network.name, self._dns)
+        try:
+            with self._engine.errors(spec.image):
+                return await self._engine.docker.containers.create(config)
+        except SandboxError as exc:
+            # Another provider without an instance shares the network and removed it on close: remake it.
+            if exc.context.get("status") != 404 or mode_of(spec.limits.network) != "isolated":
+                raise
+        self._network.forget()
+        await self._ensure_network(spec)
+        with self._engine.errors(spec.image):
+            return await self._engine.docker.containers.create(config)
 
     async def attach(self, spec: SandboxSpec, sandbox_id: str) -> DockerSandbox:
         state = await self._engine.inspect(sandbox_id)
@@ -305,11 +317,7 @@ class DockerProvider(SandboxProvider):
     async def close(self) -> None:
         network, self._network_obj = self._network_obj, None
         if network is not None:
-            try:
-                keep = bool(await self.managed_ids())
-            except (Unavailable, SandboxError):
-                keep = True
-            await network.close(keep=keep)
+            await network.close()
         engine, self._engine_obj = self._engine_obj, None
         if engine is not None:
             await engine.docker.close()

@@ -11,13 +11,14 @@ other's), jumped to for that bridge only:
 * ip6tables `INPUT` and `FORWARD` -> `CROGIA-<tag>`: reject all (the network has no IPv6).
 
 Installing is idempotent (chains flushed and refilled, a jump added only when missing). The
-rules go when the network goes: at shutdown when no container of this server is left on it;
+rules go when the network goes: at shutdown when no container is left on it;
 containers that outlive the server (they are re-attached after a restart) stay fenced meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import subprocess
 from typing import Any
@@ -154,11 +155,20 @@ class DockerNetwork:
             raise
         return True
 
-    async def close(self, *, keep: bool) -> None:
-        """Remove the network and its rules, unless `keep` (containers of this server remain)."""
+    def forget(self) -> None:
+        """The network was found missing: the next `ensure()` makes it (and its rules) again."""
+        self._ready = False
+
+    async def close(self) -> None:
+        """Remove the network and its rules, unless containers (running or not) are still on it."""
         if not self._ready:
             return
         self._ready = False
+        filters = json.dumps({"network": [self.name]})
+        try:
+            keep = bool(await self._docker.containers.list(all=True, filters=filters))
+        except aiodocker.DockerError:
+            keep = True
         if keep:
             log.info("network %s kept with its firewall rules: containers of this server remain", self.name)
             return
