@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -94,6 +95,20 @@ class Settings(BaseSettings):
         if 0 < value < 64:
             raise ValueError("SANDBOX_DISK_MB must be 0 (no quota) or at least 64")
         return value
+
+    @field_validator("sandbox_dns")
+    @classmethod
+    def _check_dns(cls, value: str) -> str:
+        if value:
+            ipaddress.ip_address(value)  # a ValueError names the bad value
+        return value
+
+    @field_validator("sandbox_network")
+    @classmethod
+    def _check_network(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("SANDBOX_NETWORK must be isolated, none, or a Docker network mode")
+        return value.strip()
 
     @field_validator("log_level", mode="before")
     @classmethod
