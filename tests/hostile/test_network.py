@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import os
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -93,7 +95,6 @@ async def hosts() -> AsyncIterator[tuple[NetnsHost, NetnsHost]]:
 
 def need_netns() -> None:
     """These tests make network namespaces: they need root and `ip`; under CI they must run."""
-    import os
     import shutil
 
     if os.geteuid() != 0 or shutil.which("ip") is None:
@@ -210,3 +211,22 @@ async def test_none_cuts_everything(data_dir: Path, backend: str, hosts: tuple[N
         assert not (await net.probe(sid, net.public.address, net.public.port)).startswith("OPEN")
         assert not (await net.probe(sid, NAME, net.public.port)).startswith("OPEN")
         assert (await net.client.get("/api/health")).json()["network"] == "none"
+
+
+async def test_a_killed_servers_namespaces_are_removed(
+    data_dir: Path, hosts: tuple[NetnsHost, NetnsHost]
+) -> None:
+    """bubblewrap: after a kill -9, the next server deletes the namespaces (and so the pastas) left."""
+    scope = hashlib.sha256(str(make_settings(data_dir, "bubblewrap").sandbox_state_dir).encode()).hexdigest()[
+        :12
+    ]
+    prefix = f"crogia-{scope}-"
+    async with running(data_dir, "bubblewrap", hosts, "isolated") as net:
+        await net.session()
+        left = [name for name in os.listdir("/run/netns") if name.startswith(prefix)]
+        assert left  # the session's namespace and the stock
+        await net.server.kill()
+        await net.server.start()
+        sid = await net.session()
+        assert (await net.probe(sid, net.public.address, net.public.port)).startswith("OPEN")
+        assert not set(left) & set(os.listdir("/run/netns"))

@@ -182,9 +182,12 @@ class NetnsStock:
         self._max_age = max_age
         self._ready: list[tuple[float, SandboxNetns]] = []
         self._filler: asyncio.Task[None] | None = None
+        self._sweep_lock = asyncio.Lock()
+        self._sweep_done = False
 
     async def take(self) -> SandboxNetns:
         """A ready namespace: one from the stock, else one made now (which raises if it cannot be)."""
+        await self._sweep()
         now = asyncio.get_running_loop().time()
         while self._ready:
             made, netns = self._ready.pop(0)
@@ -195,6 +198,16 @@ class NetnsStock:
         netns = await self._make()
         self._refill()
         return netns
+
+    async def _sweep(self) -> None:
+        """Once, before the first namespace: delete what a killed server of this scope left behind."""
+        async with self._sweep_lock:
+            if self._sweep_done:
+                return
+            self._sweep_done = True
+            for name in await asyncio.to_thread(leftover_netns, self._scope):
+                log.info("removing leftover sandbox network namespace %s", name)
+                await SandboxNetns(name, self._private).remove()
 
     async def _make(self) -> SandboxNetns:
         netns = SandboxNetns(f"crogia-{self._scope}-{secrets.token_hex(6)}", self._private, self._dns)
