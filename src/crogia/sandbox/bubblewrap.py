@@ -5,8 +5,8 @@ only command. It sees `/usr` and the `/bin`, `/lib*`, `/sbin` links read-only, a
 `/etc` files read-only, fresh `/proc` and `/dev`, private tmpfs `/tmp`, `/var/tmp` and `/root`
 (HOME), the workspace read-write at `/workspace`, its state folder at `/run/crogia` and the
 daemon's source read-only at `/opt/crogia`: never the server's data folder, other workspaces,
-the host's `/root` or `/home`, nor the project checkout. It runs in new pid, ipc, uts (and,
-net namespaces, with every capability dropped and no_new_privs set.
+the host's `/root` or `/home`, nor the project checkout. It runs in new pid, ipc, uts and
+(unless the network is shared) net namespaces, with every capability dropped and no_new_privs set.
 
 Limits: where the cgroup filesystem is writable (v1, or v2 with delegation), the sandbox gets
 its own cgroup with memory (swap included), pids and CPU quota limits. Otherwise only a
@@ -181,7 +181,9 @@ class BubblewrapSandbox(ExecutorSandbox):
             await self._stop_network()
             self._netns = await self._stock.take()
             wrapper += self._netns.enter_argv
-        argv = await asyncio.to_thread(bwrap_args, self._bwrap, self.spec, self._python, self._resolv_conf)
+        argv = await asyncio.to_thread(  # stats /bin, /lib*
+            bwrap_args, self._bwrap, self.spec, self._python, self._resolv_conf
+        )
         out = await asyncio.to_thread(open, self.spec.state_dir / "executor.log", "ab")
         try:
             self._proc = await asyncio.create_subprocess_exec(
@@ -349,6 +351,8 @@ class BubblewrapProvider(SandboxProvider):
         return self._private
 
     async def create(self, spec: SandboxSpec) -> Sandbox:
+        if mode_of(spec.limits.network) == "isolated":
+            await asyncio.to_thread(self._private_dir)  # file I/O, once: not on the loop
         sandbox = self._new(spec)
         if sandbox.id in self._sandboxes:
             raise Conflict(f"sandbox {sandbox.id} already exists", sandbox_id=sandbox.id)

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/run/netns")
 _TIMEOUT = 20.0
+_NSENTER = shutil.which("nsenter") or "/usr/bin/nsenter"  # absolute: the launch runs with an empty env
 _BIND_RESOLV = 'mount --make-rprivate / && mount --bind "$0" /etc/resolv.conf && exec "$@"'
 
 
@@ -107,7 +108,7 @@ class SandboxNetns:
     @property
     def enter_argv(self) -> list[str]:
         """The launch step that runs the rest of the command line inside the namespace."""
-        return [shutil.which("nsenter") or "/usr/bin/nsenter", f"--net={self.path}", "--"]
+        return [_NSENTER, f"--net={self.path}", "--"]
 
     async def prepare(self) -> None:
         """A fresh namespace with its rules loaded: nothing runs in it before this returns."""
