@@ -230,3 +230,14 @@ async def test_a_killed_servers_namespaces_are_removed(
         sid = await net.session()
         assert (await net.probe(sid, net.public.address, net.public.port)).startswith("OPEN")
         assert not set(left) & set(os.listdir("/run/netns"))
+
+
+def test_old_values_are_accepted_and_reported_shared(caplog: pytest.LogCaptureFixture) -> None:
+    from crogia.sandbox.network import describe, warn_if_shared
+
+    assert [describe(v) for v in ("isolated", "none")] == ["isolated", "none"]
+    for value in ("bridge", "host", "my-net"):
+        assert describe(value) == "shared (not isolated)"
+        with caplog.at_level("WARNING"):
+            warn_if_shared(value)
+        assert f"SANDBOX_NETWORK={value} is not isolated" in caplog.text
