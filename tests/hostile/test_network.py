@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,18 +124,7 @@ async def running(
     finally:
         await server.stop()
         if backend == "docker":
-            await asyncio.to_thread(remove_docker_network, data_dir)
-
-
-def remove_docker_network(data_dir: Path) -> None:
-    """The containers outlive the server, so their network and its rules do: remove all three."""
-    from crogia.sandbox import instance_id
-    from crogia.sandbox.docker_network import remove_rules, tag_of
-
-    remove_containers_of(data_dir)
-    tag = tag_of(instance_id(make_settings(data_dir, "docker")))
-    subprocess.run(["docker", "network", "rm", f"crogia-{tag}"], capture_output=True, timeout=60)
-    remove_rules(tag, f"crg{tag}")
+            await asyncio.to_thread(remove_containers_of, data_dir)  # and their network, its rules
 
 
 @pytest.fixture
