@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes the Docker sandbox backend usable on a CI machine, idempotently:
-#   1. installs docker.io and debootstrap when missing (needs root and apt-get);
+#   1. installs docker.io, debootstrap and the network isolation tools when missing (needs root, apt-get);
 #   2. starts dockerd in the background when no engine answers, and waits for it;
 #   3. builds the sandbox image with `python -m crogia.sandbox.image` (reused when present;
 #      built offline from the host's Debian mirror when no registry answers).
@@ -21,6 +21,11 @@ if ! docker info >/dev/null 2>&1 && ! command -v dockerd >/dev/null; then
   [[ " ${missing[*]} " == *" docker.io "* ]] || missing+=(docker.io)
 fi
 command -v debootstrap >/dev/null || missing+=(debootstrap)
+# Network isolation: pasta (bubblewrap egress), nft (its rules), ip (namespaces), iptables (Docker's rules).
+command -v pasta >/dev/null || missing+=(passt)
+command -v nft >/dev/null || missing+=(nftables)
+command -v ip >/dev/null || missing+=(iproute2)
+command -v iptables >/dev/null || missing+=(iptables)
 if ((${#missing[@]})); then
   [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null ||
     die "missing ${missing[*]}; install them (this needs root and apt-get)"

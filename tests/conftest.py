@@ -69,6 +69,25 @@ def remove_containers_of(data_dir: Path) -> None:
     ids = found.stdout.split()
     if ids:
         subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, timeout=120)
+    remove_network_of(data_dir)
+
+
+def remove_network_of(data_dir: Path) -> None:
+    """The server keeps its network (and firewall rules) while its containers live: remove them too."""
+    from crogia.sandbox import instance_id
+    from crogia.sandbox.docker_network import remove_rules, tag_of
+
+    tag = tag_of(instance_id(make_settings(data_dir, "docker")))
+    gone = subprocess.run(
+        ["docker", "network", "rm", f"crogia-{tag}"], capture_output=True, text=True, timeout=60
+    )
+    if shutil.which("iptables") is None:
+        return
+    chain = subprocess.run(
+        ["iptables", "-w", "5", "-n", "-L", f"CROGIA-{tag}"], capture_output=True, timeout=30
+    )
+    if gone.returncode == 0 or chain.returncode == 0:
+        remove_rules(tag, f"crg{tag}")
 
 
 def make_settings(data_dir: Path, backend: str, **overrides: object) -> Settings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -72,8 +73,11 @@ class Settings(BaseSettings):
     sandbox_memory_mb: int = Field(2048, ge=64)
     sandbox_cpus: float = Field(1.0, gt=0)
     sandbox_pids_limit: int = Field(512, ge=16)
-    sandbox_network: str = "bridge"
-    """Docker network mode (bridge, none, host or a network name); bubblewrap: `none` unshares the network."""
+    sandbox_network: str = "isolated"
+    """`isolated`: public internet only (no host, no private range, no other sandbox); `none`: no network.
+    Old Docker modes (bridge, host, a network name) still work but are not isolated (a warning says so)."""
+    sandbox_dns: str = ""
+    """DNS server the sandboxes' queries go to (an IP address); empty: the host's resolver."""
     sandbox_pool_size: int = Field(2, ge=0, le=64)
     """Pre-started sandboxes new sessions claim (~10 ms instead of 40-250 ms; ~4-7 MB each idle). 0: off."""
     sandbox_disk_mb: int = Field(0, ge=0)
@@ -172,6 +176,20 @@ class Settings(BaseSettings):
         if 0 < value < 64:
             raise ValueError("SANDBOX_DISK_MB must be 0 (no quota) or at least 64")
         return value
+
+    @field_validator("sandbox_dns")
+    @classmethod
+    def _check_dns(cls, value: str) -> str:
+        if value:
+            ipaddress.ip_address(value)  # a ValueError names the bad value
+        return value
+
+    @field_validator("sandbox_network")
+    @classmethod
+    def _check_network(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("SANDBOX_NETWORK must be isolated, none, or a Docker network mode")
+        return value.strip()
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -238,5 +238,7 @@ async def test_servers_sharing_an_engine_see_only_their_own_sandboxes(
         await mine.close()
         await other.close()
     finally:
-        await ours.close()
-        await theirs.close()
+        for provider in (ours, theirs):  # their containers first: a network with containers stays
+            for sandbox_id in await provider.managed_ids():
+                await provider.remove(sandbox_id)
+            await provider.close()

@@ -303,6 +303,7 @@ class Health(_Model):
     docker_available: bool
     active_shells: int = Field(0, description="Open interactive terminals (`/api/sessions/{id}/shells`).")
     sandbox_backend: str
+    network: str = Field(description="Sandbox network isolation: isolated, none, or shared (not isolated).")
     version: str
     store_error: str | None = None
     """Why events cannot be stored (the database has been away for a while); absent when they can."""

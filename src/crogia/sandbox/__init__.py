@@ -14,6 +14,7 @@ from crogia.config import Settings
 from crogia.sandbox.base import Limits, SandboxProvider
 from crogia.sandbox.config import DockerConfig, backend_config, instance_id
 from crogia.sandbox.executor import compile_daemon
+from crogia.sandbox.network import warn_if_shared
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,11 @@ def limits_from(settings: Settings) -> Limits:
 async def make_provider(settings: Settings) -> SandboxProvider:
     """Build the provider `settings.sandbox_backend` selects; the caller closes it."""
     await asyncio.to_thread(compile_daemon)
+    warn_if_shared(settings.sandbox_network)
     backend = settings.sandbox_backend
     if backend == "bubblewrap":
         return backend_config(settings, "bubblewrap").build()
-    docker = DockerConfig(instance=instance_id(settings)).build()
+    docker = DockerConfig(instance=instance_id(settings), dns=settings.sandbox_dns).build()
     if await docker.available():
         log.info("sandbox backend: docker (engine at %s)", docker.url)
         if not await docker.has_image(settings.docker_base_image):

@@ -37,7 +37,8 @@ class Limits:
     memory_mb: int = 2048
     cpus: float = 1.0
     pids: int = 512
-    network: str = "bridge"
+    network: str = "isolated"
+    """`isolated` (public internet only), `none`, or an old Docker mode (shared, not isolated)."""
     tmp_mb: int = 0
     """Size of the tmpfs at /tmp (and /var/tmp); 0 leaves the backend's default."""
 

@@ -5,14 +5,16 @@ only command. It sees `/usr` and the `/bin`, `/lib*`, `/sbin` links read-only, a
 `/etc` files read-only, fresh `/proc` and `/dev`, private tmpfs `/tmp`, `/var/tmp` and `/root`
 (HOME), the workspace read-write at `/workspace`, its state folder at `/run/crogia` and the
 daemon's source read-only at `/opt/crogia`: never the server's data folder, other workspaces,
-the host's `/root` or `/home`, nor the project checkout. It runs in new pid, ipc, uts (and,
-with network "none", net) namespaces, with every capability dropped and no_new_privs set.
+the host's `/root` or `/home`, nor the project checkout. It runs in new pid, ipc, uts and
+(unless the network is shared) net namespaces, with every capability dropped and no_new_privs set.
 
 Limits: where the cgroup filesystem is writable (v1, or v2 with delegation), the sandbox gets
 its own cgroup with memory (swap included), pids and CPU quota limits. Otherwise only a
 per-process address-space rlimit of `memory_mb` applies (pids and CPU unenforced) and a
 warning is logged. Each tmpfs (`/tmp`, `/var/tmp`, `/root`) holds at most `tmp_mb`.
-Network other than "none" shares the host's network.
+Network: `isolated` (the default) runs bwrap inside a namespace of its own with pasta for egress
+and rules that keep it to the public internet (`crogia.sandbox.netns`); `none` gives it loopback
+only; any other value shares the host's network (not isolated: a warning at start-up).
 
 A bubblewrap sandbox dies with the server (`--die-with-parent`), so `attach` after a restart
 creates a fresh one around the kept workspace and state folder (old process logs stay readable).
@@ -28,6 +30,7 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -36,6 +39,8 @@ from crogia.errors import Conflict, SandboxError
 from crogia.sandbox.base import STATE_MOUNT, WORKDIR, Sandbox, SandboxProvider, SandboxSpec, SandboxStatus
 from crogia.sandbox.cgroups import Cgroup, create_cgroup, find_cgroup, leftover_names, remove_scope
 from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command
+from crogia.sandbox.netns import NetnsStock, SandboxNetns, leftover_netns
+from crogia.sandbox.network import RESOLV_CONF, mode_of
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +87,13 @@ def system_args() -> list[str]:
     return args
 
 
-def mount_args(spec: SandboxSpec) -> list[str]:
-    """bwrap options building the sandbox's file system."""
+def mount_args(spec: SandboxSpec, resolv_conf: Path | None = None) -> list[str]:
+    """bwrap options building the sandbox's file system (`resolv_conf` in place of the host's)."""
     args = system_args()
     for name in ETC_FILES:
-        args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+        if name != "resolv.conf" or resolv_conf is None:
+            args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    args += ["--ro-bind", str(resolv_conf), "/etc/resolv.conf"] if resolv_conf else []
     args += ["--proc", "/proc", "--dev", "/dev"]
     # A size keeps a full /tmp at ENOSPC; without one the kernel allows half the host's memory.
     size = ["--size", str(spec.limits.tmp_mb * 1024 * 1024)] if spec.limits.tmp_mb > 0 else []
@@ -97,19 +104,19 @@ def mount_args(spec: SandboxSpec) -> list[str]:
     return args
 
 
-def bwrap_args(bwrap: str, spec: SandboxSpec, python: str) -> list[str]:
-    """The full `bwrap` command line for `spec`."""
+def bwrap_args(bwrap: str, spec: SandboxSpec, python: str, resolv_conf: Path | None = None) -> list[str]:
+    """The full `bwrap` command line for `spec` (isolated: to run inside its prepared namespace)."""
     # Run by real root, bwrap hands the sandbox every capability unless told otherwise; with
     # `--cap-drop ALL` it runs as uid 0 with none, and no_new_privs stops exec from regaining them.
     args = [bwrap, "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
     args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
-    if spec.limits.network == "none":
+    if mode_of(spec.limits.network) == "none":
         args.append("--unshare-net")
     args += ["--hostname", _hostname(spec.session_id), "--clearenv"]
     env = {"PATH": SANDBOX_PATH, "HOME": "/root", "LANG": "C.UTF-8", "USER": "root", **spec.env}
     for key, value in env.items():
         args += ["--setenv", key, value]
-    return args + mount_args(spec) + daemon_command(python)
+    return args + mount_args(spec, resolv_conf) + daemon_command(python)
 
 
 class BubblewrapSandbox(ExecutorSandbox):
@@ -118,12 +125,23 @@ class BubblewrapSandbox(ExecutorSandbox):
     backend = "bubblewrap"
 
     def __init__(
-        self, spec: SandboxSpec, sandbox_id: str, *, bwrap: str, python: str, cgroup_scope: str | None
+        self,
+        spec: SandboxSpec,
+        sandbox_id: str,
+        *,
+        bwrap: str,
+        python: str,
+        cgroup_scope: str | None,
+        stock: NetnsStock | None = None,
+        resolv_conf: Path | None = None,
     ) -> None:
         super().__init__(spec, sandbox_id)
         self._bwrap = bwrap
         self._python = python
         self._cgroup_scope = cgroup_scope
+        self._stock = stock
+        self._netns: SandboxNetns | None = None
+        self._resolv_conf = resolv_conf
         self._cgroup: Cgroup | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._waiter: asyncio.Task[int] | None = None
@@ -159,7 +177,13 @@ class BubblewrapSandbox(ExecutorSandbox):
         for folder in (self.spec.workspace, self.spec.state_dir):
             await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
         wrapper = await self._wrapper()
-        argv = await asyncio.to_thread(bwrap_args, self._bwrap, self.spec, self._python)  # stats /bin, /lib*
+        if self._stock is not None:  # ready: its rules in, its egress up, before anything runs in it
+            await self._stop_network()
+            self._netns = await self._stock.take()
+            wrapper += self._netns.enter_argv
+        argv = await asyncio.to_thread(  # stats /bin, /lib*
+            bwrap_args, self._bwrap, self.spec, self._python, self._resolv_conf
+        )
         out = await asyncio.to_thread(open, self.spec.state_dir / "executor.log", "ab")
         try:
             self._proc = await asyncio.create_subprocess_exec(
@@ -188,15 +212,20 @@ class BubblewrapSandbox(ExecutorSandbox):
         return ""
 
     async def _stop(self) -> None:
-        if self._proc is None or self._waiter is None:
-            return
-        if not self._waiter.done():
-            # Killing bwrap kills its pid 1 (--die-with-parent), which ends the whole pid namespace.
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.send_signal(signal.SIGKILL)
-        await self._waiter
-        if self._cgroup is not None:
-            await self._kill_cgroup(self._cgroup)
+        if self._proc is not None and self._waiter is not None:
+            if not self._waiter.done():
+                # Killing bwrap kills its pid 1 (--die-with-parent), which ends the whole pid namespace.
+                with contextlib.suppress(ProcessLookupError):
+                    self._proc.send_signal(signal.SIGKILL)
+            await self._waiter
+            if self._cgroup is not None:
+                await self._kill_cgroup(self._cgroup)
+        await self._stop_network()
+
+    async def _stop_network(self) -> None:
+        netns, self._netns = self._netns, None
+        if netns is not None:
+            await netns.remove()  # never reused: the next start takes a fresh one
 
     @staticmethod
     async def _kill_cgroup(group: Cgroup) -> None:
@@ -252,6 +281,7 @@ class BubblewrapProvider(SandboxProvider):
         python: str = "/usr/bin/python3",
         cgroups: bool = True,
         scope: str | None = None,
+        dns: str | None = None,
     ) -> None:
         """`bwrap` defaults to `find_bwrap()`; `cgroups=False` forces the rlimit fallback.
 
@@ -262,6 +292,9 @@ class BubblewrapProvider(SandboxProvider):
         if scope is None and settings is not None:
             scope = hashlib.sha256(str(settings.sandbox_state_dir).encode()).hexdigest()[:12]
         self._scope = scope or uuid.uuid4().hex[:12]
+        self._dns = dns if dns is not None else (settings.sandbox_dns if settings is not None else "")
+        self._private: Path | None = None  # server-only: the sandboxes' resolv.conf, pasta pid files
+        self._stock: NetnsStock | None = None
         self._bwrap = bwrap or find_bwrap()
         self._python = python
         self._cgroups = cgroups
@@ -293,9 +326,34 @@ class BubblewrapProvider(SandboxProvider):
             raise SandboxError("bubblewrap (bwrap) is not installed")
         sandbox_id = ID_PREFIX + spec.session_id
         scope = self._scope if self._cgroups else None
-        return BubblewrapSandbox(spec, sandbox_id, bwrap=self._bwrap, python=self._python, cgroup_scope=scope)
+        stock, resolv = None, None
+        if mode_of(spec.limits.network) == "isolated":
+            stock, resolv = self._netns_stock(), self._private_dir() / "resolv.conf"
+        return BubblewrapSandbox(
+            spec,
+            sandbox_id,
+            bwrap=self._bwrap,
+            python=self._python,
+            cgroup_scope=scope,
+            stock=stock,
+            resolv_conf=resolv,
+        )
+
+    def _netns_stock(self) -> NetnsStock:
+        if self._stock is None:
+            self._stock = NetnsStock(self._scope, self._private_dir(), self._dns)
+        return self._stock
+
+    def _private_dir(self) -> Path:
+        if self._private is None:
+            self._private = Path(tempfile.mkdtemp(prefix="crogia-net-"))
+            (self._private / "resolv.conf").write_text(RESOLV_CONF)
+            self._private.chmod(0o711)  # bwrap (root) reads the file; nobody else lists the folder
+        return self._private
 
     async def create(self, spec: SandboxSpec) -> Sandbox:
+        if mode_of(spec.limits.network) == "isolated":
+            await asyncio.to_thread(self._private_dir)  # file I/O, once: not on the loop
         sandbox = self._new(spec)
         if sandbox.id in self._sandboxes:
             raise Conflict(f"sandbox {sandbox.id} already exists", sandbox_id=sandbox.id)
@@ -340,3 +398,11 @@ class BubblewrapProvider(SandboxProvider):
         for sandbox in sandboxes:
             await sandbox.destroy()
         await asyncio.to_thread(remove_scope, self._scope)
+        if self._stock is not None:
+            await self._stock.close()
+            self._stock = None
+        for name in await asyncio.to_thread(leftover_netns, self._scope):
+            await SandboxNetns(name, Path("/nonexistent")).remove()
+        if self._private is not None:
+            await asyncio.to_thread(shutil.rmtree, self._private, True)
+            self._private = None

@@ -35,11 +35,13 @@ class BubblewrapConfig(BaseModel):
     type: Literal["bubblewrap"] = "bubblewrap"
     instance: str
     """Names this server's cgroup folder (its leftovers after a crash are found by it)."""
+    dns: str = ""
+    """SANDBOX_DNS: where the sandboxes' DNS queries go; empty: the host's resolver."""
 
     def build(self) -> BubblewrapProvider:
         from crogia.sandbox.bubblewrap import BubblewrapProvider
 
-        return BubblewrapProvider(scope=self.instance)
+        return BubblewrapProvider(scope=self.instance, dns=self.dns)
 
 
 class DockerConfig(BaseModel):
@@ -51,11 +53,13 @@ class DockerConfig(BaseModel):
     """Labels every container this server makes; `managed_ids` lists only those."""
     url: str | None = None
     """The engine; default: the Docker context, DOCKER_HOST, the socket."""
+    dns: str = ""
+    """SANDBOX_DNS: where the sandboxes' DNS queries go; empty: Docker's own resolver."""
 
     def build(self) -> DockerProvider:
         from crogia.sandbox.docker import DockerProvider  # lazy: aiodocker only when Docker may be used
 
-        return DockerProvider(url=self.url, instance=self.instance)
+        return DockerProvider(url=self.url, instance=self.instance, dns=self.dns)
 
 
 BackendConfig = Annotated[BubblewrapConfig | DockerConfig, Field(discriminator="type")]
@@ -64,5 +68,5 @@ BackendConfig = Annotated[BubblewrapConfig | DockerConfig, Field(discriminator="
 def backend_config(settings: Settings, kind: Literal["bubblewrap", "docker"]) -> BackendConfig:
     """The config of backend `kind` for this server: its instance id always set."""
     if kind == "bubblewrap":
-        return BubblewrapConfig(instance=instance_id(settings))
-    return DockerConfig(instance=instance_id(settings))
+        return BubblewrapConfig(instance=instance_id(settings), dns=settings.sandbox_dns)
+    return DockerConfig(instance=instance_id(settings), dns=settings.sandbox_dns)

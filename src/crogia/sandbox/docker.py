@@ -21,7 +21,9 @@ import aiohttp
 
 from crogia.errors import SandboxError, Unavailable
 from crogia.sandbox.base import STATE_MOUNT, WORKDIR, SandboxProvider, SandboxSpec, SandboxStatus
+from crogia.sandbox.docker_network import DockerNetwork
 from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command
+from crogia.sandbox.network import mode_of
 
 MANAGED_LABEL = "crogia.managed-by"
 SESSION_LABEL = "crogia.session"
@@ -41,8 +43,10 @@ _STATES: dict[str, SandboxStatus] = {
 """Docker's `State.Status` -> ours; `paused`, `restarting` and `dead` can't serve commands: unknown."""
 
 
-def container_config(spec: SandboxSpec, instance: str | None = None) -> dict[str, Any]:
-    """The Docker API body that creates `spec`'s container."""
+def container_config(
+    spec: SandboxSpec, instance: str | None = None, network: str = "", dns: str = ""
+) -> dict[str, Any]:
+    """The Docker API body that creates `spec`'s container (isolated: on the network named `network`)."""
     limits = spec.limits
     memory = limits.memory_mb * 1024 * 1024
     mounts = [
@@ -64,12 +68,21 @@ def container_config(spec: SandboxSpec, instance: str | None = None) -> dict[str
             "MemorySwap": memory,  # equal to Memory: no swap on top, so the limit means what it says
             "NanoCpus": int(limits.cpus * 1e9),
             "PidsLimit": limits.pids,
-            "NetworkMode": limits.network,
+            **_network_config(limits.network, network, dns),
             "SecurityOpt": ["no-new-privileges"],
             "Tmpfs": _tmpfs(limits.tmp_mb),
             "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "1"}},
         },
     }
+
+
+def _network_config(value: str, network: str, dns: str) -> dict[str, Any]:
+    """HostConfig's network part: isolated on Crogia's own bridge (no IPv6), none, or as configured."""
+    mode = mode_of(value)
+    if mode != "isolated":
+        return {"NetworkMode": "none" if mode == "none" else value}
+    sysctls = {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}
+    return {"NetworkMode": network, "Sysctls": sysctls, **({"Dns": [dns]} if dns else {})}
 
 
 def _tmpfs(size_mb: int) -> dict[str, str]:
@@ -185,15 +198,31 @@ class DockerProvider(SandboxProvider):
 
     name = "docker"
 
-    def __init__(self, *, url: str | None = None, instance: str | None = None) -> None:
+    def __init__(self, *, url: str | None = None, instance: str | None = None, dns: str = "") -> None:
         """`url`: the engine (`unix://`, `tcp://`); default: the Docker context, DOCKER_HOST, the socket.
 
         `instance` labels every container this provider makes, and `managed_ids` then lists only
-        those: without it, every Crogia container on the engine counts as this provider's.
+        those: without it, every Crogia container on the engine counts as this provider's. `dns`:
+        the resolver isolated containers use (default: the engine's choice, from the host's).
         """
         self._url = url
         self._instance = instance
+        self._dns = dns
         self._engine_obj: _Engine | None = None
+        self._network_obj: DockerNetwork | None = None
+
+    @property
+    def _network(self) -> DockerNetwork:
+        if self._network_obj is None:
+            self._network_obj = DockerNetwork(
+                self._engine.docker, self._instance, _own_labels(self._instance), self._dns
+            )
+        return self._network_obj
+
+    async def _ensure_network(self, spec: SandboxSpec) -> None:
+        if mode_of(spec.limits.network) == "isolated":
+            with self._engine.errors():
+                await self._network.ensure()
 
     @property
     def _engine(self) -> _Engine:
@@ -228,8 +257,8 @@ class DockerProvider(SandboxProvider):
 
     async def create(self, spec: SandboxSpec) -> DockerSandbox:
         await asyncio.to_thread(_prepare_dirs, spec)
-        with self._engine.errors(spec.image):
-            container = await self._engine.docker.containers.create(container_config(spec, self._instance))
+        await self._ensure_network(spec)
+        container = await self._create_container(spec)
         sandbox = DockerSandbox(spec, container.id, self._engine)
         try:
             await sandbox.start()
@@ -239,6 +268,20 @@ class DockerProvider(SandboxProvider):
             await self._engine.remove(container.id)
             raise
         return sandbox
+
+    async def _create_container(self, spec: SandboxSpec) -> aiodocker.containers.DockerContainer:
+        config = container_config(spec, self._instance, self._network.name, self._dns)
+        try:
+            with self._engine.errors(spec.image):
+                return await self._engine.docker.containers.create(config)
+        except SandboxError as exc:
+            # Another provider without an instance shares the network and removed it on close: remake it.
+            if exc.context.get("status") != 404 or mode_of(spec.limits.network) != "isolated":
+                raise
+        self._network.forget()
+        await self._ensure_network(spec)
+        with self._engine.errors(spec.image):
+            return await self._engine.docker.containers.create(config)
 
     async def attach(self, spec: SandboxSpec, sandbox_id: str) -> DockerSandbox:
         state = await self._engine.inspect(sandbox_id)
@@ -250,6 +293,7 @@ class DockerProvider(SandboxProvider):
             await self._engine.remove(sandbox_id)
             return await self.create(spec)
         sandbox = DockerSandbox(spec, sandbox_id, self._engine)
+        await self._ensure_network(spec)  # a restarted server fences its survivors before they run again
         if status != "running":
             await sandbox.start()
             return sandbox
@@ -271,6 +315,9 @@ class DockerProvider(SandboxProvider):
         await self._engine.remove(sandbox_id)
 
     async def close(self) -> None:
+        network, self._network_obj = self._network_obj, None
+        if network is not None:
+            await network.close()
         engine, self._engine_obj = self._engine_obj, None
         if engine is not None:
             await engine.docker.close()

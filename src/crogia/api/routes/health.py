@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from crogia import __version__
 from crogia.api.deps import RuntimeDep
 from crogia.api.schemas import Health
+from crogia.sandbox.network import describe
 
 router = APIRouter(prefix="/api", tags=["health"])
 
@@ -23,6 +24,7 @@ async def health(runtime: RuntimeDep) -> Health:
         active_shells=runtime.terminals.active_count(),
         docker_available=await runtime.docker_available(),
         sandbox_backend=runtime.provider.name,
+        network=describe(runtime.settings.sandbox_network),
         version=__version__,
         store_error=store_error,
     )

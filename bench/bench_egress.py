@@ -1,0 +1,106 @@
+"""A sandbox's first outbound TCP connect through the isolated egress path, against a direct one.
+
+A "public" test host (a network namespace at a TEST-NET-3 address, as the tests use) listens;
+each round times, in a fresh process, `socket.create_connection` to it:
+
+* ours: inside a fresh isolated sandbox (bubblewrap: pasta plus the namespace's rules; Docker:
+  Crogia's bridge plus its chains), the sandbox's first connection;
+* today's path: the same in a sandbox on the old shared network (host netns / default bridge);
+* direct: the same script run on the host.
+
+Rounds interleave; medians are compared. Target: ours adds <= 5 ms to direct. Needs root (it
+makes the namespace). Writes bench/results/egress.json. Usage: `python bench/bench_egress.py [--smoke]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from _common import ROOT, Row, backends, data_dir, parse_args, report
+
+sys.path.insert(0, str(ROOT))
+from tests.support.netns_hosts import netns_host
+
+from crogia.sandbox.base import Limits, SandboxProvider, SandboxSpec
+
+TARGET_MS = 5.0
+TIMER = (
+    "import socket, sys, time; t = time.perf_counter(); "
+    "socket.create_connection((sys.argv[1], 8080), 5).close(); print(time.perf_counter() - t)"
+)
+
+
+def provider(backend: str) -> SandboxProvider:
+    if backend == "docker":
+        from crogia.sandbox.docker import DockerProvider
+
+        return DockerProvider(instance="bench-egress")
+    from crogia.sandbox.bubblewrap import BubblewrapProvider
+
+    return BubblewrapProvider()
+
+
+async def in_sandbox(prov: SandboxProvider, folder: Path, network: str, host: str, n: int) -> float:
+    spec = SandboxSpec(
+        f"egress-{network}-{n}", folder / f"w{n}", folder / f"s{network}{n}", limits=Limits(network=network)
+    )
+    sandbox = await prov.create(spec)
+    try:
+        result = await sandbox.exec(f"python3 -c '{TIMER}' {host}", timeout=30, max_output=4096)
+        return float(result.output.strip())
+    finally:
+        await prov.remove(sandbox.id)
+
+
+async def direct(host: str) -> float:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", TIMER, host, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    return float(out.decode().strip())
+
+
+async def measure(backend: str, host: str, rounds: int) -> Row:
+    prov = provider(backend)
+    times: dict[str, list[float]] = {"ours": [], "shared": [], "direct": []}
+    shared = "shared" if backend == "bubblewrap" else "bridge"
+    try:
+        with data_dir() as folder:
+            for n in range(rounds):
+                times["ours"].append(await in_sandbox(prov, folder, "isolated", host, n))
+                times["shared"].append(await in_sandbox(prov, folder, shared, host, n))
+                times["direct"].append(await direct(host))
+    finally:
+        await prov.close()
+    p50 = {key: statistics.median(values) * 1000 for key, values in times.items()}
+    added = p50["ours"] - p50["direct"]
+    extra = {"today_path_ms": round(p50["shared"], 2), "added_ms": round(added, 2)}
+    target = f"<= direct + {TARGET_MS:g} ms"
+    what = f"first TCP connect from a sandbox, {backend}"
+    return Row(
+        what,
+        round(p50["ours"], 2),
+        "ms",
+        target,
+        added <= TARGET_MS,
+        round(p50["direct"], 2),
+        "direct connect",
+        extra=extra,
+    )
+
+
+async def main() -> None:
+    args = parse_args(__doc__)
+    rounds = 3 if args.smoke else 15
+    async with netns_host("203.0.113.0/24") as host:
+        rows = [await measure(backend, host.address, rounds) for backend in backends()]
+    started = time.strftime("%H:%M:%S")
+    report("egress", rows, smoke=args.smoke, started=started)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

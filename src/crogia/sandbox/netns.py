@@ -1,0 +1,243 @@
+"""A bubblewrap sandbox's own network namespace: firewall first, then pasta for egress.
+
+Order: `ip netns add` makes an empty namespace (loopback only); nftables rules are loaded
+inside it that reject every blocked destination (`crogia.sandbox.network`) and this host's own
+addresses, except DNS to the one forwarding address; pasta attaches and configures the
+interface; only then is the namespace handed to a sandbox, whose `bwrap` is launched inside it
+(`nsenter --net`, after the cgroup wrapper). `NetnsStock` keeps a few ready, off the start path.
+The sandbox has no capability in that namespace (bwrap drops them all; with a user namespace
+the netns belongs to the host's), so it can neither change the rules nor add routes.
+
+pasta gives user-mode egress: the sandbox's packets become the host's own sockets, so the rules
+above are what keeps it off the host: `--no-map-gw` stops the gateway from meaning the host's
+loopback, `-t/-u/-T/-U none` forward no port either way, and `--dns-forward` maps one address to
+the host's resolver (or `SANDBOX_DNS`), so a loopback resolver on the host keeps working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import secrets
+import shutil
+import signal
+from pathlib import Path
+
+from crogia.errors import SandboxError, Unavailable
+from crogia.sandbox.network import (
+    BLOCKED_V4,
+    BLOCKED_V6,
+    DNS_ADDRESS,
+    GATEWAY,
+    SANDBOX_ADDRESS,
+    host_addresses,
+)
+
+log = logging.getLogger(__name__)
+
+NETNS_DIR = Path("/run/netns")
+_TIMEOUT = 20.0
+_NSENTER = shutil.which("nsenter") or "/usr/bin/nsenter"  # absolute: the launch runs with an empty env
+_BIND_RESOLV = 'mount --make-rprivate / && mount --bind "$0" /etc/resolv.conf && exec "$@"'
+
+
+def _not_covered(addresses: list[str], ranges: tuple[str, ...]) -> list[str]:
+    nets = [ipaddress.ip_network(r) for r in ranges]
+    return sorted({a for a in addresses if not any(ipaddress.ip_address(a) in n for n in nets)})
+
+
+def ruleset() -> str:
+    """The nftables rules of a sandbox's namespace, with the host's addresses as of now (blocking)."""
+    v4, v6 = host_addresses()
+    host4, host6 = _not_covered(v4, BLOCKED_V4), _not_covered(v6, BLOCKED_V6)
+    blocked = [f"ip daddr {{ {', '.join(BLOCKED_V4)} }}", f"ip6 daddr {{ {', '.join(BLOCKED_V6)} }}"]
+    blocked += [f"ip daddr {{ {', '.join(host4)} }}"] if host4 else []
+    blocked += [f"ip6 daddr {{ {', '.join(host6)} }}"] if host6 else []
+    # A per-session allow-list would go here, as accepts ahead of the rejects.
+    rejects = [f"{match} meta l4proto tcp reject with tcp reset\n{match} reject" for match in blocked]
+    return "\n".join(
+        [
+            "table inet crogia {",
+            "chain output {",
+            "type filter hook output priority 0; policy accept;",
+            'oifname "lo" accept',
+            f"ip daddr {DNS_ADDRESS} meta l4proto {{ tcp, udp }} th dport 53 accept",
+            *rejects,
+            "}",
+            "}",
+        ]
+    )
+
+
+async def _run(*argv: str, data: bytes | None = None) -> None:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if data is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except FileNotFoundError as exc:
+        raise Unavailable(
+            f"`{argv[0]}` is not installed: the isolated network needs it", command=argv[0]
+        ) from exc
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(data), _TIMEOUT)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if proc.returncode != 0:
+        raise SandboxError(
+            f"{argv[0]} failed: {err.decode(errors='replace').strip()[-500:]}", command=argv[0]
+        )
+
+
+class SandboxNetns:
+    """One sandbox's namespace and its pasta; `prepare`, launch into `enter_argv`, `attach`, `remove`."""
+
+    def __init__(self, name: str, private_dir: Path, dns: str = "") -> None:
+        self.name = name
+        self.path = NETNS_DIR / name
+        self._pidfile = private_dir / f"{name}.pasta.pid"
+        self._dns = dns
+
+    @property
+    def enter_argv(self) -> list[str]:
+        """The launch step that runs the rest of the command line inside the namespace."""
+        return [_NSENTER, f"--net={self.path}", "--"]
+
+    async def prepare(self) -> None:
+        """A fresh namespace with its rules loaded: nothing runs in it before this returns."""
+        await self.remove()
+        rules, _ = await asyncio.gather(asyncio.to_thread(ruleset), _run("ip", "netns", "add", self.name))
+        await _run(*self.enter_argv, "nft", "-f", "-", data=rules.encode())
+
+    async def attach(self) -> None:
+        """Start pasta on the namespace; returns once the interface, address and routes are up."""
+        argv = [
+            "pasta",
+            "--quiet",
+            "--runas",
+            "0",
+            "--netns",
+            str(self.path),
+            "--config-net",
+            "--pid",
+            str(self._pidfile),
+        ]
+        argv += ["-t", "none", "-u", "none", "-T", "none", "-U", "none", "--no-map-gw"]
+        argv += ["-a", SANDBOX_ADDRESS, "-n", "24", "-g", GATEWAY, "--dns-forward", DNS_ADDRESS]
+        if self._dns:  # pasta forwards to the first nameserver it reads: show it one of its own
+            resolv = self._pidfile.with_suffix(".resolv")
+            await asyncio.to_thread(resolv.write_text, f"nameserver {self._dns}\n")
+            argv = ["unshare", "--mount", "--", "sh", "-c", _BIND_RESOLV, str(resolv), *argv]
+        await _run(*argv)  # pasta forks into the background once it has configured the namespace
+
+    async def remove(self) -> None:
+        """Delete the namespace (pasta then quits by itself) and make sure its pasta is gone."""
+        if await asyncio.to_thread(self.path.exists):
+            await _run("ip", "netns", "del", self.name)
+        await asyncio.to_thread(self._pidfile.with_suffix(".resolv").unlink, missing_ok=True)
+        pid = await asyncio.to_thread(_read_pid, self._pidfile)
+        if pid:  # only if that pid is still a pasta: it may have exited and the pid been reused
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _read_pid(path: Path) -> int:
+    """The pid in `path` (removed) if that process is still a pasta, else 0."""
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(path.read_text().strip())
+        path.unlink()
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        return pid if comm in ("pasta", "passt", "pasta.avx2", "passt.avx2") else 0
+    return 0
+
+
+def leftover_netns(scope: str) -> list[str]:
+    """Namespaces an earlier server of this scope left behind (blocking)."""
+    with contextlib.suppress(OSError):
+        return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(f"crogia-{scope}-"))
+    return []
+
+
+class NetnsStock:
+    """A few ready namespaces (rules loaded, pasta attached), so a sandbox start need not wait for one.
+
+    Each is fresh (never used by another sandbox) and identical to the rest, so any serves any
+    sandbox; a used one is deleted, never returned. Ones older than `max_age` are replaced, so
+    their snapshot of this host's addresses stays recent. `take()` refills in the background.
+    """
+
+    def __init__(
+        self, scope: str, private_dir: Path, dns: str = "", *, size: int = 2, max_age: float = 60.0
+    ) -> None:
+        self._scope = scope
+        self._private = private_dir
+        self._dns = dns
+        self._size = size
+        self._max_age = max_age
+        self._ready: list[tuple[float, SandboxNetns]] = []
+        self._filler: asyncio.Task[None] | None = None
+        self._sweep_lock = asyncio.Lock()
+        self._sweep_done = False
+
+    async def take(self) -> SandboxNetns:
+        """A ready namespace: one from the stock, else one made now (which raises if it cannot be)."""
+        await self._sweep()
+        now = asyncio.get_running_loop().time()
+        while self._ready:
+            made, netns = self._ready.pop(0)
+            if now - made <= self._max_age:
+                self._refill()
+                return netns
+            await netns.remove()
+        netns = await self._make()
+        self._refill()
+        return netns
+
+    async def _sweep(self) -> None:
+        """Once, before the first namespace: delete what a killed server of this scope left behind."""
+        async with self._sweep_lock:
+            if self._sweep_done:
+                return
+            self._sweep_done = True
+            for name in await asyncio.to_thread(leftover_netns, self._scope):
+                log.info("removing leftover sandbox network namespace %s", name)
+                await SandboxNetns(name, self._private).remove()
+
+    async def _make(self) -> SandboxNetns:
+        netns = SandboxNetns(f"crogia-{self._scope}-{secrets.token_hex(6)}", self._private, self._dns)
+        try:
+            await netns.prepare()
+            await netns.attach()
+        except BaseException:
+            await netns.remove()
+            raise
+        return netns
+
+    def _refill(self) -> None:
+        if self._filler is None or self._filler.done():
+            self._filler = asyncio.create_task(self._fill(), name=f"crogia-netns-stock-{self._scope}")
+
+    async def _fill(self) -> None:
+        try:
+            while len(self._ready) < self._size:
+                netns = await self._make()
+                self._ready.append((asyncio.get_running_loop().time(), netns))
+        except (SandboxError, Unavailable, OSError) as exc:  # the next take() makes its own and says why
+            log.warning("could not prepare a sandbox network namespace ahead: %s", exc)
+
+    async def close(self) -> None:
+        """Stop refilling and delete every namespace still in stock."""
+        if self._filler is not None:
+            self._filler.cancel()
+            await asyncio.gather(self._filler, return_exceptions=True)
+            self._filler = None
+        ready, self._ready = self._ready, []
+        for _, netns in ready:
+            await netns.remove()

@@ -1,0 +1,231 @@
+"""A sandbox reaches the public internet and nothing else (issue 10 item 4), on both backends.
+
+Through a real server process. The "internet" is a test host in a network namespace made here,
+at a TEST-NET-3 address (public as far as any rule knows), with a DNS server the sandboxes use
+(`SANDBOX_DNS`); the private test host sits in 10/8. Every probe runs inside a sandbox through
+`POST /shell` and is bounded (2 s to connect). Traffic goes only to loopback and those namespaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import IN_CI, make_settings, remove_containers_of
+from tests.support.netns_hosts import NetnsHost, netns_host
+from tests.support.postgres import free_port
+from tests.support.subprocess_server import ServerProcess
+
+NAME = "public.crogia.test"
+# Prints OPEN (with what the peer said, if anything, within 1 s), or why not: REFUSED, TIMEOUT, ...
+PROBE = r"""
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+if host == "GW":  # the sandbox's default gateway
+    for line in open("/proc/net/route").read().splitlines()[1:]:
+        f = line.split()
+        if f[1] == "00000000":
+            host = socket.inet_ntoa(bytes.fromhex(f[2])[::-1])
+try:
+    s = socket.create_connection((host, port), timeout=2)
+except ConnectionRefusedError: print("REFUSED"); sys.exit()
+except (TimeoutError, socket.timeout): print("TIMEOUT"); sys.exit()
+except OSError as e: print("FAILED", e); sys.exit()
+s.settimeout(1)
+try: data = s.recv(64)
+except OSError: data = b""
+print("OPEN", data.decode(errors="replace").strip())
+"""
+LISTEN = (
+    "import socket; s = socket.create_server(('0.0.0.0', {port})); print('listening', flush=True)\n"
+    "while True: c, _ = s.accept(); c.sendall(b'sandbox-listener\\n'); c.close()"
+)
+
+
+@dataclass
+class Net:
+    server: ServerProcess
+    client: httpx.AsyncClient
+    public: NetnsHost
+    private: NetnsHost
+
+    async def session(self) -> str:
+        reply = await self.client.post("/api/sessions", json={"task": "net"})
+        assert reply.status_code == 200, reply.text
+        return str(reply.json()["session_id"])
+
+    async def run(self, sid: str, cmd: str) -> str:
+        reply = await self.client.post(f"/api/sessions/{sid}/shell", json={"cmd": cmd, "timeout": 30})
+        assert reply.status_code == 200, reply.text
+        return str(reply.json()["output"]).strip()
+
+    async def wait_log(self, sid: str, pid: int, text: str, within: float = 30) -> None:
+        """Wait until a background process's log shows `text`."""
+        deadline = asyncio.get_running_loop().time() + within
+        while asyncio.get_running_loop().time() < deadline:
+            logs = await self.client.get(f"/api/sessions/{sid}/processes/{pid}/logs")
+            if text in logs.json().get("logs", ""):
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"process {pid} never logged {text!r}")
+
+    async def probe(self, sid: str, host: str, port: int) -> str:
+        await self.run(sid, f"cat > /tmp/probe.py <<'EOF'\n{PROBE}\nEOF")
+        return await self.run(sid, f"python3 /tmp/probe.py {host} {port}")
+
+
+@pytest.fixture
+async def hosts() -> AsyncIterator[tuple[NetnsHost, NetnsHost]]:
+    need_netns()
+    async with (
+        netns_host("203.0.113.0/24", dns={NAME: "self"}) as public,
+        netns_host("10.213.0.0/16") as private,
+    ):
+        yield public, private
+
+
+def need_netns() -> None:
+    """These tests make network namespaces: they need root and `ip`; under CI they must run."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        if IN_CI:
+            pytest.fail("network isolation tests need root and iproute2 under CI")
+        pytest.skip("network isolation tests need root and iproute2")
+
+
+@contextlib.asynccontextmanager
+async def running(
+    data_dir: Path, backend: str, hosts: tuple[NetnsHost, NetnsHost], network: str
+) -> AsyncIterator[Net]:
+    env = {
+        "BASE_DIRECTORY": str(data_dir),
+        "SANDBOX_BACKEND": backend,
+        "SANDBOX_NETWORK": network,
+        "SANDBOX_DNS": hosts[0].address,
+        "OPENAI_API_KEY": "test",
+        "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+        "LOG_LEVEL": "INFO",
+        "SESSION_IDLE_TTL": "0",
+    }
+    server = ServerProcess(data_dir, env)
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
+            yield Net(server, client, *hosts)
+    finally:
+        await server.stop()
+        if backend == "docker":
+            await asyncio.to_thread(remove_containers_of, data_dir)  # and their network, its rules
+
+
+@pytest.fixture
+async def net(data_dir: Path, backend: str, hosts: tuple[NetnsHost, NetnsHost]) -> AsyncIterator[Net]:
+    async with running(data_dir, backend, hosts, "isolated") as value:
+        yield value
+
+
+@contextlib.asynccontextmanager
+async def host_listener() -> AsyncIterator[int]:
+    """A TCP service on the host's 0.0.0.0 (so on loopback and on every host address)."""
+
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"host-service\n")
+        writer.close()
+
+    port = free_port()
+    server = await asyncio.start_server(greet, "0.0.0.0", port)
+    try:
+        yield port
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_public_host_and_dns_work(net: Net) -> None:
+    sid = await net.session()
+    assert await net.probe(sid, net.public.address, net.public.port) == "OPEN crogia-test-host"
+    assert await net.probe(sid, NAME, net.public.port) == "OPEN crogia-test-host"
+    health = (await net.client.get("/api/health")).json()
+    assert health["network"] == "isolated"
+
+
+async def test_host_private_and_metadata_unreachable(net: Net) -> None:
+    sid = await net.session()
+    async with host_listener() as port:
+        targets = [
+            ("127.0.0.1", net.server.port),  # the server's own API
+            ("127.0.0.1", port),  # another loopback service
+            ("GW", port),  # the host through the sandbox's gateway
+            (net.public.host_address, port),  # the host through one of its own (public) addresses
+            (net.private.address, net.private.port),  # a private-range host
+            ("169.254.169.254", 80),  # cloud metadata
+        ]
+        for host, target_port in targets:
+            result = await net.probe(sid, host, target_port)
+            assert not result.startswith("OPEN"), (host, target_port, result)
+
+
+async def test_other_sandbox_and_host_ports_unreachable(net: Net) -> None:
+    a, b = await net.session(), await net.session()
+    port = free_port()
+    started = await net.client.post(
+        f"/api/sessions/{a}/processes", json={"cmd": f'python3 -c "{LISTEN.format(port=port)}"'}
+    )
+    assert started.status_code == 200, started.text
+    await net.wait_log(a, int(started.json()["pid"]), "listening")
+    assert await net.probe(a, "127.0.0.1", port) == "OPEN sandbox-listener"  # it does listen
+    own = "import socket; s = socket.socket(2, 2); s.connect(('203.0.113.1', 9)); print(s.getsockname()[0])"
+    a_addr = await net.run(a, f'python3 -c "{own}"')
+    for host in ("127.0.0.1", a_addr):  # on isolated bubblewrap, a_addr is b's own address too
+        result = await net.probe(b, host, port)
+        assert not result.startswith("OPEN sandbox-listener"), (host, result)
+    # Nor is the sandbox's port reachable from the host.
+    with pytest.raises((ConnectionRefusedError, TimeoutError)):
+        await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+
+
+async def test_none_cuts_everything(data_dir: Path, backend: str, hosts: tuple[NetnsHost, NetnsHost]) -> None:
+    async with running(data_dir, backend, hosts, "none") as net:
+        sid = await net.session()
+        assert not (await net.probe(sid, net.public.address, net.public.port)).startswith("OPEN")
+        assert not (await net.probe(sid, NAME, net.public.port)).startswith("OPEN")
+        assert (await net.client.get("/api/health")).json()["network"] == "none"
+
+
+async def test_a_killed_servers_namespaces_are_removed(
+    data_dir: Path, hosts: tuple[NetnsHost, NetnsHost]
+) -> None:
+    """bubblewrap: after a kill -9, the next server deletes the namespaces (and so the pastas) left."""
+    scope = hashlib.sha256(str(make_settings(data_dir, "bubblewrap").sandbox_state_dir).encode()).hexdigest()[
+        :12
+    ]
+    prefix = f"crogia-{scope}-"
+    async with running(data_dir, "bubblewrap", hosts, "isolated") as net:
+        await net.session()
+        left = [name for name in os.listdir("/run/netns") if name.startswith(prefix)]
+        assert left  # the session's namespace and the stock
+        await net.server.kill()
+        await net.server.start()
+        sid = await net.session()
+        assert (await net.probe(sid, net.public.address, net.public.port)).startswith("OPEN")
+        assert not set(left) & set(os.listdir("/run/netns"))
+
+
+def test_old_values_are_accepted_and_reported_shared(caplog: pytest.LogCaptureFixture) -> None:
+    from crogia.sandbox.network import describe, warn_if_shared
+
+    assert [describe(v) for v in ("isolated", "none")] == ["isolated", "none"]
+    for value in ("bridge", "host", "my-net"):
+        assert describe(value) == "shared (not isolated)"
+        with caplog.at_level("WARNING"):
+            warn_if_shared(value)
+        assert f"SANDBOX_NETWORK={value} is not isolated" in caplog.text
