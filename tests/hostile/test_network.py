@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from crogia.sandbox import instance_id
 from tests.conftest import IN_CI, make_settings, remove_containers_of
 from tests.support.netns_hosts import NetnsHost, netns_host
 from tests.support.postgres import free_port
@@ -205,9 +205,7 @@ async def test_a_killed_servers_namespaces_are_removed(
     data_dir: Path, hosts: tuple[NetnsHost, NetnsHost]
 ) -> None:
     """bubblewrap: after a kill -9, the next server deletes the namespaces (and so the pastas) left."""
-    scope = hashlib.sha256(str(make_settings(data_dir, "bubblewrap").sandbox_state_dir).encode()).hexdigest()[
-        :12
-    ]
+    scope = instance_id(make_settings(data_dir, "bubblewrap"))
     prefix = f"crogia-{scope}-"
     async with running(data_dir, "bubblewrap", hosts, "isolated") as net:
         await net.session()
