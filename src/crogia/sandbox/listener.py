@@ -67,7 +67,7 @@ class ListenerChannel(Channel):
             await asyncio.wait_for(self._arrived.wait(), within)
         except TimeoutError:
             why = f" (last refused: {self._refused})" if self._refused else ""
-            raise Unavailable(f"the sandbox's executor did not dial in within {within:g} s{why}") from None
+            raise Unavailable(f"the sandbox's executor did not answer within {within:g} s{why}") from None
         stream, self._ready = self._ready, None
         self._arrived.clear()
         assert stream is not None
