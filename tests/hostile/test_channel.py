@@ -15,8 +15,6 @@ import os
 import stat
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import make_settings, need_docker
 from tests.hostile.support import new_session, shell
 from tests.support.server import RunningServer, run_server
@@ -105,4 +103,17 @@ async def test_no_server_path_in_the_sandbox_view(backend: str, data_dir: Path) 
             assert str(server.settings.sandbox_state_dir) not in mounts
 
 
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_planted_links_then_a_server_restart(backend: str, data_dir: Path) -> None:
+    canary = data_dir / "server.env"
+    canary.write_text("API_TOKENS=alice=hunter2\n")
+    settings = make_settings(data_dir, backend)
+    async with run_server(settings) as server:
+        sid = await new_session(server.client)
+        await shell(server.client, sid, f"echo {sid} > /workspace/whoami")
+        for name in ("executor.log", "executor.sock"):
+            await shell(server.client, sid, f"rm -rf /run/crogia/{name}; ln -sfn {canary} /run/crogia/{name}")
+    # Docker: the container lives on and its daemon dials the new server (with the new secret);
+    # bubblewrap: the sandbox died with the server and starts afresh around the workspace.
+    async with run_server(settings) as server:
+        assert (await shell(server.client, sid, "cat /workspace/whoami"))["output"] == f"{sid}\n"
+    assert canary.read_text() == "API_TOKENS=alice=hunter2\n", "the server wrote through the sandbox's link"
