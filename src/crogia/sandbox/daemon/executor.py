@@ -80,6 +80,7 @@ from executor_procs import Background, Child
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal
+    from collections.abc import Callable
 
     from executor_core import Message, RequestId, Steps
 else:
@@ -189,19 +190,14 @@ class Daemon:
             conn.send(msg)
 
     def handle(self, op: str, req: Message, conn: Connection, rid: RequestId) -> Steps:
-        if op == "ping":
-            return {"version": proto.VERSION, "pid": os.getpid()}
-        if op == "exec":
-            return (yield from run_command(req, conn, rid))
-        if op == "spawn":
-            return self.background.spawn(req)
-        if op == "terminate":
-            return (yield from self.background.terminate(req))
-        if op == "tail":
-            return self.background.tail(req)
-        if op == "list":
-            return {"processes": self.background.listing()}
-        raise RequestError("bad_request", f"unknown op {op!r}")
+        """Carry out one request through `OPS`: a plain reply, or steps (a generator) giving one."""
+        run = OPS.get(op)
+        if run is None:
+            raise RequestError("bad_request", f"unknown op {op!r}")
+        outcome = run(self, req, conn, rid)
+        if isinstance(outcome, dict):
+            return outcome
+        return (yield from outcome)
 
     def adopt(self, fd: int, secret: str = "") -> None:
         os.set_blocking(fd, False)
@@ -243,6 +239,18 @@ class Daemon:
         self.stopping = self.stopping or signal.SIGTERM in received or signal.SIGINT in received
         for child in list(Child.unwatched.values()):
             child.reap()
+
+
+OPS: dict[str, Callable[[Daemon, Message, Connection, RequestId], Message | Steps]] = {
+    "ping": lambda d, req, conn, rid: {"version": proto.VERSION, "pid": os.getpid()},
+    "exec": lambda d, req, conn, rid: run_command(req, conn, rid),
+    "spawn": lambda d, req, conn, rid: d.background.spawn(req),
+    "terminate": lambda d, req, conn, rid: d.background.terminate(req),
+    "tail": lambda d, req, conn, rid: d.background.tail(req),
+    "list": lambda d, req, conn, rid: {"processes": d.background.listing()},
+}
+"""The ops (`cancel` is the connection's own); a new one also gets its reply's shape in
+`executor_proto.RESULTS`, which the server checks."""
 
 
 def _trim_heap() -> Steps:

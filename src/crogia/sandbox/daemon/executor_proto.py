@@ -11,9 +11,11 @@ then requests (server -> daemon) and replies, chunks and exit notices (daemon ->
 `executor.py` describes. The server trusts nothing it reads: `check_message` accepts only an object
 of a known `type` whose fields have the types and ranges below, and the reader bounds every line.
 
-Adding a message: a new op's reply values go in `RESULTS` (op -> {field: Field}); a new kind of
-message the daemon pushes unasked goes in `PUSHES` (type -> {field: Field}). Both sides read the
-same tables, so neither can drift.
+Adding a message: a new op goes in the daemon's `executor.OPS` (name -> handler) and its reply's
+values in `RESULTS` here (op -> {field: Field}); the server's `ExecutorClient.request(op, allow=N)`
+then checks them (`allow`: how far past `LINE_BASE` its reply may run). A new kind of message the
+daemon pushes unasked goes in `PUSHES` (type -> {field: Field}) plus one branch in
+`ExecutorClient._dispatch`. Bump `VERSION` when a peer of the other version would misread it.
 """
 
 from __future__ import annotations
