@@ -35,8 +35,7 @@ from _common import (
 )
 from crogia.cli import DEFAULT_LOOP
 from crogia.sandbox.base import SandboxSpec
-from crogia.sandbox.bubblewrap import bwrap_args, find_bwrap
-from crogia.sandbox.executor import daemon_command
+from crogia.sandbox.bubblewrap import bwrap_args, find_bwrap, sandbox_command
 
 TARGET_MS = 5.0
 BODY = json.dumps({"cmd": "echo hi"}).encode()
@@ -61,8 +60,8 @@ def bwrap_echo(folder: Path) -> list[str]:
     spec = SandboxSpec("bench", folder / "ws", folder / "st")
     for path in (spec.workspace, spec.state_dir):
         path.mkdir(parents=True, exist_ok=True)
-    argv = bwrap_args(bwrap, spec, "/usr/bin/python3")
-    return [*argv[: -len(daemon_command())], "/bin/echo", "hi"]
+    argv = bwrap_args(bwrap, spec, "/usr/bin/python3", 3)
+    return [*argv[: -len(sandbox_command(spec, "/usr/bin/python3", 3))], "/bin/echo", "hi"]
 
 
 async def measure(backend: str, loop: str, rounds: int, per_round: int) -> dict[str, Any]:

@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     """Workspace quota (a loop-mounted ext4 image per workspace; needs root). 0: no quota."""
     sandbox_tmp_mb: int = Field(1024, ge=0)
     """Size of the sandbox's tmpfs /tmp (at most half of SANDBOX_MEMORY_MB). 0: no size of our own."""
+    sandbox_state_mb: int = Field(64, ge=1)
+    """Size of the sandbox's tmpfs /run/crogia, its process logs (at most a quarter of SANDBOX_MEMORY_MB)."""
     session_idle_ttl: float = Field(3600.0, ge=0)
     """Seconds without activity before a session's sandbox is stopped (it starts again on use). 0: never."""
 

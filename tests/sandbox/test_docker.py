@@ -88,7 +88,8 @@ async def test_container_gets_labels_limits_mounts_and_env(
     assert host["NetworkMode"] == "none"
     mounts = {m["Destination"]: (m["Source"], m["RW"]) for m in info["Mounts"]}
     assert mounts["/workspace"] == (str(spec.workspace), True)
-    assert mounts["/run/crogia"] == (str(spec.state_dir), True)
+    assert mounts["/run/crogia-channel"] == (str(spec.state_dir), False)  # the server's, read-only
+    assert "/run/crogia" in host["Tmpfs"]  # process logs: in the sandbox, size-limited
     assert mounts["/opt/crogia"][1] is False
     # ...and what a command inside notices:
     assert await _run(sandbox, "echo $GREETING; pwd") == "hello\n/workspace\n"

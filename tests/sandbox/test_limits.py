@@ -7,7 +7,7 @@ import time
 from crogia.sandbox.base import Limits, Sandbox
 from tests.sandbox.conftest import MakeSandbox
 
-PS = "ps -eo pid=,pgid=,stat=,args= | grep -v -e ' ps ' -e 'grep' -e executor.sock -e tini -e bwrap"
+PS = "ps -eo pid=,pgid=,stat=,args= | grep -v -e ' ps ' -e 'grep' -e /opt/crogia -e tini -e bwrap"
 
 
 async def leftovers(sandbox: Sandbox) -> list[str]:

@@ -31,7 +31,7 @@ PIDS = 256
 DISK_MB = 256
 TMP_MB = 64
 P99_LIMIT = 0.100
-PS = "ps -eo pid=,stat=,args= | grep -v -e ' ps ' -e grep -e executor.sock -e tini -e bwrap -e 'bash -c'"
+PS = "ps -eo pid=,stat=,args= | grep -v -e ' ps ' -e grep -e /opt/crogia -e tini -e bwrap -e 'bash -c'"
 
 
 @dataclass
@@ -230,7 +230,7 @@ async def test_300_mb_of_output(attacked: Attacked) -> None:
     rss_after = attacked.server_rss_mb()
     daemon = await attacked.shell(
         attacked.victim,
-        "pid=$(ps -eo pid=,comm=,args= | awk '$2 ~ /^python/ && /executor.sock/ {print $1; exit}'); "
+        "pid=$(ps -eo pid=,comm=,args= | awk '$2 ~ /^python/ && /opt.crogia/ {print $1; exit}'); "
         "grep VmHWM /proc/$pid/status | awk '{print $2}'",
     )
     daemon_peak_mb = int(daemon["output"].strip()) / 1024

@@ -30,6 +30,7 @@ def limits_from(settings: Settings) -> Limits:
         network=settings.sandbox_network,
         # tmpfs pages count against the memory limit: a full /tmp must give ENOSPC, never an OOM kill.
         tmp_mb=min(settings.sandbox_tmp_mb, settings.sandbox_memory_mb // 2),
+        state_mb=min(settings.sandbox_state_mb, settings.sandbox_memory_mb // 4),
     )
 
 

@@ -10,6 +10,8 @@ sandbox need not live on the server's own machine.
 from __future__ import annotations
 
 import abc
+import os
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,10 @@ WORKDIR = "/workspace"
 """Where the session's workspace appears inside every sandbox."""
 
 STATE_MOUNT = "/run/crogia"
-"""Where the sandbox's state folder (executor socket, process logs) appears inside it."""
+"""The sandbox's own state: a size-limited tmpfs (`Limits.state_mb`) holding process logs."""
+
+CHANNEL_MOUNT = "/run/crogia-channel"
+"""Where a sandbox that dials its server (Docker) sees `SandboxSpec.state_dir`, read-only."""
 
 POOL_LABEL = "crogia.pool"
 """Label of a sandbox started ahead of the session it now serves, by the warm pool (informational)."""
@@ -41,6 +46,8 @@ class Limits:
     """`isolated` (public internet only), `none`, or an old Docker mode (shared, not isolated)."""
     tmp_mb: int = 0
     """Size of the tmpfs at /tmp (and /var/tmp); 0 leaves the backend's default."""
+    state_mb: int = 64
+    """Size of the tmpfs at /run/crogia (process logs); in the memory limit, like /tmp."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +58,8 @@ class SandboxSpec:
     workspace: Path
     """Host folder bound read-write at `/workspace`."""
     state_dir: Path
-    """Host folder bound at `/run/crogia`: executor socket and process logs."""
+    """Server-only host folder for the channel (Docker: socket and secret, bound read-only at
+    `CHANNEL_MOUNT`); nothing in it is the sandbox's to write."""
     image: str = "crogia-sandbox:latest"
     limits: Limits = field(default_factory=Limits)
     env: Mapping[str, str] = field(default_factory=dict)
@@ -59,9 +67,28 @@ class SandboxSpec:
 
 
 def make_dirs(spec: SandboxSpec) -> None:
-    """Create the host folders a sandbox binds: the workspace, and its state folder with `logs` (blocking)."""
+    """Create the host folders of a sandbox (blocking): its workspace, and its server-only state folder.
+
+    The state folder's parent is the server's alone (0700); the folder itself only traversable by
+    others (0711: a remapped container root must reach the socket). What an older version let a
+    sandbox write there (logs, planted links) is removed without following anything.
+    """
     spec.workspace.mkdir(parents=True, exist_ok=True)
-    (spec.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    spec.state_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(spec.state_dir.parent, 0o700)
+    spec.state_dir.mkdir(exist_ok=True)
+    os.chmod(spec.state_dir, 0o711)
+    for entry in os.scandir(spec.state_dir):
+        if entry.name in KEPT:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)  # rmtree works from fds, following nothing
+        else:
+            os.unlink(entry.path)
+
+
+KEPT = frozenset({"executor.sock", "secret"})
+"""What the server itself keeps in a state folder."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,10 +3,13 @@
 Each sandbox is one `bwrap` process owned by the server, running the executor daemon as its
 only command. It sees `/usr` and the `/bin`, `/lib*`, `/sbin` links read-only, a short list of
 `/etc` files read-only, fresh `/proc` and `/dev`, private tmpfs `/tmp`, `/var/tmp` and `/root`
-(HOME), the workspace read-write at `/workspace`, its state folder at `/run/crogia` and the
-daemon's source read-only at `/opt/crogia`: never the server's data folder, other workspaces,
-the host's `/root` or `/home`, nor the project checkout. It runs in new pid, ipc, uts and
-(unless the network is shared) net namespaces, with every capability dropped and no_new_privs set.
+(HOME), the workspace read-write at `/workspace`, a size-limited tmpfs at `/run/crogia` (process
+logs) and the daemon's source read-only at `/opt/crogia`: never the server's data folder, other
+workspaces, the host's `/root` or `/home`, nor the project checkout. The daemon talks to the
+server over a socketpair it inherits (`PairChannel`): no file of the server's is in the sandbox.
+bwrap reads its options from a pipe (`--args`), so `/proc/1/cmdline` names no host path.
+It runs in new pid, ipc, uts and (unless the network is shared) net namespaces, with every
+capability dropped and no_new_privs set.
 
 Limits: where the cgroup filesystem is writable (v1, or v2 with delegation), the sandbox gets
 its own cgroup with memory (swap included), pids and CPU quota limits. Otherwise only a
@@ -17,7 +20,8 @@ and rules that keep it to the public internet (`crogia.sandbox.netns`); `none` g
 only; any other value shares the host's network (not isolated: a warning at start-up).
 
 A bubblewrap sandbox dies with the server (`--die-with-parent`), so `attach` after a restart
-creates a fresh one around the kept workspace and state folder (old process logs stay readable).
+creates a fresh one around the kept workspace (process logs, on the tmpfs, end with the sandbox).
+Its daemon's stderr goes to a pipe the server reads, keeping only the last `STDERR_KEEP` bytes.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from crogia.config import Settings
 from crogia.errors import Conflict, SandboxError
 from crogia.sandbox.base import STATE_MOUNT, WORKDIR, Sandbox, SandboxProvider, SandboxSpec, SandboxStatus
 from crogia.sandbox.cgroups import Cgroup, create_cgroup, find_cgroup, leftover_names, remove_scope
-from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command
+from crogia.sandbox.channel import PairChannel
+from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command, log_max
 from crogia.sandbox.netns import NetnsStock, SandboxNetns, leftover_netns
 from crogia.sandbox.network import RESOLV_CONF, mode_of
 
@@ -55,6 +60,7 @@ ETC_FILES = (
 TOP_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # The wrapper shell joins the cgroups (and sets rlimits) before exec'ing bwrap, so bwrap and
 # every process it forks start inside them: moving bwrap afterwards would leave its children out.
+STDERR_KEEP = 4096
 _WRAPPER = 'for f do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done; shift; exec "$@"'
 
 
@@ -99,13 +105,19 @@ def mount_args(spec: SandboxSpec, resolv_conf: Path | None = None) -> list[str]:
     size = ["--size", str(spec.limits.tmp_mb * 1024 * 1024)] if spec.limits.tmp_mb > 0 else []
     for folder in ("/tmp", "/var/tmp", "/root"):
         args += [*size, "--tmpfs", folder]
-    args += ["--bind", str(spec.workspace), WORKDIR, "--bind", str(spec.state_dir), STATE_MOUNT]
+    state = ["--size", str(spec.limits.state_mb * 1024 * 1024)] if spec.limits.state_mb > 0 else []
+    args += ["--bind", str(spec.workspace), WORKDIR, *state, "--tmpfs", STATE_MOUNT]
     args += ["--ro-bind", str(DAEMON_DIR), DAEMON_MOUNT, "--remount-ro", "/", "--chdir", WORKDIR]
     return args
 
 
-def bwrap_args(bwrap: str, spec: SandboxSpec, python: str, resolv_conf: Path | None = None) -> list[str]:
-    """The full `bwrap` command line for `spec` (isolated: to run inside its prepared namespace)."""
+def bwrap_args(
+    bwrap: str, spec: SandboxSpec, python: str, channel_fd: int, resolv_conf: Path | None = None
+) -> list[str]:
+    """The full `bwrap` command line for `spec`, its daemon speaking on the inherited `channel_fd`.
+
+    Isolated, it runs inside its prepared network namespace with `resolv_conf` as /etc/resolv.conf.
+    """
     # Run by real root, bwrap hands the sandbox every capability unless told otherwise; with
     # `--cap-drop ALL` it runs as uid 0 with none, and no_new_privs stops exec from regaining them.
     args = [bwrap, "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
@@ -116,7 +128,12 @@ def bwrap_args(bwrap: str, spec: SandboxSpec, python: str, resolv_conf: Path | N
     env = {"PATH": SANDBOX_PATH, "HOME": "/root", "LANG": "C.UTF-8", "USER": "root", **spec.env}
     for key, value in env.items():
         args += ["--setenv", key, value]
-    return args + mount_args(spec, resolv_conf) + daemon_command(python)
+    return args + mount_args(spec, resolv_conf) + sandbox_command(spec, python, channel_fd)
+
+
+def sandbox_command(spec: SandboxSpec, python: str, channel_fd: int) -> list[str]:
+    """The sandbox's command (the daemon), the tail of `bwrap_args`."""
+    return daemon_command(["--fd", str(channel_fd), "--log-max", str(log_max(spec.limits.state_mb))], python)
 
 
 class BubblewrapSandbox(ExecutorSandbox):
@@ -135,7 +152,8 @@ class BubblewrapSandbox(ExecutorSandbox):
         stock: NetnsStock | None = None,
         resolv_conf: Path | None = None,
     ) -> None:
-        super().__init__(spec, sandbox_id)
+        self._pair = PairChannel()
+        super().__init__(spec, sandbox_id, self._pair)
         self._bwrap = bwrap
         self._python = python
         self._cgroup_scope = cgroup_scope
@@ -145,6 +163,9 @@ class BubblewrapSandbox(ExecutorSandbox):
         self._cgroup: Cgroup | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._waiter: asyncio.Task[int] | None = None
+        self._stderr = bytearray()
+        self._stderr_task: asyncio.Task[None] | None = None
+        self._restart_lock = asyncio.Lock()
         self._destroyed = False
 
     @property
@@ -158,12 +179,19 @@ class BubblewrapSandbox(ExecutorSandbox):
         assert self._waiter is not None
         connect = asyncio.ensure_future(self.connect())
         await asyncio.wait({connect, self._waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if connect.done():
-            return connect.result()
-        connect.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await connect
-        detail = await asyncio.to_thread(self._log_tail)
+        if connect.done() and connect.exception() is None:
+            return
+        if not connect.done():
+            connect.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connect
+        else:  # the socketpair closed before the hello: bwrap is ending, say why
+            await asyncio.wait({self._waiter}, timeout=2)
+            if not self._waiter.done():
+                connect.result()
+        if self._stderr_task is not None:  # bwrap has exited: its stderr is at its end
+            await asyncio.wait({self._stderr_task}, timeout=1)
+        detail = self._stderr.decode(errors="replace")
         code = self._waiter.result()
         log.warning("bubblewrap sandbox %s exited with %s while starting: %s", self.id, code, detail)
         raise SandboxError(
@@ -174,24 +202,54 @@ class BubblewrapSandbox(ExecutorSandbox):
         if self._waiter is not None and not self._waiter.done():
             return
         self._destroyed = False
-        for folder in (self.spec.workspace, self.spec.state_dir):
-            await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(self.spec.workspace.mkdir, parents=True, exist_ok=True)
         wrapper = await self._wrapper()
         if self._stock is not None:  # ready: its rules in, its egress up, before anything runs in it
             await self._stop_network()
             self._netns = await self._stock.take()
             wrapper += self._netns.enter_argv
-        argv = await asyncio.to_thread(  # stats /bin, /lib*
-            bwrap_args, self._bwrap, self.spec, self._python, self._resolv_conf
-        )
-        out = await asyncio.to_thread(open, self.spec.state_dir / "executor.log", "ab")
+        fd = self._pair.daemon_fd()
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *wrapper, *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env={}
+            argv = await asyncio.to_thread(  # stats /bin, /lib*
+                bwrap_args, self._bwrap, self.spec, self._python, fd, self._resolv_conf
             )
+            # bwrap reads its options from a pipe: its argv, which the sandbox sees as /proc/1/cmdline,
+            # then names no host path. They fit in the pipe's buffer, so nobody waits on the write.
+            command = sandbox_command(self.spec, self._python, fd)
+            options = argv[1 : len(argv) - len(command)]
+            args_r, args_w = os.pipe()
+            with os.fdopen(args_w, "wb") as pipe:
+                pipe.write(b"".join(os.fsencode(a) + b"\0" for a in options))
+            try:
+                self._proc = await asyncio.create_subprocess_exec(
+                    *wrapper, argv[0], "--args", str(args_r), *command, stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env={},
+                    pass_fds=(fd, args_r),
+                )  # fmt: skip
+            finally:
+                os.close(args_r)
         finally:
-            out.close()
+            self._pair.spawned()
+        self._stderr.clear()
+        assert self._proc.stderr is not None
+        reading = self._keep_stderr(self._proc.stderr)
+        self._stderr_task = asyncio.create_task(reading, name=f"bwrap-err-{self.id}")
         self._waiter = asyncio.create_task(self._proc.wait(), name=f"bwrap-wait-{self.id}")
+
+    async def _keep_stderr(self, stream: asyncio.StreamReader) -> None:
+        """Read bwrap's and the daemon's stderr to its end, keeping the last `STDERR_KEEP` bytes."""
+        while data := await stream.read(65536):
+            self._stderr += data
+            del self._stderr[: max(len(self._stderr) - STDERR_KEEP, 0)]
+
+    async def _reconnect(self) -> None:
+        """A socketpair cannot be dialled again: a lost connection restarts the sandbox."""
+        async with self._restart_lock:
+            if self._client is not None and not self._client.closed:
+                return
+            log.warning("bubblewrap sandbox %s lost its executor connection: restarting it", self.id)
+            await self.stop()
+            await self.start()
 
     async def _wrapper(self) -> list[str]:
         if self._cgroup_scope is not None and self._cgroup is None:
@@ -204,12 +262,11 @@ class BubblewrapSandbox(ExecutorSandbox):
         script = _WRAPPER
         if "memory" not in self.enforced_limits:
             script = f"ulimit -v {self.spec.limits.memory_mb * 1024} || exit 125; {script}"
+        if os.access("/bin/bash", os.X_OK):
+            # bwrap's argv[0] is the sandbox's /proc/1/cmdline: name it, not where it is installed.
+            script = script.replace('exec "$@"', 'exec -a bwrap "$@"')
+            return ["/bin/bash", "-c", script, "crogia-sandbox", *procs, "--"]
         return ["/bin/sh", "-c", script, "crogia-sandbox", *procs, "--"]
-
-    def _log_tail(self) -> str:
-        with contextlib.suppress(OSError):
-            return (self.spec.state_dir / "executor.log").read_text(errors="replace")[-2000:]
-        return ""
 
     async def _stop(self) -> None:
         if self._proc is not None and self._waiter is not None:
@@ -218,6 +275,9 @@ class BubblewrapSandbox(ExecutorSandbox):
                 with contextlib.suppress(ProcessLookupError):
                     self._proc.send_signal(signal.SIGKILL)
             await self._waiter
+            if self._stderr_task is not None:
+                await asyncio.wait({self._stderr_task}, timeout=1)  # at its end once the sandbox is gone
+                self._stderr_task.cancel()
             if self._cgroup is not None:
                 await self._kill_cgroup(self._cgroup)
         await self._stop_network()

@@ -2,7 +2,9 @@
 
 The container runs `daemon_command()` under Docker's init (tini), which reaps orphans and
 forwards SIGTERM, so a stop takes milliseconds instead of the 10 s grace. Commands never go
-through `docker exec`: the server talks to the daemon over the socket in the bound state folder.
+through `docker exec`: the daemon dials the server's socket in the state folder, which the
+container sees read-only at `/run/crogia-channel` (`ListenerChannel`); its process logs live on
+a size-limited tmpfs at `/run/crogia`.
 All engine calls go through aiodocker, so nothing blocks the event loop.
 """
 
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,26 @@ import aiodocker
 import aiohttp
 
 from crogia.errors import SandboxError, Unavailable
-from crogia.sandbox.base import STATE_MOUNT, WORKDIR, SandboxProvider, SandboxSpec, SandboxStatus
+from crogia.sandbox.base import (
+    CHANNEL_MOUNT,
+    STATE_MOUNT,
+    WORKDIR,
+    SandboxProvider,
+    SandboxSpec,
+    SandboxStatus,
+    make_dirs,
+)
+from crogia.sandbox.channel import SECRET_NAME, SOCKET_NAME
+from crogia.sandbox.daemon import executor_proto as proto
 from crogia.sandbox.docker_network import DockerNetwork
-from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command
+from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command, log_max
+from crogia.sandbox.listener import ListenerChannel
 from crogia.sandbox.network import mode_of
 
 MANAGED_LABEL = "crogia.managed-by"
 SESSION_LABEL = "crogia.session"
+PROTOCOL_LABEL = "crogia.protocol"
+"""The executor protocol its daemon was started for: a container of another one is re-created."""
 INSTANCE_LABEL = "crogia.instance"
 """Which server (data folder) made the container: servers sharing an engine leave each other's alone."""
 STOP_TIMEOUT = 3
@@ -51,15 +65,17 @@ def container_config(
     memory = limits.memory_mb * 1024 * 1024
     mounts = [
         _bind(spec.workspace, WORKDIR, read_only=False),
-        _bind(spec.state_dir, STATE_MOUNT, read_only=False),
+        _bind(spec.state_dir, CHANNEL_MOUNT, read_only=True),
         _bind(DAEMON_DIR, DAEMON_MOUNT, read_only=True),
     ]
+    channel = ["--dial", f"{CHANNEL_MOUNT}/{SOCKET_NAME}", "--secret-file", f"{CHANNEL_MOUNT}/{SECRET_NAME}"]
+    labels = {**spec.labels, **_own_labels(instance), SESSION_LABEL: spec.session_id}
     return {
         "Image": spec.image,
-        "Cmd": daemon_command(),
+        "Cmd": daemon_command([*channel, "--log-max", str(log_max(limits.state_mb))]),
         "WorkingDir": WORKDIR,
         "Env": [f"{key}={value}" for key, value in spec.env.items()],
-        "Labels": {**spec.labels, **_own_labels(instance), SESSION_LABEL: spec.session_id},
+        "Labels": {**labels, PROTOCOL_LABEL: str(proto.VERSION)},
         "StopTimeout": STOP_TIMEOUT,
         "HostConfig": {
             "Init": True,
@@ -70,7 +86,7 @@ def container_config(
             "PidsLimit": limits.pids,
             **_network_config(limits.network, network, dns),
             "SecurityOpt": ["no-new-privileges"],
-            "Tmpfs": _tmpfs(limits.tmp_mb),
+            "Tmpfs": _tmpfs(limits.tmp_mb, limits.state_mb),
             "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "1"}},
         },
     }
@@ -85,12 +101,13 @@ def _network_config(value: str, network: str, dns: str) -> dict[str, Any]:
     return {"NetworkMode": network, "Sysctls": sysctls, **({"Dns": [dns]} if dns else {})}
 
 
-def _tmpfs(size_mb: int) -> dict[str, str]:
-    """A size-limited tmpfs at /tmp and /var/tmp (in the memory limit), else the image's own folders."""
+def _tmpfs(size_mb: int, state_mb: int) -> dict[str, str]:
+    """Size-limited tmpfs (in the memory limit): /tmp and /var/tmp (if sized), and the state's."""
+    state = {STATE_MOUNT: f"rw,noexec,nosuid,nodev,size={max(state_mb, 1)}m,mode=0755"}
     if size_mb <= 0:
-        return {}
+        return state
     options = f"rw,exec,nosuid,nodev,size={size_mb}m,mode=1777"
-    return {"/tmp": options, "/var/tmp": options}
+    return {"/tmp": options, "/var/tmp": options, **state}
 
 
 def _own_labels(instance: str | None) -> dict[str, str]:
@@ -163,7 +180,9 @@ class DockerSandbox(ExecutorSandbox):
     backend = "docker"
 
     def __init__(self, spec: SandboxSpec, sandbox_id: str, engine: _Engine) -> None:
-        super().__init__(spec, sandbox_id)
+        self._listener = ListenerChannel(spec.state_dir)
+        self._listener.peer_cgroup = sandbox_id
+        super().__init__(spec, sandbox_id, self._listener)
         self._engine = engine
 
     @property
@@ -171,6 +190,7 @@ class DockerSandbox(ExecutorSandbox):
         return self._engine.docker.containers.container(self.id)
 
     async def _start(self) -> None:
+        await self._listener.listen()  # before the daemon's first dial, which then costs no wait
         with self._engine.errors(self.spec.image):
             await self._container.start()  # a running container answers 304: nothing to do
 
@@ -256,7 +276,7 @@ class DockerProvider(SandboxProvider):
         return True
 
     async def create(self, spec: SandboxSpec) -> DockerSandbox:
-        await asyncio.to_thread(_prepare_dirs, spec)
+        await asyncio.to_thread(make_dirs, spec)
         await self._ensure_network(spec)
         container = await self._create_container(spec)
         sandbox = DockerSandbox(spec, container.id, self._engine)
@@ -289,7 +309,9 @@ class DockerProvider(SandboxProvider):
         status = _STATES.get(str((state or {}).get("State", {}).get("Status")), "unknown")
         if state is None or labels.get(SESSION_LABEL) != spec.session_id or status == "missing":
             return await self.create(spec)
-        if status == "unknown":  # dead or stuck: its workspace is all that matters, so start afresh
+        # Dead, stuck, or made for another protocol (an older server's, whose daemon would listen
+        # in a folder the sandbox could write): its workspace is all that matters, so start afresh.
+        if status == "unknown" or labels.get(PROTOCOL_LABEL) != str(proto.VERSION):
             await self._engine.remove(sandbox_id)
             return await self.create(spec)
         sandbox = DockerSandbox(spec, sandbox_id, self._engine)
@@ -321,11 +343,3 @@ class DockerProvider(SandboxProvider):
         engine, self._engine_obj = self._engine_obj, None
         if engine is not None:
             await engine.docker.close()
-
-
-def _prepare_dirs(spec: SandboxSpec) -> None:
-    """Create the bound folders (bind mounts need them) and drop a dead daemon's socket."""
-    spec.workspace.mkdir(parents=True, exist_ok=True)
-    spec.state_dir.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(spec.state_dir / "executor.sock")

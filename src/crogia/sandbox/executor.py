@@ -1,9 +1,9 @@
-"""The server's side of the executor protocol: `ExecutorClient` and the shared `ExecutorSandbox`.
+"""The server's side of the executor: `ExecutorSandbox`, the base of every backend's sandbox.
 
-Every sandbox runs `daemon/executor.py` (see its docstring for the wire protocol). The server
-talks to it over the unix socket `<state_dir>/executor.sock`, which appears inside the sandbox
-as `/run/crogia/executor.sock`; a command then costs a millisecond or two instead of a
-`docker exec`.
+Every sandbox runs `daemon/executor.py` as its main process; the server reaches it through a
+`Channel` it made itself (`crogia.sandbox.channel`) and speaks `daemon/executor_proto.py` with it
+through an `ExecutorClient` that believes nothing unchecked. A command then costs a millisecond
+or two instead of a `docker exec`.
 """
 
 from __future__ import annotations
@@ -11,19 +11,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import compileall
-import contextlib
-import itertools
-import json
 import logging
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from crogia.errors import CrogiaError, InvalidInput, NotFound, SandboxError, Unavailable
+from crogia.errors import SandboxError, Unavailable
 from crogia.sandbox import pty_channel
 from crogia.sandbox.base import (
-    STATE_MOUNT,
     WORKDIR,
     ExecResult,
     ExitListener,
@@ -34,37 +29,39 @@ from crogia.sandbox.base import (
     SandboxSpec,
     SandboxStatus,
 )
-from crogia.sandbox.pty_channel import PTY_PUSHES, PtyListener, PtyRouter
+from crogia.sandbox.channel import Channel
+from crogia.sandbox.daemon import executor_proto as proto
+from crogia.sandbox.executor_client import ExecutorClient as ExecutorClient
+from crogia.sandbox.pty_channel import PtyListener
 
 log = logging.getLogger(__name__)
 
 DAEMON_DIR = Path(__file__).resolve().parent / "daemon"
 """Host folder holding the daemon's source; bind it read-only at `DAEMON_MOUNT`."""
 DAEMON_MOUNT = "/opt/crogia"
-SOCKET_NAME = "executor.sock"
-READ_LIMIT = 64 * 1024 * 1024
 # A reply may lag its command's own timeout by this much before the daemon counts as hung.
 REPLY_MARGIN = 30.0
-CONNECT_POLL_FAST = 0.002
-"""Pause between attempts to reach a starting daemon in its first `CONNECT_FAST_FOR` seconds."""
-CONNECT_FAST_FOR = 0.25
-CONNECT_POLL_MAX = 0.05
-"""Longest pause between attempts after that (a daemon this slow is restarting or gone)."""
-_MAX_SUN_PATH = 100  # sockaddr_un.sun_path holds 108 bytes; longer paths go through /proc/self/fd
+TAIL_MAX_BYTES = 4 * 1024 * 1024
+"""What the daemon reads of a log for `tail` (executor_procs.TAIL_MAX_BYTES)."""
+_MARKER_SLACK = 200
 
 
 _BOOT = "import sys; sys.path[0] = sys.argv.pop(1); import executor; executor.main()"
+_daemon_override: list[str] | None = None
+"""Tests only: the command that replaces the daemon (a misbehaving one), before its channel options."""
 
 
-def daemon_command(python: str = "/usr/bin/python3") -> list[str]:
-    """The command line that starts the executor inside a sandbox.
+def daemon_command(channel: list[str], python: str = "/usr/bin/python3") -> list[str]:
+    """The command line that starts the executor inside a sandbox, with its channel options.
 
     The daemon is imported, not run as a script: a script's whole syntax tree stays alive until it
     returns (~2 MB held by every idle sandbox), an imported module's does not, and an import can use
     the bytecode `compile_daemon()` left beside the sources (starts ~4 ms sooner, ~0.4 MB less).
     `-S`: the daemon needs nothing from site-packages.
     """
-    return [python, "-S", "-c", _BOOT, DAEMON_MOUNT, "--socket", f"{STATE_MOUNT}/{SOCKET_NAME}"]
+    if _daemon_override is not None:
+        return [*_daemon_override, *channel]
+    return [python, "-S", "-c", _BOOT, DAEMON_MOUNT, *channel]
 
 
 def compile_daemon() -> None:
@@ -77,161 +74,20 @@ def compile_daemon() -> None:
         log.info("executor daemon bytecode not written to %s: sandboxes compile it at start", DAEMON_DIR)
 
 
-_ERRORS: dict[str, type[CrogiaError]] = {"not_found": NotFound, "bad_request": InvalidInput}
+def log_max(state_mb: int) -> int:
+    """Bytes one process's log may hold on a state tmpfs of `state_mb` (an eighth of it, >= 1 MiB)."""
+    return max(state_mb * 1024 * 1024 // 8, 1 << 20)
 
 
-def _error_from(reply: Mapping[str, Any]) -> CrogiaError:
-    kind = _ERRORS.get(str(reply.get("code")), SandboxError)
-    return kind(str(reply.get("error") or "the sandbox's executor failed"), code=reply.get("code"))
-
-
-async def _open(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    if len(os.fsencode(path)) < _MAX_SUN_PATH:
-        return await asyncio.open_unix_connection(path, limit=READ_LIMIT)
-    dir_fd = os.open(path.parent, os.O_PATH)
-    try:
-        return await asyncio.open_unix_connection(f"/proc/self/fd/{dir_fd}/{path.name}", limit=READ_LIMIT)
-    finally:
-        os.close(dir_fd)
-
-
-class ExecutorClient:
-    """One connection to an executor daemon, multiplexing requests by id.
-
-    A single owned reader task routes replies to their waiting futures, streamed chunks to
-    their `on_chunk` callbacks and exit notices to the exit listener.
-    """
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._chunks: dict[int, Callable[[str], None]] = {}
-        self._exit_listener: ExitListener | None = None
-        self._closed = False
-        self.ptys = PtyRouter()
-        """The terminals opened over this connection (they end with it)."""
-        self._reader_task = asyncio.create_task(self._read_loop(), name="executor-reader")
-
-    @classmethod
-    async def connect(cls, socket_path: Path, *, within: float) -> ExecutorClient:
-        """Connect and ping, retrying until the daemon answers or `within` seconds pass."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline = started + within
-        delay = CONNECT_POLL_FAST
-        while True:
-            client: ExecutorClient | None = None
-            try:
-                client = cls(*await _open(socket_path))
-                await asyncio.wait_for(client.request("ping"), max(deadline - loop.time(), 0.05))
-                return client
-            except (OSError, Unavailable, TimeoutError) as exc:
-                if client is not None:
-                    await client.close()
-                if loop.time() + delay >= deadline:
-                    raise Unavailable(
-                        f"the sandbox's executor did not answer within {within:g} s", reason=str(exc)
-                    ) from exc
-            await asyncio.sleep(delay)
-            # A failed attempt costs microseconds (no socket yet), while each ms of waiting adds to
-            # every sandbox start (the daemon answers 13-20 ms after it starts): poll often, at first.
-            if loop.time() - started > CONNECT_FAST_FOR:
-                delay = min(delay * 2, CONNECT_POLL_MAX)
-
-    @property
-    def closed(self) -> bool:
-        """True once the connection is closed or lost."""
-        return self._closed
-
-    def set_exit_listener(self, listener: ExitListener | None) -> None:
-        self._exit_listener = listener
-
-    async def request(
-        self, op: str, *, on_chunk: Callable[[str], None] | None = None, **args: Any
-    ) -> dict[str, Any]:
-        """Send one request and wait for its reply; raises `CrogiaError` subclasses on failure.
-
-        If the caller is cancelled while an `exec` is in flight, the daemon is told to kill it.
-        """
-        if self._closed:
-            raise Unavailable("the connection to the sandbox's executor is closed")
-        rid = next(self._ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = future
-        if on_chunk is not None:
-            self._chunks[rid] = on_chunk
-        try:
-            self._send({"id": rid, "op": op, **args})
-            await self._writer.drain()
-            return await future
-        except asyncio.CancelledError:
-            # Cancelling our task cancels `future` too, so only a real reply means it finished.
-            answered = future.done() and not future.cancelled()
-            if op == "exec" and not answered and not self._closed:
-                self._send({"id": next(self._ids), "op": "cancel", "target": rid})
-            raise
-        except ConnectionError as exc:
-            raise Unavailable("lost the connection to the sandbox's executor") from exc
-        finally:
-            self._pending.pop(rid, None)
-            self._chunks.pop(rid, None)
-
-    def _send(self, msg: dict[str, Any]) -> None:
-        self._writer.write((json.dumps(msg, ensure_ascii=False) + "\n").encode())
-
-    async def _read_loop(self) -> None:
-        try:
-            while line := await self._reader.readline():
-                self._dispatch(json.loads(line))
-        except (ConnectionError, ValueError) as exc:
-            log.warning("executor connection broke: %s", exc)
-        finally:
-            self._closed = True
-            self._fail_pending(Unavailable("lost the connection to the sandbox's executor"))
-            self.ptys.end_all()
-
-    def _dispatch(self, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
-        if kind == "result":
-            future = self._pending.get(msg.get("id"))  # type: ignore[arg-type]
-            if future is not None and not future.done():
-                if msg.get("ok"):
-                    future.set_result(msg)
-                else:
-                    future.set_exception(_error_from(msg))
-        elif kind == "chunk":
-            self._call(self._chunks.get(msg.get("id")), msg.get("data", ""))  # type: ignore[arg-type]
-        elif kind in PTY_PUSHES:
-            self.ptys.dispatch(msg)  # a malformed push raises ProtocolError: the connection breaks
-        elif kind == "exit" and self._exit_listener is not None:
-            self._call(self._exit_listener, int(msg["pid"]), int(msg["exit_code"]))
-
-    @staticmethod
-    def _call(callback: Callable[..., None] | None, *args: Any) -> None:
-        if callback is None:
-            return
-        try:
-            callback(*args)
-        except Exception:  # a faulty listener must not break the connection for everyone
-            log.exception("executor listener %r failed", callback)
-
-    def _fail_pending(self, error: CrogiaError) -> None:
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(error)
-
-    async def close(self) -> None:
-        """Close the connection; pending requests fail with `Unavailable`."""
-        self._closed = True
-        self._writer.close()
-        with contextlib.suppress(OSError):
-            await self._writer.wait_closed()
-        self._reader_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader_task
-        self._fail_pending(Unavailable("the connection to the sandbox's executor was closed"))
+def recap(output: str, max_output: int) -> tuple[str, bool]:
+    """`output` cut to its head and tail when it is over `max_output` bytes (a daemon may lie)."""
+    data = output.encode("utf-8", "surrogatepass")
+    if len(data) <= max_output + _MARKER_SLACK:
+        return output, False
+    head, tail = data[: max_output - max_output // 2], data[len(data) - max_output // 2 :]
+    cut = len(data) - len(head) - len(tail)
+    text = f"{head.decode(errors='replace')}\n\n[... {cut} bytes of output truncated ...]\n\n"
+    return text + tail.decode(errors="replace"), True
 
 
 class ExecutorSandbox(Sandbox):
@@ -239,14 +95,16 @@ class ExecutorSandbox(Sandbox):
 
     Subclass contract (a backend implements four hooks; the public methods wrap them):
 
-    * `_start()`: bring the sandbox up with the daemon (`daemon_command()`) as its main process,
-      `DAEMON_DIR` bound read-only at `/opt/crogia`, `spec.state_dir` bound read-write at
-      `/run/crogia` and `spec.workspace` at `/workspace`; return once it is launched (no need to
-      wait for the socket: `start()` then connects, retrying for `connect_timeout` seconds).
-      If it already runs, do nothing.
+    * `_start()`: bring the sandbox up with the daemon (`daemon_command(...)`, given the options of
+      its `channel`) as its main process, `DAEMON_DIR` bound read-only at `/opt/crogia`, a
+      size-limited tmpfs at `/run/crogia` (`Limits.state_mb`: process logs) and `spec.workspace`
+      at `/workspace`; return once it is launched (`start()` then waits for the daemon's hello,
+      for `connect_timeout` seconds). If it already runs, do nothing.
     * `_stop()`: stop it and everything in it, restartable by `_start()`. The client is
       already closed when this runs. `_destroy()`: stop and remove it (idempotent).
     * `_status()`: the backend's view (`running`, `exited`, `missing`, `unknown`).
+    * `_reconnect()` (optional): come back after a lost connection; by default wait for the daemon
+      on the channel for 2 s (a channel that cannot reconnect must restart the sandbox instead).
 
     A provider attaching to an already running sandbox calls `connect()` instead of `start()`.
     Exit notices sent while no connection is open are lost; `processes()` tells the truth.
@@ -254,16 +112,12 @@ class ExecutorSandbox(Sandbox):
 
     connect_timeout: ClassVar[float] = 15.0
 
-    def __init__(self, spec: SandboxSpec, sandbox_id: str) -> None:
+    def __init__(self, spec: SandboxSpec, sandbox_id: str, channel: Channel) -> None:
         super().__init__(spec, sandbox_id)
+        self.channel = channel
         self._client: ExecutorClient | None = None
         self._exit_listener: ExitListener | None = None
         self._connect_lock = asyncio.Lock()
-
-    @property
-    def socket_path(self) -> Path:
-        """The executor's socket as seen from the server's host."""
-        return self.spec.state_dir / SOCKET_NAME
 
     @abc.abstractmethod
     async def _start(self) -> None: ...
@@ -300,6 +154,7 @@ class ExecutorSandbox(Sandbox):
         client, self._client = self._client, None
         if client is not None:
             await client.close()
+        await self.channel.close()
 
     async def connect(self, within: float | None = None) -> None:
         """Connect to the running daemon (no-op when connected), waiting up to `within` seconds."""
@@ -308,10 +163,19 @@ class ExecutorSandbox(Sandbox):
                 return
             if self._client is not None:
                 await self._client.close()
-            self._client = await ExecutorClient.connect(
-                self.socket_path, within=within or self.connect_timeout
-            )
+                self._client = None
+            within = within or self.connect_timeout
+            try:
+                stream = await self.channel.connect(within)
+            except (OSError, TimeoutError, proto.ProtocolError) as exc:
+                raise Unavailable(
+                    f"the sandbox's executor did not answer within {within:g} s", reason=str(exc)
+                ) from exc
+            self._client = ExecutorClient(stream)
             self._client.set_exit_listener(self._exit_listener)
+
+    async def _reconnect(self) -> None:
+        await self.connect(within=2.0)
 
     def set_exit_listener(self, listener: ExitListener | None) -> None:
         self._exit_listener = listener
@@ -322,9 +186,11 @@ class ExecutorSandbox(Sandbox):
         if self._client is None:
             raise Unavailable("the sandbox is not running", sandbox_id=self.id)
         if self._client.closed:
-            # The daemon may have restarted under us (container restart): try once to come back.
-            await self.connect(within=2.0)
-        assert self._client is not None
+            # The daemon may have restarted under us (container restart), or its connection was
+            # reset after it broke the protocol: try once to come back.
+            await self._reconnect()
+        if self._client is None:
+            raise Unavailable("the sandbox is not running", sandbox_id=self.id)
         return await self._client.request(op, on_chunk=on_chunk, **args)
 
     async def exec(
@@ -339,37 +205,42 @@ class ExecutorSandbox(Sandbox):
         on_output: OutputListener | None = None,
     ) -> ExecResult:
         args = {"cmd": cmd, "cwd": cwd, "env": dict(env or {}), "timeout": timeout, "max_output": max_output}
-        call = self._call("exec", on_chunk=on_output, tty=tty, stream=on_output is not None, **args)
+        # JSON may spell a byte of output in up to six (a control character's \u00XX).
+        allow = 6 * max_output + 65536
+        stream = on_output is not None
+        call = self._call("exec", on_chunk=on_output, tty=tty, stream=stream, allow=allow, **args)
         try:
             reply = await asyncio.wait_for(call, timeout + REPLY_MARGIN)
         except TimeoutError as exc:
             raise SandboxError("the sandbox's executor stopped answering", sandbox_id=self.id) from exc
+        output, cut = recap(reply["output"], max_output)
         return ExecResult(
-            exit_code=int(reply["exit_code"]),
-            output=str(reply["output"]),
-            timed_out=bool(reply["timed_out"]),
-            truncated=bool(reply["truncated"]),
+            exit_code=reply["exit_code"],
+            output=output,
+            timed_out=reply["timed_out"],
+            truncated=reply["truncated"] or cut,
         )
 
     async def spawn(
         self, cmd: str, *, cwd: str = WORKDIR, env: Mapping[str, str] | None = None
     ) -> ProcessHandle:
         reply = await self._call("spawn", cmd=cmd, cwd=cwd, env=dict(env or {}))
-        return ProcessHandle(pid=int(reply["pid"]), log_path=str(reply["log"]))
+        return ProcessHandle(pid=reply["pid"], log_path=reply["log"][: proto.TEXT_MAX])
 
     async def terminate(self, pid: int, *, grace: float) -> int | None:
         reply = await self._call("terminate", pid=pid, grace=grace)
-        code = reply.get("exit_code")
-        return None if code is None else int(code)
+        code: int | None = reply["exit_code"]
+        return code
 
     async def tail_log(self, pid: int, *, lines: int) -> str:
-        reply = await self._call("tail", pid=pid, lines=lines)
-        return str(reply["output"])
+        reply = await self._call("tail", pid=pid, lines=lines, allow=6 * TAIL_MAX_BYTES)
+        output: str = reply["output"]
+        return output
 
     async def processes(self) -> list[ProcessState]:
-        reply = await self._call("list")
+        reply = await self._call("list", allow=16 << 20)
         return [
-            ProcessState(pid=int(p["pid"]), running=bool(p["running"]), exit_code=p.get("exit_code"))
+            ProcessState(pid=p["pid"], running=p["running"], exit_code=p["exit_code"])
             for p in reply["processes"]
         ]
 

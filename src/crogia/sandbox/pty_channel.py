@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from crogia.sandbox.daemon.executor_proto import ProtocolError as ProtocolError
+
 log = logging.getLogger(__name__)
 
 PTY_PUSHES = frozenset({"pty_output", "pty_exit"})
@@ -27,10 +29,6 @@ INPUT_MAX = 64 * 1024
 _B64_MAX = (OUTPUT_MAX + 2) // 3 * 4
 EARLY_MAX = 1024 * 1024
 """Bytes of pushes kept for a terminal whose `pty_open` reply its opener has not yet seen."""
-
-
-class ProtocolError(ValueError):
-    """A daemon's message about terminals that breaks the protocol."""
 
 
 class PtyListener(Protocol):

@@ -1,20 +1,29 @@
 #!/usr/bin/env python3
 """Crogia's executor daemon: runs inside every sandbox and executes commands for the server.
 
-Standard library only; runs on Python 3.9+ as `python3 /opt/crogia/executor.py --socket PATH`
-(the server imports it instead, see `daemon_command()`: ~2 MB less memory, and its bytecode).
-It needs an init process above it to reap orphans (tini in Docker, bwrap's pid 1 under bubblewrap).
+Standard library only; runs on Python 3.9+ as `python3 /opt/crogia/executor.py --fd N` or
+`... --dial PATH --secret-file PATH` (the server imports it instead, see `daemon_command()`: ~2 MB
+less memory, and its bytecode). It needs an init process above it to reap orphans (tini in Docker,
+bwrap's pid 1 under bubblewrap).
 
-Protocol: newline-delimited JSON objects (UTF-8) over a unix stream socket. Several clients
-may be connected at once; every request carries an `id` (int or str) chosen by its client and
-unique among that connection's in-flight requests. Replies may come in any order.
+The daemon never listens: the channel is the server's. With `--fd` it speaks on a socket it
+inherited (one end of a socketpair the server made; the daemon stops when it closes). With
+`--dial` it connects to the server's socket (in a folder the sandbox sees read-only), and dials
+again, with backoff, whenever the connection drops (the server restarted). Either way it speaks
+first: a hello with the protocol version and the secret read from `--secret-file` (at each dial,
+so a restarted server can change it); `executor_proto.py` holds the version and every message's
+shape, shared with the server.
+
+Protocol: newline-delimited JSON objects (UTF-8) over a unix stream socket. Every request
+carries an `id` (int or str) chosen by the server and unique among its in-flight requests.
+Replies may come in any order.
 
 Request:   {"id": 7, "op": "<op>", ...arguments}
 Reply:     {"type": "result", "id": 7, "ok": true, ...values}
            {"type": "result", "id": 7, "ok": false, "code": "bad_request|not_found|cancelled|internal",
             "error": "human message"}
 Chunk:     {"type": "chunk", "id": 7, "data": "text"}      (exec with stream=true, before its result)
-Exit:      {"type": "exit", "pid": 12, "exit_code": 0}     (pushed to every client, no id)
+Exit:      {"type": "exit", "pid": 12, "exit_code": 0}     (pushed, no id)
 
 Ops and their values:
   ping                                          -> {version, pid}
@@ -29,10 +38,12 @@ Ops and their values:
       Execs still running when their connection closes are killed like cancelled ones.
   cancel {target}                               -> {cancelled: bool}   kill an exec of this connection
   spawn {cmd, cwd?, env?}                       -> {pid, log}   background, own process group,
-      stdout+stderr appended to <log-dir>/<pid>.log; an `exit` notice follows when it ends.
+      stdout+stderr through a pipe into <log-dir>/<pid>.log (on the sandbox's size-limited state
+      tmpfs); past half of --log-max bytes it moves to <pid>.log.1 and starts afresh, so a log
+      holds at most --log-max bytes, the newest; an `exit` notice follows when it ends.
   terminate {pid, grace?}                       -> {exit_code}  SIGTERM the group, SIGKILL after grace
   tail {pid, lines?}                            -> {output}     last lines of a process's log
-      (also of a process from before a restart, while its log file is there)
+      (also of a process from before a daemon restart, while its log file is there)
   list                                          -> {processes: [{pid, cmd, log, running, exit_code,
                                                     started, ended}]}  (times are epoch seconds)
   pty_open, pty_input, pty_resize, pty_close    interactive terminals: see executor_pty.py
@@ -48,7 +59,8 @@ True when the request was cancelled. Children start through posix_spawn (no copy
 and are waited for through pidfds: no thread to start, so a fork bomb cannot hide a command's end.
 
 Modules (one folder, mounted read-only at /opt/crogia; they import each other by name):
-  executor.py        this entry point: connections, the ops table, start and stop
+  executor.py        this entry point: the connection, the ops table, start and stop
+  executor_proto.py  the protocol's version, hello and message shapes (shared with the server)
   executor_core.py   wire format (JSON lines), the epoll loop, requests as tasks
   executor_procs.py  children (spawn, reap, kill a group) and background processes
   executor_exec.py   the `exec` op: run, capture head and tail, stream at a rate
@@ -62,6 +74,7 @@ import os
 import sys
 import time
 
+import executor_proto as proto
 from executor_core import IN, LOOP, OUT, RequestError, Task, dumps, error_reply, loads, log
 from executor_exec import run_command
 from executor_procs import Background, Child
@@ -70,23 +83,27 @@ from executor_pty import Terminals
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal
+    from collections.abc import Callable
 
     from executor_core import Message, RequestId, Steps
 else:
     import _signal as signal  # `signal` itself imports enum (and enum half the stdlib)
 
-PROTOCOL_VERSION = 1
 READ_LIMIT = 64 * 1024 * 1024
+DIAL_FIRST, DIAL_MAX = 0.005, 0.5
+"""Seconds between dials to a server that does not answer: doubling from the first to the most."""
+LOG_MAX = 8 * 1024 * 1024
 
 
 class Connection:
-    """One client: reads request lines, runs each as a task, writes replies as they come."""
+    """The server: reads request lines, runs each as a task, writes replies as they come."""
 
-    def __init__(self, daemon: Daemon, fd: int) -> None:
+    def __init__(self, daemon: Daemon, fd: int, secret: str) -> None:
         self.daemon, self.fd, self.open = daemon, fd, True
         self.inbuf, self.outbuf = bytearray(), bytearray()
         self.tasks: dict[RequestId, Task] = {}
         LOOP.watch(fd, self.on_event)
+        self.send(proto.hello(secret, os.getpid()))
 
     def send(self, msg: Message) -> None:
         if self.open:  # a lone surrogate (a client's string id) becomes a JSON escape, not an error
@@ -135,6 +152,7 @@ class Connection:
             for task in self.tasks.values():
                 if task.op == "exec":
                     task.cancel_state = task.cancel_state or 1
+            self.daemon.lost(self)
 
     def receive(self, line: bytes) -> None:
         try:
@@ -142,7 +160,11 @@ class Connection:
         except Exception:  # ValueError, and RecursionError for absurd nesting
             return self.send(error_reply(None, "bad_request", "request is not valid JSON"))
         rid = req.get("id") if isinstance(req, dict) else None
-        if not isinstance(req, dict) or isinstance(rid, bool) or not isinstance(rid, (int, str)):
+        if isinstance(req, dict) and req.get("type") in ("welcome", "reject"):
+            if req["type"] == "reject":
+                log(f"ERROR the server refused this daemon: {str(req.get('error'))[:500]}")
+                self.close()
+        elif not isinstance(req, dict) or isinstance(rid, bool) or not isinstance(rid, (int, str)):
             self.send(error_reply(None, "bad_request", "request must be an object with an int or str id"))
         elif rid in self.tasks:
             self.send(error_reply(rid, "bad_request", f"request id {rid!r} is already in flight"))
@@ -158,11 +180,12 @@ class Connection:
 
 
 class Daemon:
-    """Shared state of the executor: the background processes and the connected clients."""
+    """Shared state of the executor: the background processes and the connection to the server."""
 
-    def __init__(self, log_dir: str) -> None:
+    def __init__(self, log_dir: str, log_max: int, dial: str = "", secret_file: str = "") -> None:
         self.connections: set[Connection] = set()
-        self.background = Background(log_dir, self.broadcast)
+        self.background = Background(log_dir, log_max, self.broadcast)
+        self.dial_path, self.secret_file = dial, secret_file
         self.terminals = Terminals()
         self.stopping = False
 
@@ -171,36 +194,71 @@ class Daemon:
             conn.send(msg)
 
     def handle(self, op: str, req: Message, conn: Connection, rid: RequestId) -> Steps:
-        if op == "ping":
-            return {"version": PROTOCOL_VERSION, "pid": os.getpid()}
-        if op == "exec":
-            return (yield from run_command(req, conn, rid))
-        if op == "spawn":
-            return self.background.spawn(req)
-        if op == "terminate":
-            return (yield from self.background.terminate(req))
-        if op == "tail":
-            return self.background.tail(req)
-        if op.startswith("pty_"):
-            return (yield from self.terminals.handle(op, req, conn))
-        if op == "list":
-            return {"processes": [dict(e) for e in self.background.entries.values()]}
-        raise RequestError("bad_request", f"unknown op {op!r}")
+        """Carry out one request through `OPS`: a plain reply, or steps (a generator) giving one."""
+        run = OPS.get(op)
+        if run is None:
+            raise RequestError("bad_request", f"unknown op {op!r}")
+        outcome = run(self, req, conn, rid)
+        if isinstance(outcome, dict):
+            return outcome
+        return (yield from outcome)
 
-    def accept(self, listener: _socket.socket) -> None:
-        while True:
+    def adopt(self, fd: int, secret: str = "") -> None:
+        os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)  # commands must never hold the server's channel
+        self.connections.add(Connection(self, fd, secret))
+
+    def lost(self, conn: Connection) -> None:
+        """A connection ended: dial the server again, or (an inherited socket) stop."""
+        if not self.dial_path:
+            self.stopping = True
+        elif not self.stopping:
+            Task(None, None, "dial", self.redial())
+
+    def redial(self) -> Steps:
+        delay, failure = DIAL_FIRST, ""
+        while not self.stopping:
             try:
-                fd, _ = listener._accept()  # type: ignore[attr-defined]
-            except BlockingIOError:
-                return
-            os.set_blocking(fd, False)
-            self.connections.add(Connection(self, fd))
+                sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+                try:
+                    sock.setblocking(False)  # a full backlog says EAGAIN instead of blocking the loop
+                    sock.connect(self.dial_path)
+                    with open(self.secret_file) as f:
+                        secret = f.read(proto.SECRET_MAX + 1).strip()
+                except BaseException:
+                    sock.close()
+                    raise
+                self.adopt(sock.detach(), secret)
+                return {}
+            except OSError as exc:
+                if str(exc) != failure:  # once per kind of failure, not at every dial
+                    failure = str(exc)
+                    log(f"INFO cannot reach the server yet: {failure}")
+            yield None, delay
+            delay = min(delay * 2, DIAL_MAX)
+        return {}
 
     def on_signal(self, wakeup: int) -> None:
         received = os.read(wakeup, 512)
         self.stopping = self.stopping or signal.SIGTERM in received or signal.SIGINT in received
         for child in list(Child.unwatched.values()):
             child.reap()
+
+
+OPS: dict[str, Callable[[Daemon, Message, Connection, RequestId], Message | Steps]] = {
+    "ping": lambda d, req, conn, rid: {"version": proto.VERSION, "pid": os.getpid()},
+    "exec": lambda d, req, conn, rid: run_command(req, conn, rid),
+    "spawn": lambda d, req, conn, rid: d.background.spawn(req),
+    "terminate": lambda d, req, conn, rid: d.background.terminate(req),
+    "tail": lambda d, req, conn, rid: d.background.tail(req),
+    "list": lambda d, req, conn, rid: {"processes": d.background.listing()},
+    "pty_open": lambda d, req, conn, rid: d.terminals.handle("pty_open", req, conn),
+    "pty_input": lambda d, req, conn, rid: d.terminals.handle("pty_input", req, conn),
+    "pty_resize": lambda d, req, conn, rid: d.terminals.handle("pty_resize", req, conn),
+    "pty_close": lambda d, req, conn, rid: d.terminals.handle("pty_close", req, conn),
+}
+"""The ops (`cancel` is the connection's own); a new one also gets its reply's shape in
+`executor_proto.RESULTS`, which the server checks."""
 
 
 def _trim_heap() -> Steps:
@@ -215,29 +273,22 @@ def _trim_heap() -> Steps:
     return {}
 
 
-def serve(socket_path: str, log_dir: str) -> None:
-    """Listen on `socket_path` until SIGTERM or SIGINT, then stop background processes."""
-    os.makedirs(log_dir, exist_ok=True)
-    if os.path.exists(socket_path):
-        os.unlink(socket_path)  # left over from a previous run of this sandbox
-    daemon = Daemon(log_dir)
+def serve(daemon: Daemon, fd: int | None) -> None:
+    """Speak on the inherited socket `fd`, or dial the server, until SIGTERM, SIGINT or (fd) its end."""
+    os.makedirs(daemon.background.log_dir, exist_ok=True)
     wakeup, wakeup_w = os.pipe()
     os.set_blocking(wakeup_w, False)
     signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):  # SIGCHLD: for a kernel without pidfds
         signal.signal(sig, lambda *_: None)
     LOOP.watch(wakeup, lambda _: daemon.on_signal(wakeup))
-    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    listener.setblocking(False)
-    listener.bind(socket_path)
-    os.chmod(socket_path, 0o600)
-    listener.listen(128)
-    LOOP.watch(listener.fileno(), lambda _: daemon.accept(listener))
-    log(f"INFO executor listening on {socket_path} (pid {os.getpid()})")
+    if fd is not None:
+        daemon.adopt(fd)
+    else:
+        Task(None, None, "dial", daemon.redial())
+    log(f"INFO executor running (pid {os.getpid()}, protocol {proto.VERSION})")
     Task(None, None, "trim", _trim_heap())
     LOOP.run(until=lambda: daemon.stopping)
-    LOOP.unwatch(listener.fileno())
-    listener.close()
     for conn in list(daemon.connections):
         conn.close()
     for task in LOOP.tasks:
@@ -245,22 +296,26 @@ def serve(socket_path: str, log_dir: str) -> None:
     Task(None, None, "shutdown", daemon.background.shutdown(grace=2.0))
     deadline = time.monotonic() + 10
     LOOP.run(until=lambda: not LOOP.tasks or time.monotonic() > deadline)
-    if os.path.exists(socket_path):
-        os.unlink(socket_path)
+
+
+USAGE = "[--fd N | --dial PATH --secret-file PATH] [--log-dir PATH] [--log-max BYTES]"
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = {"--socket": "/run/crogia/executor.sock", "--log-dir": ""}
+    args = {"--fd": "", "--dial": "", "--secret-file": "", "--log-dir": "/run/crogia/logs", "--log-max": ""}
     rest = list(sys.argv[1:] if argv is None else argv)
     while rest:
         name, _, value = rest.pop(0).partition("=")
         if name in ("-h", "--help"):
-            sys.exit(f"usage: {sys.argv[0]} [--socket PATH] [--log-dir PATH (default: SOCKET_DIR/logs)]")
+            sys.exit(f"usage: {sys.argv[0]} {USAGE}")
         if name not in args or not (value or rest):
             sys.exit(f"{sys.argv[0]}: bad arguments; see --help")
         args[name] = value or rest.pop(0)
-    sock = args["--socket"]
-    serve(sock, args["--log-dir"] or os.path.join(os.path.dirname(os.path.abspath(sock)), "logs"))
+    if bool(args["--fd"]) == bool(args["--dial"]) or bool(args["--dial"]) != bool(args["--secret-file"]):
+        sys.exit(f"usage: {sys.argv[0]} {USAGE}")
+    log_max = int(args["--log-max"] or LOG_MAX)
+    daemon = Daemon(args["--log-dir"], log_max, args["--dial"], args["--secret-file"])
+    serve(daemon, int(args["--fd"]) if args["--fd"] else None)
 
 
 if __name__ == "__main__":

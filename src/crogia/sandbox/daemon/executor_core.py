@@ -87,11 +87,11 @@ class Loop:
 
     def __init__(self) -> None:
         self.epoll = select.epoll()
-        self.handlers: dict[int, Callable[[int], None]] = {}
+        self.handlers: dict[int, Callable[[int], object]] = {}
         self.waiting: set[Task] = set()
         self.tasks: set[Task] = set()
 
-    def watch(self, fd: int, callback: Callable[[int], None], mask: int = IN) -> None:
+    def watch(self, fd: int, callback: Callable[[int], object], mask: int = IN) -> None:
         (self.epoll.modify if fd in self.handlers else self.epoll.register)(fd, mask)
         self.handlers[fd] = callback
 

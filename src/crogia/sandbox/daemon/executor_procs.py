@@ -157,38 +157,104 @@ def start_child(cmd: str, cwd: str, env: dict[str, str], out: int, tty: bool = F
     return Child(pid)
 
 
+class ProcessLog:
+    """A background process's output, read from its pipe into a log that never passes `limit` bytes.
+
+    The log lives on the sandbox's state tmpfs: past half the limit it becomes `<pid>.log.1`
+    (replacing the one before) and a new `<pid>.log` begins, so the newest output is kept and a
+    chatty process cannot fill the tmpfs. A full tmpfs drops output rather than block the command.
+    """
+
+    def __init__(self, read_fd: int, path: str, limit: int) -> None:
+        self.read_fd, self.path, self.half = read_fd, path, max(limit // 2, 4096)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self.size = 0
+        os.set_blocking(read_fd, False)
+        LOOP.watch(read_fd, self.on_data)
+
+    def on_data(self, _events: int = 0) -> bool:
+        """Move one read's worth into the log; False once nothing more is there for now."""
+        if self.read_fd < 0:
+            return False
+        try:
+            data = os.read(self.read_fd, 65536)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return False
+        if self.size + len(data) > self.half:
+            self.rotate()
+        try:
+            self.size += os.write(self.fd, data)
+        except OSError:  # ENOSPC: the state tmpfs is full; the command goes on
+            self.size += 0
+        return True
+
+    def drain(self) -> None:
+        """What is already in the pipe (bounded: a child left behind may write without end)."""
+        for _ in range(64):
+            if not self.on_data():
+                return
+
+    def rotate(self) -> None:
+        try:
+            os.replace(self.path, self.path + ".1")
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            log(f"WARNING cannot rotate {self.path}: {exc}")
+            return
+        os.close(self.fd)
+        self.fd, self.size = fd, 0
+
+    def close(self) -> None:
+        if self.read_fd >= 0:
+            LOOP.unwatch(self.read_fd)
+            os.close(self.read_fd)
+            os.close(self.fd)
+            self.read_fd = -1
+
+
 class Background:
     """The background processes started by `spawn`, kept for the daemon's lifetime."""
 
-    def __init__(self, log_dir: str, notify: Callable[[Message], None]) -> None:
-        self.log_dir, self.notify = log_dir, notify
+    def __init__(self, log_dir: str, log_max: int, notify: Callable[[Message], None]) -> None:
+        self.log_dir, self.log_max, self.notify = log_dir, log_max, notify
         self.entries: dict[int, dict[str, Any]] = {}
 
     def spawn(self, req: Message) -> Message:
         cmd: str = arg(req, "cmd", str)
         cwd, env = checked_cwd(req), child_env(req.get("env"), False)
-        # The pid is known only after the spawn: log to a temporary name, then rename the open file.
-        tmp = os.path.join(self.log_dir, f".spawn-{os.getpid()}-{time.monotonic_ns()}.log")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        read_fd, child_fd = os.pipe()
         try:
-            proc = start_child(cmd, cwd, env, fd)
+            proc = start_child(cmd, cwd, env, child_fd)
         except BaseException:
-            os.unlink(tmp)
+            os.close(read_fd)
             raise
         finally:
-            os.close(fd)
+            os.close(child_fd)
         path = os.path.join(self.log_dir, f"{proc.pid}.log")
-        os.replace(tmp, path)
+        for stale in (path, path + ".1"):  # a log of an earlier daemon's process with this pid
+            if os.path.exists(stale):
+                os.unlink(stale)
+        output = ProcessLog(read_fd, path, self.log_max)
         entry = {"pid": proc.pid, "cmd": cmd, "log": path, "running": True, "exit_code": None,
                  "started": time.time(), "ended": None}  # fmt: skip
         self.entries[proc.pid] = entry
 
         def ended(code: int) -> None:
+            output.drain()  # so a tail right after the exit notice sees the last lines
             entry.update(running=False, exit_code=code, ended=time.time())
             self.notify({"type": "exit", "pid": proc.pid, "exit_code": code})
 
         proc.on_exit = ended
         return {"pid": proc.pid, "log": path}
+
+    def listing(self) -> list[Message]:
+        """Every process, its command cut short: `list` answers must stay small."""
+        return [{**entry, "cmd": entry["cmd"][:200]} for entry in self.entries.values()]
 
     def terminate(self, req: Message) -> Steps:
         pid: int = arg(req, "pid", int)
@@ -209,11 +275,19 @@ class Background:
     def tail(self, req: Message) -> Message:
         lines: int = arg(req, "lines", int, 50)
         pid: int = arg(req, "pid", int)
-        output = _tail_file(os.path.join(self.log_dir, f"{pid}.log"), max(0, min(lines, 100_000)))
-        # A log from before a restart of this sandbox is still worth reading.
-        if output is None and pid not in self.entries:
-            raise RequestError("not_found", f"no background process with pid {pid}")
-        return {"output": output or ""}
+        path = os.path.join(self.log_dir, f"{pid}.log")
+        lines = max(0, min(lines, 100_000))
+        output = _tail_file(path, lines)
+        if output is not None and output.count("\n") < lines:
+            older = _tail_file(path + ".1", lines)
+            output = (older or "") + output
+            output = "".join(output.splitlines(keepends=True)[-lines:]) if lines else ""
+        if output is None:
+            raise RequestError(
+                "not_found",
+                f"no log of process {pid} in this sandbox (logs live in the sandbox and end when it stops)",
+            )
+        return {"output": output}
 
     def shutdown(self, grace: float) -> Steps:
         running = [pid for pid, e in self.entries.items() if e["running"]]

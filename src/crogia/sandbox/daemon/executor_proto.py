@@ -1,0 +1,153 @@
+"""The server-daemon protocol: its version, its hello, and the shape of every message the server reads.
+
+Shared by both sides (standard library only, Python 3.9+): the daemon imports it by name from its
+own folder, the server as `crogia.sandbox.daemon.executor_proto`. The wire is one JSON object per
+line (UTF-8). The daemon speaks first, once per connection:
+
+    daemon -> {"type": "hello", "version": VERSION, "secret": "...", "pid": N}
+    server -> {"type": "welcome", "version": VERSION}    or {"type": "reject", "error": "..."}
+
+then requests (server -> daemon) and replies, chunks and exit notices (daemon -> server) as
+`executor.py` describes. The server trusts nothing it reads: `check_message` accepts only an object
+of a known `type` whose fields have the types and ranges below, and the reader bounds every line.
+
+Adding a message: a new op goes in the daemon's `executor.OPS` (name -> handler) and its reply's
+values in `RESULTS` here (op -> {field: Field}); the server's `ExecutorClient.request(op, allow=N)`
+then checks them (`allow`: how far past `LINE_BASE` its reply may run). A new kind of message the
+daemon pushes unasked goes in `PUSHES` (type -> {field: Field}) plus one branch in
+`ExecutorClient._dispatch`. Bump `VERSION` when a peer of the other version would misread it.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+VERSION = 3
+"""Bumped on any change a peer of the other version would misread; checked in the hello."""
+
+PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT
+SECRET_MAX = 256
+TEXT_MAX = 4096
+"""Longest error message or command line the server keeps from a reply (longer is cut)."""
+
+
+class ProtocolError(ValueError):
+    """A message that breaks the protocol: the peer is faulty or hostile."""
+
+
+class Field:
+    """One field's type and range: `kind` is a type or tuple of types; None allowed if `optional`."""
+
+    __slots__ = ("hi", "kind", "lo", "optional")
+
+    def __init__(
+        self, kind: Any, lo: int | None = None, hi: int | None = None, optional: bool = False
+    ) -> None:
+        self.kind, self.lo, self.hi, self.optional = kind, lo, hi, optional
+
+    def check(self, name: str, value: Any) -> None:
+        if value is None and self.optional:
+            return
+        # bool is an int in Python, never in this protocol (and the reverse).
+        if not isinstance(value, self.kind) or (isinstance(value, bool) and self.kind is not bool):
+            raise ProtocolError(f"field {name!r} has the wrong type ({type(value).__name__})")
+        if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
+            raise ProtocolError(f"field {name!r} is out of range")
+
+
+PID = Field(int, 1, PID_MAX)
+CODE = Field(int, -255, 255)
+TEXT = Field(str)
+FLAG = Field(bool)
+TIME = Field((int, float), optional=True)
+
+RESULTS: dict[str, dict[str, Field]] = {
+    "ping": {"version": Field(int, 0, 1 << 16), "pid": PID},
+    "exec": {"exit_code": CODE, "output": TEXT, "timed_out": FLAG, "truncated": FLAG},
+    "cancel": {"cancelled": FLAG},
+    "spawn": {"pid": PID, "log": TEXT},
+    "terminate": {"exit_code": Field(int, -255, 255, optional=True)},
+    "tail": {"output": TEXT},
+    "list": {"processes": Field(list)},
+    "pty_open": {"tid": PID},
+    "pty_input": {},
+    "pty_resize": {},
+    "pty_close": {"exit_code": Field(int, 0, 255, optional=True)},
+}
+"""Values of a successful reply, by the op of its request."""
+
+PROCESS: dict[str, Field] = {"pid": PID, "running": FLAG, "exit_code": Field(int, -255, 255, optional=True)}
+"""Each entry of `list`'s `processes` (other fields of an entry are dropped)."""
+
+PUSHES: dict[str, dict[str, Field]] = {
+    "chunk": {"id": Field(int, 0), "data": TEXT},
+    "exit": {"pid": PID, "exit_code": CODE},
+    # A terminal's bytes are base64 (`executor_pty.py`); `crogia.sandbox.pty_channel` checks their size.
+    "pty_output": {"tid": PID, "data_b64": TEXT},
+    "pty_exit": {"tid": PID, "exit_code": Field(int, 0, 255, optional=True)},
+}
+"""Messages the daemon sends without being asked."""
+
+HELLO: dict[str, Field] = {"version": Field(int, 0, 1 << 16), "secret": TEXT, "pid": Field(int, 0, PID_MAX)}
+ERROR: dict[str, Field] = {"code": TEXT, "error": TEXT}
+
+
+def check_fields(msg: dict[str, Any], fields: dict[str, Field]) -> dict[str, Any]:
+    """`msg` reduced to `fields`, each present and valid; raises `ProtocolError`."""
+    out = {}
+    for name, field in fields.items():
+        value = msg.get(name)
+        field.check(name, value)
+        out[name] = value
+    return out
+
+
+def check_message(msg: Any) -> str:
+    """The `type` of a message the server received, once its envelope is valid (`result` or a push)."""
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"a message must be a JSON object, not {type(msg).__name__}")
+    kind = msg.get("type")
+    if kind == "result":
+        # id null: the daemon's answer to a line it could not read (the server sends none such).
+        check_fields(msg, {"id": Field(int, 0, optional=True), "ok": FLAG})
+    elif kind in PUSHES:
+        check_fields(msg, PUSHES[kind])
+    else:
+        raise ProtocolError(f"unknown message type {str(kind)[:40]!r}")
+    return str(kind)
+
+
+def check_result(op: str, msg: dict[str, Any]) -> dict[str, Any]:
+    """The values of a successful reply to `op` (an unknown op's reply carries none)."""
+    values = check_fields(msg, RESULTS.get(op, {}))
+    if op == "list":
+        entries = values["processes"]
+        if not all(isinstance(entry, dict) for entry in entries):
+            raise ProtocolError("field 'processes' must hold objects")
+        values["processes"] = [check_fields(entry, PROCESS) for entry in entries]
+    return values
+
+
+def check_error(msg: dict[str, Any]) -> tuple[str, str]:
+    """(code, message) of a failed reply, the message cut to `TEXT_MAX`."""
+    values = check_fields(msg, ERROR)
+    return values["code"][:64], values["error"][:TEXT_MAX]
+
+
+def hello(secret: str, pid: int) -> dict[str, Any]:
+    """The daemon's first message on a connection."""
+    return {"type": "hello", "version": VERSION, "secret": secret, "pid": pid}
+
+
+def check_hello(msg: Any) -> dict[str, Any]:
+    """A hello's fields; `ProtocolError` if it is none or of another version (the message says which)."""
+    if not isinstance(msg, dict) or msg.get("type") != "hello":
+        raise ProtocolError("the daemon did not start with a hello")
+    values = check_fields(msg, HELLO)
+    if values["version"] != VERSION:
+        raise ProtocolError(f"the daemon speaks protocol version {values['version']}, the server {VERSION}")
+    if len(values["secret"]) > SECRET_MAX:
+        raise ProtocolError("the hello's secret is too long")
+    return values

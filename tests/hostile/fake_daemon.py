@@ -1,0 +1,87 @@
+"""A misbehaving executor daemon, run inside a real sandbox in place of the real one (tests only).
+
+It speaks just enough of the protocol to be believed (the hello, and `ping`/`list`), then answers
+`exec` and `spawn` the way its MODE says. It understands every channel the server has used:
+`--fd N` (an inherited socketpair), `--dial PATH --secret-file PATH`, and an older server's
+`--socket PATH` (it listens there), so the same attacks run against today's and earlier code.
+Standard library only: it runs on the sandbox image's Python.
+"""
+
+import contextlib
+import json
+import os
+import socket
+import sys
+
+MODE = "MODE_HERE"
+
+
+def connect(argv):
+    opts = dict(zip(argv[::2], argv[1::2], strict=False))
+    if "--fd" in opts:
+        return socket.socket(fileno=int(opts["--fd"])), ""
+    if "--dial" in opts:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(opts["--dial"])
+        with open(opts["--secret-file"]) as f:
+            return sock, f.read().strip()
+    path = opts["--socket"]
+    if os.path.exists(path):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    return listener.accept()[0], None
+
+
+def reply(rid, **values):
+    return (json.dumps({"type": "result", "id": rid, "ok": True, **values}) + "\n").encode()
+
+
+def misbehave(sock, rid, op):
+    if op == "spawn":
+        pid = 2**80 if MODE == "hugeint" else 4242
+        return sock.sendall(reply(rid, pid=pid, log="/run/crogia/logs/x.log"))
+    if MODE == "big":
+        sock.sendall(reply(rid, exit_code=0, output="x" * (60 << 20), timed_out=False, truncated=False))
+    elif MODE == "nonobject":
+        sock.sendall(b"[1, 2]\n")
+    elif MODE == "types":
+        sock.sendall(reply(rid, exit_code="abc", output="", timed_out=False, truncated=False))
+    elif MODE == "hugeint":
+        sock.sendall(reply(rid, exit_code=2**80, output="", timed_out=False, truncated=False))
+    elif MODE == "garbage":
+        sock.sendall(b"\xff\xfe\x00\x01garbage\x80\n")
+    elif MODE == "endless":
+        chunk = b"x" * 65536
+        while True:  # a line that never ends, until the server hangs up
+            sock.sendall(chunk)
+    elif MODE == "flood":
+        notice = b"".join(b'{"type":"exit","pid":%d,"exit_code":0}\n' % (i % 4000 + 1) for i in range(1000))
+        for _ in range(300):  # 300,000 exit notices
+            sock.sendall(notice)
+        sock.sendall(reply(rid, exit_code=0, output="after the flood\n", timed_out=False, truncated=False))
+
+
+def main():
+    sock, secret = connect(sys.argv[1:])
+    if secret is not None:
+        sys.path.insert(0, "/opt/crogia")
+        import executor_proto
+
+        sock.sendall((json.dumps(executor_proto.hello(secret, os.getpid())) + "\n").encode())
+    for line in sock.makefile("rb"):
+        msg = json.loads(line)
+        rid, op = msg.get("id"), msg.get("op")
+        if op in ("exec", "spawn"):
+            misbehave(sock, rid, op)
+        elif op == "ping":
+            sock.sendall(reply(rid, version=1, pid=os.getpid()))
+        elif op == "list":
+            sock.sendall(reply(rid, processes=[]))
+        elif rid is not None:
+            sock.sendall(reply(rid))
+
+
+with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+    main()

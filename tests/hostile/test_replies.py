@@ -1,0 +1,63 @@
+"""Item 2 of issue 10: the daemon's replies are untrusted input.
+
+Each case starts a session whose sandbox runs `fake_daemon.py` (a real process in a real sandbox,
+speaking the protocol badly) through a real server, next to a session with the real daemon.
+The bad session gets a clear 502 (then 502/503 while its sandbox comes back), never a 500 and
+never more than the server's bounds; the good session and the shutdown are untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_settings
+from tests.hostile.support import new_session, rss_mb, shell, use_fake_daemon
+from tests.support.server import run_server
+
+BROKEN = ["big", "nonobject", "types", "hugeint", "garbage", "endless"]
+
+
+@pytest.mark.parametrize("mode", BROKEN)
+async def test_a_broken_reply_costs_only_its_session(
+    backend: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    async with run_server(make_settings(data_dir, backend)) as server:
+        good = await new_session(server.client)
+        use_fake_daemon(monkeypatch, mode)
+        bad = await new_session(server.client)
+        before = rss_mb()
+        response = await server.client.post(f"/api/sessions/{bad}/shell", json={"cmd": "echo hi"})
+        assert response.status_code == 502, response.text
+        assert "protocol" in response.json()["detail"]
+        assert rss_mb() - before < 100, "a reply grew the server past its line bound"
+        again = await server.client.post(f"/api/sessions/{bad}/shell", json={"cmd": "echo hi"})
+        assert again.status_code in (502, 503), again.text
+        assert (await shell(server.client, good, "echo fine"))["output"] == "fine\n"
+
+
+async def test_a_huge_pid_is_a_502(backend: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with run_server(make_settings(data_dir, backend)) as server:
+        use_fake_daemon(monkeypatch, "hugeint")
+        bad = await new_session(server.client)
+        response = await server.client.post(f"/api/sessions/{bad}/processes", json={"cmd": "sleep 9"})
+        assert response.status_code == 502, response.text
+        assert "protocol" in response.json()["detail"]
+
+
+async def test_an_exit_notice_flood_is_bounded(
+    backend: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with run_server(make_settings(data_dir, backend)) as server:
+        good = await new_session(server.client)
+        use_fake_daemon(monkeypatch, "flood")
+        bad = await new_session(server.client)
+        before = rss_mb()
+        body = await shell(server.client, bad, "echo hi", timeout=60)  # 300,000 notices, then the reply
+        assert body["output"] == "after the flood\n"
+        assert rss_mb() - before < 100, "exit notices grew the server"
+        assert (await shell(server.client, good, "echo fine"))["output"] == "fine\n"
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 10, "the shutdown waited on the flood"
