@@ -197,3 +197,11 @@ class SandboxProvider(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release the provider's own resources (engine connections)."""
+
+    async def userns_mode(self) -> str:
+        """What sandbox root is on the host, for /api/health: "off" means the host's root."""
+        return "off"
+
+    async def seccomp_mode(self) -> str:
+        """Which seccomp filter sandboxes run under, for /api/health ("off": none)."""
+        return "off"

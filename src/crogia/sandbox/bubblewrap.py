@@ -33,9 +33,13 @@ from pathlib import Path
 
 from crogia.config import Settings
 from crogia.errors import Conflict, SandboxError
+from crogia.sandbox import bwrap_priv
 from crogia.sandbox.base import STATE_MOUNT, WORKDIR, Sandbox, SandboxProvider, SandboxSpec, SandboxStatus
 from crogia.sandbox.cgroups import Cgroup, create_cgroup, find_cgroup, leftover_names, remove_scope
+from crogia.sandbox.bwrap_priv import Launch
 from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command
+from crogia.sandbox.seccomp import SeccompUnavailable, filter_program
+from crogia.sandbox.userns import UidAllocator, UidRange
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,9 @@ ETC_FILES = (
     "os-release", "debian_version", "bash.bashrc", "profile", "inputrc", "magic", "python3",
 )  # fmt: skip
 TOP_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+DEFAULT_UID_RANGE = "700000000-700065535"
+"""SANDBOX_UID_RANGE's default: above useradd's subordinate-id ranges (/etc/subuid, up to
+600100000) and below systemd's container range (from 2147352576), so no real user has it."""
 # The wrapper shell joins the cgroups (and sets rlimits) before exec'ing bwrap, so bwrap and
 # every process it forks start inside them: moving bwrap afterwards would leave its children out.
 _WRAPPER = 'for f do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done; shift; exec "$@"'
@@ -97,11 +104,13 @@ def mount_args(spec: SandboxSpec) -> list[str]:
     return args
 
 
-def bwrap_args(bwrap: str, spec: SandboxSpec, python: str) -> list[str]:
-    """The full `bwrap` command line for `spec`."""
+def bwrap_args(bwrap: str, spec: SandboxSpec, python: str, launch: Launch | None = None) -> list[str]:
+    """The full `bwrap` command line for `spec` (as `launch` says: user namespace, fds, seccomp)."""
     # Run by real root, bwrap hands the sandbox every capability unless told otherwise; with
     # `--cap-drop ALL` it runs as uid 0 with none, and no_new_privs stops exec from regaining them.
     args = [bwrap, "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    if launch is not None:
+        args += launch.bwrap_options()
     args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if spec.limits.network == "none":
         args.append("--unshare-net")
@@ -118,9 +127,19 @@ class BubblewrapSandbox(ExecutorSandbox):
     backend = "bubblewrap"
 
     def __init__(
-        self, spec: SandboxSpec, sandbox_id: str, *, bwrap: str, python: str, cgroup_scope: str | None
+        self,
+        spec: SandboxSpec,
+        sandbox_id: str,
+        *,
+        bwrap: str,
+        python: str,
+        cgroup_scope: str | None,
+        uids: UidAllocator | None = None,
+        seccomp: bytes | None = None,
     ) -> None:
         super().__init__(spec, sandbox_id)
+        self._uids = uids
+        self._seccomp = seccomp
         self._bwrap = bwrap
         self._python = python
         self._cgroup_scope = cgroup_scope
@@ -159,15 +178,22 @@ class BubblewrapSandbox(ExecutorSandbox):
         for folder in (self.spec.workspace, self.spec.state_dir):
             await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
         wrapper = await self._wrapper()
-        argv = await asyncio.to_thread(bwrap_args, self._bwrap, self.spec, self._python)  # stats /bin, /lib*
+        launch = await asyncio.to_thread(bwrap_priv.prepare, self.spec, self._uids, self._seccomp)
+        try:
+            argv = await asyncio.to_thread(bwrap_args, self._bwrap, self.spec, self._python, launch)  # stats /bin
+            await self._spawn([*wrapper, *launch.prefix(), *argv], launch.open_fds)
+        finally:
+            launch.close()
+        self._waiter = asyncio.create_task(self._proc.wait(), name=f"bwrap-wait-{self.id}")
+
+    async def _spawn(self, argv: list[str], fds: list[int]) -> None:
         out = await asyncio.to_thread(open, self.spec.state_dir / "executor.log", "ab")
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                *wrapper, *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env={}
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env={}, pass_fds=fds
             )
         finally:
             out.close()
-        self._waiter = asyncio.create_task(self._proc.wait(), name=f"bwrap-wait-{self.id}")
 
     async def _wrapper(self) -> list[str]:
         if self._cgroup_scope is not None and self._cgroup is None:
@@ -252,12 +278,15 @@ class BubblewrapProvider(SandboxProvider):
         python: str = "/usr/bin/python3",
         cgroups: bool = True,
         scope: str | None = None,
+        uid_range: str | None = DEFAULT_UID_RANGE,
     ) -> None:
         """`bwrap` defaults to `find_bwrap()`; `cgroups=False` forces the rlimit fallback.
 
         `scope` names this deployment's cgroup folder, so that servers sharing a host never
         touch each other's sandboxes; by default it derives from `settings.sandbox_state_dir`
         (a restarted server finds its predecessor's leftovers), else it is unique to this object.
+        `uid_range` (SANDBOX_UID_RANGE) holds the host uids sandbox roots map to; None or "" keeps
+        sandboxes in the host's user namespace.
         """
         if scope is None and settings is not None:
             scope = hashlib.sha256(str(settings.sandbox_state_dir).encode()).hexdigest()[:12]
@@ -267,6 +296,16 @@ class BubblewrapProvider(SandboxProvider):
         self._cgroups = cgroups
         self._sandboxes: dict[str, BubblewrapSandbox] = {}
         self._available: bool | None = None
+        self._uids = UidAllocator(UidRange.parse(uid_range)) if uid_range else None
+        self._seccomp: bytes | None = None
+
+    async def userns_mode(self) -> str:
+        await self.available()
+        return "per-session-uid" if self._uids is not None else "off"
+
+    async def seccomp_mode(self) -> str:
+        await self.available()
+        return "crogia" if self._seccomp is not None else "off"
 
     async def available(self) -> bool:
         if self._available is None:
@@ -286,16 +325,36 @@ class BubblewrapProvider(SandboxProvider):
         _, err = await probe.communicate()
         if probe.returncode != 0:
             log.warning("bubblewrap is not usable here: %s", err.decode(errors="replace").strip())
-        return probe.returncode == 0
+            return False
+        await self._probe_privileges()
+        return True
+
+    async def _probe_privileges(self) -> None:
+        try:
+            self._seccomp = await asyncio.to_thread(filter_program)
+        except SeccompUnavailable as exc:
+            log.warning("bubblewrap sandboxes run WITHOUT a seccomp filter: %s", exc)
+        if self._uids is not None:
+            problem = await userns_problem(self._bwrap or "bwrap", self._python, self._uids.span.first)
+            if problem:
+                log.warning(
+                    "bubblewrap sandboxes run as root in the host's user namespace (SANDBOX_UID_RANGE "
+                    "unused): %s", problem
+                )  # fmt: skip
+                self._uids = None
 
     def _new(self, spec: SandboxSpec) -> BubblewrapSandbox:
         if self._bwrap is None:
             raise SandboxError("bubblewrap (bwrap) is not installed")
         sandbox_id = ID_PREFIX + spec.session_id
         scope = self._scope if self._cgroups else None
-        return BubblewrapSandbox(spec, sandbox_id, bwrap=self._bwrap, python=self._python, cgroup_scope=scope)
+        return BubblewrapSandbox(
+            spec, sandbox_id, bwrap=self._bwrap, python=self._python, cgroup_scope=scope,
+            uids=self._uids, seccomp=self._seccomp,
+        )  # fmt: skip
 
     async def create(self, spec: SandboxSpec) -> Sandbox:
+        await self.available()  # the probe decides the uid mapping and the filter
         sandbox = self._new(spec)
         if sandbox.id in self._sandboxes:
             raise Conflict(f"sandbox {sandbox.id} already exists", sandbox_id=sandbox.id)
@@ -328,6 +387,8 @@ class BubblewrapProvider(SandboxProvider):
         sandbox = self._sandboxes.pop(sandbox_id, None)
         if sandbox is not None:
             await sandbox.destroy()
+            if self._uids is not None:
+                self._uids.release(sandbox.spec.session_id)
             return
         group = await asyncio.to_thread(find_cgroup, self._scope, sandbox_id)
         if group is not None:
@@ -340,3 +401,16 @@ class BubblewrapProvider(SandboxProvider):
         for sandbox in sandboxes:
             await sandbox.destroy()
         await asyncio.to_thread(remove_scope, self._scope)
+
+
+async def userns_problem(bwrap: str, python: str, uid: int) -> str | None:
+    """Why bwrap cannot run as `uid` in a user namespace of its own here (None: it can)."""
+    if os.geteuid() != 0:
+        return "the server does not run as root, so it cannot switch to the sandbox uids"
+    probe = await asyncio.create_subprocess_exec(
+        *Launch(uid=uid, group=uid).prefix(), bwrap, *Launch(uid=uid).bwrap_options(), "--die-with-parent",
+        *["--unshare-pid", *system_args(), "--proc", "/proc", "--dev", "/dev", python, "-c", "pass"],
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await probe.communicate()
+    return None if probe.returncode == 0 else err.decode(errors="replace").strip() or "bwrap failed"
