@@ -255,3 +255,8 @@ class Health(_Model):
     docker_available: bool
     sandbox_backend: str
     version: str
+    userns: str = "off"
+    """What sandbox root is on the host: "per-session-uid" (bubblewrap), "userns-remap" or
+    "rootless" (Docker), "off" (host root: see the README's Privileges part), "unknown"."""
+    seccomp: str = "off"
+    """The sandboxes' seccomp filter: "default" (Docker's), "crogia" (ours), "off", "unknown"."""

@@ -58,6 +58,20 @@ def make_dirs(spec: SandboxSpec) -> None:
     """Create the host folders a sandbox binds: the workspace, and its state folder with `logs` (blocking)."""
     spec.workspace.mkdir(parents=True, exist_ok=True)
     (spec.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    for parent in (spec.workspace.parent, spec.state_dir.parent):
+        close_to_others(parent)
+
+
+def close_to_others(folder: Path) -> None:
+    """Take every permission from others on `folder` (blocking).
+
+    What a sandbox makes (a setuid binary, a device node) must be out of every host user's
+    reach: the folders holding the sessions' folders are never open to others (bubblewrap's
+    user-namespace mode makes them `root:<access gid> 0710`, which this leaves alone).
+    """
+    mode = folder.stat().st_mode & 0o7777
+    if mode & 0o007:
+        folder.chmod(mode & 0o7770 if mode & 0o070 == 0o010 else 0o700)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,8 +35,8 @@ from crogia.config import Settings
 from crogia.errors import Conflict, SandboxError
 from crogia.sandbox import bwrap_priv
 from crogia.sandbox.base import STATE_MOUNT, WORKDIR, Sandbox, SandboxProvider, SandboxSpec, SandboxStatus
-from crogia.sandbox.cgroups import Cgroup, create_cgroup, find_cgroup, leftover_names, remove_scope
 from crogia.sandbox.bwrap_priv import Launch
+from crogia.sandbox.cgroups import Cgroup, create_cgroup, find_cgroup, leftover_names, remove_scope
 from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command
 from crogia.sandbox.seccomp import SeccompUnavailable, filter_program
 from crogia.sandbox.userns import UidAllocator, UidRange
@@ -180,7 +180,9 @@ class BubblewrapSandbox(ExecutorSandbox):
         wrapper = await self._wrapper()
         launch = await asyncio.to_thread(bwrap_priv.prepare, self.spec, self._uids, self._seccomp)
         try:
-            argv = await asyncio.to_thread(bwrap_args, self._bwrap, self.spec, self._python, launch)  # stats /bin
+            argv = await asyncio.to_thread(
+                bwrap_args, self._bwrap, self.spec, self._python, launch
+            )  # stats /bin
             await self._spawn([*wrapper, *launch.prefix(), *argv], launch.open_fds)
         finally:
             launch.close()

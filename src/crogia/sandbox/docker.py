@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,16 @@ import aiodocker
 import aiohttp
 
 from crogia.errors import SandboxError, Unavailable
-from crogia.sandbox.base import STATE_MOUNT, WORKDIR, SandboxProvider, SandboxSpec, SandboxStatus
+from crogia.sandbox.base import (
+    STATE_MOUNT,
+    WORKDIR,
+    SandboxProvider,
+    SandboxSpec,
+    SandboxStatus,
+    close_to_others,
+)
 from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command
+from crogia.sandbox.seccomp import docker_profile
 
 MANAGED_LABEL = "crogia.managed-by"
 SESSION_LABEL = "crogia.session"
@@ -41,8 +50,15 @@ _STATES: dict[str, SandboxStatus] = {
 """Docker's `State.Status` -> ours; `paused`, `restarting` and `dead` can't serve commands: unknown."""
 
 
-def container_config(spec: SandboxSpec, instance: str | None = None) -> dict[str, Any]:
-    """The Docker API body that creates `spec`'s container."""
+CAP_DROP = ("NET_RAW", "MKNOD", "AUDIT_WRITE", "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT")
+"""Dropped from Docker's default set. Kept: CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETUID, SETGID
+and KILL, which package managers (apt drops to `_apt`, pip, chown) and everyday tools need."""
+
+
+def container_config(
+    spec: SandboxSpec, instance: str | None = None, *, seccomp: str | None = None
+) -> dict[str, Any]:
+    """The Docker API body that creates `spec`'s container (`seccomp`: a profile's JSON, or the default)."""
     limits = spec.limits
     memory = limits.memory_mb * 1024 * 1024
     mounts = [
@@ -65,7 +81,8 @@ def container_config(spec: SandboxSpec, instance: str | None = None) -> dict[str
             "NanoCpus": int(limits.cpus * 1e9),
             "PidsLimit": limits.pids,
             "NetworkMode": limits.network,
-            "SecurityOpt": ["no-new-privileges"],
+            "SecurityOpt": ["no-new-privileges", *([f"seccomp={seccomp}"] if seccomp else [])],
+            "CapDrop": list(CAP_DROP),
             "Tmpfs": _tmpfs(limits.tmp_mb),
             "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "1"}},
         },
@@ -194,6 +211,27 @@ class DockerProvider(SandboxProvider):
         self._url = url
         self._instance = instance
         self._engine_obj: _Engine | None = None
+        self._security: EngineSecurity | None = None
+
+    async def security(self) -> EngineSecurity:
+        """What the engine enforces (user namespaces, its seccomp default), asked once."""
+        if self._security is None:
+            with self._engine.errors():
+                info = await self._engine.docker.system.info()
+            self._security = EngineSecurity.from_info(info)
+        return self._security
+
+    async def userns_mode(self) -> str:
+        try:
+            return (await self.security()).userns
+        except (Unavailable, SandboxError):
+            return "unknown"
+
+    async def seccomp_mode(self) -> str:
+        try:
+            return (await self.security()).seccomp
+        except (Unavailable, SandboxError):
+            return "unknown"
 
     @property
     def _engine(self) -> _Engine:
@@ -229,7 +267,9 @@ class DockerProvider(SandboxProvider):
     async def create(self, spec: SandboxSpec) -> DockerSandbox:
         await asyncio.to_thread(_prepare_dirs, spec)
         with self._engine.errors(spec.image):
-            container = await self._engine.docker.containers.create(container_config(spec, self._instance))
+            profile = (await self.security()).profile
+            config = container_config(spec, self._instance, seccomp=profile)
+            container = await self._engine.docker.containers.create(config)
         sandbox = DockerSandbox(spec, container.id, self._engine)
         try:
             await sandbox.start()
@@ -280,5 +320,45 @@ def _prepare_dirs(spec: SandboxSpec) -> None:
     """Create the bound folders (bind mounts need them) and drop a dead daemon's socket."""
     spec.workspace.mkdir(parents=True, exist_ok=True)
     spec.state_dir.mkdir(parents=True, exist_ok=True)
+    for parent in (spec.workspace.parent, spec.state_dir.parent):
+        close_to_others(parent)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(spec.state_dir / "executor.sock")
+
+
+@dataclass(frozen=True)
+class EngineSecurity:
+    """The isolation a Docker engine adds, from `docker info`'s SecurityOptions."""
+
+    userns: str
+    """"userns-remap", "rootless", or "off" (container root is host root)."""
+    seccomp: str
+    """"default" (the engine's profile), "crogia" (ours: the engine's allows io_uring), or "off"."""
+    profile: str | None
+    """The profile sent with each container; None keeps the engine's default."""
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any]) -> EngineSecurity:
+        options = " ".join(info.get("SecurityOptions") or [])
+        userns = (
+            "rootless"
+            if "name=rootless" in options
+            else "userns-remap"
+            if "name=userns" in options
+            else "off"
+        )
+        if "name=seccomp" not in options:
+            return cls(userns, "off", None)
+        major = _major(str(info.get("ServerVersion", "")))
+        if major >= IO_URING_DENIED_SINCE:
+            return cls(userns, "default", None)
+        return cls(userns, "crogia", docker_profile())
+
+
+IO_URING_DENIED_SINCE = 25
+"""Docker's default seccomp profile denies io_uring from Engine 25.0 on."""
+
+
+def _major(version: str) -> int:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0

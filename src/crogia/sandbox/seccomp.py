@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import logging
 import os
 import tempfile
@@ -114,3 +115,22 @@ def program_fd(program: bytes) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def docker_profile() -> str:
+    """The same rules as a Docker seccomp profile (JSON for `SecurityOpt: seccomp=...`).
+
+    Used only with engines whose default profile still allows io_uring (before Docker 25);
+    newer engines keep their own default profile, which denies it.
+    """
+    eperm = {"action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM}
+    rules: list[dict[str, object]] = [{"names": list(DENIED), **eperm}]
+    for flag in CLONE_NEW.values():
+        arg = {"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}
+        rules.append({"names": ["unshare", "clone"], "args": [arg], **eperm})
+    for flag in PERSONALITY_FLAGS:
+        arg = {"index": 0, "value": flag | _QUERY_BIT, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}
+        rules.append({"names": ["personality"], "args": [arg], **eperm})
+    rules.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS})
+    arches = ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
+    return json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "architectures": arches, "syscalls": rules})

@@ -22,4 +22,6 @@ async def health(runtime: RuntimeDep) -> Health:
         docker_available=await runtime.docker_available(),
         sandbox_backend=runtime.provider.name,
         version=__version__,
+        userns=await runtime.provider.userns_mode(),
+        seccomp=await runtime.provider.seccomp_mode(),
     )

@@ -244,6 +244,7 @@ def serve(socket_path: str, log_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    __import__("executor_harden").make_undumpable()
     args = {"--socket": "/run/crogia/executor.sock", "--log-dir": ""}
     rest = list(sys.argv[1:] if argv is None else argv)
     while rest:
