@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     """Workspace quota (a loop-mounted ext4 image per workspace; needs root). 0: no quota."""
     sandbox_tmp_mb: int = Field(1024, ge=0)
     """Size of the sandbox's tmpfs /tmp (at most half of SANDBOX_MEMORY_MB). 0: no size of our own."""
+    sandbox_uid_range: str = "700000000-700065535"
+    """Host uids a bubblewrap sandbox's root maps to, one per session (FIRST-LAST); "": host root."""
     session_idle_ttl: float = Field(3600.0, ge=0)
     """Seconds without activity before a session's sandbox is stopped (it starts again on use). 0: never."""
 
@@ -91,6 +93,15 @@ class Settings(BaseSettings):
         if 0 < value < 64:
             raise ValueError("SANDBOX_DISK_MB must be 0 (no quota) or at least 64")
         return value
+
+    @field_validator("sandbox_uid_range")
+    @classmethod
+    def _check_uid_range(cls, value: str) -> str:
+        from crogia.sandbox.userns import UidRange  # stdlib only: cheap
+
+        if value.strip():
+            UidRange.parse(value)
+        return value.strip()
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -23,8 +23,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: acts as a
 
 # One syscall by number from Python (x86-64 numbers), printing its errno: 0 means it worked.
 _SYSCALL = (
-    "import ctypes,sys; l=ctypes.CDLL(None,use_errno=True); a=[ctypes.c_long(int(x,0)) for x in sys.argv[2:]];"
-    "r=l.syscall(int(sys.argv[1]),*a); print('errno', ctypes.get_errno() if r<0 else 0)"
+    "import ctypes,sys; l=ctypes.CDLL(None,use_errno=True);"
+    " a=[ctypes.c_long(int(x,0)) for x in sys.argv[2:]];"
+    " r=l.syscall(int(sys.argv[1]),*a); print('errno', ctypes.get_errno() if r<0 else 0)"
 )
 IO_URING_SETUP, KEYCTL, BPF, PTRACE, UNSHARE = 425, 250, 321, 101, 272
 
@@ -49,7 +50,7 @@ async def shell(server: RunningServer, sid: str, cmd: str) -> dict:  # type: ign
 
 
 async def syscall_errno(server: RunningServer, sid: str, *args: int) -> int:
-    out = await shell(server, sid, f"python3 -c \"{_SYSCALL}\" {' '.join(map(str, args))}")
+    out = await shell(server, sid, f'python3 -c "{_SYSCALL}" {" ".join(map(str, args))}')
     assert out["exit_code"] == 0 and out["output"].startswith("errno "), out
     return int(out["output"].split()[1])
 
@@ -64,8 +65,12 @@ def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*setpriv, *shell, *argv], capture_output=True, text=True, timeout=30, check=False)
 
 
-async def test_a_setuid_shell_from_the_sandbox_gives_a_host_user_nothing(server: RunningServer, sid: str) -> None:
-    out = await shell(server, sid, "cp /bin/bash /workspace/rootsh && chmod 4755 /workspace/rootsh && chmod 777 .")
+async def test_a_setuid_shell_from_the_sandbox_gives_a_host_user_nothing(
+    server: RunningServer, sid: str
+) -> None:
+    out = await shell(
+        server, sid, "cp /bin/bash /workspace/rootsh && chmod 4755 /workspace/rootsh && chmod 777 ."
+    )
     assert out["exit_code"] == 0, out
     rootsh = server.settings.workspaces_dir / sid / "rootsh"
     ran = await asyncio.to_thread(as_nobody, str(rootsh), "-p", "-c", "id -u")
@@ -75,7 +80,9 @@ async def test_a_setuid_shell_from_the_sandbox_gives_a_host_user_nothing(server:
         assert os.stat(folder).st_mode & 0o007 == 0, f"{folder} is open to other host users"
 
 
-async def test_a_device_node_from_the_sandbox_opens_nothing_on_the_host(server: RunningServer, sid: str) -> None:
+async def test_a_device_node_from_the_sandbox_opens_nothing_on_the_host(
+    server: RunningServer, sid: str
+) -> None:
     await shell(server, sid, "mknod -m 666 /workspace/blk b 7 0; chmod 777 /workspace")
     node = server.settings.workspaces_dir / sid / "blk"
     opened = await asyncio.to_thread(as_nobody, "dd", f"if={node}", "of=/dev/null", "count=1")
@@ -100,7 +107,9 @@ async def test_io_uring_keyrings_and_bpf_are_refused(server: RunningServer, sid:
 
 async def test_no_new_user_namespace_nor_mount(server: RunningServer, sid: str) -> None:
     assert await syscall_errno(server, sid, UNSHARE, 0x10000000) != 0  # CLONE_NEWUSER
-    out = await shell(server, sid, "unshare -Ur true; echo rc=$?; mkdir -p /tmp/m; mount -t tmpfs x /tmp/m; echo rc=$?")
+    out = await shell(
+        server, sid, "unshare -Ur true; echo rc=$?; mkdir -p /tmp/m; mount -t tmpfs x /tmp/m; echo rc=$?"
+    )
     assert out["output"].count("rc=0") == 0, out
 
 
@@ -118,7 +127,9 @@ async def test_setsid_leftovers_die_with_their_command(server: RunningServer, si
     assert (await shell(server, sid, cmd))["output"].strip() == "2"
     left = await shell(server, sid, "pgrep -f 'sleep 100[12]' || echo none")
     assert left["output"].strip() == "none", "setsid processes outlived their command"
-    proc = await server.client.post(f"/api/sessions/{sid}/processes", json={"cmd": "setsid sleep 1003 & wait"})
+    proc = await server.client.post(
+        f"/api/sessions/{sid}/processes", json={"cmd": "setsid sleep 1003 & wait"}
+    )
     assert proc.status_code == 200, proc.text
     pid = proc.json()["pid"]
     assert (await shell(server, sid, "sleep 0.2; pgrep -c -x sleep"))["output"].strip() == "1"
@@ -133,7 +144,9 @@ async def test_bubblewrap_root_is_the_sessions_own_unprivileged_uid(server: Runn
     owners = []
     for sid in (one, two):
         await shell(server, sid, "echo x > made.txt")
-        wrote = await server.client.post(f"/api/sessions/{sid}/files/content", json={"path": "d/api.txt", "content": "a"})
+        wrote = await server.client.post(
+            f"/api/sessions/{sid}/files/content", json={"path": "d/api.txt", "content": "a"}
+        )
         assert wrote.status_code == 200
         assert (await shell(server, sid, "echo more >> d/api.txt && echo ok"))["output"] == "ok\n"
         ws = server.settings.workspaces_dir / sid

@@ -42,7 +42,7 @@ async def make_provider(settings: Settings) -> SandboxProvider:
     await asyncio.to_thread(compile_daemon)
     backend = settings.sandbox_backend
     if backend == "bubblewrap":
-        return _bubblewrap()
+        return _bubblewrap(settings)
     from crogia.sandbox.docker import DockerProvider  # lazy: aiodocker only when Docker may be used
 
     docker = DockerProvider(instance=instance_id(settings))
@@ -59,10 +59,10 @@ async def make_provider(settings: Settings) -> SandboxProvider:
         return docker
     await docker.close()
     log.info("sandbox backend: bubblewrap (no Docker engine answers at %s)", docker.url)
-    return _bubblewrap()
+    return _bubblewrap(settings)
 
 
-def _bubblewrap() -> SandboxProvider:
+def _bubblewrap(settings: Settings) -> SandboxProvider:
     from crogia.sandbox.bubblewrap import BubblewrapProvider
 
-    return BubblewrapProvider()
+    return BubblewrapProvider(uid_range=settings.sandbox_uid_range)

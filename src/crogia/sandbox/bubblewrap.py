@@ -183,15 +183,16 @@ class BubblewrapSandbox(ExecutorSandbox):
             argv = await asyncio.to_thread(
                 bwrap_args, self._bwrap, self.spec, self._python, launch
             )  # stats /bin
-            await self._spawn([*wrapper, *launch.prefix(), *argv], launch.open_fds)
+            proc = await self._spawn([*wrapper, *launch.prefix(), *argv], launch.open_fds)
         finally:
             launch.close()
-        self._waiter = asyncio.create_task(self._proc.wait(), name=f"bwrap-wait-{self.id}")
+        self._proc = proc
+        self._waiter = asyncio.create_task(proc.wait(), name=f"bwrap-wait-{self.id}")
 
-    async def _spawn(self, argv: list[str], fds: list[int]) -> None:
+    async def _spawn(self, argv: list[str], fds: list[int]) -> asyncio.subprocess.Process:
         out = await asyncio.to_thread(open, self.spec.state_dir / "executor.log", "ab")
         try:
-            self._proc = await asyncio.create_subprocess_exec(
+            return await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env={}, pass_fds=fds
             )
         finally:

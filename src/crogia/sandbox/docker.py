@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -338,7 +338,7 @@ class EngineSecurity:
     """The profile sent with each container; None keeps the engine's default."""
 
     @classmethod
-    def from_info(cls, info: dict[str, Any]) -> EngineSecurity:
+    def from_info(cls, info: Mapping[str, Any]) -> EngineSecurity:
         options = " ".join(info.get("SecurityOptions") or [])
         userns = (
             "rootless"

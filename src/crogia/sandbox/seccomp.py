@@ -61,7 +61,7 @@ class SeccompUnavailable(RuntimeError):
 
 def _rules() -> object:
     """The filter as a `pyseccomp.SyscallFilter` (blocking; milliseconds)."""
-    import pyseccomp
+    import pyseccomp  # type: ignore[import-untyped]
 
     filt = pyseccomp.SyscallFilter(defaction=pyseccomp.ALLOW)
     if pyseccomp.system_arch() == pyseccomp.Arch.X86_64:
