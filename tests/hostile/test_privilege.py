@@ -34,6 +34,7 @@ IO_URING_SETUP, KEYCTL, BPF, PTRACE, UNSHARE = 425, 250, 321, 101, 272
 async def server(request: pytest.FixtureRequest, data_dir: Path) -> AsyncIterator[RunningServer]:
     if request.param == "docker":
         need_docker()
+    os.chmod(data_dir, 0o755)  # as a data folder usually is: any host user may walk to it
     async with run_server(make_settings(data_dir, request.param)) as running:
         yield running
 
