@@ -31,6 +31,7 @@ from crogia.sandbox.base import (
 )
 from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command
 from crogia.sandbox.seccomp import docker_profile
+from crogia.sandbox.userns import give_tree
 
 MANAGED_LABEL = "crogia.managed-by"
 SESSION_LABEL = "crogia.session"
@@ -265,10 +266,10 @@ class DockerProvider(SandboxProvider):
         return True
 
     async def create(self, spec: SandboxSpec) -> DockerSandbox:
-        await asyncio.to_thread(_prepare_dirs, spec)
+        security = await self.security()
+        await asyncio.to_thread(_prepare_dirs, spec, security.root)
         with self._engine.errors(spec.image):
-            profile = (await self.security()).profile
-            config = container_config(spec, self._instance, seccomp=profile)
+            config = container_config(spec, self._instance, seccomp=security.profile)
             container = await self._engine.docker.containers.create(config)
         sandbox = DockerSandbox(spec, container.id, self._engine)
         try:
@@ -316,12 +317,18 @@ class DockerProvider(SandboxProvider):
             await engine.docker.close()
 
 
-def _prepare_dirs(spec: SandboxSpec) -> None:
-    """Create the bound folders (bind mounts need them) and drop a dead daemon's socket."""
+def _prepare_dirs(spec: SandboxSpec, root: tuple[int, int] | None) -> None:
+    """Create the bound folders (bind mounts need them) and drop a dead daemon's socket.
+
+    Under userns-remap, container root is the host uid:gid `root`: the bound folders become its own.
+    """
     spec.workspace.mkdir(parents=True, exist_ok=True)
     spec.state_dir.mkdir(parents=True, exist_ok=True)
     for parent in (spec.workspace.parent, spec.state_dir.parent):
         close_to_others(parent)
+    if root is not None:
+        for folder in (spec.workspace, spec.state_dir):
+            give_tree(folder, *root)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(spec.state_dir / "executor.sock")
 
@@ -336,6 +343,8 @@ class EngineSecurity:
     """"default" (the engine's profile), "crogia" (ours: the engine's allows io_uring), or "off"."""
     profile: str | None
     """The profile sent with each container; None keeps the engine's default."""
+    root: tuple[int, int] | None = None
+    """Under userns-remap: the host uid and gid container root is (from the engine's data root)."""
 
     @classmethod
     def from_info(cls, info: Mapping[str, Any]) -> EngineSecurity:
@@ -347,16 +356,22 @@ class EngineSecurity:
             if "name=userns" in options
             else "off"
         )
+        root = _remapped_root(str(info.get("DockerRootDir", ""))) if userns == "userns-remap" else None
         if "name=seccomp" not in options:
-            return cls(userns, "off", None)
-        major = _major(str(info.get("ServerVersion", "")))
-        if major >= IO_URING_DENIED_SINCE:
-            return cls(userns, "default", None)
-        return cls(userns, "crogia", docker_profile())
+            return cls(userns, "off", None, root)
+        if _major(str(info.get("ServerVersion", ""))) >= IO_URING_DENIED_SINCE:
+            return cls(userns, "default", None, root)
+        return cls(userns, "crogia", docker_profile(), root)
 
 
 IO_URING_DENIED_SINCE = 25
 """Docker's default seccomp profile denies io_uring from Engine 25.0 on."""
+
+
+def _remapped_root(data_root: str) -> tuple[int, int] | None:
+    """dockerd keeps a remapped engine's data in `<data-root>/<uid>.<gid>`: container root's host ids."""
+    uid, dot, gid = os.path.basename(data_root).partition(".")
+    return (int(uid), int(gid)) if dot and uid.isdigit() and gid.isdigit() else None
 
 
 def _major(version: str) -> int:

@@ -109,17 +109,18 @@ class UidAllocator:
                         self._owner.setdefault(uid, entry.name)
 
 
-def give_tree(root: Path, uid: int) -> None:
-    """Make `root` and everything under it belong to `uid:uid`, never following a symlink.
+def give_tree(root: Path, uid: int, gid: int | None = None) -> None:
+    """Make `root` and everything under it belong to `uid:gid` (gid: `uid`), never following a symlink.
 
     Cheap when nothing changes: only a tree whose top is not yet `uid`'s is walked (a workspace
     made before SANDBOX_UID_RANGE applied, or one that was another uid's).
     """
+    gid = uid if gid is None else gid
     top = os.lstat(root)
-    if top.st_uid == uid and top.st_gid == uid:
+    if top.st_uid == uid and top.st_gid == gid:
         return
-    os.chown(root, uid, uid, follow_symlinks=False)
+    os.chown(root, uid, gid, follow_symlinks=False)
     for _, dirs, files, dir_fd in os.fwalk(root, follow_symlinks=False):
         for name in (*dirs, *files):
             with contextlib.suppress(FileNotFoundError):
-                os.chown(name, uid, uid, dir_fd=dir_fd, follow_symlinks=False)
+                os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
