@@ -1,8 +1,9 @@
 """The hardened Docker setup: a second dockerd with `--userns-remap`, made and removed by the test.
 
-It runs on its own socket, data root and exec root (its own containerd), without a bridge or
-firewall rules, so the shared engine is never touched. The sandbox image is copied into it
-(`docker save | docker load`, ~25 s: hence `slow`).
+It runs on its own socket, data root and exec root (its own containerd), in a network
+namespace of its own without a bridge or firewall rules, so the shared engine is never touched
+(`--bridge=none` makes dockerd delete any `docker0` it sees: in its own namespace there is none).
+The sandbox image is copied into it (`docker save | docker load`, ~25 s: hence `slow`).
 """
 
 from __future__ import annotations
@@ -67,14 +68,8 @@ def remapped_engine() -> Iterator[str]:
     root.chmod(0o755)  # dockerd wants its remapped root able to walk to its data root
     sock = f"unix://{root}/docker.sock"
     with _remap_user():
-        argv = [
-            "dockerd",
-            f"--userns-remap={USER}",
-            "--data-root",
-            f"{root}/data",
-            "--exec-root",
-            f"{root}/exec",
-        ]
+        argv = ["unshare", "--net", "--", "dockerd", f"--userns-remap={USER}"]
+        argv += ["--data-root", f"{root}/data", "--exec-root", f"{root}/exec"]
         argv += ["-H", sock, "--pidfile", f"{root}/docker.pid", "--bridge=none", "--iptables=false"]
         argv += ["--ip-masq=false", "--ip6tables=false"]
         with open(root / "dockerd.log", "wb") as log:
