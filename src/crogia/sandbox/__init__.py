@@ -42,7 +42,7 @@ async def make_provider(settings: Settings) -> SandboxProvider:
     await asyncio.to_thread(compile_daemon)
     backend = settings.sandbox_backend
     if backend == "bubblewrap":
-        return _bubblewrap(settings)
+        return await _bubblewrap(settings)
     from crogia.sandbox.docker import DockerProvider  # lazy: aiodocker only when Docker may be used
 
     docker = DockerProvider(instance=instance_id(settings))
@@ -59,10 +59,12 @@ async def make_provider(settings: Settings) -> SandboxProvider:
         return docker
     await docker.close()
     log.info("sandbox backend: bubblewrap (no Docker engine answers at %s)", docker.url)
-    return _bubblewrap(settings)
+    return await _bubblewrap(settings)
 
 
-def _bubblewrap(settings: Settings) -> SandboxProvider:
+async def _bubblewrap(settings: Settings) -> SandboxProvider:
     from crogia.sandbox.bubblewrap import BubblewrapProvider
 
-    return BubblewrapProvider(uid_range=settings.sandbox_uid_range)
+    provider = BubblewrapProvider(uid_range=settings.sandbox_uid_range)
+    await provider.available()  # probes now, so a weaker isolation is a start-up warning
+    return provider

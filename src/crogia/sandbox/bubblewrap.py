@@ -6,7 +6,9 @@ only command. It sees `/usr` and the `/bin`, `/lib*`, `/sbin` links read-only, a
 (HOME), the workspace read-write at `/workspace`, its state folder at `/run/crogia` and the
 daemon's source read-only at `/opt/crogia`: never the server's data folder, other workspaces,
 the host's `/root` or `/home`, nor the project checkout. It runs in new pid, ipc, uts (and,
-with network "none", net) namespaces, with every capability dropped and no_new_privs set.
+with network "none", net) namespaces, with every capability dropped and no_new_privs set, under
+a seccomp filter (`seccomp.py`) and, with SANDBOX_UID_RANGE, in a user namespace of its own
+where root is the session's unprivileged host uid (`bwrap_priv.py`).
 
 Limits: where the cgroup filesystem is writable (v1, or v2 with delegation), the sandbox gets
 its own cgroup with memory (swap included), pids and CPU quota limits. Otherwise only a
@@ -179,10 +181,8 @@ class BubblewrapSandbox(ExecutorSandbox):
             await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
         wrapper = await self._wrapper()
         launch = await asyncio.to_thread(bwrap_priv.prepare, self.spec, self._uids, self._seccomp)
-        try:
-            argv = await asyncio.to_thread(
-                bwrap_args, self._bwrap, self.spec, self._python, launch
-            )  # stats /bin
+        try:  # bwrap_args stats /bin and /lib*: in a worker thread too
+            argv = await asyncio.to_thread(bwrap_args, self._bwrap, self.spec, self._python, launch)
             proc = await self._spawn([*wrapper, *launch.prefix(), *argv], launch.open_fds)
         finally:
             launch.close()
@@ -345,6 +345,13 @@ class BubblewrapProvider(SandboxProvider):
                     "unused): %s", problem
                 )  # fmt: skip
                 self._uids = None
+        log.info(
+            "bubblewrap sandboxes: root is %s; seccomp filter %s",
+            f"a per-session host uid from {self._uids.span.first + 1}-{self._uids.span.last}"
+            if self._uids
+            else "host root",
+            "on" if self._seccomp else "OFF",
+        )
 
     def _new(self, spec: SandboxSpec) -> BubblewrapSandbox:
         if self._bwrap is None:
