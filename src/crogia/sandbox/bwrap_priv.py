@@ -77,6 +77,11 @@ def prepare(spec: SandboxSpec, uids: UidAllocator | None, program: bytes | None)
                 guard_parent(folder.parent, uids.access_gid)
                 open_path_to(folder.parent.parent, uids.access_gid)
                 give_tree(folder, launch.uid)
+        elif os.geteuid() == 0:
+            # Run as host root again (SANDBOX_UID_RANGE emptied): without capabilities, root can
+            # write only what it owns, so folders a sandbox uid had come back.
+            for folder in (spec.workspace, spec.state_dir):
+                give_tree(folder, 0)
     except BaseException:
         launch.close()
         raise
