@@ -75,20 +75,29 @@ def _members(sid: int) -> list[int]:
     return found
 
 
+ENVIRON_READ = 65536
+"""Bytes of each environment a scan reads: the marker sits near the start of any usual one."""
 MARKS: dict[int, bytes] = {}
 """Command pid -> the `CROGIA_RUN=<n>` entry its environment (and its descendants') carries."""
 
 
 def marked(mark: bytes) -> list[int]:
     """Pids whose environment carries `mark`: a command's processes that left its session (setsid)."""
-    found = []
+    found, me, needle = [], str(os.getpid()), b"\0" + mark + b"\0"
     for name in os.listdir("/proc") if mark else ():
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                env = b"\0" + f.read()
-        except (OSError, ValueError):
+        if not name.isdigit() or name == me:  # this daemon's own environment is unreadable
             continue
-        if b"\0" + mark + b"\0" in env:
+        try:
+            fd = os.open(f"/proc/{name}/environ", os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            env = b"\0" + os.read(fd, ENVIRON_READ)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        if needle in env:
             found.append(int(name))
     return found
 
@@ -169,7 +178,7 @@ def start_child(cmd: str, cwd: str, env: dict[str, str], out: int, tty: bool = F
         if os.access(bash, os.X_OK):
             break
     mark = f"CROGIA_RUN={time.monotonic_ns()}"
-    env = {**env, "CROGIA_RUN": mark[11:]}
+    env = {"CROGIA_RUN": mark[11:], **env}  # first: where a scan of the environment starts
     # posix_spawn (vfork-like: no copy of this process) takes no cwd: lend it ours for the call.
     os.chdir(cwd)
     try:
