@@ -23,6 +23,7 @@ import pytest
 from crogia.sandbox.base import Limits, SandboxSpec, make_dirs
 from crogia.sandbox.docker import DockerProvider
 from tests.conftest import need_docker
+from tests.hostile.test_privilege import need_root
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 USER, FIRST, COUNT = "crogiaremap", 800_000_000, 65_536
@@ -62,8 +63,9 @@ def _wait_for(check: object, within: float) -> bool:
 @pytest.fixture
 def remapped_engine() -> Iterator[str]:
     need_docker()
-    if os.geteuid() != 0 or shutil.which("dockerd") is None:
-        pytest.fail("the userns-remap test needs root and dockerd")
+    need_root()
+    if shutil.which("dockerd") is None:
+        pytest.fail("the userns-remap test needs dockerd beside the docker CLI")
     root = Path(tempfile.mkdtemp(prefix="crogia-remap-"))
     root.chmod(0o755)  # dockerd wants its remapped root able to walk to its data root
     sock = f"unix://{root}/docker.sock"

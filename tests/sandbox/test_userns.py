@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from crogia.config import Settings
 from crogia.sandbox.docker import EngineSecurity
 from crogia.sandbox.userns import UidAllocator, UidRange, give_tree
+from tests.hostile.test_privilege import need_root
 
 
 def test_each_session_gets_its_own_uid_and_keeps_it(tmp_path: Path) -> None:
@@ -26,8 +27,8 @@ def test_each_session_gets_its_own_uid_and_keeps_it(tmp_path: Path) -> None:
     assert uids.claim("d", tmp_path / "d") == got[0]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
 def test_a_new_allocator_finds_the_uids_workspaces_already_own(tmp_path: Path) -> None:
+    need_root()
     span = UidRange.parse("700000000-700000009")
     (tmp_path / "old").mkdir()
     give_tree(tmp_path / "old", 700000005)
@@ -37,8 +38,8 @@ def test_a_new_allocator_finds_the_uids_workspaces_already_own(tmp_path: Path) -
     assert 700000005 not in others and len(others) == 8
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
 def test_give_tree_never_follows_a_symlink(tmp_path: Path) -> None:
+    need_root()
     outside = tmp_path / "outside"
     outside.write_text("host file")
     tree = tmp_path / "ws"
