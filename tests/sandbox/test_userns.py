@@ -82,6 +82,8 @@ def test_engine_security_from_docker_info() -> None:
     )
     assert rootless.userns == "rootless"
     assert EngineSecurity.from_info({"SecurityOptions": []}).seccomp == "off"
+    loose = {"SecurityOptions": ["name=seccomp,profile=unconfined"], "ServerVersion": "27.0.1"}
+    assert EngineSecurity.from_info(loose).seccomp == "crogia"  # a daemon-wide unconfined default is not kept
 
 
 async def test_without_user_namespaces_bubblewrap_falls_back_and_says_so(

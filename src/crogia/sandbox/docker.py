@@ -359,7 +359,8 @@ class EngineSecurity:
         root = _remapped_root(str(info.get("DockerRootDir", ""))) if userns == "userns-remap" else None
         if "name=seccomp" not in options:
             return cls(userns, "off", None, root)
-        if _major(str(info.get("ServerVersion", ""))) >= IO_URING_DENIED_SINCE:
+        unconfined = "profile=unconfined" in options  # dockerd --seccomp-profile=unconfined: ours instead
+        if _major(str(info.get("ServerVersion", ""))) >= IO_URING_DENIED_SINCE and not unconfined:
             return cls(userns, "default", None, root)
         return cls(userns, "crogia", docker_profile(), root)
 
