@@ -26,6 +26,7 @@ _SYSCALL = (
     " r=l.syscall(int(sys.argv[1]),*a); print('errno', ctypes.get_errno() if r<0 else 0)"
 )
 IO_URING_SETUP, KEYCTL, BPF, PTRACE, UNSHARE = 425, 250, 321, 101, 272
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
 
 
 def need_root() -> None:
@@ -69,9 +70,8 @@ def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
 
     Through a shell: setpriv's own exec of the target still resolves its path as root.
     """
-    setpriv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
     shell = ["/bin/sh", "-c", 'exec "$0" "$@"']
-    return subprocess.run([*setpriv, *shell, *argv], capture_output=True, text=True, timeout=30, check=False)
+    return subprocess.run([*NOBODY, *shell, *argv], capture_output=True, text=True, timeout=30, check=False)
 
 
 async def test_a_setuid_shell_from_the_sandbox_gives_a_host_user_nothing(
@@ -168,3 +168,30 @@ async def test_bubblewrap_root_is_the_sessions_own_unprivileged_uid(server: Runn
     await sandbox.start()
     await shell(server, one, "touch again")
     assert os.lstat(server.settings.workspaces_dir / one / "again").st_uid == owners[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_quota_workspace_is_mounted_nosuid(backend: str, data_dir: Path) -> None:
+    """Past the 0700 folders (an fd handed over, as a leaked one would be), setuid still does nothing."""
+    need_root()
+    if backend == "docker":
+        need_docker()
+    async with run_server(make_settings(data_dir, backend, sandbox_disk_mb=64)) as server:
+        assert server.runtime.sessions.disks.active, "workspace quotas are unavailable here"
+        sid = str((await server.create_session(task="quota"))["session_id"])
+        out = await shell(server, sid, "cp /bin/bash rootsh && chmod 4755 rootsh && ls -l rootsh")
+        assert out["output"].startswith("-rwsr-xr-x"), out
+        rootsh = server.settings.workspaces_dir / sid / "rootsh"
+        fd = os.open(rootsh, os.O_RDONLY)
+        try:
+            ran = await asyncio.to_thread(
+                subprocess.run,
+                [*NOBODY, "/bin/sh", "-c", f'exec /proc/self/fd/{fd} -p -c "id -u"'],
+                pass_fds=[fd],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        finally:
+            os.close(fd)
+        assert ran.stdout.strip() == str(65534), ran  # nosuid: the set-user-id bit is ignored
