@@ -23,7 +23,7 @@ fi
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 # The userns-remap test starts a dockerd of its own; bubblewrap's seccomp filter loads libseccomp.
 command -v dockerd >/dev/null || [[ " ${missing[*]} " == *" docker.io "* ]] || missing+=(docker.io)
-ldconfig -p | grep -q 'libseccomp\.so\.2' || missing+=(libseccomp2)
+ldconfig -p | grep 'libseccomp\.so\.2' >/dev/null || missing+=(libseccomp2)
 if ((${#missing[@]})); then
   [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null ||
     die "missing ${missing[*]}; install them (this needs root and apt-get)"
