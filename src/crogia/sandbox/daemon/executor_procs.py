@@ -178,7 +178,8 @@ def start_child(cmd: str, cwd: str, env: dict[str, str], out: int, tty: bool = F
         if os.access(bash, os.X_OK):
             break
     mark = f"CROGIA_RUN={time.monotonic_ns()}"
-    env = {"CROGIA_RUN": mark[11:], **env}  # first: where a scan of the environment starts
+    env = {"CROGIA_RUN": "", **env}  # first: where a scan of the environment starts
+    env["CROGIA_RUN"] = mark[11:]  # ours, whatever the request's env said
     # posix_spawn (vfork-like: no copy of this process) takes no cwd: lend it ours for the call.
     os.chdir(cwd)
     try:
