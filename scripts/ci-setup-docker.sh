@@ -26,6 +26,9 @@ command -v pasta >/dev/null || missing+=(passt)
 command -v nft >/dev/null || missing+=(nftables)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v iptables >/dev/null || missing+=(iptables)
+# The userns-remap test starts a dockerd of its own; bubblewrap's seccomp filter loads libseccomp.
+command -v dockerd >/dev/null || [[ " ${missing[*]} " == *" docker.io "* ]] || missing+=(docker.io)
+ldconfig -p | grep 'libseccomp\.so\.2' >/dev/null || missing+=(libseccomp2)
 if ((${#missing[@]})); then
   [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null ||
     die "missing ${missing[*]}; install them (this needs root and apt-get)"

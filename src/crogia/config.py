@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     """Size of the sandbox's tmpfs /tmp (at most half of SANDBOX_MEMORY_MB). 0: no size of our own."""
     sandbox_state_mb: int = Field(64, ge=1)
     """Size of the sandbox's tmpfs /run/crogia, its process logs (at most a quarter of SANDBOX_MEMORY_MB)."""
+    sandbox_uid_range: str = "700000000-700065535"
+    """Host uids a bubblewrap sandbox's root maps to, one per session (FIRST-LAST); "": host root."""
     session_idle_ttl: float = Field(3600.0, ge=0)
     """Seconds without activity before a session's sandbox is stopped (it starts again on use). 0: never."""
 
@@ -191,6 +193,15 @@ class Settings(BaseSettings):
     def _check_network(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("SANDBOX_NETWORK must be isolated, none, or a Docker network mode")
+        return value.strip()
+
+    @field_validator("sandbox_uid_range")
+    @classmethod
+    def _check_uid_range(cls, value: str) -> str:
+        from crogia.sandbox.userns import UidRange  # stdlib only: cheap
+
+        if value.strip():
+            UidRange.parse(value)
         return value.strip()
 
     @field_validator("log_level", mode="before")

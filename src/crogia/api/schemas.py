@@ -307,3 +307,8 @@ class Health(_Model):
     version: str
     store_error: str | None = None
     """Why events cannot be stored (the database has been away for a while); absent when they can."""
+    userns: str = "off"
+    """What sandbox root is on the host: "per-session-uid" (bubblewrap), "userns-remap" or
+    "rootless" (Docker), "off" (host root: see the README's Privileges part), "unknown"."""
+    seccomp: str = "off"
+    """The sandboxes' seccomp filter: "default" (Docker's), "crogia" (ours), "off", "unknown"."""

@@ -40,7 +40,7 @@ async def make_provider(settings: Settings) -> SandboxProvider:
     warn_if_shared(settings.sandbox_network)
     backend = settings.sandbox_backend
     if backend == "bubblewrap":
-        return backend_config(settings, "bubblewrap").build()
+        return await _bubblewrap(settings)
     docker = DockerConfig(instance=instance_id(settings), dns=settings.sandbox_dns).build()
     if await docker.available():
         log.info("sandbox backend: docker (engine at %s)", docker.url)
@@ -55,4 +55,10 @@ async def make_provider(settings: Settings) -> SandboxProvider:
         return docker
     await docker.close()
     log.info("sandbox backend: bubblewrap (no Docker engine answers at %s)", docker.url)
-    return backend_config(settings, "bubblewrap").build()
+    return await _bubblewrap(settings)
+
+
+async def _bubblewrap(settings: Settings) -> SandboxProvider:
+    provider = backend_config(settings, "bubblewrap").build()
+    await provider.available()  # probes now, so a weaker isolation is a start-up warning
+    return provider

@@ -74,6 +74,7 @@ def make_dirs(spec: SandboxSpec) -> None:
     sandbox write there (logs, planted links) is removed without following anything.
     """
     spec.workspace.mkdir(parents=True, exist_ok=True)
+    close_to_others(spec.workspace.parent)  # what a sandbox makes there is no host user's to use
     spec.state_dir.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(spec.state_dir.parent, 0o700)
     spec.state_dir.mkdir(exist_ok=True)
@@ -89,6 +90,18 @@ def make_dirs(spec: SandboxSpec) -> None:
 
 KEPT = frozenset({"executor.sock", "secret"})
 """What the server itself keeps in a state folder."""
+
+
+def close_to_others(folder: Path) -> None:
+    """Take every permission from others on `folder` (blocking).
+
+    What a sandbox makes (a setuid binary, a device node) must be out of every host user's
+    reach: the folders holding the sessions' folders are never open to others (bubblewrap's
+    user-namespace mode makes them `root:<access gid> 0710`, which this leaves alone).
+    """
+    mode = folder.stat().st_mode & 0o7777
+    if mode & 0o007:
+        folder.chmod(mode & 0o7770 if mode & 0o070 == 0o010 else 0o700)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,3 +260,11 @@ class SandboxProvider(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release the provider's own resources (engine connections)."""
+
+    async def userns_mode(self) -> str:
+        """What sandbox root is on the host, for /api/health: "off" means the host's root."""
+        return "off"
+
+    async def seccomp_mode(self) -> str:
+        """Which seccomp filter sandboxes run under, for /api/health ("off": none)."""
+        return "off"

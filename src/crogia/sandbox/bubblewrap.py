@@ -9,7 +9,9 @@ workspaces, the host's `/root` or `/home`, nor the project checkout. The daemon 
 server over a socketpair it inherits (`PairChannel`): no file of the server's is in the sandbox.
 bwrap reads its options from a pipe (`--args`), so `/proc/1/cmdline` names no host path.
 It runs in new pid, ipc, uts and (unless the network is shared) net namespaces, with every
-capability dropped and no_new_privs set.
+capability dropped and no_new_privs set, under a seccomp filter (`seccomp.py`) and, with
+SANDBOX_UID_RANGE, in a user namespace of its own where root is the session's unprivileged host
+uid (`bwrap_priv.py`).
 
 Limits: where the cgroup filesystem is writable (v1, or v2 with delegation), the sandbox gets
 its own cgroup with memory (swap included), pids and CPU quota limits. Otherwise only a
@@ -40,12 +42,16 @@ from pathlib import Path
 
 from crogia.config import Settings
 from crogia.errors import Conflict, SandboxError
+from crogia.sandbox import bwrap_priv
 from crogia.sandbox.base import STATE_MOUNT, WORKDIR, Sandbox, SandboxProvider, SandboxSpec, SandboxStatus
+from crogia.sandbox.bwrap_priv import Launch
 from crogia.sandbox.cgroups import Cgroup, create_cgroup, find_cgroup, leftover_names, remove_scope
 from crogia.sandbox.channel import PairChannel
 from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command, log_max
 from crogia.sandbox.netns import NetnsStock, SandboxNetns, leftover_netns
 from crogia.sandbox.network import RESOLV_CONF, mode_of
+from crogia.sandbox.seccomp import SeccompUnavailable, filter_program
+from crogia.sandbox.userns import UidAllocator, UidRange
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +64,14 @@ ETC_FILES = (
     "os-release", "debian_version", "bash.bashrc", "profile", "inputrc", "magic", "python3",
 )  # fmt: skip
 TOP_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+DEFAULT_UID_RANGE = "700000000-700065535"
+"""SANDBOX_UID_RANGE's default: above useradd's subordinate-id ranges (/etc/subuid, up to
+600100000) and below systemd's container range (from 2147352576), so no real user has it."""
 # The wrapper shell joins the cgroups (and sets rlimits) before exec'ing bwrap, so bwrap and
 # every process it forks start inside them: moving bwrap afterwards would leave its children out.
 STDERR_KEEP = 4096
+RENAME = ["/bin/bash", "-c", 'exec -a bwrap "$@"', "crogia-sandbox"]
+"""The last launch step when others stand between the wrapper and bwrap (bwrap then shows as `bwrap`)."""
 _WRAPPER = 'for f do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done; shift; exec "$@"'
 
 
@@ -112,15 +123,23 @@ def mount_args(spec: SandboxSpec, resolv_conf: Path | None = None) -> list[str]:
 
 
 def bwrap_args(
-    bwrap: str, spec: SandboxSpec, python: str, channel_fd: int, resolv_conf: Path | None = None
+    bwrap: str,
+    spec: SandboxSpec,
+    python: str,
+    channel_fd: int,
+    resolv_conf: Path | None = None,
+    launch: Launch | None = None,
 ) -> list[str]:
     """The full `bwrap` command line for `spec`, its daemon speaking on the inherited `channel_fd`.
 
-    Isolated, it runs inside its prepared network namespace with `resolv_conf` as /etc/resolv.conf.
+    Isolated, it runs inside its prepared network namespace with `resolv_conf` as /etc/resolv.conf;
+    `launch` adds the user namespace and the seccomp filter.
     """
     # Run by real root, bwrap hands the sandbox every capability unless told otherwise; with
     # `--cap-drop ALL` it runs as uid 0 with none, and no_new_privs stops exec from regaining them.
     args = [bwrap, "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    if launch is not None:
+        args += launch.bwrap_options()
     args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if mode_of(spec.limits.network) == "none":
         args.append("--unshare-net")
@@ -151,9 +170,14 @@ class BubblewrapSandbox(ExecutorSandbox):
         cgroup_scope: str | None,
         stock: NetnsStock | None = None,
         resolv_conf: Path | None = None,
+        uids: UidAllocator | None = None,
+        seccomp: bytes | None = None,
     ) -> None:
         self._pair = PairChannel()
         super().__init__(spec, sandbox_id, self._pair)
+        self._uids = uids
+        self._seccomp = seccomp
+        self._wrapper_len = 0
         self._bwrap = bwrap
         self._python = python
         self._cgroup_scope = cgroup_scope
@@ -204,37 +228,48 @@ class BubblewrapSandbox(ExecutorSandbox):
         self._destroyed = False
         await asyncio.to_thread(self.spec.workspace.mkdir, parents=True, exist_ok=True)
         wrapper = await self._wrapper()
+        self._wrapper_len = len(wrapper)
         if self._stock is not None:  # ready: its rules in, its egress up, before anything runs in it
             await self._stop_network()
             self._netns = await self._stock.take()
             wrapper += self._netns.enter_argv
+        launch = await asyncio.to_thread(bwrap_priv.prepare, self.spec, self._uids, self._seccomp)
         fd = self._pair.daemon_fd()
         try:
             argv = await asyncio.to_thread(  # stats /bin, /lib*
-                bwrap_args, self._bwrap, self.spec, self._python, fd, self._resolv_conf
+                bwrap_args, self._bwrap, self.spec, self._python, fd, self._resolv_conf, launch
             )
-            # bwrap reads its options from a pipe: its argv, which the sandbox sees as /proc/1/cmdline,
-            # then names no host path. They fit in the pipe's buffer, so nobody waits on the write.
-            command = sandbox_command(self.spec, self._python, fd)
-            options = argv[1 : len(argv) - len(command)]
-            args_r, args_w = os.pipe()
-            with os.fdopen(args_w, "wb") as pipe:
-                pipe.write(b"".join(os.fsencode(a) + b"\0" for a in options))
-            try:
-                self._proc = await asyncio.create_subprocess_exec(
-                    *wrapper, argv[0], "--args", str(args_r), *command, stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env={},
-                    pass_fds=(fd, args_r),
-                )  # fmt: skip
-            finally:
-                os.close(args_r)
+            steps = [*wrapper, *launch.prefix()]
+            if len(steps) > self._wrapper_len and os.access("/bin/bash", os.X_OK):
+                steps += RENAME  # nsenter or setpriv exec bwrap by its path: name it for /proc/1/cmdline
+            self._proc = await self._spawn(steps, argv, fd, launch.open_fds)
         finally:
+            launch.close()
             self._pair.spawned()
         self._stderr.clear()
         assert self._proc.stderr is not None
         reading = self._keep_stderr(self._proc.stderr)
         self._stderr_task = asyncio.create_task(reading, name=f"bwrap-err-{self.id}")
         self._waiter = asyncio.create_task(self._proc.wait(), name=f"bwrap-wait-{self.id}")
+
+    async def _spawn(
+        self, steps: list[str], argv: list[str], channel_fd: int, fds: list[int]
+    ) -> asyncio.subprocess.Process:
+        # bwrap reads its options from a pipe: its argv, which the sandbox sees as /proc/1/cmdline,
+        # then names no host path. They fit in the pipe's buffer, so nobody waits on the write.
+        command = sandbox_command(self.spec, self._python, channel_fd)
+        options = argv[1 : len(argv) - len(command)]
+        args_r, args_w = os.pipe()
+        with os.fdopen(args_w, "wb") as pipe:
+            pipe.write(b"".join(os.fsencode(a) + b"\0" for a in options))
+        try:
+            return await asyncio.create_subprocess_exec(
+                *steps, argv[0], "--args", str(args_r), *command, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env={},
+                pass_fds=(channel_fd, args_r, *fds),
+            )  # fmt: skip
+        finally:
+            os.close(args_r)
 
     async def _keep_stderr(self, stream: asyncio.StreamReader) -> None:
         """Read bwrap's and the daemon's stderr to its end, keeping the last `STDERR_KEEP` bytes."""
@@ -342,12 +377,15 @@ class BubblewrapProvider(SandboxProvider):
         cgroups: bool = True,
         scope: str | None = None,
         dns: str | None = None,
+        uid_range: str | None = DEFAULT_UID_RANGE,
     ) -> None:
         """`bwrap` defaults to `find_bwrap()`; `cgroups=False` forces the rlimit fallback.
 
         `scope` names this deployment's cgroup folder, so that servers sharing a host never
         touch each other's sandboxes; by default it derives from `settings.sandbox_state_dir`
         (a restarted server finds its predecessor's leftovers), else it is unique to this object.
+        `uid_range` (SANDBOX_UID_RANGE) holds the host uids sandbox roots map to; None or "" keeps
+        sandboxes in the host's user namespace.
         """
         if scope is None and settings is not None:
             scope = hashlib.sha256(str(settings.sandbox_state_dir).encode()).hexdigest()[:12]
@@ -360,6 +398,16 @@ class BubblewrapProvider(SandboxProvider):
         self._cgroups = cgroups
         self._sandboxes: dict[str, BubblewrapSandbox] = {}
         self._available: bool | None = None
+        self._uids = UidAllocator(UidRange.parse(uid_range)) if uid_range else None
+        self._seccomp: bytes | None = None
+
+    async def userns_mode(self) -> str:
+        await self.available()
+        return "per-session-uid" if self._uids is not None else "off"
+
+    async def seccomp_mode(self) -> str:
+        await self.available()
+        return "crogia" if self._seccomp is not None else "off"
 
     async def available(self) -> bool:
         if self._available is None:
@@ -379,7 +427,30 @@ class BubblewrapProvider(SandboxProvider):
         _, err = await probe.communicate()
         if probe.returncode != 0:
             log.warning("bubblewrap is not usable here: %s", err.decode(errors="replace").strip())
-        return probe.returncode == 0
+            return False
+        await self._probe_privileges()
+        return True
+
+    async def _probe_privileges(self) -> None:
+        try:
+            self._seccomp = await asyncio.to_thread(filter_program)
+        except SeccompUnavailable as exc:
+            log.warning("bubblewrap sandboxes run WITHOUT a seccomp filter: %s", exc)
+        if self._uids is not None:
+            problem = await userns_problem(self._bwrap or "bwrap", self._python, self._uids.span.first)
+            if problem:
+                log.warning(
+                    "bubblewrap sandboxes run as root in the host's user namespace (SANDBOX_UID_RANGE "
+                    "unused): %s", problem
+                )  # fmt: skip
+                self._uids = None
+        log.info(
+            "bubblewrap sandboxes: root is %s; seccomp filter %s",
+            f"a per-session host uid from {self._uids.span.first + 1}-{self._uids.span.last}"
+            if self._uids
+            else "host root",
+            "on" if self._seccomp else "OFF",
+        )
 
     def _new(self, spec: SandboxSpec) -> BubblewrapSandbox:
         if self._bwrap is None:
@@ -397,6 +468,8 @@ class BubblewrapProvider(SandboxProvider):
             cgroup_scope=scope,
             stock=stock,
             resolv_conf=resolv,
+            uids=self._uids,
+            seccomp=self._seccomp,
         )
 
     def _netns_stock(self) -> NetnsStock:
@@ -414,6 +487,7 @@ class BubblewrapProvider(SandboxProvider):
     async def create(self, spec: SandboxSpec) -> Sandbox:
         if mode_of(spec.limits.network) == "isolated":
             await asyncio.to_thread(self._private_dir)  # file I/O, once: not on the loop
+        await self.available()  # the probe decides the uid mapping and the filter
         sandbox = self._new(spec)
         if sandbox.id in self._sandboxes:
             raise Conflict(f"sandbox {sandbox.id} already exists", sandbox_id=sandbox.id)
@@ -446,6 +520,8 @@ class BubblewrapProvider(SandboxProvider):
         sandbox = self._sandboxes.pop(sandbox_id, None)
         if sandbox is not None:
             await sandbox.destroy()
+            if self._uids is not None:
+                self._uids.release(sandbox.spec.session_id)
             return
         group = await asyncio.to_thread(find_cgroup, self._scope, sandbox_id)
         if group is not None:
@@ -466,3 +542,16 @@ class BubblewrapProvider(SandboxProvider):
         if self._private is not None:
             await asyncio.to_thread(shutil.rmtree, self._private, True)
             self._private = None
+
+
+async def userns_problem(bwrap: str, python: str, uid: int) -> str | None:
+    """Why bwrap cannot run as `uid` in a user namespace of its own here (None: it can)."""
+    if os.geteuid() != 0:
+        return "the server does not run as root, so it cannot switch to the sandbox uids"
+    probe = await asyncio.create_subprocess_exec(
+        *Launch(uid=uid, group=uid).prefix(), bwrap, *Launch(uid=uid).bwrap_options(), "--die-with-parent",
+        *["--unshare-pid", *system_args(), "--proc", "/proc", "--dev", "/dev", python, "-c", "pass"],
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await probe.communicate()
+    return None if probe.returncode == 0 else err.decode(errors="replace").strip() or "bwrap failed"

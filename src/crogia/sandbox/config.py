@@ -37,11 +37,13 @@ class BubblewrapConfig(BaseModel):
     """Names this server's cgroup folder (its leftovers after a crash are found by it)."""
     dns: str = ""
     """SANDBOX_DNS: where the sandboxes' DNS queries go; empty: the host's resolver."""
+    uid_range: str = ""
+    """SANDBOX_UID_RANGE: host uids a sandbox's root maps to, one per session; empty: host root."""
 
     def build(self) -> BubblewrapProvider:
         from crogia.sandbox.bubblewrap import BubblewrapProvider
 
-        return BubblewrapProvider(scope=self.instance, dns=self.dns)
+        return BubblewrapProvider(scope=self.instance, dns=self.dns, uid_range=self.uid_range)
 
 
 class DockerConfig(BaseModel):
@@ -68,5 +70,7 @@ BackendConfig = Annotated[BubblewrapConfig | DockerConfig, Field(discriminator="
 def backend_config(settings: Settings, kind: Literal["bubblewrap", "docker"]) -> BackendConfig:
     """The config of backend `kind` for this server: its instance id always set."""
     if kind == "bubblewrap":
-        return BubblewrapConfig(instance=instance_id(settings), dns=settings.sandbox_dns)
+        return BubblewrapConfig(
+            instance=instance_id(settings), dns=settings.sandbox_dns, uid_range=settings.sandbox_uid_range
+        )
     return DockerConfig(instance=instance_id(settings), dns=settings.sandbox_dns)

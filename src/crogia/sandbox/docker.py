@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from crogia.sandbox.base import (
     SandboxProvider,
     SandboxSpec,
     SandboxStatus,
+    close_to_others,
     make_dirs,
 )
 from crogia.sandbox.channel import SECRET_NAME, SOCKET_NAME
@@ -36,6 +39,8 @@ from crogia.sandbox.docker_network import DockerNetwork
 from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command, log_max
 from crogia.sandbox.listener import ListenerChannel
 from crogia.sandbox.network import mode_of
+from crogia.sandbox.seccomp import docker_profile
+from crogia.sandbox.userns import give_tree
 
 MANAGED_LABEL = "crogia.managed-by"
 SESSION_LABEL = "crogia.session"
@@ -57,10 +62,21 @@ _STATES: dict[str, SandboxStatus] = {
 """Docker's `State.Status` -> ours; `paused`, `restarting` and `dead` can't serve commands: unknown."""
 
 
+CAP_DROP = ("NET_RAW", "MKNOD", "AUDIT_WRITE", "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT")
+"""Dropped from Docker's default set. Kept: CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETUID, SETGID
+and KILL, which package managers (apt drops to `_apt`, pip, chown) and everyday tools need."""
+
+
 def container_config(
-    spec: SandboxSpec, instance: str | None = None, network: str = "", dns: str = ""
+    spec: SandboxSpec,
+    instance: str | None = None,
+    network: str = "",
+    dns: str = "",
+    *,
+    seccomp: str | None = None,
 ) -> dict[str, Any]:
-    """The Docker API body that creates `spec`'s container (isolated: on the network named `network`)."""
+    """The Docker API body that creates `spec`'s container (isolated: on the network named `network`;
+    `seccomp`: a profile's JSON, or the engine's default)."""
     limits = spec.limits
     memory = limits.memory_mb * 1024 * 1024
     mounts = [
@@ -85,7 +101,8 @@ def container_config(
             "NanoCpus": int(limits.cpus * 1e9),
             "PidsLimit": limits.pids,
             **_network_config(limits.network, network, dns),
-            "SecurityOpt": ["no-new-privileges"],
+            "SecurityOpt": ["no-new-privileges", *([f"seccomp={seccomp}"] if seccomp else [])],
+            "CapDrop": list(CAP_DROP),
             "Tmpfs": _tmpfs(limits.tmp_mb, limits.state_mb),
             "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "1"}},
         },
@@ -179,9 +196,13 @@ class DockerSandbox(ExecutorSandbox):
 
     backend = "docker"
 
-    def __init__(self, spec: SandboxSpec, sandbox_id: str, engine: _Engine) -> None:
+    def __init__(
+        self, spec: SandboxSpec, sandbox_id: str, engine: _Engine, root: tuple[int, int] | None = None
+    ) -> None:
+        """`root`: under userns-remap, the host uid and gid that container root is."""
         self._listener = ListenerChannel(spec.state_dir)
         self._listener.peer_cgroup = sandbox_id
+        self._listener.secret_owner = root
         super().__init__(spec, sandbox_id, self._listener)
         self._engine = engine
 
@@ -243,6 +264,27 @@ class DockerProvider(SandboxProvider):
         if mode_of(spec.limits.network) == "isolated":
             with self._engine.errors():
                 await self._network.ensure()
+        self._security: EngineSecurity | None = None
+
+    async def security(self) -> EngineSecurity:
+        """What the engine enforces (user namespaces, its seccomp default), asked once."""
+        if self._security is None:
+            with self._engine.errors():
+                info = await self._engine.docker.system.info()
+            self._security = EngineSecurity.from_info(info)
+        return self._security
+
+    async def userns_mode(self) -> str:
+        try:
+            return (await self.security()).userns
+        except (Unavailable, SandboxError):
+            return "unknown"
+
+    async def seccomp_mode(self) -> str:
+        try:
+            return (await self.security()).seccomp
+        except (Unavailable, SandboxError):
+            return "unknown"
 
     @property
     def _engine(self) -> _Engine:
@@ -276,10 +318,11 @@ class DockerProvider(SandboxProvider):
         return True
 
     async def create(self, spec: SandboxSpec) -> DockerSandbox:
-        await asyncio.to_thread(make_dirs, spec)
+        security = await self.security()
+        await asyncio.to_thread(_prepare_dirs, spec, security.root)
         await self._ensure_network(spec)
-        container = await self._create_container(spec)
-        sandbox = DockerSandbox(spec, container.id, self._engine)
+        container = await self._create_container(spec, security.profile)
+        sandbox = DockerSandbox(spec, container.id, self._engine, security.root)
         try:
             await sandbox.start()
         except BaseException:
@@ -289,8 +332,10 @@ class DockerProvider(SandboxProvider):
             raise
         return sandbox
 
-    async def _create_container(self, spec: SandboxSpec) -> aiodocker.containers.DockerContainer:
-        config = container_config(spec, self._instance, self._network.name, self._dns)
+    async def _create_container(
+        self, spec: SandboxSpec, seccomp: str | None
+    ) -> aiodocker.containers.DockerContainer:
+        config = container_config(spec, self._instance, self._network.name, self._dns, seccomp=seccomp)
         try:
             with self._engine.errors(spec.image):
                 return await self._engine.docker.containers.create(config)
@@ -314,7 +359,7 @@ class DockerProvider(SandboxProvider):
         if status == "unknown" or labels.get(PROTOCOL_LABEL) != str(proto.VERSION):
             await self._engine.remove(sandbox_id)
             return await self.create(spec)
-        sandbox = DockerSandbox(spec, sandbox_id, self._engine)
+        sandbox = DockerSandbox(spec, sandbox_id, self._engine, (await self.security()).root)
         await self._ensure_network(spec)  # a restarted server fences its survivors before they run again
         if status != "running":
             await sandbox.start()
@@ -343,3 +388,61 @@ class DockerProvider(SandboxProvider):
         engine, self._engine_obj = self._engine_obj, None
         if engine is not None:
             await engine.docker.close()
+
+
+def _prepare_dirs(spec: SandboxSpec, root: tuple[int, int] | None) -> None:
+    """Create the bound folders (bind mounts need them) and (blocking).
+
+    Under userns-remap, container root is the host uid:gid `root`: the workspace becomes its own.
+    """
+    make_dirs(spec)  # the state folder stays the server's: only the secret is given (`ListenerChannel`)
+    close_to_others(spec.workspace.parent)
+    if root is not None:
+        give_tree(spec.workspace, *root)
+
+
+@dataclass(frozen=True)
+class EngineSecurity:
+    """The isolation a Docker engine adds, from `docker info`'s SecurityOptions."""
+
+    userns: str
+    """"userns-remap", "rootless", or "off" (container root is host root)."""
+    seccomp: str
+    """"default" (the engine's profile), "crogia" (ours: the engine's allows io_uring), or "off"."""
+    profile: str | None
+    """The profile sent with each container; None keeps the engine's default."""
+    root: tuple[int, int] | None = None
+    """Under userns-remap: the host uid and gid container root is (from the engine's data root)."""
+
+    @classmethod
+    def from_info(cls, info: Mapping[str, Any]) -> EngineSecurity:
+        options = " ".join(info.get("SecurityOptions") or [])
+        userns = (
+            "rootless"
+            if "name=rootless" in options
+            else "userns-remap"
+            if "name=userns" in options
+            else "off"
+        )
+        root = _remapped_root(str(info.get("DockerRootDir", ""))) if userns == "userns-remap" else None
+        if "name=seccomp" not in options:
+            return cls(userns, "off", None, root)
+        unconfined = "profile=unconfined" in options  # dockerd --seccomp-profile=unconfined: ours instead
+        if _major(str(info.get("ServerVersion", ""))) >= IO_URING_DENIED_SINCE and not unconfined:
+            return cls(userns, "default", None, root)
+        return cls(userns, "crogia", docker_profile(), root)
+
+
+IO_URING_DENIED_SINCE = 25
+"""Docker's default seccomp profile denies io_uring from Engine 25.0 on."""
+
+
+def _remapped_root(data_root: str) -> tuple[int, int] | None:
+    """dockerd keeps a remapped engine's data in `<data-root>/<uid>.<gid>`: container root's host ids."""
+    uid, dot, gid = os.path.basename(data_root).partition(".")
+    return (int(uid), int(gid)) if dot and uid.isdigit() and gid.isdigit() else None
+
+
+def _major(version: str) -> int:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0

@@ -46,6 +46,8 @@ class ListenerChannel(Channel):
         self.folder = folder
         self.peer_cgroup: str | None = None
         """When set (the container's id), a peer whose cgroup does not name it is refused."""
+        self.secret_owner: tuple[int, int] | None = None
+        """uid, gid the secret file is given to (a userns-remapped container root); None: root's."""
         self._server: asyncio.Server | None = None
         self._secret = ""
         self._ready: Stream | None = None
@@ -58,7 +60,7 @@ class ListenerChannel(Channel):
         if self._server is not None:
             return
         self._secret = secrets.token_urlsafe(32)
-        sock = await asyncio.to_thread(_bind, self.folder, self._secret)
+        sock = await asyncio.to_thread(_bind, self.folder, self._secret, self.secret_owner)
         self._server = await asyncio.start_unix_server(self._accepted, sock=sock, limit=1 << 16)
 
     async def connect(self, within: float) -> Stream:
@@ -124,7 +126,7 @@ class ListenerChannel(Channel):
         return ""
 
 
-def _bind(folder: Path, secret: str) -> socket.socket:
+def _bind(folder: Path, secret: str, owner: tuple[int, int] | None = None) -> socket.socket:
     """Write the secret (0400) and bind a new socket in `folder` (blocking; folder made by make_dirs)."""
     dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
@@ -133,6 +135,8 @@ def _bind(folder: Path, secret: str) -> socket.socket:
             os.unlink(tmp, dir_fd=dir_fd)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400, dir_fd=dir_fd)
         with os.fdopen(fd, "w") as f:
+            if owner is not None:  # its owner could rewrite it, but never replace it: the folder is ours
+                os.fchown(f.fileno(), *owner)
             f.write(secret)
         os.replace(tmp, SECRET_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         with contextlib.suppress(FileNotFoundError):

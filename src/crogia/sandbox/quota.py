@@ -127,6 +127,7 @@ class WorkspaceDisks:
         self._locks.pop(session_id, None)
 
     async def _make(self, image: Path, size_mb: int) -> None:
+        await asyncio.to_thread(self.folder.chmod, 0o700)  # an image holds a whole workspace
         await asyncio.to_thread(_sparse_file, image, size_mb * 1024 * 1024)
         code, _, err = await capture(*_MKFS, str(image))
         if code != 0:

@@ -18,7 +18,16 @@ import stat
 from pathlib import Path
 
 from crogia.errors import InvalidInput, TooLarge
-from crogia.workspace.paths import RelPath, kind_error, lstat_at, open_root, open_subdir, opened_dir, os_error
+from crogia.workspace.paths import (
+    RelPath,
+    kind_error,
+    lstat_at,
+    open_root,
+    open_subdir,
+    opened_dir,
+    os_error,
+    own_like_parent,
+)
 
 FILE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
 NEW_FILE_MODE = 0o644
@@ -108,7 +117,8 @@ class AtomicFile:
             fd = os.open(self._tmp, flags, 0o600, dir_fd=self._dir_fd)
         except OSError as exc:
             raise os_error(exc, self.rel) from None
-        os.fchmod(fd, mode)  # explicit, so the host umask does not decide
+        own_like_parent(fd, self._dir_fd)
+        os.fchmod(fd, mode)  # explicit, so the host umask does not decide (after fchown, which clears setuid)
         return fd
 
     def write(self, data: bytes) -> None:

@@ -122,16 +122,32 @@ def open_subdir(dir_fd: int, rel: RelPath, *, create: bool = False) -> int:
             raise NotFound(f"Folder '{rel.text}' does not exist.", path=rel.text) from None
     except OSError as exc:
         raise _walk_error(dir_fd, rel, exc) from None
+    made = True
     try:
         os.mkdir(rel.name, 0o755, dir_fd=dir_fd)
     except FileExistsError:
-        pass  # created concurrently; the open below decides what it is
+        made = False  # created concurrently; the open below decides what it is
     except OSError as exc:
         raise os_error(exc, rel) from None
     try:
-        return os.open(rel.name, DIR_FLAGS, dir_fd=dir_fd)
+        fd = os.open(rel.name, DIR_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         raise _walk_error(dir_fd, rel, exc) from None
+    if made:
+        own_like_parent(fd, dir_fd)
+    return fd
+
+
+def own_like_parent(fd: int, dir_fd: int) -> None:
+    """Give what the server just made (`fd`) the owner of the folder it is in (`dir_fd`).
+
+    A bubblewrap sandbox's root is an unprivileged host uid that owns its workspace: a file the
+    server (host root) wrote would be read-only to it, and show as `nobody`. Where the server
+    and the folder's owner are the same uid (Docker, no user namespace) this does nothing.
+    """
+    parent = os.fstat(dir_fd)
+    if parent.st_uid != os.geteuid() and os.geteuid() == 0:
+        os.fchown(fd, parent.st_uid, parent.st_gid)
 
 
 def _walk_error(dir_fd: int, rel: RelPath, exc: OSError) -> CrogiaError | OSError:

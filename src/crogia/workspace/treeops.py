@@ -16,7 +16,7 @@ from pathlib import Path
 from crogia.errors import Conflict, InvalidInput, NotFound
 from crogia.workspace._linux import rename_noreplace
 from crogia.workspace.models import Entry, EntryType
-from crogia.workspace.paths import DIR_FLAGS, RelPath, lstat_at, opened_dir, os_error
+from crogia.workspace.paths import DIR_FLAGS, RelPath, lstat_at, opened_dir, os_error, own_like_parent
 
 MAX_REMOVE_DEPTH = 256
 
@@ -82,6 +82,11 @@ def make_dir(root: Path, rel: RelPath, *, parents: bool, exist_ok: bool) -> None
     with opened_dir(root, rel.parent, create=parents) as dir_fd:
         try:
             os.mkdir(rel.name, 0o755, dir_fd=dir_fd)
+            made = os.open(rel.name, DIR_FLAGS, dir_fd=dir_fd)
+            try:
+                own_like_parent(made, dir_fd)
+            finally:
+                os.close(made)
             return
         except FileExistsError:
             mode = lstat_at(dir_fd, rel).st_mode

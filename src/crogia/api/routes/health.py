@@ -27,4 +27,6 @@ async def health(runtime: RuntimeDep) -> Health:
         network=describe(runtime.settings.sandbox_network),
         version=__version__,
         store_error=store_error,
+        userns=await runtime.provider.userns_mode(),
+        seccomp=await runtime.provider.seccomp_mode(),
     )

@@ -302,6 +302,7 @@ USAGE = "[--fd N | --dial PATH --secret-file PATH] [--log-dir PATH] [--log-max B
 
 
 def main(argv: list[str] | None = None) -> None:
+    __import__("executor_harden").make_undumpable()
     args = {"--fd": "", "--dial": "", "--secret-file": "", "--log-dir": "/run/crogia/logs", "--log-max": ""}
     rest = list(sys.argv[1:] if argv is None else argv)
     while rest:

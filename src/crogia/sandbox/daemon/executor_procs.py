@@ -75,6 +75,33 @@ def _members(sid: int) -> list[int]:
     return found
 
 
+ENVIRON_READ = 65536
+"""Bytes of each environment a scan reads: the marker sits near the start of any usual one."""
+MARKS: dict[int, bytes] = {}
+"""Command pid -> the `CROGIA_RUN=<n>` entry its environment (and its descendants') carries."""
+
+
+def marked(mark: bytes) -> list[int]:
+    """Pids whose environment carries `mark`: a command's processes that left its session (setsid)."""
+    found, me, needle = [], str(os.getpid()), b"\0" + mark + b"\0"
+    for name in os.listdir("/proc") if mark else ():
+        if not name.isdigit() or name == me:  # this daemon's own environment is unreadable
+            continue
+        try:
+            fd = os.open(f"/proc/{name}/environ", os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            env = b"\0" + os.read(fd, ENVIRON_READ)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        if needle in env:
+            found.append(int(name))
+    return found
+
+
 def end_group(pgid: int, thorough: bool = False, within: float = 5.0) -> Steps:
     """SIGKILL a finished command's process group, and its session's strays, until none is left.
 
@@ -84,7 +111,7 @@ def end_group(pgid: int, thorough: bool = False, within: float = 5.0) -> Steps:
     still had members) also looks in /proc for processes of the command's session that left
     its group. False if something survived `within` seconds.
     """
-    deadline = time.monotonic() + within
+    deadline, mark = time.monotonic() + within, MARKS.pop(pgid, b"")
     while True:
         try:
             os.killpg(pgid, signal.SIGKILL)
@@ -97,6 +124,9 @@ def end_group(pgid: int, thorough: bool = False, within: float = 5.0) -> Steps:
             for pid in _members(pgid):
                 alive = True
                 kill(pid, signal.SIGKILL, group=False)
+        for pid in marked(mark):  # escaped with setsid (or a double fork and setsid)
+            alive = True
+            kill(pid, signal.SIGKILL, group=False)
         if not alive:
             return True
         if time.monotonic() > deadline:
@@ -147,6 +177,9 @@ def start_child(cmd: str, cwd: str, env: dict[str, str], out: int, tty: bool = F
         bash = os.path.join(folder, "bash")
         if os.access(bash, os.X_OK):
             break
+    mark = f"CROGIA_RUN={time.monotonic_ns()}"
+    env = {"CROGIA_RUN": "", **env}  # first: where a scan of the environment starts
+    env["CROGIA_RUN"] = mark[11:]  # ours, whatever the request's env said
     # posix_spawn (vfork-like: no copy of this process) takes no cwd: lend it ours for the call.
     os.chdir(cwd)
     try:
@@ -154,6 +187,7 @@ def start_child(cmd: str, cwd: str, env: dict[str, str], out: int, tty: bool = F
                              setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))  # fmt: skip
     finally:
         os.chdir("/")
+    MARKS[pid] = mark.encode()
     return Child(pid)
 
 
@@ -267,6 +301,8 @@ class Background:
             if (yield lambda: not entry["running"], max(grace, 0.0)):
                 raise cancelled_error()
         kill(pid, signal.SIGKILL)  # even when the leader obeyed, the rest of its group goes too
+        for stray in marked(MARKS.pop(pid, b"")):
+            kill(stray, signal.SIGKILL, group=False)
         while entry["running"]:
             if (yield lambda: not entry["running"], None):
                 raise cancelled_error()
