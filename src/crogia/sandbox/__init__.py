@@ -12,7 +12,7 @@ import logging
 
 from crogia.config import Settings
 from crogia.sandbox.base import Limits, SandboxProvider
-from crogia.sandbox.config import DockerConfig, backend_config, instance_id
+from crogia.sandbox.config import BubblewrapConfig, DockerConfig, instance_id
 from crogia.sandbox.executor import compile_daemon
 from crogia.sandbox.network import warn_if_shared
 
@@ -59,6 +59,20 @@ async def make_provider(settings: Settings) -> SandboxProvider:
 
 
 async def _bubblewrap(settings: Settings) -> SandboxProvider:
-    provider = backend_config(settings, "bubblewrap").build()
+    config = BubblewrapConfig(
+        instance=instance_id(settings), dns=settings.sandbox_dns, uid_range=settings.sandbox_uid_range
+    )
+    if config.uid_range:
+        from crogia.sandbox.bwrap_priv import closed_ancestor
+
+        closed = await asyncio.to_thread(closed_ancestor, settings.data_dir)
+        if closed is not None:
+            log.warning(
+                "bubblewrap sandboxes run as host root (SANDBOX_UID_RANGE unused): their uids cannot "
+                "reach the data folder %s through %s (make it searchable: chmod o+x, or move "
+                "BASE_DIRECTORY)", settings.data_dir, closed,
+            )  # fmt: skip
+            config = config.model_copy(update={"uid_range": ""})
+    provider = config.build()
     await provider.available()  # probes now, so a weaker isolation is a start-up warning
     return provider

@@ -115,5 +115,13 @@ def open_path_to(folder: Path, gid: int) -> None:
             )
 
 
+def closed_ancestor(folder: Path) -> Path | None:
+    """The first folder above `folder` that other users cannot search (None: every one can; blocking)."""
+    for parent in folder.resolve().parents:
+        if not os.stat(parent).st_mode & 0o001:
+            return parent
+    return None
+
+
 def _searchable(info: os.stat_result, gid: int) -> bool:
     return bool(info.st_mode & 0o001) or (info.st_gid == gid and bool(info.st_mode & 0o010))

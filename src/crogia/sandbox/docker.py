@@ -251,6 +251,7 @@ class DockerProvider(SandboxProvider):
         self._dns = dns
         self._engine_obj: _Engine | None = None
         self._network_obj: DockerNetwork | None = None
+        self._security: EngineSecurity | None = None
 
     @property
     def _network(self) -> DockerNetwork:
@@ -264,7 +265,6 @@ class DockerProvider(SandboxProvider):
         if mode_of(spec.limits.network) == "isolated":
             with self._engine.errors():
                 await self._network.ensure()
-        self._security: EngineSecurity | None = None
 
     async def security(self) -> EngineSecurity:
         """What the engine enforces (user namespaces, its seccomp default), asked once."""
