@@ -81,6 +81,10 @@ async def pool_full(base: Path, size: int, timeout: float = 60) -> None:
     await asyncio.sleep(0.5)
 
 
+UNISOLATED = {"SANDBOX_NETWORK": "bridge", "SANDBOX_UID_RANGE": ""}
+"""Settings that turn this round's isolation off (shared network, host-root sandboxes): the old path."""
+
+
 async def one_create(http: Http) -> float:
     started = time.perf_counter()
     session = await create_session(http, task="bench create")
@@ -90,7 +94,7 @@ async def one_create(http: Http) -> float:
 
 
 async def measure(backend: str, count: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {"off": [], "on": [], "raw": []}
+    times: dict[str, list[float]] = {"off": [], "unisolated": [], "on": [], "raw": []}
     label = f"crogia.bench={uuid.uuid4().hex[:8]}"
     with data_dir() as folder:
 
@@ -98,10 +102,17 @@ async def measure(backend: str, count: int) -> dict[str, list[float]]:
             return await (docker_run(label) if backend == "docker" else bwrap_spawn(folder))
 
         await raw()  # warm-up
-        async with server(backend) as srv, Http(srv.port) as http:
+        async with (
+            server(backend) as srv,
+            Http(srv.port) as http,
+            server(backend, env=UNISOLATED) as old,
+            Http(old.port) as http_old,
+        ):
             await one_create(http)
+            await one_create(http_old)
             for _ in range(count):
                 times["off"].append(await one_create(http))
+                times["unisolated"].append(await one_create(http_old))
                 times["raw"].append(await raw())
         async with server(backend, pool=POOL_SIZE) as srv, Http(srv.port) as http:
             for _ in range(count):
@@ -145,6 +156,18 @@ async def main() -> None:
                 p50["off"] <= OFF_TARGET_RATIO * p50["raw"] if docker else None,
                 baseline=p50["raw"],
                 baseline_what=raw_name,
+            )
+        )
+        ratio = p50["off"] / p50["unisolated"]
+        rows.append(
+            Row(
+                f"session create p50 (pool off) isolated / isolation off, {backend}",
+                round(ratio, 3),
+                "x",
+                "<= 1.3x",
+                ratio <= 1.3,
+                baseline=p50["unisolated"],
+                baseline_what="isolation off (shared network, host root)",
             )
         )
     report("create", rows, smoke=args.smoke, measured=measured, pool_size=POOL_SIZE)

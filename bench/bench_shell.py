@@ -4,7 +4,9 @@
   connection, to a `crogia serve` process (on the stdlib loop and on uvloop: `--loop`);
 * docker exec: `docker exec <the session's own container> echo hi` (what a naive backend does);
 * bwrap spawn: a fresh bubblewrap sandbox with our mounts running `echo hi`;
-* fork: `/bin/echo hi` as a child of this process (fork + exec + wait), for reference.
+* fork: `/bin/echo hi` as a child of this process (fork + exec + wait), for reference;
+* isolation off: the same request to a second server with the shared network and host-root sandboxes
+  (`UNISOLATED`), so the cost of network isolation and user namespaces shows as a ratio (target 1.2x).
 
 Rounds interleave every side, so load from elsewhere hits all alike; medians are compared.
 Target: ours p50 <= 5 ms on Docker and on bubblewrap. Writes bench/results/shell.json.
@@ -64,19 +66,31 @@ def bwrap_echo(folder: Path) -> list[str]:
     return [*argv[: -len(sandbox_command(spec, "/usr/bin/python3", 3))], "/bin/echo", "hi"]
 
 
+UNISOLATED = {"SANDBOX_NETWORK": "bridge", "SANDBOX_UID_RANGE": ""}
+"""Settings that turn this round's isolation off (shared network, host-root sandboxes): the old path."""
+
+
 async def measure(backend: str, loop: str, rounds: int, per_round: int) -> dict[str, Any]:
-    times: dict[str, list[float]] = {"ours": [], "raw": [], "fork": []}
+    times: dict[str, list[float]] = {"ours": [], "unisolated": [], "raw": [], "fork": []}
     with data_dir() as folder:
-        async with server(backend, loop=loop) as srv, Http(srv.port) as http:
+        async with (
+            server(backend, loop=loop) as srv,
+            Http(srv.port) as http,
+            server(backend, loop=loop, env=UNISOLATED) as off,
+            Http(off.port) as http_off,
+        ):
             session = await create_session(http, task="bench shell")
             sid = session["session_id"]
+            sid_off = (await create_session(http_off, task="bench shell, isolation off"))["session_id"]
             raw = ["docker", "exec", session["container_id"], "echo", "hi"]
             if backend != "docker":
                 raw = bwrap_echo(folder)
             await ours(http, sid, 20)  # warm-up
+            await ours(http_off, sid_off, 20)
             await timed(*raw)
             for _ in range(rounds):
                 times["ours"] += await ours(http, sid, per_round)
+                times["unisolated"] += await ours(http_off, sid_off, per_round)
                 times["raw"] += [await timed(*raw) for _ in range(max(2, per_round // 10))]
                 times["fork"] += [await timed("/bin/echo", "hi") for _ in range(max(2, per_round // 5))]
     return {
@@ -118,6 +132,19 @@ async def main() -> None:
                     },
                 )
             )
+            if default:
+                off = result["unisolated"]["p50_ms"]
+                rows.append(
+                    Row(
+                        f"POST /shell p50 isolated / isolation off, {backend}",
+                        round(p50 / off, 3),
+                        "x",
+                        "<= 1.2x",
+                        p50 / off <= 1.2,
+                        baseline=off,
+                        baseline_what="isolation off (shared network, host root)",
+                    )
+                )
             print(
                 f"{backend}/{loop}: ours p50 {p50:.2f} ms (p90 {result['ours']['p90_ms']:.2f}), "
                 f"{raw_name} {result['raw']['p50_ms']:.2f} ms, fork {result['fork']['p50_ms']:.2f} ms",

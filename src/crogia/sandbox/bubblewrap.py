@@ -70,6 +70,8 @@ DEFAULT_UID_RANGE = "700000000-700065535"
 # The wrapper shell joins the cgroups (and sets rlimits) before exec'ing bwrap, so bwrap and
 # every process it forks start inside them: moving bwrap afterwards would leave its children out.
 STDERR_KEEP = 4096
+HAVE_BASH = os.access("/bin/bash", os.X_OK)
+"""Checked once, at import: `exec -a` (naming bwrap `bwrap` for the sandbox's /proc/1/cmdline) needs bash."""
 RENAME = ["/bin/bash", "-c", 'exec -a bwrap "$@"', "crogia-sandbox"]
 """The last launch step when others stand between the wrapper and bwrap (bwrap then shows as `bwrap`)."""
 _WRAPPER = 'for f do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done; shift; exec "$@"'
@@ -153,6 +155,14 @@ def bwrap_args(
 def sandbox_command(spec: SandboxSpec, python: str, channel_fd: int) -> list[str]:
     """The sandbox's command (the daemon), the tail of `bwrap_args`."""
     return daemon_command(["--fd", str(channel_fd), "--log-max", str(log_max(spec.limits.state_mb))], python)
+
+
+def _options_pipe(options: list[str]) -> int:
+    """The read end of a pipe holding `options` for `bwrap --args` (blocking, but never waits)."""
+    args_r, args_w = os.pipe()
+    with os.fdopen(args_w, "wb") as pipe:
+        pipe.write(b"".join(os.fsencode(a) + b"\0" for a in options))
+    return args_r
 
 
 class BubblewrapSandbox(ExecutorSandbox):
@@ -240,7 +250,7 @@ class BubblewrapSandbox(ExecutorSandbox):
                 bwrap_args, self._bwrap, self.spec, self._python, fd, self._resolv_conf, launch
             )
             steps = [*wrapper, *launch.prefix()]
-            if len(steps) > self._wrapper_len and os.access("/bin/bash", os.X_OK):
+            if len(steps) > self._wrapper_len and HAVE_BASH:
                 steps += RENAME  # nsenter or setpriv exec bwrap by its path: name it for /proc/1/cmdline
             self._proc = await self._spawn(steps, argv, fd, launch.open_fds)
         finally:
@@ -259,9 +269,7 @@ class BubblewrapSandbox(ExecutorSandbox):
         # then names no host path. They fit in the pipe's buffer, so nobody waits on the write.
         command = sandbox_command(self.spec, self._python, channel_fd)
         options = argv[1 : len(argv) - len(command)]
-        args_r, args_w = os.pipe()
-        with os.fdopen(args_w, "wb") as pipe:
-            pipe.write(b"".join(os.fsencode(a) + b"\0" for a in options))
+        args_r = await asyncio.to_thread(_options_pipe, options)
         try:
             return await asyncio.create_subprocess_exec(
                 *steps, argv[0], "--args", str(args_r), *command, stdin=asyncio.subprocess.DEVNULL,
@@ -297,7 +305,7 @@ class BubblewrapSandbox(ExecutorSandbox):
         script = _WRAPPER
         if "memory" not in self.enforced_limits:
             script = f"ulimit -v {self.spec.limits.memory_mb * 1024} || exit 125; {script}"
-        if os.access("/bin/bash", os.X_OK):
+        if HAVE_BASH:
             # bwrap's argv[0] is the sandbox's /proc/1/cmdline: name it, not where it is installed.
             script = script.replace('exec "$@"', 'exec -a bwrap "$@"')
             return ["/bin/bash", "-c", script, "crogia-sandbox", *procs, "--"]

@@ -91,7 +91,7 @@ class ListenerChannel(Channel):
         self._handshakes += 1
         stream = (LineReader(reader), writer)
         try:
-            stranger = self._stranger(writer)
+            stranger = await self._stranger(writer)
             if stranger:
                 send(writer, {"type": "reject", "error": stranger})
                 raise proto.ProtocolError(stranger)
@@ -108,7 +108,7 @@ class ListenerChannel(Channel):
         self._ready = stream
         self._arrived.set()
 
-    def _stranger(self, writer: asyncio.StreamWriter) -> str:
+    async def _stranger(self, writer: asyncio.StreamWriter) -> str:
         """Why the peer (SO_PEERCRED) is not in the container's cgroup, where we can see it; else ""."""
         sock = writer.get_extra_info("socket")
         if self.peer_cgroup is None or sock is None:
@@ -116,14 +116,19 @@ class ListenerChannel(Channel):
         pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         if pid <= 0:  # in a pid namespace we cannot see into: the secret alone decides
             return ""
-        try:
-            with open(f"/proc/{pid}/cgroup") as f:
-                cgroup = f.read(4096)
-        except OSError:  # gone already
-            return ""
-        if self.peer_cgroup not in cgroup:
+        cgroup = await asyncio.to_thread(_cgroup_of, pid)
+        if cgroup is not None and self.peer_cgroup not in cgroup:
             return f"a process outside the sandbox (pid {pid}) dialled its channel"
         return ""
+
+
+def _cgroup_of(pid: int) -> str | None:
+    """`pid`'s /proc cgroup file (blocking); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            return f.read(4096)
+    except OSError:
+        return None
 
 
 def _bind(folder: Path, secret: str, owner: tuple[int, int] | None = None) -> socket.socket:
