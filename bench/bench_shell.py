@@ -136,10 +136,10 @@ async def main() -> None:
                 off = result["unisolated"]["p50_ms"]
                 rows.append(
                     Row(
-                        f"POST /shell p50 isolated / isolation off, {backend}",
-                        round(p50 / off, 3),
-                        "x",
-                        "<= 1.2x",
+                        f"POST /shell echo hi p50, {backend}, isolated vs isolation off",
+                        p50,
+                        "ms",
+                        "<= 1.2x isolation off",
                         p50 / off <= 1.2,
                         baseline=off,
                         baseline_what="isolation off (shared network, host root)",
