@@ -24,7 +24,9 @@ import os
 import secrets
 import shutil
 import signal
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from crogia.errors import SandboxError, Unavailable
 from crogia.sandbox.network import (
@@ -73,27 +75,45 @@ def ruleset() -> str:
 
 
 async def _run(*argv: str, data: bytes | None = None) -> None:
+    """Run a set-up command to its exit (not to its pipes' end: pasta's background half keeps its
+    stderr open, and a pipe there would be waited on for as long as pasta lives)."""
+    err = await asyncio.to_thread(tempfile.TemporaryFile)
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE if data is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    except FileNotFoundError as exc:
-        raise Unavailable(
-            f"`{argv[0]}` is not installed: the isolated network needs it", command=argv[0]
-        ) from exc
-    try:
-        _, err = await asyncio.wait_for(proc.communicate(data), _TIMEOUT)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE if data is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=err,
+            )
+        except FileNotFoundError as exc:
+            raise Unavailable(
+                f"`{argv[0]}` is not installed: the isolated network needs it", command=argv[0]
+            ) from exc
+        try:
+            await asyncio.wait_for(_feed_and_wait(proc, data), _TIMEOUT)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        if proc.returncode != 0:
+            message = await asyncio.to_thread(_tail, err)
+            raise SandboxError(f"{argv[0]} failed: {message}", command=argv[0])
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    if proc.returncode != 0:
-        raise SandboxError(
-            f"{argv[0]} failed: {err.decode(errors='replace').strip()[-500:]}", command=argv[0]
-        )
+        await asyncio.to_thread(err.close)
+
+
+async def _feed_and_wait(proc: asyncio.subprocess.Process, data: bytes | None) -> None:
+    if data is not None and proc.stdin is not None:
+        proc.stdin.write(data)
+        await proc.stdin.drain()
+        proc.stdin.close()
+    await proc.wait()
+
+
+def _tail(file: Any) -> str:
+    file.seek(0)
+    return bytes(file.read()).decode(errors="replace").strip()[-500:]
 
 
 class SandboxNetns:
