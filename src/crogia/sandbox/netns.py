@@ -27,6 +27,7 @@ import signal
 from pathlib import Path
 
 from crogia.errors import SandboxError, Unavailable
+from crogia.sandbox.egress import TABLE_PARTS, DnsGate, EgressPolicy, Element, chain_rules, element_batch
 from crogia.sandbox.network import (
     BLOCKED_V4,
     BLOCKED_V6,
@@ -34,6 +35,7 @@ from crogia.sandbox.network import (
     GATEWAY,
     SANDBOX_ADDRESS,
     host_addresses,
+    host_resolvers,
 )
 
 log = logging.getLogger(__name__)
@@ -56,16 +58,18 @@ def ruleset() -> str:
     blocked = [f"ip daddr {{ {', '.join(BLOCKED_V4)} }}", f"ip6 daddr {{ {', '.join(BLOCKED_V6)} }}"]
     blocked += [f"ip daddr {{ {', '.join(host4)} }}"] if host4 else []
     blocked += [f"ip6 daddr {{ {', '.join(host6)} }}"] if host6 else []
-    # A per-session allow-list would go here, as accepts ahead of the rejects.
+    # The session's egress policy (crogia.sandbox.egress) comes after: it narrows, never widens.
     rejects = [f"{match} meta l4proto tcp reject with tcp reset\n{match} reject" for match in blocked]
     return "\n".join(
         [
             "table inet crogia {",
+            *TABLE_PARTS,
             "chain output {",
             "type filter hook output priority 0; policy accept;",
             'oifname "lo" accept',
             f"ip daddr {DNS_ADDRESS} meta l4proto {{ tcp, udp }} th dport 53 accept",
             *rejects,
+            "jump egress",
             "}",
             "}",
         ]
@@ -99,11 +103,28 @@ async def _run(*argv: str, data: bytes | None = None) -> None:
 class SandboxNetns:
     """One sandbox's namespace and its pasta; `prepare`, launch into `enter_argv`, `attach`, `remove`."""
 
-    def __init__(self, name: str, private_dir: Path, dns: str = "") -> None:
+    def __init__(self, name: str, private_dir: Path, dns: str = "", gate: DnsGate | None = None) -> None:
         self.name = name
         self.path = NETNS_DIR / name
         self._pidfile = private_dir / f"{name}.pasta.pid"
-        self._dns = dns
+        self._dns = gate.address if gate is not None else dns
+        self.gate = gate
+        """Its resolver (pasta forwards the sandbox's DNS to it): the egress policy's name half."""
+        if gate is not None:
+            gate.add = self._add_elements
+
+    async def set_policy(self, policy: EgressPolicy) -> None:
+        """Load `policy` into the namespace's `egress` chain and sets (new connections follow it)."""
+        await _run(*self.enter_argv, "nft", "-f", "-", data=chain_rules(policy).encode())
+        if self.gate is not None:
+            self.gate.forget()
+            self.gate.policy = policy
+
+    async def _add_elements(self, found: list[Element]) -> None:
+        try:
+            await _run(*self.enter_argv, "nft", "-f", "-", data=element_batch(found, refresh=True).encode())
+        except SandboxError:  # a known element expired meanwhile: add them all afresh
+            await _run(*self.enter_argv, "nft", "-f", "-", data=element_batch(found, refresh=False).encode())
 
     @property
     def enter_argv(self) -> list[str]:
@@ -139,6 +160,8 @@ class SandboxNetns:
 
     async def remove(self) -> None:
         """Delete the namespace (pasta then quits by itself) and make sure its pasta is gone."""
+        if self.gate is not None:
+            await self.gate.close()
         if await asyncio.to_thread(self.path.exists):
             await _run("ip", "netns", "del", self.name)
         await asyncio.to_thread(self._pidfile.with_suffix(".resolv").unlink, missing_ok=True)
@@ -211,7 +234,21 @@ class NetnsStock:
                 await SandboxNetns(name, self._private).remove()
 
     async def _make(self) -> SandboxNetns:
-        netns = SandboxNetns(f"crogia-{self._scope}-{secrets.token_hex(6)}", self._private, self._dns)
+        upstream = self._dns or next(iter(await asyncio.to_thread(host_resolvers)), "")
+        gate = None
+        for _ in range(5):  # its own loopback address, so the gate knows whose queries it hears
+            address = (
+                f"127.{secrets.randbelow(150) + 100}.{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}"
+            )
+            gate = DnsGate(address, upstream)
+            try:
+                await gate.open()
+                break
+            except OSError:
+                gate = None
+        if gate is None:
+            raise SandboxError("no free loopback address for a sandbox resolver")
+        netns = SandboxNetns(f"crogia-{self._scope}-{secrets.token_hex(6)}", self._private, self._dns, gate)
         try:
             await netns.prepare()
             await netns.attach()

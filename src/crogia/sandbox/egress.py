@@ -1,0 +1,337 @@
+"""Per-session egress policy (issue 13 item 3): what an isolated sandbox may connect to.
+
+`internet` (the default) is plain isolation: the public internet, never a blocked range
+(`crogia.sandbox.network`). `none` rejects every connection. `allow` rejects all but the listed
+CIDRs and the addresses the listed names resolve to. Design: DNS plus firewall.
+
+* Every isolated sandbox sends its DNS to a `DnsGate` of its own (a UDP socket the server runs;
+  bubblewrap: pasta's forwarded DNS address leads to it). Under `allow` it answers only allowed
+  names (others: NXDOMAIN) and, before it relays an answer, adds the answer's A/AAAA addresses to
+  the sandbox's nftables set with a timeout from the TTL; under `none` it answers nothing but
+  NXDOMAIN. Each refusal becomes an `egress_blocked` event (rate-limited by `BlockedReporter`).
+* The sandbox's nftables table (in its own namespace, where it has no capability) has a chain
+  `egress` after the blocked-range rejects: empty for `internet`; `none`: reject; `allow`: return
+  for `@allow4`/`@allow6` (the CIDRs, fixed, and the resolved addresses, timed), reject the rest.
+  Private and host ranges are rejected before that chain, so an allowed name that resolves to one
+  stays unreachable; CIDRs that overlap them are refused at the API (422).
+
+What is matched: the name a sandbox asks its resolver for, and the destination address. Not
+matched: TLS SNI and HTTP Host (a sandbox may reach any name hosted on an allowed address, such
+as another site on the same CDN address), and DNS over TCP (refused: the gate serves UDP only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import re
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from crogia.sandbox.network import BLOCKED_V4, BLOCKED_V6
+
+log = logging.getLogger(__name__)
+
+Egress = Literal["internet", "none", "allow"]
+MAX_ENTRIES = 256
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_BLOCKED = [ipaddress.ip_network(n) for n in (*BLOCKED_V4, *BLOCKED_V6)]
+MIN_TTL, MAX_TTL = 30, 3600
+"""Bounds of a resolved address's lifetime in the allowed set (seconds)."""
+
+
+def check_entry(entry: str) -> str:
+    """`entry` normalised (lower case, CIDR form), or ValueError naming it."""
+    value = entry.strip().lower().rstrip(".")
+    if any(c in value for c in "/:") or value.replace(".", "").isdigit():
+        try:
+            net = ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"egress entry {entry!r} is not a host name, *.name or CIDR") from None
+        if any(net.version == b.version and net.overlaps(b) for b in _BLOCKED):  # type: ignore[arg-type]
+            raise ValueError(
+                f"egress entry {entry!r} overlaps a private, loopback or link-local range, "
+                "which a sandbox never reaches"
+            )
+        return str(net)
+    name = value[2:] if value.startswith("*.") else value
+    labels = name.split(".")
+    if len(name) > 253 or len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+        raise ValueError(f"egress entry {entry!r} is not a host name, *.name or CIDR")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class EgressPolicy:
+    """One session's policy; `allow` holds normalised entries (see `check_entry`)."""
+
+    egress: Egress = "internet"
+    allow: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, data: Any) -> EgressPolicy:
+        """From a stored `{"egress", "allow"}` (None or anything malformed: the default)."""
+        if not isinstance(data, dict) or data.get("egress") not in ("internet", "none", "allow"):
+            return cls()
+        allow = data.get("allow") or []
+        return cls(data["egress"], tuple(str(a) for a in allow if isinstance(a, str)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"egress": self.egress, "allow": list(self.allow)}
+
+    @property
+    def nets(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for entry in self.allow:
+            with contextlib.suppress(ValueError):
+                out.append(ipaddress.ip_network(entry))
+        return out
+
+    def allows_name(self, name: str) -> bool:
+        """Whether the sandbox may resolve `name` (exact names; `*.x`: any name below x, not x)."""
+        if self.egress == "internet":
+            return True
+        if self.egress == "none":
+            return False
+        name = name.lower().rstrip(".")
+        for entry in self.allow:
+            if entry.startswith("*."):
+                if name.endswith(entry[1:]):
+                    return True
+            elif name == entry:
+                return True
+        return False
+
+
+def chain_rules(policy: EgressPolicy, table: str = "inet crogia") -> str:
+    """The nft batch that sets the `egress` chain and static set members for `policy`."""
+    lines = [f"flush chain {table} egress", f"flush set {table} allow4", f"flush set {table} allow6"]
+    v4 = [str(n) for n in policy.nets if n.version == 4]
+    v6 = [str(n) for n in policy.nets if n.version == 6]
+    if v4:
+        lines.append(f"add element {table} allow4 {{ {', '.join(v4)} }}")
+    if v6:
+        lines.append(f"add element {table} allow6 {{ {', '.join(v6)} }}")
+    if policy.egress == "allow":
+        lines += [
+            f"add rule {table} egress ip daddr @allow4 return",
+            f"add rule {table} egress ip6 daddr @allow6 return",
+        ]
+    if policy.egress != "internet":
+        lines += [
+            f"add rule {table} egress meta l4proto tcp reject with tcp reset",
+            f"add rule {table} egress reject",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+TABLE_PARTS = (
+    "set allow4 {\ntype ipv4_addr; flags interval, timeout;\n}",
+    "set allow6 {\ntype ipv6_addr; flags interval, timeout;\n}",
+    "chain egress {\n}",
+)
+"""What a sandbox table holds for the policy: the two sets and the (empty: internet) chain."""
+
+
+# --- DNS ---
+
+
+def _skip_name(data: bytes, pos: int) -> int:
+    for _ in range(128):
+        if pos >= len(data):
+            raise ValueError("truncated name")
+        length = data[pos]
+        if length == 0:
+            return pos + 1
+        if length & 0xC0 == 0xC0:
+            return pos + 2
+        pos += 1 + length
+    raise ValueError("name too long")
+
+
+def query_name(query: bytes) -> str | None:
+    """The question's name of a one-question query, or None if it is not one."""
+    if len(query) < 12 or query[2] & 0x80 or struct.unpack("!H", query[4:6])[0] != 1:
+        return None
+    labels, pos = [], 12
+    while pos < len(query) and query[pos]:
+        length = query[pos]
+        if length > 63 or pos + 1 + length > len(query):
+            return None
+        labels.append(query[pos + 1 : pos + 1 + length].decode("ascii", errors="replace"))
+        pos += 1 + length
+    if pos + 5 > len(query):
+        return None
+    return ".".join(labels).lower()
+
+
+def answer_addresses(reply: bytes) -> list[tuple[str, int]]:
+    """The A and AAAA addresses in a reply's answer section, each with its TTL."""
+    out: list[tuple[str, int]] = []
+    try:
+        qd, an = struct.unpack("!HH", reply[4:8])
+        pos = 12
+        for _ in range(qd):
+            pos = _skip_name(reply, pos) + 4
+        for _ in range(an):
+            pos = _skip_name(reply, pos)
+            rtype, _cls, ttl, size = struct.unpack("!HHIH", reply[pos : pos + 10])
+            pos += 10
+            rdata = reply[pos : pos + size]
+            pos += size
+            if rtype == 1 and size == 4:
+                out.append((str(ipaddress.IPv4Address(rdata)), ttl))
+            elif rtype == 28 and size == 16:
+                out.append((str(ipaddress.IPv6Address(rdata)), ttl))
+    except (struct.error, ValueError):
+        pass
+    return out
+
+
+def nxdomain(query: bytes) -> bytes:
+    """An NXDOMAIN reply to `query` (its header and question)."""
+    end = _skip_name(query, 12) + 4
+    flags = 0x8183 | (query[2] & 0x01) << 8  # response, RD copied, RA, NXDOMAIN
+    return query[:2] + struct.pack("!HHHHH", flags, 1, 0, 0, 0) + query[12:end]
+
+
+class BlockedReporter:
+    """Rate-limited `egress_blocked` reports: at most `burst` per `window` seconds per sandbox."""
+
+    def __init__(self, report: Callable[[str], None], *, burst: int = 10, window: float = 10.0) -> None:
+        self._report = report
+        self._burst, self._window = burst, window
+        self._start, self._count = 0.0, 0
+
+    def blocked(self, destination: str) -> None:
+        now = time.monotonic()
+        if now - self._start > self._window:
+            self._start, self._count = now, 0
+        self._count += 1
+        if self._count <= self._burst:
+            self._report(destination)
+
+
+Element = tuple[str, int, bool]
+"""A resolved address for the allowed set: address, timeout (s), whether it may be there already."""
+Adder = Callable[[list[Element]], Awaitable[None]]
+
+
+class DnsGate(asyncio.DatagramProtocol):
+    """One sandbox's resolver: forwards allowed queries to `upstream`, fills the allowed set."""
+
+    def __init__(self, address: str, upstream: str) -> None:
+        self.address = address
+        self.upstream = upstream
+        self.policy = EgressPolicy()
+        self.on_blocked: Callable[[str], None] | None = None
+        self.add: Adder | None = None
+        """Puts resolved addresses in the sandbox's allowed set (set by its owner)."""
+        self._transport: asyncio.DatagramTransport | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._known: dict[str, float] = {}  # address -> when its set element expires (monotonic)
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_datagram_endpoint(lambda: self, local_addr=(self.address, 53))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self._transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        if len(self._tasks) >= 64:  # a flood: the rest is dropped (the resolver retries)
+            return
+        task = asyncio.create_task(self._answer(data, addr), name=f"crogia-dns-{self.address}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, query: bytes, addr: tuple[str | Any, int]) -> None:
+        name = query_name(query)
+        if name is None or self._transport is None:
+            return
+        policy = self.policy
+        if not policy.allows_name(name):
+            if self.on_blocked is not None:
+                self.on_blocked(name)
+            with contextlib.suppress(ValueError):
+                self._transport.sendto(nxdomain(query), addr)
+            return
+        try:
+            reply = await asyncio.wait_for(self._ask(query), 3)
+        except (TimeoutError, OSError):
+            return
+        if policy.egress == "allow":
+            fresh = self._fresh(answer_addresses(reply), policy)
+            if fresh and self.add is not None:
+                try:
+                    await self.add(fresh)
+                except Exception:
+                    log.warning("egress set update for %s failed", name, exc_info=True)
+                    return
+        if self._transport is not None:
+            self._transport.sendto(reply, addr)
+
+    def _fresh(self, found: list[tuple[str, int]], policy: EgressPolicy) -> list[Element]:
+        """The answer's addresses the set lacks or holds for less than half their TTL now."""
+        now, nets = time.monotonic(), policy.nets
+        out: list[Element] = []
+        for address, ttl in found:
+            ip = ipaddress.ip_address(address)
+            if any(ip.version == n.version and ip in n for n in nets):
+                continue  # a listed CIDR covers it already (and an interval set would refuse it)
+            ttl = min(max(ttl, MIN_TTL), MAX_TTL)
+            if self._known.get(address, 0.0) - now < ttl / 2:
+                out.append((address, ttl, address in self._known))
+                self._known[address] = now + ttl
+        return out
+
+    def forget(self) -> None:
+        """The set was flushed (a new policy): nothing is known to be in it."""
+        self._known.clear()
+
+    async def _ask(self, query: bytes) -> bytes:
+        loop = asyncio.get_running_loop()
+        got: asyncio.Future[bytes] = loop.create_future()
+
+        class _Up(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+                if data[:2] == query[:2] and not got.done():
+                    got.set_result(data)
+
+            def error_received(self, exc: Exception) -> None:
+                if not got.done():
+                    got.set_exception(exc)
+
+        transport, _ = await loop.create_datagram_endpoint(_Up, remote_addr=(self.upstream, 53))
+        try:
+            transport.sendto(query)
+            return await got
+        finally:
+            transport.close()
+
+    async def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def element_batch(found: list[Element], *, refresh: bool, table: str = "inet crogia") -> str:
+    """An nft batch that adds resolved addresses with their timeouts (`refresh`: delete the known
+    ones first, as adding an element that exists keeps its old timeout; the batch then fails
+    whole if one has expired meanwhile, and the caller retries without `refresh`)."""
+    lines = []
+    for address, ttl, known in found:
+        kind = "allow6" if ":" in address else "allow4"
+        if refresh and known:
+            lines.append(f"delete element {table} {kind} {{ {address} }}")
+        lines.append(f"add element {table} {kind} {{ {address} timeout {ttl}s }}")
+    return "\n".join(lines) + "\n"
