@@ -53,7 +53,7 @@ def check_entry(entry: str) -> str:
             net = ipaddress.ip_network(value, strict=False)
         except ValueError:
             raise ValueError(f"egress entry {entry!r} is not a host name, *.name or CIDR") from None
-        if any(net.version == b.version and net.overlaps(b) for b in _BLOCKED):  # type: ignore[arg-type]
+        if any(net.version == b.version and net.overlaps(b) for b in _BLOCKED):
             raise ValueError(
                 f"egress entry {entry!r} overlaps a private, loopback or link-local range, "
                 "which a sandbox never reaches"
