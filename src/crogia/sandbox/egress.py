@@ -4,10 +4,12 @@
 (`crogia.sandbox.network`). `none` rejects every connection. `allow` rejects all but the listed
 CIDRs and the addresses the listed names resolve to. Design: DNS plus firewall.
 
-* Every isolated sandbox sends its DNS to a `DnsGate` of its own (a UDP socket the server runs;
-  bubblewrap: pasta's forwarded DNS address leads to it). Under `allow` it answers only allowed
-  names (others: NXDOMAIN) and, before it relays an answer, adds the answer's A/AAAA addresses to
-  the sandbox's nftables set with a timeout from the TTL; under `none` it answers nothing but
+* Every isolated sandbox sends its DNS to a `DnsGate` of its own: a UDP socket the server makes
+  inside the sandbox's network namespace (`socket_in_netns`), on its loopback at `GATE_ADDRESS`
+  (its resolv.conf names nothing else), before anything runs there; the gate asks the upstream
+  resolver from the server's own namespace. The sandbox reaches no other resolver. Under `allow`
+  it answers only allowed names (others: NXDOMAIN) and, before it relays an answer, adds the
+  answer's A/AAAA addresses to the sandbox's nftables set with a timeout from the TTL; under `none` it answers nothing but
   NXDOMAIN. Each refusal becomes an `egress_blocked` event (rate-limited by `BlockedReporter`).
 * The sandbox's nftables table (in its own namespace, where it has no capability) has a chain
   `egress` after the blocked-range rejects: empty for `internet`; `none`: reject; `allow`: return
@@ -24,14 +26,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import ipaddress
 import logging
+import os
 import re
+import socket
 import struct
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from crogia.sandbox.network import BLOCKED_V4, BLOCKED_V6
 
@@ -222,11 +228,70 @@ Element = tuple[str, int, bool]
 Adder = Callable[[list[Element]], Awaitable[None]]
 
 
+GATE_ADDRESS = "127.0.0.53"
+"""Where a sandbox's resolver listens, on the loopback of the sandbox's own namespace."""
+_CLONE_NEWNET = 0x40000000
+
+
+def _bind_in(netns: str, local: tuple[str, int]) -> socket.socket:
+    """A UDP socket bound to `local` in `netns` (blocking; switches the calling thread's netns)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(netns, os.O_RDONLY)
+    try:
+        if libc.setns(target, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {netns}")
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.bind(local)  # no SO_REUSEPORT: nothing in the sandbox can share the port
+                sock.setblocking(False)
+            except BaseException:
+                sock.close()
+                raise
+        finally:
+            if libc.setns(own, _CLONE_NEWNET) != 0:
+                os.abort()  # this thread must never run on in the sandbox's namespace
+        return sock
+    finally:
+        os.close(target)
+        os.close(own)
+
+
+async def socket_in_netns(netns: str, local: tuple[str, int]) -> socket.socket:
+    """`_bind_in` on a thread of its own (a socket keeps the namespace it was made in)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[socket.socket] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = _bind_in(netns, local)
+        except BaseException as exc:  # handed to the awaiting task
+            error = exc
+
+            def fail() -> None:
+                if not done.done():
+                    done.set_exception(error)
+
+            loop.call_soon_threadsafe(fail)
+            return
+
+        def hand() -> None:
+            if done.done():
+                result.close()
+            else:
+                done.set_result(result)
+
+        loop.call_soon_threadsafe(hand)
+
+    threading.Thread(target=run, name="crogia-netns-socket", daemon=True).start()
+    return await done
+
+
 class DnsGate(asyncio.DatagramProtocol):
     """One sandbox's resolver: forwards allowed queries to `upstream`, fills the allowed set."""
 
-    def __init__(self, address: str, upstream: str) -> None:
-        self.address = address
+    def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.policy = EgressPolicy()
         self.on_blocked: Callable[[str], None] | None = None
@@ -236,18 +301,18 @@ class DnsGate(asyncio.DatagramProtocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._known: dict[str, float] = {}  # address -> when its set element expires (monotonic)
 
-    async def open(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.create_datagram_endpoint(lambda: self, local_addr=(self.address, 53))
+    async def open(self, netns: str) -> None:
+        """Listen on `GATE_ADDRESS`:53 inside the network namespace at path `netns`."""
+        sock = await socket_in_netns(netns, (GATE_ADDRESS, 53))
+        await asyncio.get_running_loop().create_datagram_endpoint(lambda: self, sock=sock)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
+        self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         if len(self._tasks) >= 64:  # a flood: the rest is dropped (the resolver retries)
             return
-        task = asyncio.create_task(self._answer(data, addr), name=f"crogia-dns-{self.address}")
+        task = asyncio.create_task(self._answer(data, addr), name="crogia-dns-gate")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -2,16 +2,17 @@
 
 Order: `ip netns add` makes an empty namespace (loopback only); nftables rules are loaded
 inside it that reject every blocked destination (`crogia.sandbox.network`) and this host's own
-addresses, except DNS to the one forwarding address; pasta attaches and configures the
-interface; only then is the namespace handed to a sandbox, whose `bwrap` is launched inside it
+addresses, then the session's egress chain (`crogia.sandbox.egress`); pasta attaches and
+configures the interface; the server opens the sandbox's resolver (a `DnsGate` on the namespace's
+loopback); only then is the namespace handed to a sandbox, whose `bwrap` is launched inside it
 (`nsenter --net`, after the cgroup wrapper). `NetnsStock` keeps a few ready, off the start path.
 The sandbox has no capability in that namespace (bwrap drops them all; with a user namespace
 the netns belongs to the host's), so it can neither change the rules nor add routes.
 
 pasta gives user-mode egress: the sandbox's packets become the host's own sockets, so the rules
 above are what keeps it off the host: `--no-map-gw` stops the gateway from meaning the host's
-loopback, `-t/-u/-T/-U none` forward no port either way, and `--dns-forward` maps one address to
-the host's resolver (or `SANDBOX_DNS`), so a loopback resolver on the host keeps working.
+loopback, `-t/-u/-T/-U none` forward no port either way; DNS does not go through pasta: the gate
+asks the host's resolver (or `SANDBOX_DNS`) from the server, so a loopback resolver keeps working.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from crogia.sandbox.egress import TABLE_PARTS, DnsGate, EgressPolicy, Element, c
 from crogia.sandbox.network import (
     BLOCKED_V4,
     BLOCKED_V6,
-    DNS_ADDRESS,
     GATEWAY,
     SANDBOX_ADDRESS,
     host_addresses,
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 NETNS_DIR = Path("/run/netns")
 _TIMEOUT = 20.0
 _NSENTER = shutil.which("nsenter") or "/usr/bin/nsenter"  # absolute: the launch runs with an empty env
-_BIND_RESOLV = 'mount --make-rprivate / && mount --bind "$0" /etc/resolv.conf && exec "$@"'
 
 
 def _not_covered(addresses: list[str], ranges: tuple[str, ...]) -> list[str]:
@@ -67,7 +66,6 @@ def ruleset() -> str:
             "chain output {",
             "type filter hook output priority 0; policy accept;",
             'oifname "lo" accept',
-            f"ip daddr {DNS_ADDRESS} meta l4proto {{ tcp, udp }} th dport 53 accept",
             *rejects,
             "jump egress",
             "}",
@@ -103,13 +101,12 @@ async def _run(*argv: str, data: bytes | None = None) -> None:
 class SandboxNetns:
     """One sandbox's namespace and its pasta; `prepare`, launch into `enter_argv`, `attach`, `remove`."""
 
-    def __init__(self, name: str, private_dir: Path, dns: str = "", gate: DnsGate | None = None) -> None:
+    def __init__(self, name: str, private_dir: Path, gate: DnsGate | None = None) -> None:
         self.name = name
         self.path = NETNS_DIR / name
         self._pidfile = private_dir / f"{name}.pasta.pid"
-        self._dns = gate.address if gate is not None else dns
         self.gate = gate
-        """Its resolver (pasta forwards the sandbox's DNS to it): the egress policy's name half."""
+        """Its resolver, inside it (`crogia.sandbox.egress`): the egress policy's name half."""
         if gate is not None:
             gate.add = self._add_elements
 
@@ -151,11 +148,7 @@ class SandboxNetns:
             str(self._pidfile),
         ]
         argv += ["-t", "none", "-u", "none", "-T", "none", "-U", "none", "--no-map-gw"]
-        argv += ["-a", SANDBOX_ADDRESS, "-n", "24", "-g", GATEWAY, "--dns-forward", DNS_ADDRESS]
-        if self._dns:  # pasta forwards to the first nameserver it reads: show it one of its own
-            resolv = self._pidfile.with_suffix(".resolv")
-            await asyncio.to_thread(resolv.write_text, f"nameserver {self._dns}\n")
-            argv = ["unshare", "--mount", "--", "sh", "-c", _BIND_RESOLV, str(resolv), *argv]
+        argv += ["-a", SANDBOX_ADDRESS, "-n", "24", "-g", GATEWAY]
         await _run(*argv)  # pasta forks into the background once it has configured the namespace
 
     async def remove(self) -> None:
@@ -164,7 +157,6 @@ class SandboxNetns:
             await self.gate.close()
         if await asyncio.to_thread(self.path.exists):
             await _run("ip", "netns", "del", self.name)
-        await asyncio.to_thread(self._pidfile.with_suffix(".resolv").unlink, missing_ok=True)
         pid = await asyncio.to_thread(_read_pid, self._pidfile)
         if pid:  # only if that pid is still a pasta: it may have exited and the pid been reused
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -235,23 +227,12 @@ class NetnsStock:
 
     async def _make(self) -> SandboxNetns:
         upstream = self._dns or next(iter(await asyncio.to_thread(host_resolvers)), "")
-        gate = None
-        for _ in range(5):  # its own loopback address, so the gate knows whose queries it hears
-            address = (
-                f"127.{secrets.randbelow(150) + 100}.{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}"
-            )
-            gate = DnsGate(address, upstream)
-            try:
-                await gate.open()
-                break
-            except OSError:
-                gate = None
-        if gate is None:
-            raise SandboxError("no free loopback address for a sandbox resolver")
-        netns = SandboxNetns(f"crogia-{self._scope}-{secrets.token_hex(6)}", self._private, self._dns, gate)
+        netns = SandboxNetns(f"crogia-{self._scope}-{secrets.token_hex(6)}", self._private, DnsGate(upstream))
         try:
             await netns.prepare()
             await netns.attach()
+            assert netns.gate is not None
+            await netns.gate.open(str(netns.path))  # before anything runs in it: the port is the gate's
         except BaseException:
             await netns.remove()
             raise
