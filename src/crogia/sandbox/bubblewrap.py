@@ -237,10 +237,11 @@ class BubblewrapSandbox(ExecutorSandbox):
             await self._stop_network()
             self._netns = await self._stock.take()
             wrapper += self._netns.enter_argv
-            if self._netns.gate is not None and self._blocked is not None:
-                self._netns.gate.on_blocked = self._blocked.blocked
-            if self.spec.egress != EgressPolicy():  # a stocked namespace starts as `internet`
-                await self._netns.set_policy(self.spec.egress)
+            fence = self._netns.fence
+            if fence is not None and self._blocked is not None:
+                fence.gate.on_blocked = self._blocked.blocked
+            if fence is not None and self.spec.egress != EgressPolicy():  # stocked ones are `internet`
+                await fence.set_policy(self.spec.egress)
         launch = await asyncio.to_thread(bwrap_priv.prepare, self.spec, self._uids, self._seccomp)
         fd = self._pair.daemon_fd()
         try:
@@ -287,8 +288,8 @@ class BubblewrapSandbox(ExecutorSandbox):
 
     async def set_egress(self, policy: EgressPolicy) -> None:
         await super().set_egress(policy)
-        if self._netns is not None:
-            await self._netns.set_policy(policy)
+        if self._netns is not None and self._netns.fence is not None:
+            await self._netns.fence.set_policy(policy)
 
     async def _reconnect(self) -> None:
         """A socketpair cannot be dialled again: a lost connection restarts the sandbox."""

@@ -9,8 +9,9 @@ CIDRs and the addresses the listed names resolve to. Design: DNS plus firewall.
   (its resolv.conf names nothing else), before anything runs there; the gate asks the upstream
   resolver from the server's own namespace. The sandbox reaches no other resolver. Under `allow`
   it answers only allowed names (others: NXDOMAIN) and, before it relays an answer, adds the
-  answer's A/AAAA addresses to the sandbox's nftables set with a timeout from the TTL; under `none` it answers nothing but
-  NXDOMAIN. Each refusal becomes an `egress_blocked` event (rate-limited by `BlockedReporter`).
+  answer's A/AAAA addresses to the sandbox's nftables set with a timeout from the TTL; under
+  `none` it answers nothing but NXDOMAIN. Each refusal is an `egress_blocked` event (rate-limited
+  by `BlockedReporter`).
 * The sandbox's nftables table (in its own namespace, where it has no capability) has a chain
   `egress` after the blocked-range rejects: empty for `internet`; `none`: reject; `allow`: return
   for `@allow4`/`@allow6` (the CIDRs, fixed, and the resolved addresses, timed), reject the rest.

@@ -98,6 +98,56 @@ async def _run(*argv: str, data: bytes | None = None) -> None:
         )
 
 
+DOCKER_TABLE = "\n".join(
+    [
+        "table inet crogia {",
+        *TABLE_PARTS,
+        "chain output {",
+        "type filter hook output priority 0; policy accept;",
+        "ip daddr 127.0.0.11 reject",  # Docker's embedded resolver: the gate is the only one
+        'oifname "lo" accept',
+        "jump egress",
+        "}",
+        "}",
+    ]
+)
+"""A Docker container's own table (the bridge's chains on the host keep the blocked ranges)."""
+
+
+class EgressFence:
+    """A namespace's egress policy: its `egress` chain and sets, and its resolver (`DnsGate`)."""
+
+    def __init__(self, path: str, gate: DnsGate) -> None:
+        self.path = path
+        self.gate = gate
+        """Its resolver, inside it (`crogia.sandbox.egress`): the egress policy's name half."""
+        gate.add = self._add_elements
+
+    async def _nft(self, batch: str) -> None:
+        await _run(_NSENTER, f"--net={self.path}", "--", "nft", "-f", "-", data=batch.encode())
+
+    async def open(self, table: str | None = None) -> None:
+        """Load `table` (replacing one of that name) if given, then open the gate in the namespace."""
+        if table is not None:
+            await self._nft(f"table inet crogia {{\n}}\ndelete table inet crogia\n{table}\n")
+        await self.gate.open(self.path)
+
+    async def set_policy(self, policy: EgressPolicy) -> None:
+        """Load `policy` into the namespace's `egress` chain and sets (new connections follow it)."""
+        await self._nft(chain_rules(policy))
+        self.gate.forget()
+        self.gate.policy = policy
+
+    async def _add_elements(self, found: list[Element]) -> None:
+        try:
+            await self._nft(element_batch(found, refresh=True))
+        except SandboxError:  # a known element expired meanwhile: add them all afresh
+            await self._nft(element_batch(found, refresh=False))
+
+    async def close(self) -> None:
+        await self.gate.close()
+
+
 class SandboxNetns:
     """One sandbox's namespace and its pasta; `prepare`, launch into `enter_argv`, `attach`, `remove`."""
 
@@ -105,23 +155,7 @@ class SandboxNetns:
         self.name = name
         self.path = NETNS_DIR / name
         self._pidfile = private_dir / f"{name}.pasta.pid"
-        self.gate = gate
-        """Its resolver, inside it (`crogia.sandbox.egress`): the egress policy's name half."""
-        if gate is not None:
-            gate.add = self._add_elements
-
-    async def set_policy(self, policy: EgressPolicy) -> None:
-        """Load `policy` into the namespace's `egress` chain and sets (new connections follow it)."""
-        await _run(*self.enter_argv, "nft", "-f", "-", data=chain_rules(policy).encode())
-        if self.gate is not None:
-            self.gate.forget()
-            self.gate.policy = policy
-
-    async def _add_elements(self, found: list[Element]) -> None:
-        try:
-            await _run(*self.enter_argv, "nft", "-f", "-", data=element_batch(found, refresh=True).encode())
-        except SandboxError:  # a known element expired meanwhile: add them all afresh
-            await _run(*self.enter_argv, "nft", "-f", "-", data=element_batch(found, refresh=False).encode())
+        self.fence = EgressFence(str(self.path), gate) if gate is not None else None
 
     @property
     def enter_argv(self) -> list[str]:
@@ -153,8 +187,8 @@ class SandboxNetns:
 
     async def remove(self) -> None:
         """Delete the namespace (pasta then quits by itself) and make sure its pasta is gone."""
-        if self.gate is not None:
-            await self.gate.close()
+        if self.fence is not None:
+            await self.fence.close()
         if await asyncio.to_thread(self.path.exists):
             await _run("ip", "netns", "del", self.name)
         pid = await asyncio.to_thread(_read_pid, self._pidfile)
@@ -231,8 +265,8 @@ class NetnsStock:
         try:
             await netns.prepare()
             await netns.attach()
-            assert netns.gate is not None
-            await netns.gate.open(str(netns.path))  # before anything runs in it: the port is the gate's
+            assert netns.fence is not None
+            await netns.fence.open()  # before anything runs in it: the port is the gate's
         except BaseException:
             await netns.remove()
             raise
