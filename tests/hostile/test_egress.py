@@ -27,9 +27,9 @@ from tests.support.netns_hosts import NetnsHost, netns_host
 from tests.support.subprocess_server import ServerProcess
 
 ALPHA, BETA, WILD = "alpha.crogia.test", "beta.crogia.test", "one.wild.crogia.test"
-RESOLVE = (
-    "import socket, sys\ntry: print(socket.gethostbyname(sys.argv[1]))\nexcept OSError as e: print('NONAME', e)"
-)
+RESOLVE = """import socket, sys
+try: print(socket.gethostbyname(sys.argv[1]))
+except OSError as e: print("NONAME", e)"""
 
 
 @dataclass
@@ -137,7 +137,9 @@ async def test_patch_changes_a_live_policy_for_new_connections(egress: Egress) -
 
 async def test_refused_names_are_reported_and_bounded(egress: Egress) -> None:
     sid = await egress.session({"egress": "allow", "allow": [ALPHA]})
-    loop = f"import socket\nfor i in range(30):\n    try: socket.gethostbyname('{BETA}')\n    except OSError: pass"
+    loop = (
+        f"import socket\nfor i in range(30):\n    try: socket.gethostbyname('{BETA}')\n    except OSError: 0"
+    )
     await egress.run(sid, f'python3 -c "{loop}"')
     marker = await egress.client.post(f"/api/sessions/{sid}/processes", json={"cmd": "true"})
     assert marker.status_code == 200, marker.text
@@ -152,6 +154,38 @@ async def test_refused_names_are_reported_and_bounded(egress: Egress) -> None:
                     break
     assert blocked and all(e["destination"] == BETA for e in blocked)
     assert len(blocked) <= 10  # rate-limited: 30 refusals (x2 queries each) in one window
+
+
+ASK = r"""
+import socket, struct, sys
+name, server = sys.argv[1], sys.argv[2]
+q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
+q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack("!HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+try:
+    s.sendto(q, (server, 53))
+    r = s.recv(512)
+    print("RCODE", r[3] & 15, "ANSWERS", struct.unpack("!H", r[6:8])[0])
+except OSError as e:
+    print("NOREPLY", type(e).__name__)
+"""
+
+
+async def test_no_resolver_but_the_gate(egress: Egress) -> None:
+    """A hostile sandbox asks other resolvers directly (the upstream one, Docker's, pasta's): no
+    answer from any; the gate answers a refused name NXDOMAIN and leaks nothing upstream."""
+    sid = await egress.session({"egress": "allow", "allow": [ALPHA]})
+    await egress.run(sid, f"cat > /tmp/ask.py <<'EOF'\n{ASK}\nEOF")
+    # (first: the upstream resolver is also alpha's address, which resolving alpha allows)
+    for server in (egress.a.address, "127.0.0.11", "10.0.2.3", egress.b.address):
+        result = await egress.run(sid, f"python3 /tmp/ask.py {BETA} {server}")
+        assert result.startswith("NOREPLY"), (server, result)
+    assert await egress.run(sid, f"python3 /tmp/ask.py {ALPHA} 127.0.0.53") == "RCODE 0 ANSWERS 1"
+    assert await egress.run(sid, f"python3 /tmp/ask.py {BETA} 127.0.0.53") == "RCODE 3 ANSWERS 0"
+    # Nor can it take the gate's place: its port is bound (root or not, reuse or not).
+    bind = "import socket; s = socket.socket(2, 2); s.setsockopt(1, 15, 1); s.bind(('127.0.0.53', 53))"
+    assert "BOUND" not in await egress.run(sid, f'python3 -c "{bind}" 2>&1 && echo BOUND')
 
 
 BAD = [
