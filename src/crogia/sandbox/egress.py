@@ -117,7 +117,8 @@ class EgressPolicy:
 
 def chain_rules(policy: EgressPolicy, table: str = "inet crogia") -> str:
     """The nft batch that sets the `egress` chain and static set members for `policy`."""
-    lines = [f"flush chain {table} egress", f"flush set {table} allow4", f"flush set {table} allow6"]
+    lines = [f"flush chain {table} egress"]
+    lines += [f"flush set {table} {name}" for name in ("allow4", "allow6", "dyn4", "dyn6")]
     v4 = [str(n) for n in policy.nets if n.version == 4]
     v6 = [str(n) for n in policy.nets if n.version == 6]
     if v4:
@@ -128,6 +129,8 @@ def chain_rules(policy: EgressPolicy, table: str = "inet crogia") -> str:
         lines += [
             f"add rule {table} egress ip daddr @allow4 return",
             f"add rule {table} egress ip6 daddr @allow6 return",
+            f"add rule {table} egress ip daddr @dyn4 return",
+            f"add rule {table} egress ip6 daddr @dyn6 return",
         ]
     if policy.egress != "internet":
         lines += [
@@ -138,11 +141,14 @@ def chain_rules(policy: EgressPolicy, table: str = "inet crogia") -> str:
 
 
 TABLE_PARTS = (
-    "set allow4 {\ntype ipv4_addr; flags interval, timeout;\n}",
-    "set allow6 {\ntype ipv6_addr; flags interval, timeout;\n}",
+    "set allow4 {\ntype ipv4_addr; flags interval;\n}",
+    "set allow6 {\ntype ipv6_addr; flags interval;\n}",
+    "set dyn4 {\ntype ipv4_addr; flags timeout; size 65536;\n}",
+    "set dyn6 {\ntype ipv6_addr; flags timeout; size 65536;\n}",
     "chain egress {\n}",
 )
-"""What a sandbox table holds for the policy: the two sets and the (empty: internet) chain."""
+"""What a sandbox table holds for the policy: the listed CIDRs (`allow4/6`), the addresses its
+allowed names resolved to (`dyn4/6`, each with a timeout), and the (empty: internet) chain."""
 
 
 # --- DNS ---
@@ -232,10 +238,12 @@ Adder = Callable[[list[Element]], Awaitable[None]]
 GATE_ADDRESS = "127.0.0.53"
 """Where a sandbox's resolver listens, on the loopback of the sandbox's own namespace."""
 _CLONE_NEWNET = 0x40000000
+_NETLINK_NETFILTER = 12
 
 
-def _bind_in(netns: str, local: tuple[str, int]) -> socket.socket:
-    """A UDP socket bound to `local` in `netns` (blocking; switches the calling thread's netns)."""
+def _bind_in(netns: str, local: tuple[str, int] | None) -> socket.socket:
+    """A UDP socket bound to `local` in `netns`, or (None) a netfilter netlink socket there
+    (blocking; switches the calling thread's netns and back)."""
     libc = ctypes.CDLL(None, use_errno=True)
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     target = os.open(netns, os.O_RDONLY)
@@ -243,9 +251,12 @@ def _bind_in(netns: str, local: tuple[str, int]) -> socket.socket:
         if libc.setns(target, _CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), f"setns {netns}")
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            if local is None:
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
+            else:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             try:
-                sock.bind(local)  # no SO_REUSEPORT: nothing in the sandbox can share the port
+                sock.bind(local or (0, 0))  # no SO_REUSEPORT: nothing in the sandbox can share the port
                 sock.setblocking(False)
             except BaseException:
                 sock.close()
@@ -259,7 +270,7 @@ def _bind_in(netns: str, local: tuple[str, int]) -> socket.socket:
         os.close(own)
 
 
-async def socket_in_netns(netns: str, local: tuple[str, int]) -> socket.socket:
+async def socket_in_netns(netns: str, local: tuple[str, int] | None) -> socket.socket:
     """`_bind_in` on a thread of its own (a socket keeps the namespace it was made in)."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[socket.socket] = loop.create_future()
@@ -350,7 +361,7 @@ class DnsGate(asyncio.DatagramProtocol):
         for address, ttl in found:
             ip = ipaddress.ip_address(address)
             if any(ip.version == n.version and ip in n for n in nets):
-                continue  # a listed CIDR covers it already (and an interval set would refuse it)
+                continue  # a listed CIDR covers it already
             ttl = min(max(ttl, MIN_TTL), MAX_TTL)
             if self._known.get(address, 0.0) - now < ttl / 2:
                 out.append((address, ttl, address in self._known))
@@ -390,14 +401,86 @@ class DnsGate(asyncio.DatagramProtocol):
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def element_batch(found: list[Element], *, refresh: bool, table: str = "inet crogia") -> str:
-    """An nft batch that adds resolved addresses with their timeouts (`refresh`: delete the known
-    ones first, as adding an element that exists keeps its old timeout; the batch then fails
-    whole if one has expired meanwhile, and the caller retries without `refresh`)."""
-    lines = []
+# --- nf_tables over netlink: the gate's set updates without a process per answer ---
+
+_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_CREATE = 0x1, 0x4, 0x400
+_BATCH_BEGIN, _BATCH_END, _NLMSG_ERROR = 0x10, 0x11, 0x2
+_NFTABLES = 10
+_NEWSETELEM, _DELSETELEM = 12, 14
+_NFPROTO_INET = 1
+_NESTED = 0x8000
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    head = struct.pack("=HH", 4 + len(payload), kind)
+    return head + payload + b"\0" * (-len(payload) % 4)
+
+
+def _message(kind: int, seq: int, body: bytes, *, family: int, flags: int, res_id: int = 0) -> bytes:
+    payload = struct.pack("=BBH", family, 0, socket.htons(res_id)) + body
+    return struct.pack("=IHHII", 16 + len(payload), kind, _NLM_F_REQUEST | flags, seq, 0) + payload
+
+
+def setelem_batch(
+    found: list[Element], *, refresh: bool, table: str = "crogia", seq: int = 1
+) -> tuple[bytes, int]:
+    """A netlink batch adding `found` to the `dyn4`/`dyn6` sets (with `refresh`: deleting the known
+    ones first); returns it and how many acks to expect."""
+    messages, acks = [], 0
     for address, ttl, known in found:
-        kind = "allow6" if ":" in address else "allow4"
-        if refresh and known:
-            lines.append(f"delete element {table} {kind} {{ {address} }}")
-        lines.append(f"add element {table} {kind} {{ {address} timeout {ttl}s }}")
-    return "\n".join(lines) + "\n"
+        ip = ipaddress.ip_address(address)
+        key = _attr(1 | _NESTED, _attr(1, ip.packed))  # NFTA_SET_ELEM_KEY { NFTA_DATA_VALUE }
+        timeout = _attr(4, struct.pack("!Q", ttl * 1000))  # NFTA_SET_ELEM_TIMEOUT, ms
+        name = b"dyn6" if ip.version == 6 else b"dyn4"
+        head = _attr(1, table.encode() + b"\0") + _attr(2, name + b"\0")
+        steps = [(_DELSETELEM, key)] if refresh and known else []
+        steps.append((_NEWSETELEM, key + timeout))
+        for kind, element in steps:
+            body = head + _attr(3 | _NESTED, _attr(1 | _NESTED, element))
+            flags = _NLM_F_ACK | (_NLM_F_CREATE if kind == _NEWSETELEM else 0)
+            seq += 1
+            messages.append(_message(_NFTABLES << 8 | kind, seq, body, family=_NFPROTO_INET, flags=flags))
+            acks += 1
+    begin = _message(_BATCH_BEGIN, seq + 1, b"", family=0, flags=0, res_id=_NFTABLES)
+    end = _message(_BATCH_END, seq + 2, b"", family=0, flags=0, res_id=_NFTABLES)
+    return begin + b"".join(messages) + end, acks
+
+
+class NftLink:
+    """A netfilter netlink socket inside a sandbox's namespace, for its set updates (one at a time)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, netns: str) -> NftLink:
+        return cls(await socket_in_netns(netns, None))
+
+    async def add(self, found: list[Element]) -> None:
+        """Add the addresses; OSError with the kernel's errno if it refused the batch."""
+        async with self._lock:
+            try:
+                await self._send(*setelem_batch(found, refresh=True))
+            except OSError:  # a known element expired meanwhile: add them all afresh
+                await self._send(*setelem_batch(found, refresh=False))
+
+    async def _send(self, batch: bytes, acks: int) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(self._sock, batch)
+        error = 0
+        while acks > 0:  # an aborted batch acks every message, each with the error
+            data = await asyncio.wait_for(loop.sock_recv(self._sock, 65536), 2)
+            pos = 0
+            while pos + 16 <= len(data):
+                size, kind = struct.unpack_from("=IH", data, pos)
+                if kind == _NLMSG_ERROR and pos + 20 <= len(data):
+                    code = struct.unpack_from("=i", data, pos + 16)[0]
+                    error = error or -code
+                    acks -= 1
+                pos += max((size + 3) & ~3, 16)
+        if error:
+            raise OSError(error, os.strerror(error))
+
+    def close(self) -> None:
+        self._sock.close()

@@ -28,7 +28,7 @@ import signal
 from pathlib import Path
 
 from crogia.errors import SandboxError, Unavailable
-from crogia.sandbox.egress import TABLE_PARTS, DnsGate, EgressPolicy, Element, chain_rules, element_batch
+from crogia.sandbox.egress import TABLE_PARTS, DnsGate, EgressPolicy, Element, NftLink, chain_rules
 from crogia.sandbox.network import (
     BLOCKED_V4,
     BLOCKED_V6,
@@ -122,6 +122,7 @@ class EgressFence:
         self.gate = gate
         """Its resolver, inside it (`crogia.sandbox.egress`): the egress policy's name half."""
         gate.add = self._add_elements
+        self._link: NftLink | None = None
 
     async def _nft(self, batch: str) -> None:
         await _run(_NSENTER, f"--net={self.path}", "--", "nft", "-f", "-", data=batch.encode())
@@ -131,6 +132,7 @@ class EgressFence:
         if table is not None:
             await self._nft(f"table inet crogia {{\n}}\ndelete table inet crogia\n{table}\n")
         await self.gate.open(self.path)
+        self._link = await NftLink.open(self.path)
 
     async def set_policy(self, policy: EgressPolicy) -> None:
         """Load `policy` into the namespace's `egress` chain and sets (new connections follow it)."""
@@ -139,13 +141,15 @@ class EgressFence:
         self.gate.policy = policy
 
     async def _add_elements(self, found: list[Element]) -> None:
-        try:
-            await self._nft(element_batch(found, refresh=True))
-        except SandboxError:  # a known element expired meanwhile: add them all afresh
-            await self._nft(element_batch(found, refresh=False))
+        if self._link is None:
+            raise SandboxError("the sandbox's egress fence is closed")
+        await self._link.add(found)
 
     async def close(self) -> None:
         await self.gate.close()
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
 
 
 class SandboxNetns:
