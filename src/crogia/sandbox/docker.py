@@ -231,10 +231,9 @@ class DockerSandbox(ExecutorSandbox):
         await self._unfence()
         if mode_of(self.spec.limits.network) != "isolated":
             return
-        state = await self._engine.inspect(self.id)
-        pid = int((state or {}).get("State", {}).get("Pid") or 0)
-        if pid <= 0:
-            raise SandboxError("the container has no process to fence", sandbox_id=self.id)
+        pid = await self._pid()
+        if pid <= 0:  # it has already exited: nothing runs in it to fence (its start then fails)
+            return
         upstream = self._upstream or next(iter(await asyncio.to_thread(host_resolvers)), "")
         fence = EgressFence(f"/proc/{pid}/ns/net", DnsGate(upstream))
         if self._blocked is not None:
@@ -242,10 +241,20 @@ class DockerSandbox(ExecutorSandbox):
         try:
             await fence.open(DOCKER_TABLE)
             await fence.set_policy(self.spec.egress)
-        except BaseException:
+        except BaseException as exc:
             await fence.close()
+            gone = not await asyncio.to_thread(os.path.exists, f"/proc/{pid}/ns/net")
+            if isinstance(exc, (OSError, SandboxError)) and gone:
+                return  # it exited meanwhile (its namespace went with it): the start fails as it would
             raise
         self._fence = fence
+
+    async def _pid(self) -> int:
+        """The host pid of the container's first process; 0 when it runs none."""
+        state = await self._engine.inspect(self.id)
+        if state is None or not state["State"].get("Running"):
+            return 0
+        return int(state["State"].get("Pid") or 0)
 
     async def _unfence(self) -> None:
         fence, self._fence = self._fence, None
