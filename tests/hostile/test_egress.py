@@ -45,9 +45,12 @@ class Egress:
         assert reply.status_code == 200, reply.text
         assert reply.json()["network"] == (network or {"egress": "internet", "allow": []})
         sid = str(reply.json()["session_id"])
+        await self.prepare(sid)
+        return sid
+
+    async def prepare(self, sid: str) -> None:
         await self.run(sid, f"cat > /tmp/probe.py <<'EOF'\n{PROBE}\nEOF")
         await self.run(sid, f"cat > /tmp/resolve.py <<'EOF'\n{RESOLVE}\nEOF")
-        return sid
 
     async def run(self, sid: str, cmd: str) -> str:
         reply = await self.client.post(f"/api/sessions/{sid}/shell", json={"cmd": cmd, "timeout": 30})
@@ -133,6 +136,20 @@ async def test_patch_changes_a_live_policy_for_new_connections(egress: Egress) -
     reply = await egress.client.patch(f"/api/sessions/{sid}", json={"network": {"egress": "internet"}})
     assert reply.status_code == 200, reply.text
     assert await egress.probe(sid, egress.b.address) == "OPEN crogia-test-host"
+
+
+async def test_the_policy_survives_a_server_restart(egress: Egress) -> None:
+    """Stored with the session: a re-attached container (Docker) or a re-made sandbox (bubblewrap)
+    is fenced again before it runs anything."""
+    policy = {"egress": "allow", "allow": [ALPHA]}
+    sid = await egress.session(policy)
+    await egress.server.stop()
+    await egress.server.start()
+    assert (await egress.client.get(f"/api/sessions/{sid}")).json()["network"] == policy
+    await egress.prepare(sid)
+    assert await egress.probe(sid, egress.b.address) == "REFUSED"
+    assert await egress.probe(sid, ALPHA) == "OPEN crogia-test-host"
+    assert (await egress.resolve(sid, BETA)).startswith("NONAME")
 
 
 async def test_refused_names_are_reported_and_bounded(egress: Egress) -> None:
