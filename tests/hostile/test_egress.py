@@ -205,6 +205,26 @@ async def test_no_resolver_but_the_gate(egress: Egress) -> None:
     assert "BOUND" not in await egress.run(sid, f'python3 -c "{bind}" 2>&1 && echo BOUND')
 
 
+async def test_a_query_flood_costs_the_sandbox_only(egress: Egress) -> None:
+    """20 000 queries as fast as it can send them: the gate drops what is over its rate, the server
+    keeps answering, and the sandbox's next lookup works."""
+    sid = await egress.session()
+    await egress.run(sid, f"cat > /tmp/ask.py <<'EOF'\n{ASK}\nEOF")
+    flood = (
+        "import socket, struct\ns = socket.socket(2, 2)\ns.setblocking(False)\n"
+        "q = struct.pack('!HHHHHH', 1, 256, 1, 0, 0, 0) + b'\\x04junk\\x04test\\x00\\x00\\x01\\x00\\x01'\n"
+        "for i in range(20000):\n    try: s.sendto(q, ('127.0.0.53', 53))\n    except OSError: pass\n"
+    )
+    await egress.run(sid, f"cat > /tmp/flood.py <<'EOF'\n{flood}\nEOF")
+    running = asyncio.create_task(egress.run(sid, "python3 /tmp/flood.py; echo flooded"))
+    async with asyncio.timeout(5):
+        assert (await egress.client.get("/api/health")).status_code == 200
+    assert await running == "flooded"
+    deadline = asyncio.get_running_loop().time() + 10  # the bucket refills at 200 queries/s
+    while (result := await egress.run(sid, f"python3 /tmp/ask.py {ALPHA} 127.0.0.53")) != "RCODE 0 ANSWERS 1":
+        assert asyncio.get_running_loop().time() < deadline, result
+
+
 BAD = [
     ({"egress": "allow", "allow": ["not a host!"]}, "not a host!"),
     ({"egress": "allow", "allow": ["10.0.0.0/8"]}, "10.0.0.0/8"),

@@ -48,6 +48,8 @@ Egress = Literal["internet", "none", "allow"]
 MAX_ENTRIES = 256
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _BLOCKED = [ipaddress.ip_network(n) for n in (*BLOCKED_V4, *BLOCKED_V6)]
+QUERY_RATE, QUERY_BURST = 200.0, 400
+"""Queries a sandbox's resolver takes per second (steady, and in a burst); the rest are dropped."""
 MIN_TTL, MAX_TTL = 30, 3600
 """Bounds of a resolved address's lifetime in the allowed set (seconds)."""
 
@@ -312,6 +314,7 @@ class DnsGate(asyncio.DatagramProtocol):
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._known: dict[str, float] = {}  # address -> when its set element expires (monotonic)
+        self._tokens, self._refilled = float(QUERY_BURST), time.monotonic()
 
     async def open(self, netns: str) -> None:
         """Listen on `GATE_ADDRESS`:53 inside the network namespace at path `netns`."""
@@ -322,8 +325,12 @@ class DnsGate(asyncio.DatagramProtocol):
         self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        if len(self._tasks) >= 64:  # a flood: the rest is dropped (the resolver retries)
+        now = time.monotonic()
+        self._tokens = min(QUERY_BURST, self._tokens + (now - self._refilled) * QUERY_RATE)
+        self._refilled = now
+        if self._tokens < 1 or len(self._tasks) >= 64:  # a flood: the rest is dropped (resolvers retry)
             return
+        self._tokens -= 1
         task = asyncio.create_task(self._answer(data, addr), name="crogia-dns-gate")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -349,6 +356,8 @@ class DnsGate(asyncio.DatagramProtocol):
                 try:
                     await self.add(fresh)
                 except Exception:
+                    for address, _ttl, _known in fresh:
+                        self._known.pop(address, None)
                     log.warning("egress set update for %s failed", name, exc_info=True)
                     return
         if self._transport is not None:
