@@ -94,6 +94,12 @@ def test_dns_parsing_survives_hostile_bytes() -> None:
         answer_addresses(blob * 3)
 
 
+def test_query_names_are_printable() -> None:
+    assert (
+        query_name(_query("a.example")[:12] + b'\x03a\x00"\x07example\x00\x00\x01\x00\x01') == "a??.example"
+    )
+
+
 def test_answer_addresses_reads_a_and_aaaa_with_compression() -> None:
     head = struct.pack("!HHHHHH", 7, 0x8180, 1, 2, 0, 0) + _query("a.example")[12:]
     a = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 120, 4) + socket.inet_aton("203.0.113.5")

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 Egress = Literal["internet", "none", "allow"]
 MAX_ENTRIES = 256
+_UNPRINTABLE = re.compile(r"[^a-z0-9_*-]")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _BLOCKED = [ipaddress.ip_network(n) for n in (*BLOCKED_V4, *BLOCKED_V6)]
 QUERY_RATE, QUERY_BURST = 200.0, 400
@@ -178,11 +179,12 @@ def query_name(query: bytes) -> str | None:
         length = query[pos]
         if length > 63 or pos + 1 + length > len(query):
             return None
-        labels.append(query[pos + 1 : pos + 1 + length].decode("ascii", errors="replace"))
+        label = query[pos + 1 : pos + 1 + length].decode("ascii", errors="replace").lower()
+        labels.append(_UNPRINTABLE.sub("?", label))  # a "." inside a label too: it names nothing listed
         pos += 1 + length
     if pos + 5 > len(query):
         return None
-    return ".".join(labels).lower()
+    return ".".join(labels)  # printable only: it ends up in events
 
 
 def answer_addresses(reply: bytes) -> list[tuple[str, int]]:
