@@ -154,6 +154,7 @@ async def test_the_policy_survives_a_server_restart(egress: Egress) -> None:
 
 async def test_refused_names_are_reported_and_bounded(egress: Egress) -> None:
     sid = await egress.session({"egress": "allow", "allow": [ALPHA]})
+    assert await egress.probe(sid, egress.b.address) == "REFUSED"  # reported as address:port
     loop = (
         f"import socket\nfor i in range(30):\n    try: socket.gethostbyname('{BETA}')\n    except OSError: 0"
     )
@@ -169,7 +170,8 @@ async def test_refused_names_are_reported_and_bounded(egress: Egress) -> None:
                     blocked.append(event)
                 if event["type"] == "process_started":
                     break
-    assert blocked and all(e["destination"] == BETA for e in blocked)
+    assert blocked[0]["destination"] == f"{egress.b.address}:8080", [e["destination"] for e in blocked]
+    assert len(blocked) > 1 and all(e["destination"] == BETA for e in blocked[1:])
     assert len(blocked) <= 10  # rate-limited: 30 refusals (x2 queries each) in one window
 
 

@@ -16,6 +16,7 @@ from crogia.sandbox.egress import (
     check_entry,
     nxdomain,
     query_name,
+    refused_destination,
     setelem_batch,
 )
 
@@ -119,3 +120,33 @@ def test_netlink_batch_counts_its_acks() -> None:
     batch, acks = setelem_batch([("203.0.113.5", 60, True), ("2001:db8::5", 60, False)], refresh=True)
     assert acks == 3  # a delete and an add, then an add
     assert b"dyn4\0" in batch and b"dyn6\0" in batch
+
+
+def _nflog(family: int, packet: bytes) -> bytes:
+    attr = struct.pack("=HH", 4 + len(packet), 9) + packet + b"\0" * (-len(packet) % 4)
+    body = struct.pack("=BBH", family, 0, 0) + attr
+    return struct.pack("=IHHII", 16 + len(body), 4 << 8, 0, 0, 0) + body
+
+
+def test_refused_packets_name_their_destination() -> None:
+    v4 = (
+        bytes([0x45])
+        + bytes(8)
+        + bytes([6])
+        + bytes(6)
+        + socket.inet_aton("203.0.113.9")
+        + b"\x9c\x40\x01\xbb"
+    )
+    assert refused_destination(_nflog(socket.AF_INET, v4)) == "203.0.113.9:443"
+    v6 = (
+        bytes(6)
+        + bytes([17])
+        + bytes(17)
+        + socket.inet_pton(socket.AF_INET6, "2001:db8::9")
+        + b"\x9c\x40\x00\x35"
+    )
+    assert refused_destination(_nflog(socket.AF_INET6, v6)) == "[2001:db8::9]:53"
+    rng = random.Random(7)
+    for _ in range(3000):
+        refused_destination(_nflog(rng.choice((2, 10)), rng.randbytes(rng.randrange(0, 60))))
+        refused_destination(rng.randbytes(rng.randrange(0, 80)))

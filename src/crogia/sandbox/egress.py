@@ -137,6 +137,7 @@ def chain_rules(policy: EgressPolicy, table: str = "inet crogia") -> str:
         ]
     if policy.egress != "internet":
         lines += [
+            f"add rule {table} egress limit rate 20/second burst 20 packets log group {LOG_GROUP}",
             f"add rule {table} egress meta l4proto tcp reject with tcp reset",
             f"add rule {table} egress reject",
         ]
@@ -455,6 +456,94 @@ def setelem_batch(
     begin = _message(_BATCH_BEGIN, seq + 1, b"", family=0, flags=0, res_id=_NFTABLES)
     end = _message(_BATCH_END, seq + 2, b"", family=0, flags=0, res_id=_NFTABLES)
     return begin + b"".join(messages) + end, acks
+
+
+LOG_GROUP = 7
+"""The nflog group a sandbox's refused packets are copied to (per namespace), rate-limited."""
+_ULOG = 4
+
+
+def refused_destination(message: bytes) -> str | None:
+    """`address:port` (or the address) of the packet in one NFULNL_MSG_PACKET, or None."""
+    if len(message) < 20:
+        return None
+    family, pos, payload = message[16], 20, b""
+    while pos + 4 <= len(message):
+        size, kind = struct.unpack_from("=HH", message, pos)
+        if size < 4:
+            break
+        if kind & 0x7FFF == 9:  # NFULA_PAYLOAD: the packet from its IP header on
+            payload = message[pos + 4 : pos + size]
+        pos += (size + 3) & ~3
+    try:
+        if family == socket.AF_INET and len(payload) >= 20:
+            address, proto, offset = (
+                str(ipaddress.IPv4Address(payload[16:20])),
+                payload[9],
+                (payload[0] & 15) * 4,
+            )
+        elif family == socket.AF_INET6 and len(payload) >= 40:
+            address, proto, offset = str(ipaddress.IPv6Address(payload[24:40])), payload[6], 40
+        else:
+            return None
+    except ValueError:
+        return None
+    if proto in (6, 17) and len(payload) >= offset + 4:
+        port = struct.unpack_from("!H", payload, offset + 2)[0]
+        return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    return address
+
+
+class RefusalLog:
+    """Reads the refused packets nftables logs (group `LOG_GROUP`) in a sandbox's namespace."""
+
+    def __init__(self, sock: socket.socket, report: Callable[[str], None]) -> None:
+        self._sock = sock
+        self._report = report
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, netns: str, report: Callable[[str], None]) -> RefusalLog:
+        sock = await socket_in_netns(netns, None)
+        log_ = cls(sock, report)
+        try:
+            config = _ULOG << 8 | 1  # NFULNL_MSG_CONFIG
+            bind = _attr(1, b"\x01")  # NFULA_CFG_CMD: NFULNL_CFG_CMD_BIND
+            mode = _attr(2, struct.pack("!IBB", 96, 2, 0))  # NFULA_CFG_MODE: copy 96 bytes of packet
+            qthresh = _attr(4, struct.pack("!I", 1))  # NFULA_CFG_QTHRESH: each packet at once
+            for seq, body in ((1, bind), (2, mode + qthresh)):
+                sock.send(_message(config, seq, body, family=0, flags=0, res_id=LOG_GROUP))
+        except BaseException:
+            sock.close()
+            raise
+        log_._task = asyncio.create_task(log_._read(), name="crogia-egress-log")
+        return log_
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                data = await loop.sock_recv(self._sock, 65536)
+            except OSError:  # ENOBUFS when it falls behind: what was lost is lost
+                continue
+            if not data:
+                return
+            pos = 0
+            while pos + 16 <= len(data):
+                size, kind = struct.unpack_from("=IH", data, pos)
+                if size < 16:
+                    break
+                if kind == _ULOG << 8:  # NFULNL_MSG_PACKET
+                    destination = refused_destination(data[pos : pos + size])
+                    if destination is not None:
+                        self._report(destination)
+                pos += (size + 3) & ~3
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._sock.close()
 
 
 class NftLink:

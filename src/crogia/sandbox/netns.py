@@ -28,7 +28,15 @@ import signal
 from pathlib import Path
 
 from crogia.errors import SandboxError, Unavailable
-from crogia.sandbox.egress import TABLE_PARTS, DnsGate, EgressPolicy, Element, NftLink, chain_rules
+from crogia.sandbox.egress import (
+    TABLE_PARTS,
+    DnsGate,
+    EgressPolicy,
+    Element,
+    NftLink,
+    RefusalLog,
+    chain_rules,
+)
 from crogia.sandbox.network import (
     BLOCKED_V4,
     BLOCKED_V6,
@@ -123,6 +131,7 @@ class EgressFence:
         """Its resolver, inside it (`crogia.sandbox.egress`): the egress policy's name half."""
         gate.add = self._add_elements
         self._link: NftLink | None = None
+        self._log: RefusalLog | None = None
 
     async def _nft(self, batch: str) -> None:
         await _run(_NSENTER, f"--net={self.path}", "--", "nft", "-f", "-", data=batch.encode())
@@ -133,6 +142,11 @@ class EgressFence:
             await self._nft(f"table inet crogia {{\n}}\ndelete table inet crogia\n{table}\n")
         await self.gate.open(self.path)
         self._link = await NftLink.open(self.path)
+        self._log = await RefusalLog.open(self.path, self._refused)
+
+    def _refused(self, destination: str) -> None:
+        if self.gate.on_blocked is not None:
+            self.gate.on_blocked(destination)
 
     async def set_policy(self, policy: EgressPolicy) -> None:
         """Load `policy` into the namespace's `egress` chain and sets (new connections follow it)."""
@@ -150,6 +164,9 @@ class EgressFence:
         link, self._link = self._link, None
         if link is not None:
             link.close()
+        refusals, self._log = self._log, None
+        if refusals is not None:
+            await refusals.close()
 
 
 class SandboxNetns:
