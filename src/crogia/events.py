@@ -93,7 +93,7 @@ class ProcessExited(_Event):
 class EgressBlocked(_Event):
     type: Literal["egress_blocked"] = "egress_blocked"
     destination: str
-    """What the sandbox was refused: a name it asked to resolve."""
+    """What the sandbox was refused: a name it asked to resolve, or the `address:port` it tried."""
 
 
 Event = Annotated[

@@ -9,12 +9,14 @@ CIDRs and the addresses the listed names resolve to. Design: DNS plus firewall.
   (its resolv.conf names nothing else), before anything runs there; the gate asks the upstream
   resolver from the server's own namespace. The sandbox reaches no other resolver. Under `allow`
   it answers only allowed names (others: NXDOMAIN) and, before it relays an answer, adds the
-  answer's A/AAAA addresses to the sandbox's nftables set with a timeout from the TTL; under
+  answer's A/AAAA addresses to the sandbox's `dyn4`/`dyn6` sets with a timeout from the TTL
+  (over a netfilter netlink socket it made in the namespace too: `NftLink`); under
   `none` it answers nothing but NXDOMAIN. Each refusal is an `egress_blocked` event (rate-limited
-  by `BlockedReporter`).
+  by `BlockedReporter`), and so is each connection the chain below refuses (`RefusalLog`).
 * The sandbox's nftables table (in its own namespace, where it has no capability) has a chain
   `egress` after the blocked-range rejects: empty for `internet`; `none`: reject; `allow`: return
-  for `@allow4`/`@allow6` (the CIDRs, fixed, and the resolved addresses, timed), reject the rest.
+  for `@allow4`/`@allow6` (the CIDRs) and `@dyn4`/`@dyn6` (resolved addresses, timed), log
+  (rate-limited) and reject the rest.
   Private and host ranges are rejected before that chain, so an allowed name that resolves to one
   stays unreachable; CIDRs that overlap them are refused at the API (422).
 
