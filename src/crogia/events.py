@@ -90,6 +90,12 @@ class ProcessExited(_Event):
     status: Literal["exited", "stopped"]
 
 
+class EgressBlocked(_Event):
+    type: Literal["egress_blocked"] = "egress_blocked"
+    destination: str
+    """What the sandbox was refused: a name it asked to resolve, or the `address:port` it tried."""
+
+
 Event = Annotated[
     TaskStarted
     | TextDelta
@@ -101,7 +107,8 @@ Event = Annotated[
     | TaskCancelled
     | ErrorEvent
     | ProcessStarted
-    | ProcessExited,
+    | ProcessExited
+    | EgressBlocked,
     Field(discriminator="type"),
 ]
 

@@ -11,6 +11,7 @@ from typing import Any
 from crogia.agent.loop import Agent
 from crogia.bus import EventBus
 from crogia.config import Settings
+from crogia.events import EgressBlocked
 from crogia.sandbox import make_provider
 from crogia.sandbox.base import SandboxProvider
 from crogia.sandbox.quota import WorkspaceDisks
@@ -51,6 +52,8 @@ class Runtime:
     """Set by `drain`: no new tasks or event streams."""
     streams: set[asyncio.Task[Any]] = field(default_factory=set)
     """The tasks serving event streams (WebSockets), so `drain` can wait for them to close."""
+    _egress_events: set[asyncio.Task[Any]] = field(default_factory=set)
+    """`egress_blocked` events on their way to the bus."""
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -77,6 +80,7 @@ class Runtime:
             settings, db, bus, provider, sessions, processes, shell, tasks, agent, pool, reaper, terminals
         )
         sessions.on_stop.append(runtime._end_tasks)
+        provider.egress_listener = runtime._egress_blocked
         try:
             await tasks.fail_interrupted()
             await sessions.reconcile()
@@ -103,6 +107,15 @@ class Runtime:
 
     async def _check_docker(self) -> None:
         self._docker_checked = (time.monotonic(), await self.provider.available())
+
+    def _egress_blocked(self, session_id: str, destination: str) -> None:
+        """A sandbox was refused a destination (already rate-limited): an `egress_blocked` event."""
+        task = asyncio.create_task(
+            self.bus.publish(session_id, EgressBlocked(destination=destination[:255])),
+            name=f"crogia-egress-event-{session_id}",
+        )
+        self._egress_events.add(task)
+        task.add_done_callback(self._egress_events.discard)
 
     async def delete_session(self, session_id: str, *, tenant: str | None) -> None:
         await self.sessions.delete(session_id, tenant=tenant)  # its tasks end first (`_end_tasks`)
@@ -134,6 +147,7 @@ class Runtime:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*self._egress_events, return_exceptions=True)
         await self.tasks.close()
         await self.reaper.close()  # after the tasks: their ends are activity too
         await self.agent.aclose()

@@ -14,7 +14,11 @@ from pydantic import (
     StringConstraints,
     field_serializer,
     field_validator,
+    model_validator,
 )
+
+from crogia.sandbox.egress import MAX_ENTRIES as EGRESS_MAX_ENTRIES
+from crogia.sandbox.egress import EgressPolicy, check_entry
 
 # What `setenv` accepts: a name of letters, digits and `_` (no leading digit), a value without NUL.
 EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
@@ -80,6 +84,43 @@ class ErrorBody(_Model):
 # --- sessions ---
 
 
+class NetworkPolicy(_Request):
+    egress: Literal["internet", "none", "allow"] = Field(
+        "internet",
+        description="`internet`: the public internet only (never private, host or metadata ranges); "
+        "`none`: nothing; `allow`: only the names and CIDRs in `allow`.",
+    )
+    allow: list[str] = Field(
+        default_factory=list,
+        max_length=EGRESS_MAX_ENTRIES,
+        description="Host names (`pypi.org`), `*.` wildcards (any name below: `*.github.com`) and "
+        "public IPs or CIDRs (`203.0.113.0/24`); private, loopback and link-local ones are refused.",
+    )
+
+    @field_validator("allow")
+    @classmethod
+    def _entries(cls, value: list[str]) -> list[str]:
+        out: list[str] = []
+        for entry in value:
+            normal = check_entry(entry)  # ValueError naming the entry -> 422
+            if normal not in out:
+                out.append(normal)
+        return out
+
+    @model_validator(mode="after")
+    def _allow_only_with_allow(self) -> NetworkPolicy:
+        if self.allow and self.egress != "allow":
+            raise ValueError(f'"allow" entries need "egress": "allow" (it is {self.egress!r})')
+        return self
+
+    def policy(self) -> EgressPolicy:
+        return EgressPolicy(self.egress, tuple(self.allow))
+
+    @classmethod
+    def of(cls, policy: EgressPolicy) -> NetworkPolicy:
+        return cls.model_construct(egress=policy.egress, allow=list(policy.allow))
+
+
 class SessionCreate(_Request):
     task: str = Field(
         "", max_length=100_000, pattern=NO_NUL, description="A label for the session; the task is not run."
@@ -92,6 +133,7 @@ class SessionCreate(_Request):
         default_factory=dict,
         description=f"Free JSON kept with the session: at most {METADATA_MAX_BYTES} bytes.",
     )
+    network: NetworkPolicy | None = Field(None, description="Egress policy (default: `internet`).")
 
     @field_validator("metadata")
     @classmethod
@@ -119,7 +161,13 @@ class SessionPublic(_Model):
     label: str
     image: str
     metadata: dict[str, Any]
+    network: NetworkPolicy = Field(default_factory=NetworkPolicy, description="Its egress policy.")
     usage: dict[str, int] = Field(default_factory=dict, description="Tokens used by all its tasks.")
+
+
+class SessionPatch(_Request):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    network: NetworkPolicy = Field(..., description="The new egress policy, for new connections.")
 
 
 # --- tasks ---

@@ -13,9 +13,11 @@ import abc
 import os
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
+
+from crogia.sandbox.egress import EgressPolicy
 
 if TYPE_CHECKING:
     from crogia.sandbox.pty_channel import PtyListener
@@ -64,6 +66,8 @@ class SandboxSpec:
     limits: Limits = field(default_factory=Limits)
     env: Mapping[str, str] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
+    egress: EgressPolicy = field(default_factory=EgressPolicy)
+    """The session's egress policy (`crogia.sandbox.egress`); isolated networks only."""
 
 
 def make_dirs(spec: SandboxSpec) -> None:
@@ -227,11 +231,19 @@ class Sandbox(abc.ABC):
     async def close(self) -> None:
         """Drop this server's connection without touching the sandbox (server shutdown)."""
 
+    async def set_egress(self, policy: EgressPolicy) -> None:
+        """Apply `policy` to new connections now, and keep it (in `spec`) for every later start."""
+        self.spec = replace(self.spec, egress=policy)
+
 
 class SandboxProvider(abc.ABC):
     """Creates, finds and cleans up sandboxes of one backend."""
 
     name: ClassVar[str]
+    egress_policies: ClassVar[bool] = False
+    """Whether its isolated sandboxes enforce `none` and `allow` egress policies."""
+    egress_listener: Callable[[str, str], None] | None = None
+    """Told (session id, destination) of each refused egress, rate-limited per sandbox."""
 
     @abc.abstractmethod
     async def available(self) -> bool:

@@ -38,6 +38,7 @@ import shutil
 import signal
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from crogia.config import Settings
@@ -47,6 +48,7 @@ from crogia.sandbox.base import STATE_MOUNT, WORKDIR, Sandbox, SandboxProvider, 
 from crogia.sandbox.bwrap_priv import Launch
 from crogia.sandbox.cgroups import Cgroup, create_cgroup, find_cgroup, leftover_names, remove_scope
 from crogia.sandbox.channel import PairChannel
+from crogia.sandbox.egress import BlockedReporter, EgressPolicy
 from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command, log_max
 from crogia.sandbox.netns import NetnsStock, SandboxNetns, leftover_netns
 from crogia.sandbox.network import RESOLV_CONF, mode_of
@@ -182,8 +184,10 @@ class BubblewrapSandbox(ExecutorSandbox):
         resolv_conf: Path | None = None,
         uids: UidAllocator | None = None,
         seccomp: bytes | None = None,
+        on_blocked: Callable[[str], None] | None = None,
     ) -> None:
         self._pair = PairChannel()
+        self._blocked = BlockedReporter(on_blocked) if on_blocked is not None else None
         super().__init__(spec, sandbox_id, self._pair)
         self._uids = uids
         self._seccomp = seccomp
@@ -243,6 +247,11 @@ class BubblewrapSandbox(ExecutorSandbox):
             await self._stop_network()
             self._netns = await self._stock.take()
             wrapper += self._netns.enter_argv
+            fence = self._netns.fence
+            if fence is not None and self._blocked is not None:
+                fence.gate.on_blocked = self._blocked.blocked
+            if fence is not None and self.spec.egress != EgressPolicy():  # stocked ones are `internet`
+                await fence.set_policy(self.spec.egress)
         launch = await asyncio.to_thread(bwrap_priv.prepare, self.spec, self._uids, self._seccomp)
         fd = self._pair.daemon_fd()
         try:
@@ -284,6 +293,11 @@ class BubblewrapSandbox(ExecutorSandbox):
         while data := await stream.read(65536):
             self._stderr += data
             del self._stderr[: max(len(self._stderr) - STDERR_KEEP, 0)]
+
+    async def set_egress(self, policy: EgressPolicy) -> None:
+        await super().set_egress(policy)
+        if self._netns is not None and self._netns.fence is not None:
+            await self._netns.fence.set_policy(policy)
 
     async def _reconnect(self) -> None:
         """A socketpair cannot be dialled again: a lost connection restarts the sandbox."""
@@ -375,6 +389,7 @@ class BubblewrapProvider(SandboxProvider):
     """
 
     name = "bubblewrap"
+    egress_policies = True
 
     def __init__(
         self,
@@ -478,7 +493,12 @@ class BubblewrapProvider(SandboxProvider):
             resolv_conf=resolv,
             uids=self._uids,
             seccomp=self._seccomp,
+            on_blocked=lambda destination: self._report_blocked(spec.session_id, destination),
         )
+
+    def _report_blocked(self, session_id: str, destination: str) -> None:
+        if self.egress_listener is not None:
+            self.egress_listener(session_id, destination)
 
     def _netns_stock(self) -> NetnsStock:
         if self._stock is None:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +36,11 @@ from crogia.sandbox.base import (
 from crogia.sandbox.channel import SECRET_NAME, SOCKET_NAME
 from crogia.sandbox.daemon import executor_proto as proto
 from crogia.sandbox.docker_network import DockerNetwork
+from crogia.sandbox.egress import BlockedReporter, DnsGate, EgressPolicy
 from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command, log_max
 from crogia.sandbox.listener import ListenerChannel
-from crogia.sandbox.network import mode_of
+from crogia.sandbox.netns import DOCKER_TABLE, EgressFence
+from crogia.sandbox.network import RESOLV_CONF, host_resolvers, mode_of
 from crogia.sandbox.seccomp import docker_profile
 from crogia.sandbox.userns import give_tree
 
@@ -67,6 +69,10 @@ CAP_DROP = ("NET_RAW", "MKNOD", "AUDIT_WRITE", "SETFCAP", "SETPCAP", "NET_BIND_S
 and KILL, which package managers (apt drops to `_apt`, pip, chown) and everyday tools need."""
 
 
+RESOLV_NAME = "resolv.conf"
+"""In the state folder: an isolated container's /etc/resolv.conf (read-only), naming its gate."""
+
+
 def container_config(
     spec: SandboxSpec,
     instance: str | None = None,
@@ -84,6 +90,8 @@ def container_config(
         _bind(spec.state_dir, CHANNEL_MOUNT, read_only=True),
         _bind(DAEMON_DIR, DAEMON_MOUNT, read_only=True),
     ]
+    if mode_of(limits.network) == "isolated":  # its resolver: the gate in its own namespace
+        mounts.append(_bind(spec.state_dir / RESOLV_NAME, "/etc/resolv.conf", read_only=True))
     channel = ["--dial", f"{CHANNEL_MOUNT}/{SOCKET_NAME}", "--secret-file", f"{CHANNEL_MOUNT}/{SECRET_NAME}"]
     labels = {**spec.labels, **_own_labels(instance), SESSION_LABEL: spec.session_id}
     return {
@@ -197,14 +205,70 @@ class DockerSandbox(ExecutorSandbox):
     backend = "docker"
 
     def __init__(
-        self, spec: SandboxSpec, sandbox_id: str, engine: _Engine, root: tuple[int, int] | None = None
+        self,
+        spec: SandboxSpec,
+        sandbox_id: str,
+        engine: _Engine,
+        root: tuple[int, int] | None = None,
+        *,
+        upstream: str = "",
+        on_blocked: Callable[[str], None] | None = None,
     ) -> None:
-        """`root`: under userns-remap, the host uid and gid that container root is."""
+        """`root`: under userns-remap, the host uid and gid that container root is. `upstream`: the
+        resolver its gate asks (isolated only; empty: the host's first)."""
         self._listener = ListenerChannel(spec.state_dir)
         self._listener.peer_cgroup = sandbox_id
         self._listener.secret_owner = root
         super().__init__(spec, sandbox_id, self._listener)
         self._engine = engine
+        self._upstream = upstream
+        self._blocked = BlockedReporter(on_blocked) if on_blocked is not None else None
+        self._fence: EgressFence | None = None
+
+    async def fence(self) -> None:
+        """Isolated: load the container's own table, open its resolver and apply its policy, in its
+        network namespace (every start makes a new one), before any command is sent to it."""
+        await self._unfence()
+        if mode_of(self.spec.limits.network) != "isolated":
+            return
+        pid = await self._pid()
+        if pid <= 0:  # it has already exited: nothing runs in it to fence (its start then fails)
+            return
+        upstream = self._upstream or next(iter(await asyncio.to_thread(host_resolvers)), "")
+        fence = EgressFence(f"/proc/{pid}/ns/net", DnsGate(upstream))
+        if self._blocked is not None:
+            fence.gate.on_blocked = self._blocked.blocked
+        try:
+            await fence.open(DOCKER_TABLE)
+            await fence.set_policy(self.spec.egress)
+        except BaseException as exc:
+            await fence.close()
+            gone = not await asyncio.to_thread(os.path.exists, f"/proc/{pid}/ns/net")
+            if isinstance(exc, (OSError, SandboxError)) and gone:
+                return  # it exited meanwhile (its namespace went with it): the start fails as it would
+            raise
+        self._fence = fence
+
+    async def _pid(self) -> int:
+        """The host pid of the container's first process; 0 when it runs none."""
+        state = await self._engine.inspect(self.id)
+        if state is None or not state["State"].get("Running"):
+            return 0
+        return int(state["State"].get("Pid") or 0)
+
+    async def _unfence(self) -> None:
+        fence, self._fence = self._fence, None
+        if fence is not None:
+            await fence.close()
+
+    async def set_egress(self, policy: EgressPolicy) -> None:
+        await super().set_egress(policy)
+        if self._fence is not None:
+            await self._fence.set_policy(policy)
+
+    async def close(self) -> None:
+        await self._unfence()
+        await super().close()
 
     @property
     def _container(self) -> aiodocker.containers.DockerContainer:
@@ -214,14 +278,17 @@ class DockerSandbox(ExecutorSandbox):
         await self._listener.listen()  # before the daemon's first dial, which then costs no wait
         with self._engine.errors(self.spec.image):
             await self._container.start()  # a running container answers 304: nothing to do
+        await self.fence()
 
     async def _stop(self) -> None:
         state = await self._engine.inspect(self.id)
         if state is not None and state["State"]["Running"]:
             with self._engine.errors():
                 await self._container.stop(t=STOP_TIMEOUT)
+        await self._unfence()
 
     async def _destroy(self) -> None:
+        await self._unfence()
         await self._engine.remove(self.id)
 
     async def _status(self) -> SandboxStatus:
@@ -238,6 +305,7 @@ class DockerProvider(SandboxProvider):
     """Sandboxes as Docker containers, labelled `crogia.managed-by=crogia` for clean-up."""
 
     name = "docker"
+    egress_policies = True
 
     def __init__(self, *, url: str | None = None, instance: str | None = None, dns: str = "") -> None:
         """`url`: the engine (`unix://`, `tcp://`); default: the Docker context, DOCKER_HOST, the socket.
@@ -322,7 +390,7 @@ class DockerProvider(SandboxProvider):
         await asyncio.to_thread(_prepare_dirs, spec, security.root)
         await self._ensure_network(spec)
         container = await self._create_container(spec, security.profile)
-        sandbox = DockerSandbox(spec, container.id, self._engine, security.root)
+        sandbox = self._sandbox(spec, container.id, security.root)
         try:
             await sandbox.start()
         except BaseException:
@@ -359,17 +427,26 @@ class DockerProvider(SandboxProvider):
         if status == "unknown" or labels.get(PROTOCOL_LABEL) != str(proto.VERSION):
             await self._engine.remove(sandbox_id)
             return await self.create(spec)
-        sandbox = DockerSandbox(spec, sandbox_id, self._engine, (await self.security()).root)
+        sandbox = self._sandbox(spec, sandbox_id, (await self.security()).root)
         await self._ensure_network(spec)  # a restarted server fences its survivors before they run again
         if status != "running":
+            await asyncio.to_thread(_write_resolv, spec)
             await sandbox.start()
             return sandbox
         try:
+            await sandbox.fence()
             await sandbox.connect()
         except Unavailable:  # the container runs but its daemon is gone: restart it
             await sandbox.stop()
             await sandbox.start()
         return sandbox
+
+    def _sandbox(self, spec: SandboxSpec, sandbox_id: str, root: tuple[int, int] | None) -> DockerSandbox:
+        def report(destination: str) -> None:
+            if self.egress_listener is not None:
+                self.egress_listener(spec.session_id, destination)
+
+        return DockerSandbox(spec, sandbox_id, self._engine, root, upstream=self._dns, on_blocked=report)
 
     async def managed_ids(self) -> list[str]:
         labels = [f"{key}={value}" for key, value in _own_labels(self._instance).items()]
@@ -390,12 +467,18 @@ class DockerProvider(SandboxProvider):
             await engine.docker.close()
 
 
+def _write_resolv(spec: SandboxSpec) -> None:
+    (spec.state_dir / RESOLV_NAME).write_text(RESOLV_CONF)
+    (spec.state_dir / RESOLV_NAME).chmod(0o644)
+
+
 def _prepare_dirs(spec: SandboxSpec, root: tuple[int, int] | None) -> None:
     """Create the bound folders (bind mounts need them) and (blocking).
 
     Under userns-remap, container root is the host uid:gid `root`: the workspace becomes its own.
     """
     make_dirs(spec)  # the state folder stays the server's: only the secret is given (`ListenerChannel`)
+    _write_resolv(spec)
     close_to_others(spec.workspace.parent)
     if root is not None:
         give_tree(spec.workspace, *root)

@@ -2,16 +2,17 @@
 
 Order: `ip netns add` makes an empty namespace (loopback only); nftables rules are loaded
 inside it that reject every blocked destination (`crogia.sandbox.network`) and this host's own
-addresses, except DNS to the one forwarding address; pasta attaches and configures the
-interface; only then is the namespace handed to a sandbox, whose `bwrap` is launched inside it
+addresses, then the session's egress chain (`crogia.sandbox.egress`); pasta attaches and
+configures the interface; the server opens the sandbox's resolver (a `DnsGate` on the namespace's
+loopback); only then is the namespace handed to a sandbox, whose `bwrap` is launched inside it
 (`nsenter --net`, after the cgroup wrapper). `NetnsStock` keeps a few ready, off the start path.
 The sandbox has no capability in that namespace (bwrap drops them all; with a user namespace
 the netns belongs to the host's), so it can neither change the rules nor add routes.
 
 pasta gives user-mode egress: the sandbox's packets become the host's own sockets, so the rules
 above are what keeps it off the host: `--no-map-gw` stops the gateway from meaning the host's
-loopback, `-t/-u/-T/-U none` forward no port either way, and `--dns-forward` maps one address to
-the host's resolver (or `SANDBOX_DNS`), so a loopback resolver on the host keeps working.
+loopback, `-t/-u/-T/-U none` forward no port either way; DNS does not go through pasta: the gate
+asks the host's resolver (or `SANDBOX_DNS`) from the server, so a loopback resolver keeps working.
 """
 
 from __future__ import annotations
@@ -29,13 +30,22 @@ from pathlib import Path
 from typing import Any
 
 from crogia.errors import SandboxError, Unavailable
+from crogia.sandbox.egress import (
+    TABLE_PARTS,
+    DnsGate,
+    EgressPolicy,
+    Element,
+    NftLink,
+    RefusalLog,
+    chain_rules,
+)
 from crogia.sandbox.network import (
     BLOCKED_V4,
     BLOCKED_V6,
-    DNS_ADDRESS,
     GATEWAY,
     SANDBOX_ADDRESS,
     host_addresses,
+    host_resolvers,
 )
 
 log = logging.getLogger(__name__)
@@ -43,7 +53,6 @@ log = logging.getLogger(__name__)
 NETNS_DIR = Path("/run/netns")
 _TIMEOUT = 20.0
 _NSENTER = shutil.which("nsenter") or "/usr/bin/nsenter"  # absolute: the launch runs with an empty env
-_BIND_RESOLV = 'mount --make-rprivate / && mount --bind "$0" /etc/resolv.conf && exec "$@"'
 
 
 def _not_covered(addresses: list[str], ranges: tuple[str, ...]) -> list[str]:
@@ -58,16 +67,17 @@ def ruleset() -> str:
     blocked = [f"ip daddr {{ {', '.join(BLOCKED_V4)} }}", f"ip6 daddr {{ {', '.join(BLOCKED_V6)} }}"]
     blocked += [f"ip daddr {{ {', '.join(host4)} }}"] if host4 else []
     blocked += [f"ip6 daddr {{ {', '.join(host6)} }}"] if host6 else []
-    # A per-session allow-list would go here, as accepts ahead of the rejects.
+    # The session's egress policy (crogia.sandbox.egress) comes after: it narrows, never widens.
     rejects = [f"{match} meta l4proto tcp reject with tcp reset\n{match} reject" for match in blocked]
     return "\n".join(
         [
             "table inet crogia {",
+            *TABLE_PARTS,
             "chain output {",
             "type filter hook output priority 0; policy accept;",
             'oifname "lo" accept',
-            f"ip daddr {DNS_ADDRESS} meta l4proto {{ tcp, udp }} th dport 53 accept",
             *rejects,
+            "jump egress",
             "}",
             "}",
         ]
@@ -116,14 +126,77 @@ def _tail(file: Any) -> str:
     return bytes(file.read()).decode(errors="replace").strip()[-500:]
 
 
+DOCKER_TABLE = "\n".join(
+    [
+        "table inet crogia {",
+        *TABLE_PARTS,
+        "chain output {",
+        "type filter hook output priority 0; policy accept;",
+        "ip daddr 127.0.0.11 reject",  # Docker's embedded resolver: the gate is the only one
+        'oifname "lo" accept',
+        "jump egress",
+        "}",
+        "}",
+    ]
+)
+"""A Docker container's own table (the bridge's chains on the host keep the blocked ranges)."""
+
+
+class EgressFence:
+    """A namespace's egress policy: its `egress` chain and sets, and its resolver (`DnsGate`)."""
+
+    def __init__(self, path: str, gate: DnsGate) -> None:
+        self.path = path
+        self.gate = gate
+        """Its resolver, inside it (`crogia.sandbox.egress`): the egress policy's name half."""
+        gate.add = self._add_elements
+        self._link: NftLink | None = None
+        self._log: RefusalLog | None = None
+
+    async def _nft(self, batch: str) -> None:
+        await _run(_NSENTER, f"--net={self.path}", "--", "nft", "-f", "-", data=batch.encode())
+
+    async def open(self, table: str | None = None) -> None:
+        """Load `table` (replacing one of that name) if given, then open the gate in the namespace."""
+        if table is not None:
+            await self._nft(f"table inet crogia {{\n}}\ndelete table inet crogia\n{table}\n")
+        await self.gate.open(self.path)
+        self._link = await NftLink.open(self.path)
+        self._log = await RefusalLog.open(self.path, self._refused)
+
+    def _refused(self, destination: str) -> None:
+        if self.gate.on_blocked is not None:
+            self.gate.on_blocked(destination)
+
+    async def set_policy(self, policy: EgressPolicy) -> None:
+        """Load `policy` into the namespace's `egress` chain and sets (new connections follow it)."""
+        await self._nft(chain_rules(policy))
+        self.gate.forget()
+        self.gate.policy = policy
+
+    async def _add_elements(self, found: list[Element]) -> None:
+        if self._link is None:
+            raise SandboxError("the sandbox's egress fence is closed")
+        await self._link.add(found)
+
+    async def close(self) -> None:
+        await self.gate.close()
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
+        refusals, self._log = self._log, None
+        if refusals is not None:
+            await refusals.close()
+
+
 class SandboxNetns:
     """One sandbox's namespace and its pasta; `prepare`, launch into `enter_argv`, `attach`, `remove`."""
 
-    def __init__(self, name: str, private_dir: Path, dns: str = "") -> None:
+    def __init__(self, name: str, private_dir: Path, gate: DnsGate | None = None) -> None:
         self.name = name
         self.path = NETNS_DIR / name
         self._pidfile = private_dir / f"{name}.pasta.pid"
-        self._dns = dns
+        self.fence = EgressFence(str(self.path), gate) if gate is not None else None
 
     @property
     def enter_argv(self) -> list[str]:
@@ -150,18 +223,15 @@ class SandboxNetns:
             str(self._pidfile),
         ]
         argv += ["-t", "none", "-u", "none", "-T", "none", "-U", "none", "--no-map-gw"]
-        argv += ["-a", SANDBOX_ADDRESS, "-n", "24", "-g", GATEWAY, "--dns-forward", DNS_ADDRESS]
-        if self._dns:  # pasta forwards to the first nameserver it reads: show it one of its own
-            resolv = self._pidfile.with_suffix(".resolv")
-            await asyncio.to_thread(resolv.write_text, f"nameserver {self._dns}\n")
-            argv = ["unshare", "--mount", "--", "sh", "-c", _BIND_RESOLV, str(resolv), *argv]
+        argv += ["-a", SANDBOX_ADDRESS, "-n", "24", "-g", GATEWAY]
         await _run(*argv)  # pasta forks into the background once it has configured the namespace
 
     async def remove(self) -> None:
         """Delete the namespace (pasta then quits by itself) and make sure its pasta is gone."""
+        if self.fence is not None:
+            await self.fence.close()
         if await asyncio.to_thread(self.path.exists):
             await _run("ip", "netns", "del", self.name)
-        await asyncio.to_thread(self._pidfile.with_suffix(".resolv").unlink, missing_ok=True)
         pid = await asyncio.to_thread(_read_pid, self._pidfile)
         if pid:  # only if that pid is still a pasta: it may have exited and the pid been reused
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -231,10 +301,13 @@ class NetnsStock:
                 await SandboxNetns(name, self._private).remove()
 
     async def _make(self) -> SandboxNetns:
-        netns = SandboxNetns(f"crogia-{self._scope}-{secrets.token_hex(6)}", self._private, self._dns)
+        upstream = self._dns or next(iter(await asyncio.to_thread(host_resolvers)), "")
+        netns = SandboxNetns(f"crogia-{self._scope}-{secrets.token_hex(6)}", self._private, DnsGate(upstream))
         try:
             await netns.prepare()
             await netns.attach()
+            assert netns.fence is not None
+            await netns.fence.open()  # before anything runs in it: the port is the gate's
         except BaseException:
             await netns.remove()
             raise

@@ -30,9 +30,9 @@ BLOCKED_V6 = ("::/127", "::ffff:0:0/96", "fc00::/7", "fe80::/10", "ff00::/8")
 # The addressing inside every bubblewrap sandbox's namespace: the same in each, since each is alone.
 SANDBOX_ADDRESS = "10.0.2.15"
 GATEWAY = "10.0.2.2"
-DNS_ADDRESS = "10.0.2.3"
-"""The one address a bubblewrap sandbox may send DNS to: pasta forwards it to the host's resolver."""
-RESOLV_CONF = f"nameserver {DNS_ADDRESS}\noptions timeout:2 attempts:2\n"
+RESOLV_CONF = "nameserver 127.0.0.53\noptions timeout:2 attempts:2\n"
+"""A bubblewrap sandbox's resolv.conf: its resolver is the server's gate inside its own namespace
+(`crogia.sandbox.egress.GATE_ADDRESS`), the only resolver it reaches."""
 
 
 def mode_of(value: str) -> Mode:

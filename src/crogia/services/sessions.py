@@ -21,9 +21,11 @@ import anyio
 
 from crogia.bus import EventBus
 from crogia.config import Settings
-from crogia.errors import NotFound
+from crogia.errors import Conflict, NotFound
 from crogia.sandbox import limits_from
 from crogia.sandbox.base import Sandbox, SandboxProvider, SandboxSpec, SandboxStatus, make_dirs
+from crogia.sandbox.egress import EgressPolicy
+from crogia.sandbox.network import mode_of
 from crogia.sandbox.quota import WorkspaceDisks
 from crogia.services.lifecycle import Lifecycle
 from crogia.services.live import LiveSession as LiveSession
@@ -164,6 +166,7 @@ class SessionService:
     def dormant(self, row: SessionRow) -> LiveSession:
         """A stored session without a sandbox on this server: it starts on first use."""
         spec = self.spec_for(row.id, tenant=row.tenant, image=row.image, env=row.env)
+        spec = replace(spec, egress=EgressPolicy.from_json(row.network))
         active = row.last_activity.timestamp()
         return LiveSession(
             row.id,
@@ -189,14 +192,35 @@ class SessionService:
             labels={"crogia.tenant": tenant},
         )
 
+    def check_egress(self, policy: EgressPolicy) -> None:
+        """Conflict unless this server can enforce `policy` (`internet` it always can)."""
+        if policy == EgressPolicy():
+            return
+        if mode_of(self.settings.sandbox_network) != "isolated":
+            raise Conflict(
+                f"egress policies need SANDBOX_NETWORK=isolated (it is {self.settings.sandbox_network})"
+            )
+        if not self.provider.egress_policies:
+            raise Conflict(f"the {self.provider.name} backend does not enforce egress policies")
+
     @capped  # MAX_SESSIONS, MAX_SESSIONS_PER_TENANT, SANDBOX_IMAGES
     async def create(
-        self, *, tenant: str, label: str, image: str | None, env: Mapping[str, str], metadata: dict[str, Any]
+        self,
+        *,
+        tenant: str,
+        label: str,
+        image: str | None,
+        env: Mapping[str, str],
+        metadata: dict[str, Any],
+        network: EgressPolicy | None = None,
     ) -> SessionRow:
         # (admission checks, e.g. a per-tenant session cap, go here: before anything is made)
+        policy = network or EgressPolicy()
+        self.check_egress(policy)
         spec = self.spec_for(
             str(uuid.uuid4()), tenant=tenant, image=image or self.settings.docker_base_image, env=env
         )
+        spec = replace(spec, egress=policy)
         sandbox: Sandbox | None = None
         live: LiveSession | None = None
         try:
@@ -214,6 +238,7 @@ class SessionService:
                 image=spec.image,
                 env=dict(env),
                 meta=metadata,
+                network=None if policy == EgressPolicy() else policy.to_json(),
             )
             async with live.lock:
                 if live.state != "creating":  # deleted before it was even handed out
@@ -227,6 +252,26 @@ class SessionService:
             raise
         log.info("session %s created on %s sandbox %s", live.id, self.provider.name, sandbox.id)
         return row
+
+    async def set_network(self, session_id: str, *, tenant: str | None, policy: EgressPolicy) -> SessionRow:
+        """Change a session's egress policy: stored, kept for its next start, live now for new
+        connections if its sandbox runs (open connections stay as they are)."""
+        self.check_egress(policy)
+        live = self.states.get(session_id)
+        if live is None or (tenant is not None and live.tenant != tenant):
+            live = await self._known(session_id, tenant)
+        async with live.lock:
+            if live.state in ("deleting", "gone"):
+                raise NotFound(f"Session {session_id} not found.", session_id=session_id)
+            async with self.db.transaction() as db:
+                await repo.touch_session(
+                    db, session_id=session_id, network=None if policy == EgressPolicy() else policy.to_json()
+                )
+            live.spec = replace(live.spec, egress=policy)
+            if live.has_sandbox:
+                await live.sandbox.set_egress(policy)
+        log.info("session %s egress policy now %s", session_id, policy.egress)
+        return await self.get(session_id, tenant=tenant)
 
     async def delete(self, session_id: str, *, tenant: str | None) -> None:
         """Delete a session: from its first step on, every request for it is a 404 and nothing
@@ -281,6 +326,12 @@ class SessionService:
                 claimed.spec = replace(
                     spec, session_id=own.session_id, workspace=own.workspace, state_dir=own.state_dir
                 )
+                if spec.egress != EgressPolicy():  # it was made (and runs) before the policy was known
+                    try:
+                        await claimed.set_egress(spec.egress)
+                    except BaseException:
+                        await self._discard(claimed.spec, claimed, None)
+                        raise
                 return claimed
         await anyio.to_thread.run_sync(make_dirs, spec)
         await self.disks.ensure(spec.session_id, spec.workspace)

@@ -46,6 +46,8 @@ class SessionRow(Base):
     image: Mapped[str] = mapped_column(String(256), default="")
     env: Mapped[dict[str, Any]] = mapped_column(default=dict)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    network: Mapped[dict[str, Any] | None] = mapped_column(JSON(), default=None, nullable=True)
+    """The egress policy (`crogia.sandbox.egress.EgressPolicy.to_json`); None: the default."""
     created: Mapped[datetime] = mapped_column(default=utcnow)
     last_activity: Mapped[datetime] = mapped_column(default=utcnow)
 

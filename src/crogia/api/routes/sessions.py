@@ -8,8 +8,9 @@ from fastapi import APIRouter, status
 
 from crogia.api.deps import RuntimeDep, SessionRowDep, TenantDep
 from crogia.api.errors import ERRORS
-from crogia.api.schemas import Message, SessionCreate, SessionPublic
+from crogia.api.schemas import Message, NetworkPolicy, SessionCreate, SessionPatch, SessionPublic
 from crogia.runtime import Runtime
+from crogia.sandbox.egress import EgressPolicy
 from crogia.store.tables import SessionRow
 
 router = APIRouter(prefix="/api/sessions", tags=["sessions"], responses=ERRORS)
@@ -30,6 +31,7 @@ async def session_public(runtime: Runtime, row: SessionRow) -> SessionPublic:
         label=row.label,
         image=row.image,
         metadata=row.meta,
+        network=NetworkPolicy.of(EgressPolicy.from_json(row.network)),
         usage=await runtime.tasks.usage(row.id),
     )
 
@@ -44,13 +46,27 @@ async def list_sessions(runtime: RuntimeDep, tenant: TenantDep) -> list[SessionP
 async def create_session(body: SessionCreate, runtime: RuntimeDep, tenant: TenantDep) -> SessionPublic:
     """Create the workspace and the sandbox. `task` is a label: the task is posted to `/tasks` next."""
     row = await runtime.sessions.create(
-        tenant=tenant, label=body.task, image=body.image, env=body.env, metadata=body.metadata
+        tenant=tenant,
+        label=body.task,
+        image=body.image,
+        env=body.env,
+        metadata=body.metadata,
+        network=body.network.policy() if body.network is not None else None,
     )
     return await session_public(runtime, row)
 
 
 @router.get("/{session_id}", response_model=SessionPublic, summary="Get a session")
 async def get_session(row: SessionRowDep, runtime: RuntimeDep) -> SessionPublic:
+    return await session_public(runtime, row)
+
+
+@router.patch("/{session_id}", response_model=SessionPublic, summary="Change a session")
+async def patch_session(
+    body: SessionPatch, row: SessionRowDep, runtime: RuntimeDep, tenant: TenantDep
+) -> SessionPublic:
+    """Change its egress policy (`network`): new connections follow it at once, open ones stay."""
+    row = await runtime.sessions.set_network(row.id, tenant=tenant, policy=body.network.policy())
     return await session_public(runtime, row)
 
 
