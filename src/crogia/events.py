@@ -90,6 +90,17 @@ class ProcessExited(_Event):
     status: Literal["exited", "stopped"]
 
 
+class PortOpened(_Event):
+    type: Literal["port_opened"] = "port_opened"
+    port: int
+    """Something started listening on this TCP port inside the sandbox (see GET .../ports)."""
+
+
+class PortClosed(_Event):
+    type: Literal["port_closed"] = "port_closed"
+    port: int
+
+
 Event = Annotated[
     TaskStarted
     | TextDelta
@@ -101,7 +112,9 @@ Event = Annotated[
     | TaskCancelled
     | ErrorEvent
     | ProcessStarted
-    | ProcessExited,
+    | ProcessExited
+    | PortOpened
+    | PortClosed,
     Field(discriminator="type"),
 ]
 

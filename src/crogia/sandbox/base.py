@@ -148,6 +148,8 @@ class PortState:
     port: int
     address: str
     pid: int | None
+    pgid: int | None = None
+    """The owner's process group: a background process's pid when it (or a child of it) listens."""
 
 
 class Sandbox(abc.ABC):

@@ -19,11 +19,11 @@ from typing import Any, ClassVar
 from crogia.errors import SandboxError, Unavailable
 from crogia.sandbox import pty_channel
 from crogia.sandbox.base import (
-    PortState,
     WORKDIR,
     ExecResult,
     ExitListener,
     OutputListener,
+    PortState,
     ProcessHandle,
     ProcessState,
     Sandbox,
@@ -248,7 +248,10 @@ class ExecutorSandbox(Sandbox):
 
     async def ports(self, *, owners: bool = True) -> list[PortState]:
         reply = await self._call("ports", owners=owners, allow=1 << 20)
-        return [PortState(port=p["port"], address=p["address"], pid=p["pid"]) for p in reply["ports"]]
+        return [
+            PortState(port=p["port"], address=p["address"], pid=p["pid"], pgid=p["pgid"])
+            for p in reply["ports"]
+        ]
 
     async def open_tunnel(self, port: int) -> Tunnel:
         if self._client is not None and self._client.closed:

@@ -3,9 +3,10 @@
 Part of the executor daemon (`executor.py` says how it fits). The message shapes live here and
 nowhere else on this side (the server's half is `crogia.sandbox.tunnel_channel`):
 
-  ports {owners?}                  -> {ports: [{port, address, pid}]}  TCP LISTEN sockets from
-      /proc/net/tcp and tcp6, one entry a port (at most PORTS_MAX); pid: a process holding the
-      socket (found through /proc/*/fd when `owners`, else null; null when it cannot tell).
+  ports {owners?}                  -> {ports: [{port, address, pid, pgid}]}  TCP LISTEN sockets
+      from /proc/net/tcp and tcp6, one entry a port (at most PORTS_MAX); pid: a process holding
+      the socket, pgid its process group (found through /proc/*/fd when `owners`, else null;
+      null when it cannot tell).
   tunnel_open {tunnel, port}       -> {}   connect to 127.0.0.1:port (then [::1]:port); `tunnel`
       is the server's id for the stream, unique on its connection
   tunnel_data {tunnel, data_b64}   -> {}   bytes for the socket (at most CHUNK decoded); the reply
@@ -99,7 +100,20 @@ def listening(owners: bool) -> list[Message]:
             by_port[port] = (address, inode)
     ports = sorted(by_port.items())[:PORTS_MAX]
     pids = _owners({inode for _, (_, inode) in ports}) if owners and ports else {}
-    return [{"port": port, "address": address, "pid": pids.get(inode)} for port, (address, inode) in ports]
+    out = []
+    for port, (address, inode) in ports:
+        pid = pids.get(inode)
+        out.append({"port": port, "address": address, "pid": pid, "pgid": _pgid(pid) if pid else None})
+    return out
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rfind(b")") + 2 :].split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class Tunnel:

@@ -87,7 +87,11 @@ PROCESS: dict[str, Field] = {"pid": PID, "running": FLAG, "exit_code": Field(int
 """Each entry of `list`'s `processes` (other fields of an entry are dropped)."""
 
 PORTS_MAX = 512
-PORT: dict[str, Field] = {"port": Field(int, 1, 65535), "pid": Field(int, 1, PID_MAX, optional=True)}
+PORT: dict[str, Field] = {
+    "port": Field(int, 1, 65535),
+    "pid": Field(int, 1, PID_MAX, optional=True),
+    "pgid": Field(int, 1, PID_MAX, optional=True),
+}
 """Each entry of `ports`'s `ports` (at most PORTS_MAX; `address` is kept when a short string)."""
 TUNNEL_ID = Field(int, 1, 1 << 40)
 
