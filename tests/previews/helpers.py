@@ -10,7 +10,7 @@ from tests.support.server import RunningServer
 
 WAIT = 30.0
 
-APP = r'''
+APP = r"""
 import http.server, os, sys
 
 class H(http.server.BaseHTTPRequestHandler):
@@ -59,9 +59,9 @@ class H(http.server.BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
 http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
-'''
+"""
 
-WS_ECHO = r'''
+WS_ECHO = r"""
 import base64, hashlib, socket, struct, sys, threading
 
 def recv_exact(c, n):
@@ -116,11 +116,13 @@ s.listen(16)
 while True:
     conn, _ = s.accept()
     threading.Thread(target=serve, args=(conn,), daemon=True).start()
-'''
+"""
 
 
 async def write_file(server: RunningServer, sid: str, path: str, content: str) -> None:
-    response = await server.client.post(f"/api/sessions/{sid}/files/content", json={"path": path, "content": content})
+    response = await server.client.post(
+        f"/api/sessions/{sid}/files/content", json={"path": path, "content": content}
+    )
     assert response.status_code < 300, response.text
 
 
