@@ -51,10 +51,20 @@ class H(http.server.BaseHTTPRequestHandler):
                           ("Connection", "keep-alive, X-Secret"), ("X-Secret", "hop")])
 
     def do_POST(self):
-        n = int(self.headers.get("Content-Length") or 0)
-        data = self.rfile.read(n)
         import hashlib
-        self.reply(201, f"got {len(data)} {hashlib.sha256(data).hexdigest()}".encode())
+        digest, count = hashlib.sha256(), 0
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while (n := int(self.rfile.readline().split(b";")[0], 16)):
+                data = self.rfile.read(n)
+                self.rfile.readline()
+                digest.update(data)
+                count += len(data)
+            self.rfile.readline()
+        else:
+            data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            digest.update(data)
+            count = len(data)
+        self.reply(201, f"got {count} {digest.hexdigest()}".encode())
 
     do_HEAD = do_GET
 

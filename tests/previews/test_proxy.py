@@ -6,9 +6,11 @@ import asyncio
 import hashlib
 import json
 
-import httpx
+from collections.abc import AsyncIterator
+
 import websockets
 
+from tests.hostile.support import rss_mb
 from tests.previews.helpers import WS_ECHO, serve_app, start, wait_port, write_file
 from tests.support.server import RunningServer
 
@@ -40,16 +42,33 @@ async def test_get_and_post_reach_a_server_in_the_sandbox(server: RunningServer)
     assert response.status_code == 200 and "path=/" in response.text
 
 
-async def test_a_large_download_streams(server: RunningServer) -> None:
+async def test_large_bodies_stream_both_ways_in_bounded_memory(server: RunningServer) -> None:
     sid = str((await server.create_session())["session_id"])
     await serve_app(server, sid, 8001)
-    size, seen = 64 << 20, 0
+    size, seen = 100 << 20, 0
+    before, peak = rss_mb(), 0.0
     async with server.client.stream("GET", f"/api/sessions/{sid}/ports/8001/big/{size}") as response:
         assert response.status_code == 200
         assert response.headers["content-length"] == str(size)
         async for chunk in response.aiter_raw():
             seen += len(chunk)
+            if seen % (8 << 20) < len(chunk):
+                peak = max(peak, rss_mb())
     assert seen == size
+    assert peak - before < 60, f"the server grew by {peak - before:.0f} MB for a 100 MB download"
+
+    async def upload() -> AsyncIterator[bytes]:
+        nonlocal peak
+        block = b"u" * (1 << 20)
+        for i in range(80):
+            if i % 8 == 0:
+                peak = max(peak, rss_mb())
+            yield block
+
+    before, peak = rss_mb(), 0.0
+    response = await server.client.post(f"/api/sessions/{sid}/ports/8001/upload", content=upload())
+    assert response.status_code == 201 and response.text.startswith(f"got {80 << 20} ")
+    assert peak - before < 60, f"the server grew by {peak - before:.0f} MB for an 80 MB upload"
 
 
 async def test_errors_are_clear(server: RunningServer) -> None:
@@ -104,5 +123,3 @@ async def _next_event(ws: websockets.ClientConnection, kind: str) -> int:
             port: int = event["port"]
             return port
 
-
-_ = httpx
