@@ -15,6 +15,7 @@ import http.server, os, sys
 
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
 
     def reply(self, status, body, ctype="text/plain", extra=()):
         self.send_response(status)

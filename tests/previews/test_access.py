@@ -29,7 +29,9 @@ async def test_a_signed_link_sets_a_cookie_for_that_preview_only(data_dir: Path,
             response = await browser.get(link["url"], follow_redirects=True)
             assert response.status_code == 200 and "hello from the sandbox" in response.text
             assert str(response.url) == f"{server.base_url}/api/sessions/{sid}/ports/8000/"  # the clean URL
-            assert "crogia_preview" not in response.text and "preview_token" not in response.text  # app never sees them
+            assert (
+                "crogia_preview" not in response.text and "preview_token" not in response.text
+            )  # app never sees them
             assert response.history[0].status_code == 303
             cookie = response.history[0].headers["set-cookie"]
             assert f"Path=/api/sessions/{sid}/ports/8000/" in cookie and "HttpOnly" in cookie
@@ -40,7 +42,9 @@ async def test_a_signed_link_sets_a_cookie_for_that_preview_only(data_dir: Path,
             assert (await browser.get(f"/api/sessions/{sid}/ports")).status_code == 401
             jar = "; ".join(f"{name}={value}" for name, value in browser.cookies.items())
             assert jar.startswith("crogia_preview_8000_")
-            response = await browser.get(f"/api/sessions/{sid}/files", headers={"Cookie": jar})  # sent on purpose
+            response = await browser.get(
+                f"/api/sessions/{sid}/files", headers={"Cookie": jar}
+            )  # sent on purpose
             assert response.status_code == 401
         async with httpx.AsyncClient(base_url=server.base_url) as browser:
             forged = link["url"].replace("preview_token=", "preview_token=x")
@@ -49,7 +53,9 @@ async def test_a_signed_link_sets_a_cookie_for_that_preview_only(data_dir: Path,
             assert (await browser.get(other_port)).status_code == 401
         bob = {"Authorization": "Bearer tok-bob"}
         assert (await server.client.get(f"/api/sessions/{sid}/ports/8000/", headers=bob)).status_code == 404
-        assert (await server.client.post(f"/api/sessions/{sid}/ports/8000/link", headers=bob)).status_code == 404
+        assert (
+            await server.client.post(f"/api/sessions/{sid}/ports/8000/link", headers=bob)
+        ).status_code == 404
         response = await server.client.get(f"/api/sessions/{sid}/ports/8000/")
         assert "authorization: " not in response.text.lower()  # our bearer token never reaches the sandbox
 
@@ -76,7 +82,10 @@ async def test_preview_domain_serves_a_preview_at_the_root_of_its_host(data_dir:
         host = {"Host": f"8000-{sid}.preview.test"}
         response = await server.client.get("/static/app.js?v=2", headers=host)
         assert response.status_code == 200 and "path=/static/app.js?v=2" in response.text
-        assert "x-forwarded-prefix" not in response.text and f"x-forwarded-host: 8000-{sid}.preview.test" in response.text
+        assert (
+            "x-forwarded-prefix" not in response.text
+            and f"x-forwarded-host: 8000-{sid}.preview.test" in response.text
+        )
         response = await server.client.get("/api/health", headers=host)  # every path is the app's
         assert "path=/api/health" in response.text
         response = await server.client.get("/", headers={"Host": f"99999-{sid}.preview.test"})

@@ -122,4 +122,3 @@ async def _next_event(ws: websockets.ClientConnection, kind: str) -> int:
         if event["type"] == kind:
             port: int = event["port"]
             return port
-

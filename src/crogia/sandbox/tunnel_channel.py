@@ -24,9 +24,9 @@ from crogia.sandbox.daemon.executor_proto import ProtocolError
 log = logging.getLogger(__name__)
 
 TUNNEL_PUSHES = frozenset({"tunnel_data", "tunnel_end"})
-CHUNK = 64 * 1024
+CHUNK = 128 * 1024
 """Bytes one tunnel_data carries (decoded), either way."""
-WINDOW = 1024 * 1024
+WINDOW = 2 * 1024 * 1024
 """Pushed bytes the daemon may send before this server acknowledges them."""
 ACK_EVERY = WINDOW // 4
 _B64_MAX = (CHUNK + 2) // 3 * 4
@@ -139,7 +139,7 @@ class TunnelRouter:
         if len(data) > _B64_MAX:
             raise ProtocolError(f"tunnel_data: data_b64 longer than {_B64_MAX} characters")
         try:
-            raw = base64.b64decode(data, validate=True)
+            raw = binascii.a2b_base64(data, strict_mode=True)
         except (binascii.Error, ValueError):
             raise ProtocolError("tunnel_data: data_b64 is not base64") from None
         if not raw or len(raw) > CHUNK:
