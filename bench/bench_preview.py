@@ -19,9 +19,9 @@ import os
 import time
 
 import httpx
+from tests.previews.helpers import APP
 
 from _common import Http, Row, backends, create_session, parse_args, percentile, report, server
-from tests.previews.helpers import APP
 
 OVERHEAD_MS, RATIO, CLIENTS = 2.0, 0.5, 100
 
@@ -31,7 +31,10 @@ n, size = int(sys.argv[1]), int(sys.argv[2])
 c = http.client.HTTPConnection("127.0.0.1", 8000)
 times = []
 for _ in range(n):
-    t = time.perf_counter(); c.request("GET", "/"); c.getresponse().read(); times.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    c.request("GET", "/")
+    c.getresponse().read()
+    times.append(time.perf_counter() - t)
 t = time.perf_counter(); c.request("GET", f"/big/{size}"); r = c.getresponse(); got = 0
 while (b := r.read(1 << 16)):
     got += len(b)

@@ -90,13 +90,15 @@ def serve(c):
         head += c.recv(4096)
     lines = head.decode().split("\r\n")
     hdr = {l.split(":", 1)[0].lower(): l.split(":", 1)[1].strip() for l in lines[1:] if ":" in l}
-    acc = base64.b64encode(hashlib.sha1((hdr["sec-websocket-key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+    magic = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+    acc = base64.b64encode(hashlib.sha1((hdr["sec-websocket-key"] + magic).encode()).digest())
     extra = ""
     if "sec-websocket-protocol" in hdr:
         extra = "Sec-WebSocket-Protocol: " + hdr["sec-websocket-protocol"].split(",")[0].strip() + "\r\n"
     c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
               b"Sec-WebSocket-Accept: " + acc + b"\r\n" + extra.encode() + b"\r\n")
-    c.sendall(b"\x81" + bytes([len("path " + lines[0].split()[1])]) + ("path " + lines[0].split()[1]).encode())
+    hello = ("path " + lines[0].split()[1]).encode()
+    c.sendall(b"\x81" + bytes([len(hello)]) + hello)
     try:
         while True:
             b0, b1 = recv_exact(c, 2)
@@ -113,7 +115,13 @@ def serve(c):
             if op in (1, 2):
                 out = b"echo:" + data
                 ln = len(out)
-                h = bytes([0x80 | op]) + (bytes([ln]) if ln < 126 else b"\x7e" + struct.pack(">H", ln) if ln < 65536 else b"\x7f" + struct.pack(">Q", ln))
+                if ln < 126:
+                    size = bytes([ln])
+                elif ln < 65536:
+                    size = b"\x7e" + struct.pack(">H", ln)
+                else:
+                    size = b"\x7f" + struct.pack(">Q", ln)
+                h = bytes([0x80 | op]) + size
                 c.sendall(h + out)
     except EOFError:
         pass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-
 from collections.abc import AsyncIterator
 
 import websockets

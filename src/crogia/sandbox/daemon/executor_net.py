@@ -262,8 +262,8 @@ class Tunnels:
                 raise RequestError("bad_request", f"tunnel {tid} is already open")
             if len(self.open) >= MAX_TUNNELS:
                 raise RequestError("bad_request", f"at most {MAX_TUNNELS} tunnels per sandbox")
-            tunnel = self.open[key] = Tunnel(conn, tid, self)
-            return tunnel.connect(port)
+            opened = self.open[key] = Tunnel(conn, tid, self)
+            return opened.connect(port)
         tunnel = self.open.get(key)
         if op == "tunnel_close":
             if tunnel is not None:
