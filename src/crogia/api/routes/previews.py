@@ -7,12 +7,13 @@ from datetime import UTC, datetime
 from typing import Annotated
 from urllib.parse import parse_qsl, urlencode
 
-from fastapi import APIRouter, Path, Request, WebSocket
+from fastapi import APIRouter, Depends, Path, Request, WebSocket
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from starlette.websockets import WebSocketState
 
 from crogia.api import preview_auth
-from crogia.api.deps import DEFAULT_TENANT, LiveDep, RuntimeDep, TenantDep, tenant_for
+from crogia.api.deps import DEFAULT_TENANT, LiveDep, RuntimeDep, TenantDep, bearer, tenant_for
 from crogia.api.errors import ERRORS, status_for
 from crogia.api.schemas import PortList, PortPublic, PreviewLink
 from crogia.errors import CrogiaError, Unauthorized
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/sessions/{session_id}/ports", tags=["previews"], responses=ERRORS)
 
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+"""Declares the bearer scheme in the OpenAPI document; `_preview_tenant` decides."""
 PortPath = Annotated[int, Path(ge=1, le=65535, description="A TCP port inside the sandbox.")]
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 PREVIEW_HOST = "crogia.preview_host"
@@ -134,21 +137,16 @@ async def _open_link(request: Request, runtime: Runtime, session_id: str, port: 
     return response
 
 
-@router.api_route("/{port}", methods=METHODS, include_in_schema=False)
+@router.api_route("/{port}", methods=METHODS, include_in_schema=False, operation_id="preview_root")
 async def preview_root(request: Request, session_id: str, port: PortPath) -> Response:
     query = request.url.query
     return RedirectResponse(f"{request.url.path}/" + (f"?{query}" if query else ""), status_code=307)
 
 
-@router.api_route(
-    "/{port}/{path:path}",
-    methods=METHODS,
-    summary="Any request, proxied to that port inside the sandbox (WebSocket upgrades too)",
-    response_class=Response,
-)
 async def preview(
-    request: Request, session_id: str, port: PortPath, path: str, runtime: RuntimeDep
+    request: Request, session_id: str, port: PortPath, path: str, runtime: RuntimeDep, credentials: BearerDep
 ) -> Response:
+    """The bearer token (`credentials`, declared for the OpenAPI document) or the preview's cookie."""
     opened = await _open_link(request, runtime, session_id, port)
     if opened is not None:
         return opened
@@ -166,6 +164,17 @@ async def preview(
     response = StreamingResponse(upstream.body, status_code=upstream.status)
     response.raw_headers = upstream.headers
     return response
+
+
+for _method in METHODS:  # one route per method: each gets its own operation id in the OpenAPI document
+    router.add_api_route(
+        "/{port}/{path:path}",
+        preview,
+        methods=[_method],
+        operation_id=f"preview_{_method.lower()}",
+        summary="Any request, proxied to that port inside the sandbox (WebSocket upgrades too)",
+        response_class=Response,
+    )
 
 
 @router.websocket("/{port}/{path:path}")
