@@ -200,7 +200,9 @@ def test_api_conforms_to_its_schema(case: Case, live: Live) -> None:
     real = live.substitute(case)
     response = case.call(base_url=live.api.base_url, timeout=30)
     live.record(case, response.status_code, real)
-    case.validate_response(response, checks=CHECKS)
+    # A preview answers for the app in the sandbox: a 502 "nothing listens on that port" is its answer.
+    preview = "/ports/{port}/" in case.path
+    case.validate_response(response, checks=[c for c in CHECKS if not (preview and c is not_a_server_error)])
 
 
 def test_every_operation_reached_its_handler(live: Live) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, Depends, Path, Request, WebSocket
@@ -15,14 +15,22 @@ from starlette.websockets import WebSocketState
 from crogia.api import preview_auth
 from crogia.api.deps import DEFAULT_TENANT, LiveDep, RuntimeDep, TenantDep, bearer, tenant_for
 from crogia.api.errors import ERRORS, status_for
-from crogia.api.schemas import PortList, PortPublic, PreviewLink
+from crogia.api.schemas import ErrorBody, PortList, PortPublic, PreviewLink
 from crogia.errors import CrogiaError, Unauthorized
 from crogia.runtime import Runtime
 from crogia.services.previews import ClientInfo, pump_websocket, websocket_handshake
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/api/sessions/{session_id}/ports", tags=["previews"], responses=ERRORS)
+PREVIEW_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    502: {"model": ErrorBody, "description": "Nothing listens on that port, or its server broke HTTP."},
+    504: {
+        "model": ErrorBody,
+        "description": "The sandbox's server did not answer in PREVIEW_TIMEOUT.",
+    },
+}
+router = APIRouter(prefix="/api/sessions/{session_id}/ports", tags=["previews"], responses=PREVIEW_ERRORS)
 
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 """Declares the bearer scheme in the OpenAPI document; `_preview_tenant` decides."""
