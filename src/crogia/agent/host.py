@@ -22,8 +22,6 @@ class ProcessView:
     log: str
     """Log path inside the sandbox."""
     exit_code: int | None = None
-    ports: tuple[int, ...] = ()
-    """TCP ports it (or a child of it) listens on inside the sandbox."""
 
 
 class ToolHost(Protocol):

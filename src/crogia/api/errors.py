@@ -20,7 +20,6 @@ from crogia.errors import (
     TooLarge,
     Unauthorized,
     Unavailable,
-    UpstreamTimeout,
 )
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,6 @@ STATUS: dict[type[CrogiaError], int] = {
     TooLarge: 413,
     SandboxError: 502,
     Unavailable: 503,
-    UpstreamTimeout: 504,
 }
 
 
