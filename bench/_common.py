@@ -134,6 +134,10 @@ def data_dir(prefix: str = "cgb-") -> Any:
 
 # --- a server process ---
 
+UNISOLATED = {"SANDBOX_NETWORK": "bridge", "SANDBOX_UID_RANGE": ""}
+"""`server(env=...)` settings that turn the sandbox isolation off (shared network, host-root
+sandboxes): the old path, measured beside the isolated one."""
+
 
 @dataclass
 class Server:

@@ -22,6 +22,7 @@ from typing import Any
 
 from _common import (
     IMAGE,
+    UNISOLATED,
     Http,
     Row,
     backends,
@@ -79,10 +80,6 @@ async def pool_full(base: Path, size: int, timeout: float = 60) -> None:
             raise TimeoutError("the pool did not fill")
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)
-
-
-UNISOLATED = {"SANDBOX_NETWORK": "bridge", "SANDBOX_UID_RANGE": ""}
-"""Settings that turn this round's isolation off (shared network, host-root sandboxes): the old path."""
 
 
 async def one_create(http: Http) -> float:

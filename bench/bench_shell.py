@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
+    UNISOLATED,
     Http,
     Row,
     backends,
@@ -64,10 +65,6 @@ def bwrap_echo(folder: Path) -> list[str]:
         path.mkdir(parents=True, exist_ok=True)
     argv = bwrap_args(bwrap, spec, "/usr/bin/python3", 3)
     return [*argv[: -len(sandbox_command(spec, "/usr/bin/python3", 3))], "/bin/echo", "hi"]
-
-
-UNISOLATED = {"SANDBOX_NETWORK": "bridge", "SANDBOX_UID_RANGE": ""}
-"""Settings that turn this round's isolation off (shared network, host-root sandboxes): the old path."""
 
 
 async def measure(backend: str, loop: str, rounds: int, per_round: int) -> dict[str, Any]:
