@@ -80,6 +80,7 @@ class Runtime:
             settings, db, bus, provider, sessions, processes, shell, tasks, agent, pool, reaper, terminals
         )
         sessions.on_stop.append(runtime._end_tasks)
+        sessions.on_sandbox.append(terminals.woke)
         provider.egress_listener = runtime._egress_blocked
         try:
             await tasks.fail_interrupted()

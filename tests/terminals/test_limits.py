@@ -10,7 +10,7 @@ import httpx
 
 from tests.conftest import make_settings
 from tests.support.server import RunningServer, run_server
-from tests.terminals.helpers import TermClient, new_shell, refused
+from tests.terminals.helpers import TermClient, new_shell, refused, run_in_sandbox
 
 
 async def test_limits_and_bad_input(data_dir: Path, backend: str) -> None:
@@ -74,9 +74,21 @@ async def test_an_idle_stop_ends_terminals_until_the_session_wakes(data_dir: Pat
         shells = (await server.client.get(f"/api/sessions/{sid}/shells")).json()["shells"]
         assert [(s["shell_id"], s["status"]) for s in shells] == [(shell_id, "stopped")]
         assert (await refused(server, shell_id))[0] == 4409
+        stopped = await server.client.delete(f"/api/shells/{shell_id}")
+        assert stopped.status_code == 409 and "stopped" in stopped.json()["detail"], stopped.text
+        assert live.asleep  # asking about its terminals does not wake it
+        await run_in_sandbox(server, sid, "true")  # woken another way: its old terminals are gone
+        assert (await server.client.get(f"/api/sessions/{sid}/shells")).json()["shells"] == []
+        assert (await server.client.delete(f"/api/shells/{shell_id}")).status_code == 404
+        assert (await refused(server, shell_id))[0] == 1008
+
+        second = (await new_shell(server, sid))["shell_id"]
+        await _wait_until_stopped(server, sid)
+        assert (await server.client.delete(f"/api/shells/{second}")).status_code == 409
         fresh = await new_shell(server, sid)  # wakes the session; the stopped terminal is gone
         listed = (await server.client.get(f"/api/sessions/{sid}/shells")).json()["shells"]
         assert [s["shell_id"] for s in listed] == [fresh["shell_id"]]
+        assert (await server.client.delete(f"/api/shells/{second}")).status_code == 404
         term = await TermClient.open(server, fresh["shell_id"])
         await term.run("echo awake", "i1")
         await term.close()

@@ -2,9 +2,9 @@
 
 A terminal lives in its session's sandbox (`Sandbox.pty_*`) and outlives the sockets that show
 it: it ends when deleted, when its shell exits, or when its session is deleted. When the
-sandbox stops (idleness), its terminals are gone too; they stay listed as `stopped` until the
-session is woken (creating a terminal wakes it). One socket at a time is attached: a newer one
-replaces it. Output goes into a bounded ring (`Scrollback`); an attached socket reads the ring
+sandbox stops (idleness), its terminals are gone too; they stay listed as `stopped`, and
+deleting one is a Conflict (409), until the session is woken (creating a terminal wakes it),
+which forgets them. One socket at a time is attached: a newer one replaces it. Output goes into a bounded ring (`Scrollback`); an attached socket reads the ring
 at its own pace from its own offset, so a slow client loses the oldest output, never the
 server's memory, and a client that reconnects gets the ring, then live output, without a gap
 or a repeat.
@@ -147,7 +147,7 @@ class TerminalService:
 
     async def create(self, live: LiveSession, *, cols: int, rows: int) -> Terminal:
         """Open a terminal in the (running) session's sandbox; Conflict past TERMINALS_PER_SESSION."""
-        self._forget(t for t in self.of_session(live.id) if t.status == "stopped")  # their sandbox is gone
+        await self.woke(live)  # in case the hook has not run: their sandbox is gone
         limit = self.settings.terminals_per_session
         if len(self.of_session(live.id)) >= limit:
             raise Conflict(f"This session already has {limit} terminals; delete one first.", limit=limit)
@@ -176,7 +176,15 @@ class TerminalService:
             await term.sandbox.pty_resize(term.tid, cols=cols, rows=rows)
 
     async def delete(self, term: Terminal) -> None:
-        """End the terminal and every process it started, and forget it."""
+        """End the terminal and every process it started, and forget it.
+
+        Conflict for a terminal of a stopped session: it answers 409 until the session is woken.
+        """
+        if term.status == "stopped" and term.live.asleep:
+            raise Conflict(
+                f"Shell session {term.id} is stopped with its session; create a terminal to wake it.",
+                shell_id=term.id,
+            )
         self._all.pop(term.id, None)
         code = None
         if term.status == "active" and term.tid is not None:
@@ -185,6 +193,10 @@ class TerminalService:
             except CrogiaError as exc:  # the sandbox went meanwhile: so did the terminal
                 log.info("closing terminal %s: %s", term.id, exc.message)
         term.end("exited", code)
+
+    async def woke(self, live: LiveSession) -> None:
+        """A session's sandbox came up (a `SessionService.on_sandbox` hook): its stopped terminals are gone."""
+        self._forget(t for t in self.of_session(live.id) if t.status == "stopped")
 
     def end_session(self, session_id: str) -> None:
         """The session is being deleted: its terminals end with it (called by `Runtime.delete_session`).

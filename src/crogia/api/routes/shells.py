@@ -65,7 +65,9 @@ async def list_shells(row: SessionRowDep, runtime: RuntimeDep) -> ShellList:
 
 @router.delete("/api/shells/{shell_id}", response_model=Message, summary="Delete a terminal")
 async def delete_shell(shell_id: str, runtime: RuntimeDep, tenant: TenantDep) -> Message:
-    """SIGHUP, then SIGKILL, to every process the terminal started (background jobs included)."""
+    """SIGHUP, then SIGKILL, to every process the terminal started (background jobs included).
+
+    409 for a terminal of a stopped session (until the session is woken; then it is gone: 404)."""
     term = runtime.terminals.get(shell_id, tenant=tenant)
     await runtime.terminals.delete(term)
     return Message(message=f"Shell session {shell_id} terminated")
