@@ -4,10 +4,10 @@ A terminal lives in its session's sandbox (`Sandbox.pty_*`) and outlives the soc
 it: it ends when deleted, when its shell exits, or when its session is deleted. When the
 sandbox stops (idleness), its terminals are gone too; they stay listed as `stopped`, and
 deleting one is a Conflict (409), until the session is woken (creating a terminal wakes it),
-which forgets them. One socket at a time is attached: a newer one replaces it. Output goes into a bounded ring (`Scrollback`); an attached socket reads the ring
-at its own pace from its own offset, so a slow client loses the oldest output, never the
-server's memory, and a client that reconnects gets the ring, then live output, without a gap
-or a repeat.
+which forgets them. One socket at a time is attached: a newer one replaces it. Output goes
+into a bounded ring (`Scrollback`); an attached socket reads the ring at its own pace from its
+own offset, so a slow client loses the oldest output, never the server's memory, and a client
+that reconnects gets the ring, then live output, without a gap or a repeat.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ class TerminalService:
         term.end("exited", code)
 
     async def woke(self, live: LiveSession) -> None:
-        """A session's sandbox came up (a `SessionService.on_sandbox` hook): its stopped terminals are gone."""
+        """A session's sandbox came up (an `on_sandbox` hook): its stopped terminals are gone."""
         self._forget(t for t in self.of_session(live.id) if t.status == "stopped")
 
     def end_session(self, session_id: str) -> None:
