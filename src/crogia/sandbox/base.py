@@ -197,7 +197,7 @@ class Sandbox(abc.ABC):
 
     @abc.abstractmethod
     async def pty_input(self, tid: int, data: bytes) -> None:
-        """Write `data` (at most 64 KiB) to the terminal, as typed."""
+        """Write `data` to the terminal, as typed (waits while the terminal is not taking input)."""
 
     @abc.abstractmethod
     async def pty_resize(self, tid: int, *, cols: int, rows: int) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from crogia.errors import SandboxError, Unavailable
+from crogia.errors import NotFound, SandboxError, Unavailable
 from crogia.sandbox import pty_channel
 from crogia.sandbox.base import (
     WORKDIR,
@@ -250,24 +250,37 @@ class ExecutorSandbox(Sandbox):
         client = await self._client_for_pty()
         client.ptys.opening += 1
         try:
-            reply = await client.request(**pty_channel.open_request(cols=cols, rows=rows))
+            args = pty_channel.open_args(cols=cols, rows=rows)
+            stream, reply = await client.open_stream("pty_open", lasting=True, **args)
+            stream.listen(listener.on_output)  # its output comes right behind the reply
+            try:
+                tid = pty_channel.open_reply(await reply)
+            except BaseException:
+                stream.abort()  # the daemon closes a terminal whose stream is reset
+                raise
         finally:
             client.ptys.opening -= 1
-        tid = pty_channel.open_reply(reply)
-        client.ptys.register(tid, listener)
+        client.ptys.register(tid, listener, stream)
         return tid
 
     async def pty_input(self, tid: int, data: bytes) -> None:
-        await self._call(**pty_channel.input_request(tid, data))
+        stream = (await self._client_for_pty()).ptys.stream(tid)
+        if stream is None:
+            raise NotFound("no such terminal in the sandbox", sandbox_id=self.id)
+        await stream.write(data)  # frames on its stream: waits only for credit, never for a reply
 
     async def pty_resize(self, tid: int, *, cols: int, rows: int) -> None:
         await self._call(**pty_channel.resize_request(tid, cols=cols, rows=rows))
 
     async def pty_close(self, tid: int, *, grace: float) -> int | None:
         client = await self._client_for_pty()
-        client.ptys.unregister(tid)
-        request = client.request(**pty_channel.close_request(tid, grace=grace))
-        return pty_channel.close_reply(await asyncio.wait_for(request, grace + REPLY_MARGIN))
+        stream = client.ptys.unregister(tid)
+        try:
+            request = client.request(**pty_channel.close_request(tid, grace=grace))
+            return pty_channel.close_reply(await asyncio.wait_for(request, grace + REPLY_MARGIN))
+        finally:
+            if stream is not None:
+                stream.abort()
 
     async def _client_for_pty(self) -> ExecutorClient:
         if self._client is None or self._client.closed:

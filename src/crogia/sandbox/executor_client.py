@@ -137,6 +137,18 @@ class ByteStream:
             with contextlib.suppress(Unavailable):
                 await self._client._drain()
 
+    def abort(self) -> None:
+        """`reset()` from a callback: the same, without waiting for the socket to drain."""
+        self._abort()
+
+    def listen(self, on_data: Callable[[bytes], None]) -> None:
+        """Push mode from now on: `on_data` gets what arrived already, then each chunk as it comes."""
+        self.on_data = on_data
+        while self._chunks:
+            chunk = self._chunks.popleft()
+            self._client._call(on_data, chunk)
+            self._consumed(len(chunk))
+
     def _abort(self) -> bool:
         """Tell the daemon to drop the stream unless it is over by agreement; True if told."""
         if self._aborted or (self._their_end and self._our_end):

@@ -1,34 +1,32 @@
 """The server's half of the daemon's `pty_*` messages (`daemon/executor_pty.py` holds the other half).
 
 Every message shape of the terminal protocol is built or checked here, nowhere else on the
-server: the request builders, the check of each reply and push (the daemon may be compromised,
-so a push that is not exactly what it should be is a protocol error and drops the connection),
-and the router that hands each push to the terminal it belongs to. Terminal bytes travel as
-base64 strings inside the JSON lines.
+server: the request arguments, the check of each reply and of the `pty_exit` push (the daemon
+may be compromised, so a push that is not exactly what it should be is a protocol error and
+drops the connection), and the router that hands each exit to the terminal it belongs to.
+A terminal's bytes are not messages: they are binary frames on the byte stream of its
+`pty_open` request (raw bytes both ways, within the protocol's credit windows), which the
+router keeps by terminal for the input.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from crogia.sandbox.daemon.executor_proto import ProtocolError as ProtocolError
 
+if TYPE_CHECKING:
+    from crogia.sandbox.executor_client import ByteStream
+
 log = logging.getLogger(__name__)
 
-PTY_PUSHES = frozenset({"pty_output", "pty_exit"})
+PTY_PUSHES = frozenset({"pty_exit"})
 """The `type` of the messages the daemon pushes about terminals."""
-OUTPUT_MAX = 64 * 1024
-"""Bytes one pty_output may carry (decoded): the daemon reads at most this much per wake-up."""
-INPUT_MAX = 64 * 1024
-"""Bytes one pty_input may carry (decoded)."""
-_B64_MAX = (OUTPUT_MAX + 2) // 3 * 4
-EARLY_MAX = 1024 * 1024
-"""Bytes of pushes kept for a terminal whose `pty_open` reply its opener has not yet seen."""
+EARLY_MAX = 1024
+"""Exits kept for terminals whose `pty_open` reply its opener has not yet seen."""
 
 
 class PtyListener(Protocol):
@@ -44,25 +42,14 @@ class PtyListener(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class PtyOutput:
-    tid: int
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
 class PtyExit:
     tid: int
     exit_code: int | None
 
 
-def open_request(*, cols: int, rows: int) -> dict[str, Any]:
-    return {"op": "pty_open", "cols": cols, "rows": rows}
-
-
-def input_request(tid: int, data: bytes) -> dict[str, Any]:
-    if len(data) > INPUT_MAX:
-        raise ValueError(f"pty_input carries at most {INPUT_MAX} bytes")
-    return {"op": "pty_input", "tid": tid, "data_b64": base64.b64encode(data).decode()}
+def open_args(*, cols: int, rows: int) -> dict[str, Any]:
+    """The arguments of `pty_open` (sent with `ExecutorClient.open_stream("pty_open", ...)`)."""
+    return {"cols": cols, "rows": rows}
 
 
 def resize_request(tid: int, *, cols: int, rows: int) -> dict[str, Any]:
@@ -93,49 +80,46 @@ def close_reply(reply: Mapping[str, Any]) -> int | None:
     return _int(reply, "exit_code", optional=True)
 
 
-def parse_push(msg: Mapping[str, Any]) -> PtyOutput | PtyExit:
-    """Check one push; ProtocolError for anything but a well-formed pty_output or pty_exit."""
+def parse_push(msg: Mapping[str, Any]) -> PtyExit:
+    """Check one push; ProtocolError for anything but a well-formed pty_exit."""
+    if msg.get("type") != "pty_exit":
+        raise ProtocolError(f"not a terminal push: {str(msg.get('type'))[:40]!r}")
     tid = _int(msg, "tid")
     assert tid is not None
-    if msg.get("type") == "pty_exit":
-        return PtyExit(tid, _int(msg, "exit_code", optional=True))
-    data = msg.get("data_b64")
-    if not isinstance(data, str) or len(data) > _B64_MAX:
-        raise ProtocolError(f"pty_output: data_b64 must be a string of at most {_B64_MAX} characters")
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ProtocolError("pty_output: data_b64 is not base64") from None
-    if len(raw) > OUTPUT_MAX:
-        raise ProtocolError(f"pty_output: more than {OUTPUT_MAX} bytes")
-    return PtyOutput(tid, raw)
+    return PtyExit(tid, _int(msg, "exit_code", optional=True))
 
 
 class PtyRouter:
-    """One daemon connection's terminals: hands each push to its listener.
+    """One daemon connection's terminals: their byte streams, and who hears of their exit.
 
-    Pushes may arrive before the opener has read its pty_open reply: while an open is in flight,
-    those of an unknown tid are kept (up to EARLY_MAX bytes) and handed over on `register`.
+    An exit may arrive before the opener has read its pty_open reply: while an open is in
+    flight, those of an unknown tid are kept (up to EARLY_MAX) and handed over on `register`.
     """
 
     def __init__(self) -> None:
         self._listeners: dict[int, PtyListener] = {}
-        self._early: dict[int, list[PtyOutput | PtyExit]] = {}
-        self._early_bytes = 0
+        self._streams: dict[int, ByteStream] = {}
+        self._early: dict[int, PtyExit] = {}
         self.opening = 0
         """pty_open requests in flight on this connection."""
 
-    def register(self, tid: int, listener: PtyListener) -> None:
+    def register(self, tid: int, listener: PtyListener, stream: ByteStream) -> None:
         self._listeners[tid] = listener
-        early = self._early.pop(tid, [])
+        self._streams[tid] = stream
+        early = self._early.pop(tid, None)
         if not self.opening:
             self._early.clear()
-            self._early_bytes = 0
-        for push in early:
-            self._deliver(listener, push)
+        if early is not None:
+            self._deliver(listener, early)
 
-    def unregister(self, tid: int) -> None:
+    def stream(self, tid: int) -> ByteStream | None:
+        """The byte stream of terminal `tid` (None once it ended or was never opened here)."""
+        return self._streams.get(tid)
+
+    def unregister(self, tid: int) -> ByteStream | None:
+        """Stop telling anyone about `tid`; its stream, which the caller aborts when done with it."""
         self._listeners.pop(tid, None)
+        return self._streams.pop(tid, None)
 
     def dispatch(self, msg: Mapping[str, Any]) -> None:
         """Route one push (its `type` is in PTY_PUSHES); raises ProtocolError for a malformed one."""
@@ -143,13 +127,12 @@ class PtyRouter:
         listener = self._listeners.get(push.tid)
         if listener is not None:
             self._deliver(listener, push)
-        elif self.opening and self._early_bytes < EARLY_MAX:
-            self._early.setdefault(push.tid, []).append(push)
-            self._early_bytes += len(push.data) if isinstance(push, PtyOutput) else 1
+        elif self.opening and len(self._early) < EARLY_MAX:
+            self._early[push.tid] = push
 
     def end_all(self) -> None:
-        """The connection is gone: every terminal on it has ended."""
-        listeners, self._listeners = list(self._listeners.values()), {}
+        """The connection is gone: every terminal on it has ended (its stream failed with it)."""
+        listeners, self._listeners, self._streams = list(self._listeners.values()), {}, {}
         self._early.clear()
         for listener in listeners:
             try:
@@ -157,12 +140,12 @@ class PtyRouter:
             except Exception:
                 log.exception("terminal listener %r failed", listener)
 
-    def _deliver(self, listener: PtyListener, push: PtyOutput | PtyExit) -> None:
+    def _deliver(self, listener: PtyListener, push: PtyExit) -> None:
+        self._listeners.pop(push.tid, None)
+        stream = self._streams.pop(push.tid, None)
+        if stream is not None:
+            stream.abort()  # the daemon is done with it (its end came before the exit)
         try:
-            if isinstance(push, PtyOutput):
-                listener.on_output(push.data)
-            else:
-                self._listeners.pop(push.tid, None)
-                listener.on_exit(push.exit_code)
+            listener.on_exit(push.exit_code)
         except Exception:  # a faulty listener must not break the connection for everyone
             log.exception("terminal listener %r failed", listener)

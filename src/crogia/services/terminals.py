@@ -21,7 +21,6 @@ from typing import Literal
 
 from crogia.config import Settings
 from crogia.errors import Conflict, CrogiaError, NotFound
-from crogia.sandbox.pty_channel import INPUT_MAX
 from crogia.services.live import LiveSession
 
 log = logging.getLogger(__name__)
@@ -167,8 +166,7 @@ class TerminalService:
     async def write(self, term: Terminal, data: bytes) -> None:
         if term.status != "active" or term.tid is None:
             return
-        for at in range(0, len(data), INPUT_MAX):
-            await term.sandbox.pty_input(term.tid, data[at : at + INPUT_MAX])
+        await term.sandbox.pty_input(term.tid, data)
 
     async def resize(self, term: Terminal, *, cols: int, rows: int) -> None:
         if term.status == "active" and term.tid is not None:

@@ -49,7 +49,7 @@ Ops and their values:
       (also of a process from before a daemon restart, while its log file is there)
   list                                          -> {processes: [{pid, cmd, log, running, exit_code,
                                                     started, ended}]}  (times are epoch seconds)
-  pty_open, pty_input, pty_resize, pty_close    interactive terminals: see executor_pty.py
+  pty_open, pty_resize, pty_close    interactive terminals (bytes on pty_open's stream): executor_pty.py
 
 Children get the daemon's own environment plus LANG=C.UTF-8, a default PATH and HOME (and TERM
 under a tty), overridden by the request's `env`. A bad request never stops the daemon.
@@ -381,8 +381,7 @@ OPS: dict[str, Callable[[Daemon, Message, Connection, RequestId], Message | Step
     "terminate": lambda d, req, conn, rid: d.background.terminate(req),
     "tail": lambda d, req, conn, rid: d.background.tail(req),
     "list": lambda d, req, conn, rid: {"processes": d.background.listing()},
-    "pty_open": lambda d, req, conn, rid: d.terminals.handle("pty_open", req, conn),
-    "pty_input": lambda d, req, conn, rid: d.terminals.handle("pty_input", req, conn),
+    "pty_open": lambda d, req, conn, rid: d.terminals.handle("pty_open", req, conn, rid),
     "pty_resize": lambda d, req, conn, rid: d.terminals.handle("pty_resize", req, conn),
     "pty_close": lambda d, req, conn, rid: d.terminals.handle("pty_close", req, conn),
 }

@@ -95,7 +95,6 @@ RESULTS: dict[str, dict[str, Field]] = {
     "tail": {"output": TEXT},
     "list": {"processes": Field(list)},
     "pty_open": {"tid": PID},
-    "pty_input": {},
     "pty_resize": {},
     "pty_close": {"exit_code": Field(int, 0, 255, optional=True)},
 }
@@ -107,8 +106,7 @@ PROCESS: dict[str, Field] = {"pid": PID, "running": FLAG, "exit_code": Field(int
 PUSHES: dict[str, dict[str, Field]] = {
     "chunk": {"id": Field(int, 0), "data": TEXT},
     "exit": {"pid": PID, "exit_code": CODE},
-    # A terminal's bytes are base64 (`executor_pty.py`); `crogia.sandbox.pty_channel` checks their size.
-    "pty_output": {"tid": PID, "data_b64": TEXT},
+    # A terminal's bytes are frames on its pty_open stream (`executor_pty.py`); only its end is a push.
     "pty_exit": {"tid": PID, "exit_code": Field(int, 0, 255, optional=True)},
     "credit": {"stream": Field(int, 1, STREAM_MAX), "bytes": Field(int, 1, WINDOW)},
     "reset": {"stream": Field(int, 1, STREAM_MAX)},

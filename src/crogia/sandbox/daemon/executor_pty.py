@@ -3,26 +3,31 @@
 Part of the executor daemon (`executor.py` says how it fits). The message shapes live here, in
 `handle` (requests) and `Terminal.push_*` (pushes), and nowhere else on this side:
 
-  pty_open {cols, rows}            -> {tid}        tid: the shell's pid
-  pty_input {tid, data_b64}        -> {}           bytes written to the terminal as typed
+  pty_open {cols, rows}            -> {tid}        tid: the shell's pid; the request's id is the
+                                                   terminal's byte stream (it outlives the reply)
   pty_resize {tid, cols, rows}     -> {}           TIOCSWINSZ: the foreground job gets SIGWINCH
   pty_close {tid, grace?}          -> {exit_code}  SIGHUP to all its processes, SIGKILL after grace
-  push {"type": "pty_output", "tid", "data_b64"}   at most READ_MAX bytes once decoded
-  push {"type": "pty_exit", "tid", "exit_code"}    after its last output (null: not known)
+  frames on the stream, both ways  raw bytes: the server's are typed into the terminal, ours are
+                                   its output (at most READ_MAX a frame); then our end of it
+  push {"type": "pty_exit", "tid", "exit_code"}    after the stream's end (null: not known)
 
 A terminal belongs to the connection that opened it and ends with it. Its processes are the
 shell's session plus whatever carries its marker variable (a `setsid` job leaves the session,
 not its environment); on close, or when the shell exits, all of them get SIGHUP, then SIGKILL.
-Output is read at most READ_MAX bytes per wake-up, and not at all while the server has more
-than PAUSE_AT bytes unread: the pty's own buffer then holds the program back.
+Output is read as it comes (one read for a keystroke's echo, up to READ_MAX a wake-up in a
+flood) and only within the stream's credit: once the server has a window's worth it has not
+consumed, the pty is not read, its buffer fills and the program blocks in its write. Input is
+written as the pty takes it; what it has not taken stays in the stream (the server's window
+bounds it) and is credited once written. A reset of the stream by the server closes the
+terminal.
 """
 
 from __future__ import annotations
 
-import binascii
 import errno
 import fcntl
 import os
+import select
 import struct
 import termios
 import time
@@ -39,12 +44,9 @@ if TYPE_CHECKING:
 else:
     import _signal as signal  # `signal` itself imports enum (and enum half the stdlib)
 
-READ_MAX = 64 * 1024
-INPUT_MAX = 64 * 1024
-"""Bytes one pty_input may carry (decoded)."""
-INPUT_BACKLOG = 1024 * 1024
-"""Unwritten input a terminal holds before pty_input is refused (a shell that stopped reading)."""
-PAUSE_AT, RESUME_AT = 1024 * 1024, 256 * 1024
+READ_MAX = 256 * 1024
+"""Most output sent in one frame (the protocol's FRAME_MAX)."""
+HUP = select.EPOLLHUP | select.EPOLLERR
 MAX_TERMINALS = 64
 MARKER = "CROGIA_TERMINAL"
 SHELL = "exec bash --login -i"
@@ -63,10 +65,10 @@ def _size(req: Message) -> tuple[int, int]:
 
 
 class Terminal:
-    """One shell on one pty, its output pushed to its connection."""
+    """One shell on one pty, its bytes on stream `sid` of its connection."""
 
-    def __init__(self, conn: Connection, cols: int, rows: int, owner: Terminals) -> None:
-        self.conn, self.owner = conn, owner
+    def __init__(self, conn: Connection, sid: int, cols: int, rows: int, owner: Terminals) -> None:
+        self.conn, self.owner, self.sid = conn, owner, sid
         self.marker = f"{os.getpid()}.{time.monotonic_ns()}"
         master, slave = os.openpty()
         try:
@@ -81,26 +83,45 @@ class Terminal:
             os.close(slave)
         self.master, self.tid = master, self.proc.pid
         os.set_blocking(master, False)
-        self.pending = bytearray()
-        self.eof = self.paused = self.done = False
+        self.inbound = conn.accept_stream(sid)
+        self.eof = self.done = False
+        self.paused = False
+        """Out of credit: not read until the server consumes some."""
+        self.blocked = False
+        """The pty took no more input: written again once it says it can take some."""
         self.watch()
         Task(None, None, "pty-life", self.life())
+        Task(None, None, "pty-input", self.pump_input())
+
+    @property
+    def discarding(self) -> bool:
+        """The stream is gone (reset, or the connection lost): output is read and dropped."""
+        return self.inbound.reset
 
     def watch(self) -> None:
-        if not (self.eof or self.paused):
-            LOOP.watch(self.master, self.on_event, IN | OUT if self.pending else IN)
+        if self.done:
+            return
+        mask = (0 if self.eof or self.paused else IN) | (OUT if self.blocked else 0)
+        if mask:
+            LOOP.watch(self.master, self.on_event, mask)
+        else:
+            LOOP.unwatch(self.master)
 
     def on_event(self, events: int) -> None:
-        if events & OUT and self.pending:
-            self.write(b"")
-        if events & ~OUT:
+        if events & (OUT | HUP) and self.blocked:
+            self.blocked = False  # the input task writes again (and finds out if the pty is gone)
+            self.watch()
+        if events & ~OUT and not (self.eof or self.paused):
             self.read()
 
     def read(self) -> None:
+        limit = READ_MAX if self.discarding else min(READ_MAX, self.conn.credit_left(self.sid))
+        if limit <= 0:
+            return self.pause()
         data, ended = bytearray(), False
-        while len(data) < READ_MAX:  # a pty hands out ~4 KiB a read: one push carries several
+        while len(data) < limit:  # a pty hands out ~4 KiB a read: in a flood, one frame carries several
             try:
-                chunk = os.read(self.master, READ_MAX - len(data))
+                chunk = os.read(self.master, limit - len(data))
             except BlockingIOError:
                 break
             except OSError as exc:  # EIO: the last holder of the pty's other end closed it
@@ -111,38 +132,44 @@ class Terminal:
                 ended = True
                 break
             data += chunk
-        if data:
-            self.push(bytes(data))
+        if data and not self.discarding:
+            self.conn.send_frame(self.sid, bytes(data))
         if ended:
             self.eof = True
-            LOOP.unwatch(self.master)
+            self.watch()
+        elif not self.discarding and self.conn.credit_left(self.sid) <= 0:
+            self.pause()
 
-    def push(self, data: bytes) -> None:
-        self.conn.send({"type": "pty_output", "tid": self.tid,
-                        "data_b64": binascii.b2a_base64(data, newline=False).decode()})  # fmt: skip
-        if len(self.conn.outbuf) > PAUSE_AT and self.conn.open:
-            self.paused = True
-            LOOP.unwatch(self.master)
-            Task(None, None, "pty-resume", self.resume())
+    def pause(self) -> None:
+        self.paused = True
+        self.watch()
+        Task(None, None, "pty-credit", self.resume())
 
     def resume(self) -> Steps:
-        yield lambda: len(self.conn.outbuf) < RESUME_AT or not self.conn.open or self.done, None
+        yield lambda: self.conn.credit_left(self.sid) > 0 or self.discarding or self.done, None
         self.paused = False
-        if not self.done:
-            self.watch()
+        self.watch()
         return {}
 
-    def write(self, data: bytes) -> None:
-        if len(self.pending) + len(data) > INPUT_BACKLOG:
-            raise RequestError("bad_request", "the terminal is not reading its input")
-        self.pending += data
-        try:
-            del self.pending[: os.write(self.master, self.pending)]
-        except BlockingIOError:
-            pass
-        except OSError:  # the terminal is closing: what it was typed no longer matters
-            self.pending.clear()
-        self.watch()
+    def pump_input(self) -> Steps:
+        """Write what the server typed as the pty takes it; crediting what was written."""
+        inbound = self.inbound
+        while not (self.done or inbound.reset):
+            yield lambda: (inbound.buf and not self.blocked) or inbound.reset or self.done, None
+            if self.done or inbound.reset:
+                break
+            try:
+                written = os.write(self.master, inbound.buf)
+            except BlockingIOError:
+                written, self.blocked = 0, True
+                self.watch()
+            except OSError:  # the terminal is closing: what it was typed no longer matters
+                written = len(inbound.buf)
+            del inbound.buf[:written]
+            self.conn.consumed(self.sid, written)
+        if inbound.reset and not self.done:  # the server gave the terminal up
+            yield from self.end_all(0.2)
+        return {}
 
     def members(self) -> list[int]:
         """Living processes of this terminal: its shell's session, or its marker in their environment."""
@@ -196,6 +223,9 @@ class Terminal:
         LOOP.unwatch(self.master)
         os.close(self.master)
         self.owner.by_tid.pop(self.tid, None)
+        if not self.discarding:
+            self.conn.end_stream(self.sid)
+        self.conn.drop_stream(self.sid)
         self.conn.send({"type": "pty_exit", "tid": self.tid, "exit_code": self.proc.code})
         return {}
 
@@ -217,23 +247,16 @@ class Terminals:
             raise RequestError("not_found", "no such terminal")
         return term
 
-    def handle(self, op: str, req: Message, conn: Connection) -> Steps:
+    def handle(self, op: str, req: Message, conn: Connection, rid: object = None) -> Steps:
         if op == "pty_open":
             if len(self.by_tid) >= MAX_TERMINALS:
                 raise RequestError("bad_request", f"at most {MAX_TERMINALS} terminals per sandbox")
-            term = Terminal(conn, *_size(req), self)
+            if not isinstance(rid, int) or isinstance(rid, bool) or not 1 <= rid < 1 << 32:
+                raise RequestError("bad_request", "pty_open needs an int request id: its stream's")
+            term = Terminal(conn, rid, *_size(req), self)
             self.by_tid[term.tid] = term
             return {"tid": term.tid}
         term = self._get(req, conn)
-        if op == "pty_input":
-            data: str = arg(req, "data_b64", str)
-            if len(data) > (INPUT_MAX + 2) // 3 * 4:
-                raise RequestError("bad_request", f"pty_input carries at most {INPUT_MAX} bytes")
-            try:
-                term.write(binascii.a2b_base64(data))
-            except binascii.Error:
-                raise RequestError("bad_request", "data_b64 is not base64") from None
-            return {}
         if op == "pty_resize":
             set_size(term.master, *_size(req))
             return {}
