@@ -5,7 +5,8 @@
   key to a local pty running the same `bash -i` and reading the echo. Targets: p50 <= 5 ms and
   p99 <= 20 ms over the WebSocket, on every backend.
 * throughput: `yes | head -c 50M` typed into the terminal; bytes of output reaching the client
-  per second (JSON `shell_output` frames, the original client's format), until a marker after it.
+  per second (JSON `shell_output` frames, the original client's format; then again on a socket
+  that asks for binary frames), until a marker after it (the pty turns each "y\n" into "y\r\n").
   raw: the same command in a local pty, read by this process. Target >= 20 MB/s; the server's
   peak RSS growth during the flood is reported (its scrollback is bounded at 256 KiB a terminal).
 
@@ -90,13 +91,19 @@ class Socket:
         self.ws, self.tail = ws, ""
 
     async def until(self, marker: str) -> int:
-        """Read output until `marker`; the number of characters read."""
+        """Read output until `marker`; the number of characters (binary frames: bytes) read."""
         total = 0
         while marker not in self.tail:
-            msg = json.loads(await self.ws.recv())
-            if msg["type"] == "shell_output":
-                total += len(msg["data"])
-                self.tail = self.tail[-len(marker) :] + msg["data"]
+            frame = await self.ws.recv()
+            if isinstance(frame, bytes):  # `?binary=1`: raw output
+                data = frame.decode("latin-1")
+            else:
+                msg = json.loads(frame)
+                if msg["type"] != "shell_output":
+                    continue
+                data = msg["data"]
+            total += len(data)
+            self.tail = self.tail[-len(marker) :] + data
         self.tail = self.tail[self.tail.index(marker) + len(marker) :]
         return total
 
@@ -105,15 +112,25 @@ class Socket:
 
 
 @contextlib.asynccontextmanager
-async def terminal(backend: str) -> AsyncIterator[tuple[Socket, int]]:
+async def terminal(backend: str) -> AsyncIterator[tuple[Socket, int, str]]:
     async with server(backend) as srv, Http(srv.port) as http:
         sid = (await create_session(http))["session_id"]
         _, shell = await http.json("POST", f"/api/sessions/{sid}/shells", {})
-        async with websockets.connect(f"{srv.ws_url}/ws/shells/{shell['shell_id']}", max_size=None) as ws:
+        url = f"{srv.ws_url}/ws/shells/{shell['shell_id']}"
+        async with websockets.connect(url, max_size=None) as ws:
             sock = Socket(ws)
-            await sock.type("PS1='$ '\r")
-            await sock.until("$ ")
-            yield sock, srv.pid
+            await sock.type("PS1='$ '; echo READY-$((6*7))\r")
+            await sock.until("READY-42")
+            yield sock, srv.pid, url
+
+
+async def binary_flood(url: str, pid: int, size: int) -> tuple[float, float]:
+    """The flood again on a second socket asking for binary frames (it replaces the first)."""
+    async with websockets.connect(f"{url}?binary=1", max_size=None) as ws:
+        sock = Socket(ws)
+        await sock.type("echo BIN-$((6*7))\r")
+        await sock.until("BIN-42")  # after the scrollback replayed
+        return await ws_flood(sock, pid, size)
 
 
 async def ws_echo(sock: Socket, keys: int) -> list[float]:
@@ -169,9 +186,10 @@ async def main() -> None:
     rows, extra = [], {}
     only = os.environ.get("BENCH_BACKENDS")  # e.g. `bubblewrap`: one backend instead of every one found
     for backend in only.split(",") if only else backends():
-        async with terminal(backend) as (sock, pid):
+        async with terminal(backend) as (sock, pid, url):
             ours = await ws_echo(sock, keys)
             rate, grown = await ws_flood(sock, pid, size)
+            binary_rate, binary_grown = await binary_flood(url, pid, size)
         for q, target in ((50, P50_MS), (99, P99_MS)):
             mine, base = ms(ours, q), ms(raw, q)
             ratio = round(mine / max(base, 1e-3), 2)
@@ -181,7 +199,12 @@ async def main() -> None:
         rows.append(Row(f"terminal output `yes` to the client ({backend})", round(mb, 1), "MB/s",
                         f">= {RATE_MB:g} MB/s", mb >= RATE_MB, round(raw_mb, 1), "local pty read",
                         round(mb / raw_mb, 3)))  # fmt: skip
+        binary_mb = binary_rate / 1e6
+        rows.append(Row(f"terminal output `yes`, `?binary=1` frames ({backend})", round(binary_mb, 1), "MB/s",
+                        f">= {RATE_MB:g} MB/s", binary_mb >= RATE_MB, round(raw_mb, 1), "local pty read",
+                        round(binary_mb / raw_mb, 3)))  # fmt: skip
         extra[f"server_rss_growth_mb_{backend}"] = round(grown, 1)
+        extra[f"server_rss_growth_mb_binary_{backend}"] = round(binary_grown, 1)
         extra[f"echo_mean_ms_{backend}"] = round(statistics.mean(ours) * 1000, 3)
     report("terminal", rows, smoke=args.smoke, flood_bytes=size, keys=keys, **extra)
 

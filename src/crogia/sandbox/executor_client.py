@@ -59,6 +59,8 @@ class _Bucket:
         return False
 
 
+SMALL_FRAME = 16 * 1024
+"""Frames up to this size are copied behind their header and sent in one write; larger ones are not."""
 CREDIT_BATCH = proto.WINDOW // 4
 """Consumed bytes of a stream credited back in one message (the sender has the rest of its window)."""
 
@@ -337,9 +339,11 @@ class ExecutorClient:
     def _send_frame(self, sid: int, data: bytes | memoryview) -> None:
         if self._closed:
             raise Unavailable("the connection to the sandbox's executor is closed")
+        if len(data) <= SMALL_FRAME:  # one write, one wake-up of the daemon (a keystroke)
+            self._writer.write(proto.frame_header(sid, len(data)) + data)
+            return
         self._writer.write(proto.frame_header(sid, len(data)))
-        if data:
-            self._writer.write(data)
+        self._writer.write(data)
 
     async def _drain(self) -> None:
         try:
