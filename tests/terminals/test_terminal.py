@@ -147,3 +147,39 @@ async def test_a_slow_client_loses_the_oldest_output_not_the_servers_memory(
         lines = [line for line in term.text.split("\r\n") if line.isdigit()]
         assert lines[-1] == "500000" and len(lines) < 500000  # the tail arrived; the middle was dropped
         await term.close()
+
+
+async def test_input_nobody_reads_is_held_back_and_delete_still_works(server: RunningServer) -> None:
+    sid = str((await server.create_session())["session_id"])
+    shell_id = (await new_shell(server, sid))["shell_id"]
+    term = await TermClient.open(server, shell_id)
+    await term.run("stty -echo -icanon", "h0")  # sleep takes the foreground and never reads its input
+    await term.type("sleep 1005\r")
+    count = "ps -eo args | grep -c '^sleep 1005$'"
+    for _ in range(300):
+        if (await run_in_sandbox(server, sid, count)).strip() == "1":
+            break
+    held = server.runtime.terminals.find(shell_id)
+    assert held is not None and held.tid is not None
+    stream = held.sandbox._client.ptys.stream(held.tid)  # type: ignore[attr-defined]
+    assert stream is not None
+
+    async def flood() -> None:
+        for _ in range(160):  # 10 MiB, past the 4 MiB window the daemon may hold
+            await term.ws.send(b"z" * 65536)
+
+    typing = asyncio.create_task(flood())
+    try:
+        for _ in range(3000):  # the server sent a window's worth, then waits for credit
+            if stream._credit == 0:
+                break
+            await asyncio.sleep(0.01)  # polling the condition (the client pushes on its own)
+        assert stream._credit == 0, stream._credit
+        response = await server.client.delete(f"/api/shells/{shell_id}")
+        assert response.status_code == 200
+        assert (await run_in_sandbox(server, sid, count)).strip() == "0"
+        assert (await term.closed())[0] == 1000
+    finally:
+        typing.cancel()
+        await asyncio.gather(typing, return_exceptions=True)
+    assert any(e["type"] == "shell_exited" for e in term.events)
