@@ -6,7 +6,8 @@
   p99 <= 20 ms over the WebSocket, on every backend.
 * throughput: `yes | head -c 50M` typed into the terminal; bytes of output reaching the client
   per second (JSON `shell_output` frames, the original client's format; then again on a socket
-  that asks for binary frames), until a marker after it (the pty turns each "y\n" into "y\r\n").
+  that asks for binary frames), until a marker after it (the pty turns each "y\n" into "y\r\n",
+  which bounds even the raw pty here). Then, for reference, 50 MB without newlines (`tr`).
   raw: the same command in a local pty, read by this process. Target >= 20 MB/s; the server's
   peak RSS growth during the flood is reported (its scrollback is bounded at 256 KiB a terminal).
 
@@ -31,6 +32,9 @@ from _common import Http, Row, backends, create_session, parse_args, percentile,
 
 P50_MS, P99_MS, RATE_MB = 5.0, 20.0, 20.0
 FLOOD = "yes | head -c {size}; echo; echo END-$((6*7))"
+PLAIN = "head -c {size} /dev/zero | tr '\\0' y; echo; echo END-$((6*7))"
+"""Output without newlines: the pty's own newline translation (ONLCR), which bounds `yes`, is not
+in the way, so this shows what the path from the pty to the client carries."""
 
 
 class Pty:
@@ -75,10 +79,10 @@ def raw_echo(keys: int) -> list[float]:
     return times
 
 
-def raw_flood(size: int) -> float:
+def raw_flood(size: int, flood: str = FLOOD) -> float:
     term = Pty()
     try:
-        os.write(term.master, FLOOD.format(size=size).encode() + b"\r")
+        os.write(term.master, flood.format(size=size).encode() + b"\r")
         started = time.perf_counter()
         total = term.read_until(b"END-42")
         return total / (time.perf_counter() - started)
@@ -124,13 +128,13 @@ async def terminal(backend: str) -> AsyncIterator[tuple[Socket, int, str]]:
             yield sock, srv.pid, url
 
 
-async def binary_flood(url: str, pid: int, size: int) -> tuple[float, float]:
-    """The flood again on a second socket asking for binary frames (it replaces the first)."""
-    async with websockets.connect(f"{url}?binary=1", max_size=None) as ws:
+async def again(url: str, pid: int, size: int, *, flood: str = FLOOD, binary: bool) -> tuple[float, float]:
+    """A flood on a new socket (it replaces the one before), asking for binary frames or not."""
+    async with websockets.connect(url + ("?binary=1" if binary else ""), max_size=None) as ws:
         sock = Socket(ws)
-        await sock.type("echo BIN-$((6*7))\r")
-        await sock.until("BIN-42")  # after the scrollback replayed
-        return await ws_flood(sock, pid, size)
+        await sock.type("echo AGAIN-$((6*7))\r")
+        await sock.until("AGAIN-42")  # after the scrollback replayed
+        return await ws_flood(sock, pid, size, flood)
 
 
 async def ws_echo(sock: Socket, keys: int) -> list[float]:
@@ -153,7 +157,7 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def ws_flood(sock: Socket, pid: int, size: int) -> tuple[float, float]:
+async def ws_flood(sock: Socket, pid: int, size: int, flood: str = FLOOD) -> tuple[float, float]:
     """(bytes/s reaching the client, peak server RSS growth in MB)."""
     before, peak = rss_mb(pid), 0.0
 
@@ -165,7 +169,7 @@ async def ws_flood(sock: Socket, pid: int, size: int) -> tuple[float, float]:
 
     sampler = asyncio.create_task(sample())
     try:
-        await sock.type(FLOOD.format(size=size) + "\r")
+        await sock.type(flood.format(size=size) + "\r")
         started = time.perf_counter()
         total = await sock.until("END-42")
         return total / (time.perf_counter() - started), peak
@@ -182,14 +186,15 @@ async def main() -> None:
     args = parse_args(__doc__)
     keys, size = (30, 1 << 20) if args.smoke else (300, 50 << 20)
     raw = raw_echo(keys)
-    raw_rate = raw_flood(size)
+    raw_rate, raw_plain = raw_flood(size), raw_flood(size, PLAIN)
     rows, extra = [], {}
     only = os.environ.get("BENCH_BACKENDS")  # e.g. `bubblewrap`: one backend instead of every one found
     for backend in only.split(",") if only else backends():
         async with terminal(backend) as (sock, pid, url):
             ours = await ws_echo(sock, keys)
             rate, grown = await ws_flood(sock, pid, size)
-            binary_rate, binary_grown = await binary_flood(url, pid, size)
+            binary_rate, binary_grown = await again(url, pid, size, binary=True)
+            plain_rate, _ = await again(url, pid, size, flood=PLAIN, binary=False)
         for q, target in ((50, P50_MS), (99, P99_MS)):
             mine, base = ms(ours, q), ms(raw, q)
             ratio = round(mine / max(base, 1e-3), 2)
@@ -203,6 +208,10 @@ async def main() -> None:
         rows.append(Row(f"terminal output `yes`, `?binary=1` frames ({backend})", round(binary_mb, 1), "MB/s",
                         f">= {RATE_MB:g} MB/s", binary_mb >= RATE_MB, round(raw_mb, 1), "local pty read",
                         round(binary_mb / raw_mb, 3)))  # fmt: skip
+        plain_mb, raw_plain_mb = plain_rate / 1e6, raw_plain / 1e6
+        rows.append(Row(f"terminal output without newlines (`tr`) ({backend})", round(plain_mb, 1),
+                        "MB/s", "(reference)", None, round(raw_plain_mb, 1), "local pty read",
+                        round(plain_mb / raw_plain_mb, 3)))  # fmt: skip
         extra[f"server_rss_growth_mb_{backend}"] = round(grown, 1)
         extra[f"server_rss_growth_mb_binary_{backend}"] = round(binary_grown, 1)
         extra[f"echo_mean_ms_{backend}"] = round(statistics.mean(ours) * 1000, 3)
