@@ -1,7 +1,7 @@
 """The `pty_*` ops: interactive terminals, a login `bash` on a pseudo-terminal, for the server.
 
 Part of the executor daemon (`executor.py` says how it fits). The message shapes live here, in
-`handle` (requests) and `Terminal.push_*` (pushes), and nowhere else on this side:
+`handle` (requests) and `Terminal` (its stream and its exit push), and nowhere else on this side:
 
   pty_open {cols, rows}            -> {tid}        tid: the shell's pid; the request's id is the
                                                    terminal's byte stream (it outlives the reply)
