@@ -129,6 +129,8 @@ class Settings(BaseSettings):
     """Seconds between the server's WebSocket pings."""
     ws_ping_timeout: float = Field(20.0, gt=0)
     """Seconds a WebSocket peer has to answer a ping before it is closed as dead (1011)."""
+    ws_compression: bool = True
+    """permessage-deflate for WebSocket clients that offer it: less bandwidth, more server CPU."""
     max_sessions: int = Field(256, ge=0)
     """Sessions on this server (stopped ones count); 0: no cap."""
     max_sessions_per_tenant: int = Field(64, ge=0)

@@ -30,6 +30,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "ws_max_size": WS_MAX_SIZE,
         "ws_ping_interval": settings.ws_ping_interval,
         "ws_ping_timeout": settings.ws_ping_timeout,
+        "ws_per_message_deflate": settings.ws_compression,
         "timeout_keep_alive": settings.keepalive_timeout,
         "backlog": BACKLOG,
         "h11_max_incomplete_event_size": settings.max_header_bytes,  # if someone picks `--http h11`
