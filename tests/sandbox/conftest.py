@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiodocker.volumes import DockerVolume
 
 from crogia.sandbox.base import Limits, Sandbox, SandboxProvider, SandboxSpec
 from crogia.sandbox.bubblewrap import BubblewrapProvider
-from crogia.sandbox.docker import DockerProvider
+from crogia.sandbox.docker import DockerProvider, DockerSandbox
 from tests.conftest import IN_CI
 
 
@@ -31,6 +32,10 @@ class ProviderFactory:
 PROVIDER_FACTORIES: dict[str, ProviderFactory] = {
     "bubblewrap": ProviderFactory(BubblewrapProvider),
     "docker": ProviderFactory(DockerProvider, [pytest.mark.docker]),
+    # The server reaches the daemon only over TCP, the workspace is a Docker volume (issue 11, item 4).
+    "docker-tcp": ProviderFactory(
+        lambda: DockerProvider(transport="tcp", workspace="volume"), [pytest.mark.docker]
+    ),
 }
 
 MakeSandbox = Callable[..., Awaitable[Sandbox]]
@@ -70,6 +75,16 @@ async def make_sandbox(provider: SandboxProvider, data_dir: Path) -> AsyncIterat
     yield make
     for sandbox in created:
         await provider.remove(sandbox.id)
+        await provider.remove_workspace(sandbox.spec.session_id)
+
+
+async def host_view(sandbox: Sandbox) -> Path:
+    """Where the test (root on the engine's host) sees the sandbox's workspace: its host folder,
+    or the Docker volume's data folder (the server itself never goes there)."""
+    if not isinstance(sandbox, DockerSandbox) or sandbox.volume is None:
+        return sandbox.spec.workspace
+    info = await DockerVolume(sandbox._engine.docker, sandbox.volume).show()
+    return Path(info["Mountpoint"])
 
 
 def new_spec(provider: SandboxProvider, data_dir: Path, **kw: Any) -> SandboxSpec:

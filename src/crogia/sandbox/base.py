@@ -92,7 +92,7 @@ def make_dirs(spec: SandboxSpec) -> None:
             os.unlink(entry.path)
 
 
-KEPT = frozenset({"executor.sock", "secret"})
+KEPT = frozenset({"executor.sock", "secret", "tcp-secret"})
 """What the server itself keeps in a state folder."""
 
 
@@ -272,6 +272,16 @@ class SandboxProvider(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release the provider's own resources (engine connections)."""
+
+    transport: str = "unix"
+    """How the server reaches its sandboxes' daemons (`unix` or `tcp`), for /api/health."""
+
+    def workdir(self, session_id: str) -> str:
+        """What names the session's workspace when it is no host folder (a Docker volume); else ""."""
+        return ""
+
+    async def remove_workspace(self, session_id: str) -> None:
+        """Remove a workspace the provider keeps itself (a Docker volume); host folders are not its."""
 
     async def userns_mode(self) -> str:
         """What sandbox root is on the host, for /api/health: "off" means the host's root."""

@@ -57,11 +57,17 @@ class DockerConfig(BaseModel):
     """The engine; default: the Docker context, DOCKER_HOST, the socket."""
     dns: str = ""
     """SANDBOX_DNS: where the sandboxes' DNS queries go; empty: Docker's own resolver."""
+    transport: Literal["unix", "tcp"] = "unix"
+    """SANDBOX_TRANSPORT: the daemon dials a socket in a server-only folder, or listens on TCP."""
+    workspace: Literal["bind", "volume"] = "bind"
+    """DOCKER_WORKSPACE: a host folder bound in, or a Docker volume."""
 
     def build(self) -> DockerProvider:
         from crogia.sandbox.docker import DockerProvider  # lazy: aiodocker only when Docker may be used
 
-        return DockerProvider(url=self.url, instance=self.instance, dns=self.dns)
+        return DockerProvider(
+            url=self.url, instance=self.instance, dns=self.dns, transport=self.transport, workspace=self.workspace
+        )
 
 
 BackendConfig = Annotated[BubblewrapConfig | DockerConfig, Field(discriminator="type")]
@@ -73,4 +79,9 @@ def backend_config(settings: Settings, kind: Literal["bubblewrap", "docker"]) ->
         return BubblewrapConfig(
             instance=instance_id(settings), dns=settings.sandbox_dns, uid_range=settings.sandbox_uid_range
         )
-    return DockerConfig(instance=instance_id(settings), dns=settings.sandbox_dns)
+    return DockerConfig(
+        instance=instance_id(settings),
+        dns=settings.sandbox_dns,
+        transport=settings.sandbox_transport,
+        workspace=settings.docker_workspace,
+    )

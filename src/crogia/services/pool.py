@@ -187,6 +187,10 @@ class SandboxPool:
         """Remove an unclaimed sandbox's disk image (if any), folders and marker."""
         if self.disks is not None:
             await self.disks.remove(session_id, self.settings.workspaces_dir / session_id)
+        try:
+            await self.provider.remove_workspace(session_id)
+        except Exception:
+            log.warning("removing pooled workspace %s failed", session_id, exc_info=True)
         await anyio.to_thread.run_sync(self._remove, session_id)
 
     # --- folders (blocking: run in a worker thread) ---

@@ -288,6 +288,7 @@ class SessionService:
         workspace_too = self.settings.workspace_retention == "delete"
         if workspace_too:
             await self.disks.remove(session_id, spec.workspace)
+            await self.provider.remove_workspace(session_id)
         else:  # a kept workspace with a quota is its image, disks/<id>.ext4
             await self.disks.release(spec.workspace)
         await anyio.to_thread.run_sync(_remove_dirs, spec, workspace_too)
@@ -355,6 +356,10 @@ class SessionService:
         except Exception:
             log.warning("clean-up of half-made session row %s failed", spec.session_id, exc_info=True)
         await self.disks.remove(spec.session_id, spec.workspace)
+        try:
+            await self.provider.remove_workspace(spec.session_id)
+        except Exception:
+            log.warning("clean-up of half-made workspace %s failed", spec.session_id, exc_info=True)
         await anyio.to_thread.run_sync(_remove_dirs, spec, True)
 
 
