@@ -25,6 +25,13 @@ Address = tuple[str, int]
 DIAL_FIRST, DIAL_MAX = 0.005, 0.25
 """Seconds between dials to a daemon that is not listening yet: doubling from the first to the most."""
 
+KEEPALIVE = (
+    (socket.TCP_KEEPIDLE, 10),
+    (socket.TCP_KEEPINTVL, 3),
+    (socket.TCP_KEEPCNT, 3),
+    (socket.TCP_USER_TIMEOUT, 20_000),  # ms unacknowledged data may wait before the link counts as lost
+)
+
 
 class TcpChannel(Channel):
     """Dials `address()` until the daemon answers there and proves itself with `secret()`."""
@@ -62,8 +69,10 @@ class TcpChannel(Channel):
         """Answer the daemon's challenge, then check its proof in the hello; the stream or an error."""
         lines, writer = stream
         sock = writer.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None:  # a link that silently went away is noticed within ~20 s
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for option, value in KEEPALIVE:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
         try:
             async with asyncio.timeout(max(within, 0.5)):
                 line = await lines.line()
