@@ -16,7 +16,9 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiodocker
 import pytest
+from aiodocker.volumes import DockerVolume
 
 from crogia.sandbox.base import Limits, SandboxSpec
 from crogia.sandbox.daemon.executor_proto import ProtocolError
@@ -25,7 +27,11 @@ from crogia.sandbox.egress import EgressPolicy
 from crogia.sandbox.executor_client import ExecutorClient
 from crogia.sandbox.network import DAEMON_PORT
 from crogia.sandbox.tcp_channel import Address, TcpChannel
-from tests.conftest import need_docker
+from crogia.sandbox.config import instance_id
+from crogia.sandbox.docker_network import tag_of
+from tests.conftest import make_settings, need_docker, remove_containers_of
+from tests.hostile.support import shell
+from tests.support.server import run_server
 
 pytestmark = pytest.mark.docker
 
@@ -187,3 +193,28 @@ async def test_the_daemon_answers_under_an_egress_policy_of_none(
     gateway = (await address(sandbox))[0].rsplit(".", 1)[0] + ".1"
     await run(sandbox, f"cat > /tmp/probe.py <<'EOF'\n{PROBE}EOF")
     assert not (await run(sandbox, f"python3 /tmp/probe.py {gateway} 9")).startswith("OPEN")
+
+
+async def test_through_the_server(data_dir: Path) -> None:
+    need_docker()
+    settings = make_settings(
+        data_dir, "docker", sandbox_transport="tcp", docker_workspace="volume", sandbox_pool_size=1
+    )
+    try:
+        async with run_server(settings) as server:
+            health = (await server.client.get("/api/health")).json()
+            assert health["transport"] == "tcp"
+            session = (await server.client.post("/api/sessions", json={})).json()
+            sid = session["session_id"]
+            assert session["workdir"] == server.runtime.provider.workdir(sid) == f"crogia-ws-{tag_of(instance_id(settings))}-{sid}"
+            assert (await shell(server.client, sid, "echo kept > k; cat k"))["output"] == "kept\n"
+            live = server.runtime.sessions.peek(sid)
+            assert live is not None and await server.runtime.sessions.sleep(live, idle_for=0)
+            assert (await shell(server.client, sid, "cat k"))["output"] == "kept\n"  # woken, same volume
+            docker = server.runtime.provider._engine.docker  # type: ignore[attr-defined]
+            assert (await DockerVolume(docker, session["workdir"]).show())["Name"] == session["workdir"]
+            assert (await server.client.delete(f"/api/sessions/{sid}")).status_code in (200, 204)
+            with pytest.raises(aiodocker.DockerError):
+                await DockerVolume(docker, session["workdir"]).show()
+    finally:
+        remove_containers_of(data_dir)
