@@ -77,7 +77,11 @@ async def measure(backend: str, loop: str, rounds: int, per_round: int) -> dict[
     with data_dir() as folder:
         async with contextlib.AsyncExitStack() as stack:
             # Every server is up before any connection opens (an idle keep-alive one would time out).
-            tcp = await stack.enter_async_context(server(backend, loop=loop, env=TCP)) if backend == "docker" else None
+            tcp = (
+                await stack.enter_async_context(server(backend, loop=loop, env=TCP))
+                if backend == "docker"
+                else None
+            )
             srv = await stack.enter_async_context(server(backend, loop=loop))
             off = await stack.enter_async_context(server(backend, loop=loop, env=UNISOLATED))
             http = await stack.enter_async_context(Http(srv.port))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from crogia.errors import Unavailable
 from crogia.sandbox.channel import Stream
 from crogia.sandbox.daemon import executor_auth as auth
 from crogia.sandbox.daemon.executor_proto import ProtocolError
@@ -100,7 +101,7 @@ async def test_the_server_with_the_secret_gets_through(daemon: Daemon) -> None:
 
 
 async def test_a_stranger_without_the_secret_gets_no_hello(daemon: Daemon) -> None:
-    reader, writer, nonce = await _raw(daemon.port)
+    reader, writer, _ = await _raw(daemon.port)
     ours = auth.nonce()
     writer.write((json.dumps({"type": "auth", "nonce": ours, "proof": "0" * 64}) + "\n").encode())
     assert await _refused(reader, writer)
@@ -108,7 +109,7 @@ async def test_a_stranger_without_the_secret_gets_no_hello(daemon: Daemon) -> No
     wrong = daemon.channel(secret="not-the-secret")
     with pytest.raises(ProtocolError):
         await wrong.connect(1.0)
-    reader, writer, nonce = await _raw(daemon.port)
+    reader, writer, _ = await _raw(daemon.port)
     writer.write(b'{"id": 1, "op": "exec", "cmd": "touch /tmp/pwned"}\n')
     assert await _refused(reader, writer)
     assert await _ping(await daemon.channel().connect(5)) == daemon.proc.pid  # and it still serves
@@ -169,7 +170,14 @@ async def test_a_sandbox_impersonating_the_daemon_is_refused(daemon: Daemon, how
     recorded: dict[str, object] = {}
     reader, writer, nonce = await _raw(daemon.port)
     ours = auth.nonce()
-    writer.write((json.dumps({"type": "auth", "nonce": ours, "proof": auth.proof(daemon.secret, "server", nonce, ours)}) + "\n").encode())
+    writer.write(
+        (
+            json.dumps(
+                {"type": "auth", "nonce": ours, "proof": auth.proof(daemon.secret, "server", nonce, ours)}
+            )
+            + "\n"
+        ).encode()
+    )
     recorded.update(json.loads(await asyncio.wait_for(reader.readline(), 5)))
     writer.close()
 
@@ -222,7 +230,7 @@ async def test_the_newest_proven_connection_wins(daemon: Daemon) -> None:
     second = ExecutorClient(await daemon.channel().connect(5))
     try:
         assert (await second.request("ping"))["pid"] == daemon.proc.pid
-        with pytest.raises(Exception):
+        with pytest.raises(Unavailable):  # the daemon closed the older one
             await asyncio.wait_for(first.request("ping"), 5)
     finally:
         await first.close()

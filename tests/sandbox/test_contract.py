@@ -201,7 +201,12 @@ async def test_isolation(make_sandbox: MakeSandbox, data_dir: Path) -> None:
     try:
         for path in planted:
             path.touch()
-        hidden = [*map(str, planted), str(REPO / "pyproject.toml"), str(await host_view(second)), str(data_dir)]
+        hidden = [
+            *map(str, planted),
+            str(REPO / "pyproject.toml"),
+            str(await host_view(second)),
+            str(data_dir),
+        ]
         for path in hidden:
             assert (await run(first, f"test -e {path}")).exit_code == 1, f"{path} is visible"
         skip = " ".join(f"--exclude-dir={d}" for d in ("proc", "sys", "dev", "usr"))

@@ -21,14 +21,14 @@ import pytest
 from aiodocker.volumes import DockerVolume
 
 from crogia.sandbox.base import Limits, SandboxSpec
+from crogia.sandbox.config import instance_id
 from crogia.sandbox.daemon.executor_proto import ProtocolError
 from crogia.sandbox.docker import SECRET_PATH, TCP_SECRET_NAME, DockerProvider, DockerSandbox
+from crogia.sandbox.docker_network import tag_of
 from crogia.sandbox.egress import EgressPolicy
 from crogia.sandbox.executor_client import ExecutorClient
 from crogia.sandbox.network import DAEMON_PORT
 from crogia.sandbox.tcp_channel import Address, TcpChannel
-from crogia.sandbox.config import instance_id
-from crogia.sandbox.docker_network import tag_of
 from tests.conftest import make_settings, need_docker, remove_containers_of
 from tests.hostile.support import shell
 from tests.support.server import run_server
@@ -61,7 +61,9 @@ async def made(provider: DockerProvider, data_dir: Path) -> AsyncIterator[list[D
         await provider.remove_workspace(sandbox.spec.session_id)
 
 
-async def make(provider: DockerProvider, data_dir: Path, made: list[DockerSandbox], **kw: object) -> DockerSandbox:
+async def make(
+    provider: DockerProvider, data_dir: Path, made: list[DockerSandbox], **kw: object
+) -> DockerSandbox:
     session_id = "t" + uuid.uuid4().hex[:10]
     spec = SandboxSpec(
         session_id=session_id,
@@ -114,7 +116,7 @@ async def test_another_container_cannot_reach_the_daemon(
     assert not heard.startswith("OPEN"), f"another sandbox reached the daemon: {heard}"
     # Its own daemon's port is open to the host: the probe itself can see an OPEN port.
     own_host, _ = await address(second)
-    reader, writer = await asyncio.open_connection(own_host, port)
+    _, writer = await asyncio.open_connection(own_host, port)
     writer.close()
     assert (await run(first, "echo still")) == "still\n"
 
@@ -206,7 +208,11 @@ async def test_through_the_server(data_dir: Path) -> None:
             assert health["transport"] == "tcp"
             session = (await server.client.post("/api/sessions", json={})).json()
             sid = session["session_id"]
-            assert session["workdir"] == server.runtime.provider.workdir(sid) == f"crogia-ws-{tag_of(instance_id(settings))}-{sid}"
+            assert (
+                session["workdir"]
+                == server.runtime.provider.workdir(sid)
+                == f"crogia-ws-{tag_of(instance_id(settings))}-{sid}"
+            )
             assert (await shell(server.client, sid, "echo kept > k; cat k"))["output"] == "kept\n"
             live = server.runtime.sessions.peek(sid)
             assert live is not None and await server.runtime.sessions.sleep(live, idle_for=0)

@@ -361,4 +361,4 @@ class Health(_Model):
     seccomp: str = "off"
     """The sandboxes' seccomp filter: "default" (Docker's), "crogia" (ours), "off", "unknown"."""
     transport: str = "unix"
-    """How the server reaches the sandboxes' daemons: "unix" (a socket, local) or "tcp" (SANDBOX_TRANSPORT)."""
+    """How the server reaches the sandboxes' daemons: "unix" (a socket) or "tcp" (SANDBOX_TRANSPORT)."""

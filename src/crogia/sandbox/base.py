@@ -282,6 +282,7 @@ class SandboxProvider(abc.ABC):
 
     async def remove_workspace(self, session_id: str) -> None:
         """Remove a workspace the provider keeps itself (a Docker volume); host folders are not its."""
+        return None
 
     async def userns_mode(self) -> str:
         """What sandbox root is on the host, for /api/health: "off" means the host's root."""

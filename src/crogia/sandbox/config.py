@@ -66,7 +66,11 @@ class DockerConfig(BaseModel):
         from crogia.sandbox.docker import DockerProvider  # lazy: aiodocker only when Docker may be used
 
         return DockerProvider(
-            url=self.url, instance=self.instance, dns=self.dns, transport=self.transport, workspace=self.workspace
+            url=self.url,
+            instance=self.instance,
+            dns=self.dns,
+            transport=self.transport,
+            workspace=self.workspace,
         )
 
 

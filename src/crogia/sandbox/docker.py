@@ -40,9 +40,8 @@ from crogia.sandbox.base import (
     close_to_others,
     make_dirs,
 )
-from crogia.sandbox.channel import SECRET_NAME, SOCKET_NAME
+from crogia.sandbox.channel import SECRET_NAME, SOCKET_NAME, Channel
 from crogia.sandbox.daemon import executor_proto as proto
-from crogia.sandbox.channel import Channel
 from crogia.sandbox.docker_network import DockerNetwork, tag_of
 from crogia.sandbox.egress import BlockedReporter, DnsGate, EgressPolicy
 from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command, log_max
@@ -117,7 +116,12 @@ def container_config(
     if transport == "unix":
         mounts.append(_bind(spec.state_dir, CHANNEL_MOUNT, read_only=True))
         mounts.append(_bind(DAEMON_DIR, DAEMON_MOUNT, read_only=True))
-        channel = ["--dial", f"{CHANNEL_MOUNT}/{SOCKET_NAME}", "--secret-file", f"{CHANNEL_MOUNT}/{SECRET_NAME}"]
+        channel = [
+            "--dial",
+            f"{CHANNEL_MOUNT}/{SOCKET_NAME}",
+            "--secret-file",
+            f"{CHANNEL_MOUNT}/{SECRET_NAME}",
+        ]
     else:
         channel = ["--listen", str(DAEMON_PORT), "--secret-file", SECRET_PATH]
     if mode_of(limits.network) == "isolated":  # its resolver: the gate in its own namespace
@@ -355,7 +359,7 @@ class DockerSandbox(ExecutorSandbox):
         if state is None or not state["State"].get("Running"):
             raise Unavailable("the sandbox's container is not running", sandbox_id=self.id)
         networks = (state.get("NetworkSettings") or {}).get("Networks") or {}
-        ours = networks.get(self._network) or next(iter(networks.values()), {})
+        ours: dict[str, Any] = networks.get(self._network) or next(iter(networks.values()), {})
         address = str(ours.get("IPAddress") or "")
         if not address:
             raise Unavailable("the sandbox's container has no address to reach it at", sandbox_id=self.id)
@@ -371,7 +375,7 @@ class DockerSandbox(ExecutorSandbox):
         secret = secrets.token_urlsafe(32)
         archive = _archive({f"{SECRET_DIR}/secret": (secret.encode(), 0o400)})
         with self._engine.errors():
-            await self._container.put_archive("/", archive)
+            await self._container.put_archive("/", archive)  # type: ignore[no-untyped-call]
         await asyncio.to_thread(_write_secret, self.spec.state_dir, secret)
         self._secret = secret
 
@@ -430,7 +434,7 @@ class DockerProvider(SandboxProvider):
         self._url = url
         self._instance = instance
         self._dns = dns
-        self.transport = transport
+        self.transport: Transport = transport
         self.workspace = workspace
         self._daemon_tar: bytes | None = None
         self._engine_obj: _Engine | None = None
@@ -513,14 +517,17 @@ class DockerProvider(SandboxProvider):
             return
         try:
             with self._engine.errors():
-                await DockerVolume(self._engine.docker, self.volume_name(session_id)).delete()
+                volume = DockerVolume(self._engine.docker, self.volume_name(session_id))  # type: ignore[no-untyped-call]
+                await volume.delete()  # type: ignore[no-untyped-call]
         except SandboxError as exc:
             if exc.context.get("status") != 404:
                 raise
 
     async def create(self, spec: SandboxSpec) -> DockerSandbox:
         if self.transport == "tcp" and mode_of(spec.limits.network) not in ("isolated", "shared"):
-            raise SandboxError("SANDBOX_TRANSPORT=tcp needs a network the server reaches (SANDBOX_NETWORK=isolated)")
+            raise SandboxError(
+                "SANDBOX_TRANSPORT=tcp needs a network the server reaches (SANDBOX_NETWORK=isolated)"
+            )
         if self.transport == "tcp" and spec.limits.network == "host":
             raise SandboxError("SANDBOX_TRANSPORT=tcp cannot share the host's network (SANDBOX_NETWORK=host)")
         security = await self.security()
@@ -533,7 +540,7 @@ class DockerProvider(SandboxProvider):
                 if self._daemon_tar is None:
                     self._daemon_tar = await asyncio.to_thread(lambda: _archive(daemon_files()))
                 with self._engine.errors():
-                    await container.put_archive("/", self._daemon_tar)
+                    await container.put_archive("/", self._daemon_tar)  # type: ignore[no-untyped-call]
             await sandbox.start()
         except BaseException:
             # Never leave a half-made container behind, whatever stopped us (even cancellation).
@@ -571,8 +578,10 @@ class DockerProvider(SandboxProvider):
         # Dead, stuck, or made for another protocol (an older server's, whose daemon would listen
         # in a folder the sandbox could write): its workspace is all that matters, so start afresh.
         made_for = f"{self.transport}/{self.workspace}"
-        if status == "unknown" or labels.get(PROTOCOL_LABEL) != str(proto.VERSION) or (
-            labels.get(TRANSPORT_LABEL, "unix/bind") != made_for
+        if (
+            status == "unknown"
+            or labels.get(PROTOCOL_LABEL) != str(proto.VERSION)
+            or (labels.get(TRANSPORT_LABEL, "unix/bind") != made_for)
         ):
             await self._engine.remove(sandbox_id)
             return await self.create(spec)

@@ -78,7 +78,9 @@ def install_rules(tag: str, bridge: str, resolvers: list[str]) -> None:
     # The daemon's replies on connections the server opened (SANDBOX_TRANSPORT=tcp); a connection
     # a sandbox opens is NEW, whatever its source port, and rejected.
     daemon = ["-p", "tcp", "--sport", str(DAEMON_PORT), "-m", "conntrack", "--ctstate", "ESTABLISHED"]
-    _fill_chain("iptables", f"CROGIA-IN-{tag}", [[*daemon, "-j", "RETURN"], *dns, _REJECT_TCP, ["-j", "REJECT"]])
+    _fill_chain(
+        "iptables", f"CROGIA-IN-{tag}", [[*daemon, "-j", "RETURN"], *dns, _REJECT_TCP, ["-j", "REJECT"]]
+    )
     _jump("iptables", "DOCKER-USER", bridge, f"CROGIA-{tag}")
     _jump("iptables", "INPUT", bridge, f"CROGIA-IN-{tag}")
     try:

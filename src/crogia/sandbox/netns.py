@@ -40,9 +40,9 @@ from crogia.sandbox.egress import (
     chain_rules,
 )
 from crogia.sandbox.network import (
-    DAEMON_PORT,
     BLOCKED_V4,
     BLOCKED_V6,
+    DAEMON_PORT,
     GATEWAY,
     SANDBOX_ADDRESS,
     host_addresses,

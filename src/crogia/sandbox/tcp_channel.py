@@ -83,14 +83,19 @@ class TcpChannel(Channel):
                 if not auth.is_nonce(theirs):
                     raise proto.ProtocolError("the peer's challenge has no valid nonce")
                 ours, secret = auth.nonce(), self._secret()
-                send(writer, {"type": "auth", "nonce": ours, "proof": auth.proof(secret, "server", theirs, ours)})
+                send(
+                    writer,
+                    {"type": "auth", "nonce": ours, "proof": auth.proof(secret, "server", theirs, ours)},
+                )
                 # The daemon's proof is its hello's `secret`.
                 lines.limit = HELLO_LIMIT
                 await handshake(stream, auth.proof(secret, "daemon", theirs, ours), within)
         except (proto.ProtocolError, TimeoutError, ConnectionError) as exc:
             writer.close()
             self.refused = str(exc) or type(exc).__name__
-            raise proto.ProtocolError(f"the peer at the sandbox's address did not prove itself: {self.refused}") from exc
+            raise proto.ProtocolError(
+                f"the peer at the sandbox's address did not prove itself: {self.refused}"
+            ) from exc
         except BaseException:
             writer.close()
             raise

@@ -422,7 +422,10 @@ def serve(daemon: Daemon, fd: int | None) -> None:
     LOOP.run(until=lambda: not LOOP.tasks or time.monotonic() > deadline)
 
 
-USAGE = "[--fd N | --dial PATH --secret-file PATH | --listen PORT --secret-file PATH] [--log-dir PATH] [--log-max BYTES]"
+USAGE = (
+    "[--fd N | --dial PATH --secret-file PATH | --listen PORT --secret-file PATH]"
+    " [--log-dir PATH] [--log-max BYTES]"
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -443,7 +446,9 @@ def main(argv: list[str] | None = None) -> None:
     if args["--listen"] and not (args["--listen"].isdigit() and 0 < int(args["--listen"]) < 65536):
         sys.exit(f"{sys.argv[0]}: --listen takes a TCP port")
     log_max = int(args["--log-max"] or LOG_MAX)
-    daemon = Daemon(args["--log-dir"], log_max, args["--dial"], args["--secret-file"], int(args["--listen"] or 0))
+    daemon = Daemon(
+        args["--log-dir"], log_max, args["--dial"], args["--secret-file"], int(args["--listen"] or 0)
+    )
     serve(daemon, int(args["--fd"]) if args["--fd"] else None)
 
 

@@ -22,7 +22,7 @@ import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, TypeGuard
 
 NONCE_BYTES = 32
 LINE_MAX = 1024
@@ -36,7 +36,7 @@ def nonce() -> str:
     return os.urandom(NONCE_BYTES).hex()
 
 
-def is_nonce(value: Any) -> bool:
+def is_nonce(value: Any) -> TypeGuard[str]:
     if not isinstance(value, str) or len(value) != 2 * NONCE_BYTES:
         return False
     try:
