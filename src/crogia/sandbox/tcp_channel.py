@@ -17,7 +17,7 @@ import socket
 from collections.abc import Awaitable, Callable
 
 from crogia.errors import Unavailable
-from crogia.sandbox.channel import HELLO_LIMIT, Channel, LineReader, Stream, decode, handshake, send
+from crogia.sandbox.channel import HELLO_LIMIT, Channel, WireReader, Stream, decode, handshake, send
 from crogia.sandbox.daemon import executor_auth as auth
 from crogia.sandbox.daemon import executor_proto as proto
 
@@ -61,7 +61,7 @@ class TcpChannel(Channel):
             except Unavailable as exc:  # no address (yet): the container is not running
                 failure = str(exc)
             else:
-                return await self._prove((LineReader(reader, auth.LINE_MAX), writer), deadline - loop.time())
+                return await self._prove((WireReader(reader, auth.LINE_MAX), writer), deadline - loop.time())
             await asyncio.sleep(min(delay, max(deadline - loop.time(), 0)))
             delay = min(delay * 2, DIAL_MAX)
 
