@@ -192,6 +192,9 @@ class Settings(BaseSettings):
     def _check_volume(self) -> Settings:
         if self.docker_workspace == "volume" and self.sandbox_transport != "tcp":
             raise ValueError("DOCKER_WORKSPACE=volume needs SANDBOX_TRANSPORT=tcp (no host folder to share)")
+        if self.docker_workspace == "volume" and getattr(self, "sandbox_files", "daemon") != "daemon":
+            # (SANDBOX_FILES comes with the files interface: a volume has no host folder to serve)
+            raise ValueError("DOCKER_WORKSPACE=volume needs SANDBOX_FILES=daemon (no host folder to serve)")
         if self.docker_workspace == "volume" and self.sandbox_disk_mb:
             raise ValueError("SANDBOX_DISK_MB (a host disk image) does not apply to DOCKER_WORKSPACE=volume")
         return self
