@@ -65,10 +65,9 @@ def bwrap_echo(folder: Path) -> list[str]:
     bwrap = find_bwrap()
     if bwrap is None:
         raise SystemExit("bwrap not found")
-    spec = SandboxSpec("bench", folder / "ws", folder / "st")
-    for path in (spec.workspace, spec.state_dir):
-        path.mkdir(parents=True, exist_ok=True)
-    argv = bwrap_args(bwrap, spec, "/usr/bin/python3", 3)
+    spec = SandboxSpec("bench")
+    (folder / "ws").mkdir(parents=True, exist_ok=True)
+    argv = bwrap_args(bwrap, spec, "/usr/bin/python3", 3, workspace=folder / "ws")
     return [*argv[: -len(sandbox_command(spec, "/usr/bin/python3", 3))], "/bin/echo", "hi"]
 
 

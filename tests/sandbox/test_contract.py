@@ -127,7 +127,7 @@ async def test_spawn_exit_listener_and_tail(sandbox: Sandbox) -> None:
     assert await sandbox.tail_log(handle.pid, lines=3) == "line19\nline20\nerr\n"
     # The log lives in the sandbox (its state tmpfs), never on the host.
     assert (await run(sandbox, f"head -n 1 {handle.log_path}")).output == "line1\n"
-    assert not list(sandbox.spec.state_dir.rglob("*.log"))
+    assert not list(sandbox.paths.state_dir.rglob("*.log"))
     with pytest.raises(NotFound):
         await sandbox.tail_log(999_999, lines=3)
 

@@ -29,7 +29,7 @@ from crogia.sandbox.egress import EgressPolicy
 from crogia.sandbox.executor_client import ExecutorClient
 from crogia.sandbox.network import DAEMON_PORT
 from crogia.sandbox.tcp_channel import Address, TcpChannel
-from tests.conftest import make_settings, need_docker, remove_containers_of
+from tests.conftest import make_settings, need_docker, remove_containers_of, storage
 from tests.hostile.support import shell
 from tests.support.server import run_server
 
@@ -45,9 +45,10 @@ PROBE = (
 
 
 @pytest.fixture
-async def provider() -> AsyncIterator[DockerProvider]:
+async def provider(data_dir: Path) -> AsyncIterator[DockerProvider]:
     need_docker()
-    built = DockerProvider(transport="tcp", workspace="volume", instance=f"t{uuid.uuid4().hex[:11]}")
+    instance = f"t{uuid.uuid4().hex[:11]}"
+    built = DockerProvider(transport="tcp", workspace="volume", instance=instance, storage=storage(data_dir))
     yield built
     await built.close()
 
@@ -67,8 +68,6 @@ async def make(
     session_id = "t" + uuid.uuid4().hex[:10]
     spec = SandboxSpec(
         session_id=session_id,
-        workspace=data_dir / "ws" / session_id,
-        state_dir=data_dir / "st" / session_id,
         limits=Limits(memory_mb=256),
         labels={"crogia.test": "1"},
         **kw,  # type: ignore[arg-type]
@@ -173,9 +172,11 @@ async def test_a_restarted_server_gets_back_in(
 ) -> None:
     sandbox = await make(provider, data_dir, made)
     handle = await sandbox.spawn("sleep 60")
-    assert (sandbox.spec.state_dir / TCP_SECRET_NAME).stat().st_mode & 0o077 == 0
+    assert (sandbox.paths.state_dir / TCP_SECRET_NAME).stat().st_mode & 0o077 == 0
     await sandbox.close()  # the server goes; the container runs on
-    again = DockerProvider(transport="tcp", workspace="volume", instance=provider._instance)
+    again = DockerProvider(
+        transport="tcp", workspace="volume", instance=provider._instance, storage=provider.storage
+    )
     try:
         back = await again.attach(sandbox.spec, sandbox.id)
         assert back.id == sandbox.id

@@ -61,9 +61,8 @@ async def make_provider(settings: Settings) -> SandboxProvider:
 
 
 async def _bubblewrap(settings: Settings) -> SandboxProvider:
-    config = BubblewrapConfig(
-        instance=instance_id(settings), dns=settings.sandbox_dns, uid_range=settings.sandbox_uid_range
-    )
+    config = backend_config(settings, "bubblewrap")
+    assert isinstance(config, BubblewrapConfig)
     if config.uid_range:
         from crogia.sandbox.bwrap_priv import closed_ancestor
 

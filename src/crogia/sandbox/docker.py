@@ -34,6 +34,8 @@ from crogia.sandbox.base import (
     CHANNEL_MOUNT,
     STATE_MOUNT,
     WORKDIR,
+    HostPaths,
+    HostStorage,
     SandboxProvider,
     SandboxSpec,
     SandboxStatus,
@@ -91,6 +93,7 @@ RESOLV_NAME = "resolv.conf"
 
 def container_config(
     spec: SandboxSpec,
+    paths: HostPaths,
     instance: str | None = None,
     network: str = "",
     dns: str = "",
@@ -101,7 +104,7 @@ def container_config(
 ) -> dict[str, Any]:
     """The Docker API body that creates `spec`'s container (isolated: on the network named `network`;
     `seccomp`: a profile's JSON, or the engine's default; `volume`: the workspace's Docker volume,
-    else `spec.workspace` is bound).
+    else `paths.workspace` is bound).
 
     `tcp`: the daemon listens on `DAEMON_PORT` and nothing of the channel is on the host: its code
     and secret are copied in before the start (`put_archive`), not bound."""
@@ -112,9 +115,9 @@ def container_config(
         volume_labels = {**_own_labels(instance), SESSION_LABEL: spec.session_id}
         mounts = [_volume(volume, WORKDIR, volume_labels)]
     else:
-        mounts = [_bind(spec.workspace, WORKDIR, read_only=False)]
+        mounts = [_bind(paths.workspace, WORKDIR, read_only=False)]
     if transport == "unix":
-        mounts.append(_bind(spec.state_dir, CHANNEL_MOUNT, read_only=True))
+        mounts.append(_bind(paths.state_dir, CHANNEL_MOUNT, read_only=True))
         mounts.append(_bind(DAEMON_DIR, DAEMON_MOUNT, read_only=True))
         channel = [
             "--dial",
@@ -125,7 +128,7 @@ def container_config(
     else:
         channel = ["--listen", str(DAEMON_PORT), "--secret-file", SECRET_PATH]
     if mode_of(limits.network) == "isolated":  # its resolver: the gate in its own namespace
-        mounts.append(_bind(spec.state_dir / RESOLV_NAME, "/etc/resolv.conf", read_only=True))
+        mounts.append(_bind(paths.state_dir / RESOLV_NAME, "/etc/resolv.conf", read_only=True))
     labels[TRANSPORT_LABEL] = f"{transport}/{'volume' if volume else 'bind'}"
     return {
         "Image": spec.image,
@@ -275,6 +278,7 @@ class DockerSandbox(ExecutorSandbox):
         self,
         spec: SandboxSpec,
         sandbox_id: str,
+        paths: HostPaths,
         engine: _Engine,
         root: tuple[int, int] | None = None,
         *,
@@ -295,10 +299,10 @@ class DockerSandbox(ExecutorSandbox):
         if transport == "tcp":
             channel = TcpChannel(self._address, lambda: self._secret)
         else:
-            channel = self._listener = ListenerChannel(spec.state_dir)
+            channel = self._listener = ListenerChannel(paths.state_dir)
             self._listener.peer_cgroup = sandbox_id
             self._listener.secret_owner = root
-        super().__init__(spec, sandbox_id, channel)
+        super().__init__(spec, sandbox_id, paths, channel)
         self._engine = engine
         self._upstream = upstream
         self._blocked = BlockedReporter(on_blocked) if on_blocked is not None else None
@@ -367,7 +371,7 @@ class DockerSandbox(ExecutorSandbox):
 
     async def connect(self, within: float | None = None) -> None:
         if self._listener is None and not self._secret:  # attached after a restart: the secret we gave
-            self._secret = await asyncio.to_thread(_read_secret, self.spec.state_dir)
+            self._secret = await asyncio.to_thread(_read_secret, self.paths.state_dir)
         await super().connect(within)
 
     async def _give_secret(self) -> None:
@@ -376,7 +380,7 @@ class DockerSandbox(ExecutorSandbox):
         archive = _archive({f"{SECRET_DIR}/secret": (secret.encode(), 0o400)})
         with self._engine.errors():
             await self._container.put_archive("/", archive)  # type: ignore[no-untyped-call]
-        await asyncio.to_thread(_write_secret, self.spec.state_dir, secret)
+        await asyncio.to_thread(_write_secret, self.paths.state_dir, secret)
         self._secret = secret
 
     async def _start(self) -> None:
@@ -423,6 +427,7 @@ class DockerProvider(SandboxProvider):
         dns: str = "",
         transport: Transport = "unix",
         workspace: Literal["bind", "volume"] = "bind",
+        storage: HostStorage | None = None,
     ) -> None:
         """`url`: the engine (`unix://`, `tcp://`); default: the Docker context, DOCKER_HOST, the socket.
 
@@ -430,7 +435,9 @@ class DockerProvider(SandboxProvider):
         those: without it, every Crogia container on the engine counts as this provider's. `dns`:
         the resolver isolated containers use (default: the engine's choice, from the host's).
         `transport` (SANDBOX_TRANSPORT) and `workspace` (DOCKER_WORKSPACE): see `container_config`.
+        `storage`: where the sandboxes' host folders go (state folders, bound workspaces).
         """
+        self.storage = storage
         self._url = url
         self._instance = instance
         self._dns = dns
@@ -514,7 +521,7 @@ class DockerProvider(SandboxProvider):
 
     async def remove_workspace(self, session_id: str) -> None:
         if self.workspace != "volume":
-            return
+            return await super().remove_workspace(session_id)
         try:
             with self._engine.errors():
                 volume = DockerVolume(self._engine.docker, self.volume_name(session_id))  # type: ignore[no-untyped-call]
@@ -531,7 +538,9 @@ class DockerProvider(SandboxProvider):
         if self.transport == "tcp" and spec.limits.network == "host":
             raise SandboxError("SANDBOX_TRANSPORT=tcp cannot share the host's network (SANDBOX_NETWORK=host)")
         security = await self.security()
-        await asyncio.to_thread(_prepare_dirs, spec, security.root, self.workspace == "bind")
+        await asyncio.to_thread(
+            _prepare_dirs, self.paths(spec.session_id), security.root, self.workspace == "bind"
+        )
         await self._ensure_network(spec)
         container = await self._create_container(spec, security.profile)
         sandbox = self._sandbox(spec, container.id, security.root)
@@ -554,7 +563,7 @@ class DockerProvider(SandboxProvider):
     ) -> aiodocker.containers.DockerContainer:
         volume = self.volume_name(spec.session_id) if self.workspace == "volume" else ""
         config = container_config(
-            spec, self._instance, self._network.name, self._dns,
+            spec, self.paths(spec.session_id), self._instance, self._network.name, self._dns,
             seccomp=seccomp, transport=self.transport, volume=volume,
         )  # fmt: skip
         try:
@@ -588,7 +597,7 @@ class DockerProvider(SandboxProvider):
         sandbox = self._sandbox(spec, sandbox_id, (await self.security()).root)
         await self._ensure_network(spec)  # a restarted server fences its survivors before they run again
         if status != "running":
-            await asyncio.to_thread(_write_resolv, spec)
+            await asyncio.to_thread(_write_resolv, self.paths(spec.session_id))
             await sandbox.start()
             return sandbox
         try:
@@ -606,7 +615,7 @@ class DockerProvider(SandboxProvider):
 
         network = self._network.name if mode_of(spec.limits.network) == "isolated" else spec.limits.network
         return DockerSandbox(
-            spec, sandbox_id, self._engine, root,
+            spec, sandbox_id, self.paths(spec.session_id), self._engine, root,
             upstream=self._dns, on_blocked=report, transport=self.transport, network=network,
             volume=self.volume_name(spec.session_id) if self.workspace == "volume" else None,
         )  # fmt: skip
@@ -630,22 +639,22 @@ class DockerProvider(SandboxProvider):
             await engine.docker.close()
 
 
-def _write_resolv(spec: SandboxSpec) -> None:
-    (spec.state_dir / RESOLV_NAME).write_text(RESOLV_CONF)
-    (spec.state_dir / RESOLV_NAME).chmod(0o644)
+def _write_resolv(paths: HostPaths) -> None:
+    (paths.state_dir / RESOLV_NAME).write_text(RESOLV_CONF)
+    (paths.state_dir / RESOLV_NAME).chmod(0o644)
 
 
-def _prepare_dirs(spec: SandboxSpec, root: tuple[int, int] | None, workspace: bool = True) -> None:
+def _prepare_dirs(paths: HostPaths, root: tuple[int, int] | None, workspace: bool = True) -> None:
     """Create the bound folders (bind mounts need them) and (blocking).
 
     Under userns-remap, container root is the host uid:gid `root`: the workspace becomes its own.
     `workspace`: False when it is a volume (its host folder then stays empty and unused).
     """
-    make_dirs(spec)  # the state folder stays the server's: only the secret is given (`ListenerChannel`)
-    _write_resolv(spec)
-    close_to_others(spec.workspace.parent)
+    make_dirs(paths)  # the state folder stays the server's: only the secret is given (`ListenerChannel`)
+    _write_resolv(paths)
+    close_to_others(paths.workspace.parent)
     if root is not None and workspace:
-        give_tree(spec.workspace, *root)
+        give_tree(paths.workspace, *root)
 
 
 def _write_secret(state_dir: Path, secret: str) -> None:

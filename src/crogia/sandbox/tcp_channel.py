@@ -17,7 +17,7 @@ import socket
 from collections.abc import Awaitable, Callable
 
 from crogia.errors import Unavailable
-from crogia.sandbox.channel import HELLO_LIMIT, Channel, WireReader, Stream, decode, handshake, send
+from crogia.sandbox.channel import HELLO_LIMIT, Channel, Stream, WireReader, decode, handshake, send
 from crogia.sandbox.daemon import executor_auth as auth
 from crogia.sandbox.daemon import executor_proto as proto
 

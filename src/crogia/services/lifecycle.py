@@ -26,10 +26,8 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Literal
 
-import anyio
-
 from crogia.errors import Conflict, NotFound
-from crogia.sandbox.base import Sandbox, SandboxProvider, make_dirs
+from crogia.sandbox.base import Sandbox, SandboxProvider
 from crogia.sandbox.quota import WorkspaceDisks
 from crogia.services.live import LiveSession, State
 
@@ -120,8 +118,8 @@ class Lifecycle:
     async def _start(self, live: LiveSession) -> None:
         """Start (or re-create) the sandbox of an asleep or dormant session around its workspace."""
         spec = live.spec
-        await anyio.to_thread.run_sync(make_dirs, spec)
-        await self.disks.ensure(live.id, spec.workspace)
+        paths = await self.provider.prepare(live.id)
+        await self.disks.ensure(live.id, paths.workspace)
         sandbox = await self.provider.attach(spec, live.sandbox_id)
         await self.came_up(live, sandbox)
         await self._record(

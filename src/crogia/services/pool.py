@@ -34,7 +34,7 @@ import anyio
 
 from crogia.config import Settings
 from crogia.sandbox import limits_from
-from crogia.sandbox.base import POOL_LABEL, Sandbox, SandboxProvider, SandboxSpec, make_dirs
+from crogia.sandbox.base import POOL_LABEL, Sandbox, SandboxProvider, SandboxSpec
 from crogia.sandbox.quota import WorkspaceDisks
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,6 @@ class SandboxPool:
         session_id = str(uuid.uuid4())
         return SandboxSpec(
             session_id=session_id,
-            workspace=self.settings.workspaces_dir / session_id,
-            state_dir=self.settings.sandbox_state_dir / session_id,
             image=self.settings.docker_base_image,
             limits=limits_from(self.settings),
             labels={POOL_LABEL: "1"},
@@ -160,7 +158,7 @@ class SandboxPool:
         await anyio.to_thread.run_sync(self._mark, spec)
         try:
             if self.disks is not None:
-                await self.disks.ensure(spec.session_id, spec.workspace)
+                await self.disks.ensure(spec.session_id, self.provider.paths(spec.session_id).workspace)
             return await self.provider.create(spec)
         except BaseException:
             await self._forget(spec.session_id)
@@ -197,8 +195,7 @@ class SandboxPool:
 
     def _mark(self, spec: SandboxSpec) -> None:
         self.markers.mkdir(parents=True, exist_ok=True)
-        (self.markers / spec.session_id).touch()
-        make_dirs(spec)
+        (self.markers / spec.session_id).touch()  # its folders: the provider's, made by `create`
 
     def _unmark(self, session_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):

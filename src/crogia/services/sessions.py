@@ -9,7 +9,6 @@ batches (`flush_activity`). With SANDBOX_DISK_MB, each workspace is its own size
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -17,13 +16,11 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-import anyio
-
 from crogia.bus import EventBus
 from crogia.config import Settings
 from crogia.errors import Conflict, NotFound
 from crogia.sandbox import limits_from
-from crogia.sandbox.base import Sandbox, SandboxProvider, SandboxSpec, SandboxStatus, make_dirs
+from crogia.sandbox.base import Sandbox, SandboxProvider, SandboxSpec, SandboxStatus
 from crogia.sandbox.egress import EgressPolicy
 from crogia.sandbox.network import mode_of
 from crogia.sandbox.quota import WorkspaceDisks
@@ -184,8 +181,6 @@ class SessionService:
     def spec_for(self, session_id: str, *, tenant: str, image: str, env: Mapping[str, str]) -> SandboxSpec:
         return SandboxSpec(
             session_id=session_id,
-            workspace=self.settings.workspaces_dir / session_id,
-            state_dir=self.settings.sandbox_state_dir / session_id,
             image=image,
             limits=limits_from(self.settings),
             env=dict(env),
@@ -284,14 +279,13 @@ class SessionService:
             await repo.delete_session(db, session_id=session_id)
         self.bus.drop_session(session_id)
         self.states.bury(live)
-        spec = live.spec
-        workspace_too = self.settings.workspace_retention == "delete"
-        if workspace_too:
-            await self.disks.remove(session_id, spec.workspace)
+        workspace = self.provider.paths(session_id).workspace
+        if self.settings.workspace_retention == "delete":
+            await self.disks.remove(session_id, workspace)
             await self.provider.remove_workspace(session_id)
         else:  # a kept workspace with a quota is its image, disks/<id>.ext4
-            await self.disks.release(spec.workspace)
-        await anyio.to_thread.run_sync(_remove_dirs, spec, workspace_too)
+            await self.disks.release(workspace)
+        await self.provider.forget(session_id)
         log.info("session %s deleted", session_id)
 
     # --- start-up / shutdown ---
@@ -324,9 +318,7 @@ class SessionService:
             claimed = await self.pool.claim()
             if claimed is not None:
                 own = claimed.spec
-                claimed.spec = replace(
-                    spec, session_id=own.session_id, workspace=own.workspace, state_dir=own.state_dir
-                )
+                claimed.spec = replace(spec, session_id=own.session_id)
                 if spec.egress != EgressPolicy():  # it was made (and runs) before the policy was known
                     try:
                         await claimed.set_egress(spec.egress)
@@ -334,12 +326,14 @@ class SessionService:
                         await self._discard(claimed.spec, claimed, None)
                         raise
                 return claimed
-        await anyio.to_thread.run_sync(make_dirs, spec)
-        await self.disks.ensure(spec.session_id, spec.workspace)
+        paths = await self.provider.prepare(spec.session_id)
+        await self.disks.ensure(spec.session_id, paths.workspace)
         return await self.provider.create(spec)
 
     def _workspace(self, spec: SandboxSpec) -> Workspace:
-        return Workspace(spec.workspace, max_read_bytes=self.settings.file_read_max_bytes)
+        return Workspace(
+            self.provider.paths(spec.session_id).workspace, max_read_bytes=self.settings.file_read_max_bytes
+        )
 
     async def _discard(self, spec: SandboxSpec, sandbox: Sandbox | None, live: LiveSession | None) -> None:
         if live is not None:
@@ -355,19 +349,13 @@ class SessionService:
                 await repo.delete_session(db, session_id=spec.session_id)
         except Exception:
             log.warning("clean-up of half-made session row %s failed", spec.session_id, exc_info=True)
-        await self.disks.remove(spec.session_id, spec.workspace)
+        await self.disks.remove(spec.session_id, self.provider.paths(spec.session_id).workspace)
         try:
             await self.provider.remove_workspace(spec.session_id)
+            await self.provider.forget(spec.session_id)
         except Exception:
             log.warning("clean-up of half-made workspace %s failed", spec.session_id, exc_info=True)
-        await anyio.to_thread.run_sync(_remove_dirs, spec, True)
 
 
 def _utc(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
-
-
-def _remove_dirs(spec: SandboxSpec, workspace_too: bool) -> None:
-    shutil.rmtree(spec.state_dir, ignore_errors=True)
-    if workspace_too:
-        shutil.rmtree(spec.workspace, ignore_errors=True)
