@@ -23,6 +23,7 @@ from crogia.sandbox.egress import EgressPolicy
 
 if TYPE_CHECKING:
     from crogia.sandbox.pty_channel import PtyListener
+    from crogia.sandbox.quota import WorkspaceDisks
 
 WORKDIR = "/workspace"
 """Where the session's workspace appears inside every sandbox."""
@@ -80,10 +81,12 @@ class HostPaths:
 
 @dataclass(frozen=True, slots=True)
 class HostStorage:
-    """Where a local provider keeps its sandboxes' folders: `<workspaces>/<id>` and `<states>/<id>`."""
+    """Where a local provider keeps its sandboxes' folders: `<workspaces>/<id>` and `<states>/<id>`,
+    and (SANDBOX_DISK_MB) the size-limited disk image each workspace is the mount point of."""
 
     workspaces: Path
     states: Path
+    disks: WorkspaceDisks | None = None
 
     def paths(self, session_id: str) -> HostPaths:
         return HostPaths(self.workspaces / session_id, self.states / session_id)
@@ -310,16 +313,28 @@ class SandboxProvider(abc.ABC):
         return ""
 
     async def prepare(self, session_id: str) -> HostPaths:
-        """Make the session's host folders (before its sandbox is created or started again)."""
+        """Make the session's host folders and mount its disk image, if any (before its sandbox is
+        created or started again; `create` does it)."""
         paths = self.paths(session_id)
         await asyncio.to_thread(make_dirs, paths)
+        if self.storage is not None and self.storage.disks is not None:
+            await self.storage.disks.ensure(session_id, paths.workspace)
         return paths
 
+    async def release(self, session_id: str) -> None:
+        """Unmount the session's disk image, if any (a kept workspace, or the server going); it stays."""
+        if self.storage is not None and self.storage.disks is not None:
+            await self.storage.disks.release(self.paths(session_id).workspace)
+
     async def remove_workspace(self, session_id: str) -> None:
-        """Remove the session's workspace: its host folder (its disk image is released first), or
-        what the provider keeps instead (a Docker volume)."""
-        if self.storage is not None:
-            await asyncio.to_thread(shutil.rmtree, self.paths(session_id).workspace, True)
+        """Remove the session's workspace: its disk image and host folder, or what the provider keeps
+        instead (a Docker volume)."""
+        if self.storage is None:
+            return
+        workspace = self.paths(session_id).workspace
+        if self.storage.disks is not None:
+            await self.storage.disks.remove(session_id, workspace)
+        await asyncio.to_thread(shutil.rmtree, workspace, True)
 
     async def forget(self, session_id: str) -> None:
         """Remove the session's server-only state folder (the session is gone, or never was)."""

@@ -45,6 +45,10 @@ class BubblewrapConfig(BaseModel):
     """Where the sandboxes' workspace folders are (`<workspaces>/<session id>`); None: none (tests)."""
     states: Path | None = None
     """Where their server-only state folders are (`<states>/<session id>`)."""
+    disks: Path | None = None
+    """Where workspace disk images are (SANDBOX_DISK_MB); None: no quotas."""
+    disk_mb: int = 0
+    """SANDBOX_DISK_MB: each workspace's size; 0: no quota."""
 
     def build(self) -> BubblewrapProvider:
         from crogia.sandbox.bubblewrap import BubblewrapProvider
@@ -73,6 +77,10 @@ class DockerConfig(BaseModel):
     """Where bound workspace folders are (`<workspaces>/<session id>`); None: none (tests)."""
     states: Path | None = None
     """Where the server-only state folders are (`<states>/<session id>`)."""
+    disks: Path | None = None
+    """Where workspace disk images are (SANDBOX_DISK_MB, bound workspaces only); None: no quotas."""
+    disk_mb: int = 0
+    """SANDBOX_DISK_MB: each workspace's size; 0: no quota."""
 
     def build(self) -> DockerProvider:
         from crogia.sandbox.docker import DockerProvider  # lazy: aiodocker only when Docker may be used
@@ -90,7 +98,12 @@ class DockerConfig(BaseModel):
 def _storage(config: BubblewrapConfig | DockerConfig) -> HostStorage | None:
     if config.workspaces is None or config.states is None:
         return None
-    return HostStorage(config.workspaces, config.states)
+    disks = None
+    if config.disks is not None:
+        from crogia.sandbox.quota import WorkspaceDisks
+
+        disks = WorkspaceDisks(config.disks, config.disk_mb)
+    return HostStorage(config.workspaces, config.states, disks)
 
 
 BackendConfig = Annotated[BubblewrapConfig | DockerConfig, Field(discriminator="type")]
@@ -99,6 +112,7 @@ BackendConfig = Annotated[BubblewrapConfig | DockerConfig, Field(discriminator="
 def backend_config(settings: Settings, kind: Literal["bubblewrap", "docker"]) -> BackendConfig:
     """The config of backend `kind` for this server: its instance id always set."""
     workspaces, states = settings.workspaces_dir, settings.sandbox_state_dir
+    disks, disk_mb = settings.data_dir / "disks", settings.sandbox_disk_mb
     if kind == "bubblewrap":
         return BubblewrapConfig(
             instance=instance_id(settings),
@@ -106,6 +120,8 @@ def backend_config(settings: Settings, kind: Literal["bubblewrap", "docker"]) ->
             uid_range=settings.sandbox_uid_range,
             workspaces=workspaces,
             states=states,
+            disks=disks,
+            disk_mb=disk_mb,
         )
     return DockerConfig(
         instance=instance_id(settings),
@@ -114,4 +130,6 @@ def backend_config(settings: Settings, kind: Literal["bubblewrap", "docker"]) ->
         workspace=settings.docker_workspace,
         workspaces=workspaces,
         states=states,
+        disks=disks,
+        disk_mb=disk_mb,
     )

@@ -40,7 +40,6 @@ from crogia.sandbox.base import (
     SandboxSpec,
     SandboxStatus,
     close_to_others,
-    make_dirs,
 )
 from crogia.sandbox.channel import SECRET_NAME, SOCKET_NAME, Channel
 from crogia.sandbox.daemon import executor_proto as proto
@@ -538,9 +537,8 @@ class DockerProvider(SandboxProvider):
         if self.transport == "tcp" and spec.limits.network == "host":
             raise SandboxError("SANDBOX_TRANSPORT=tcp cannot share the host's network (SANDBOX_NETWORK=host)")
         security = await self.security()
-        await asyncio.to_thread(
-            _prepare_dirs, self.paths(spec.session_id), security.root, self.workspace == "bind"
-        )
+        paths = await self.prepare(spec.session_id)  # folders, and the workspace's disk if any
+        await asyncio.to_thread(_prepare_dirs, paths, security.root, self.workspace == "bind")
         await self._ensure_network(spec)
         container = await self._create_container(spec, security.profile)
         sandbox = self._sandbox(spec, container.id, security.root)
@@ -645,12 +643,12 @@ def _write_resolv(paths: HostPaths) -> None:
 
 
 def _prepare_dirs(paths: HostPaths, root: tuple[int, int] | None, workspace: bool = True) -> None:
-    """Create the bound folders (bind mounts need them) and (blocking).
+    """Finish the bound folders (bind mounts need them; blocking).
 
     Under userns-remap, container root is the host uid:gid `root`: the workspace becomes its own.
     `workspace`: False when it is a volume (its host folder then stays empty and unused).
     """
-    make_dirs(paths)  # the state folder stays the server's: only the secret is given (`ListenerChannel`)
+    # (folders made by `prepare`) the state folder stays the server's: only the secret is given
     _write_resolv(paths)
     close_to_others(paths.workspace.parent)
     if root is not None and workspace:

@@ -28,7 +28,6 @@ from typing import Literal
 
 from crogia.errors import Conflict, NotFound
 from crogia.sandbox.base import Sandbox, SandboxProvider
-from crogia.sandbox.quota import WorkspaceDisks
 from crogia.services.live import LiveSession, State
 
 log = logging.getLogger(__name__)
@@ -55,9 +54,8 @@ GONE_MEMORY = 10_000
 class Lifecycle:
     """The sessions this server knows, each in one state, and the transitions between them."""
 
-    def __init__(self, provider: SandboxProvider, disks: WorkspaceDisks, record: Record) -> None:
+    def __init__(self, provider: SandboxProvider, record: Record) -> None:
         self.provider = provider
-        self.disks = disks
         self._record = record
         """Writes a session's row (its `status`: `active` while running, `stopped` otherwise)."""
         self._sessions: dict[str, LiveSession] = {}
@@ -118,8 +116,7 @@ class Lifecycle:
     async def _start(self, live: LiveSession) -> None:
         """Start (or re-create) the sandbox of an asleep or dormant session around its workspace."""
         spec = live.spec
-        paths = await self.provider.prepare(live.id)
-        await self.disks.ensure(live.id, paths.workspace)
+        await self.provider.prepare(live.id)  # folders, and the workspace's disk (unmounted at shutdown)
         sandbox = await self.provider.attach(spec, live.sandbox_id)
         await self.came_up(live, sandbox)
         await self._record(

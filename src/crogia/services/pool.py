@@ -35,7 +35,6 @@ import anyio
 from crogia.config import Settings
 from crogia.sandbox import limits_from
 from crogia.sandbox.base import POOL_LABEL, Sandbox, SandboxProvider, SandboxSpec
-from crogia.sandbox.quota import WorkspaceDisks
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +53,10 @@ class SandboxPool:
         provider: SandboxProvider,
         *,
         size: int | None = None,
-        disks: WorkspaceDisks | None = None,
     ) -> None:
         self.settings = settings
         self.provider = provider
         self.size = settings.sandbox_pool_size if size is None else size
-        self.disks = disks
-        """Workspace quotas: each pooled workspace gets its disk image before its sandbox starts."""
         self._ready: deque[Sandbox] = deque()
         self._wanted = asyncio.Event()
         self._added = asyncio.Event()
@@ -157,8 +153,6 @@ class SandboxPool:
         spec = self.placeholder()
         await anyio.to_thread.run_sync(self._mark, spec)
         try:
-            if self.disks is not None:
-                await self.disks.ensure(spec.session_id, self.provider.paths(spec.session_id).workspace)
             return await self.provider.create(spec)
         except BaseException:
             await self._forget(spec.session_id)
@@ -183,8 +177,6 @@ class SandboxPool:
 
     async def _forget(self, session_id: str) -> None:
         """Remove an unclaimed sandbox's disk image (if any), folders and marker."""
-        if self.disks is not None:
-            await self.disks.remove(session_id, self.settings.workspaces_dir / session_id)
         try:
             await self.provider.remove_workspace(session_id)
         except Exception:

@@ -54,9 +54,10 @@ class SessionService:
         self.provider = provider
         self.pool = pool
         """Pre-started sandboxes that `create` claims instead of booting one (SANDBOX_POOL_SIZE)."""
-        self.disks = disks or WorkspaceDisks(settings.data_dir / "disks", settings.sandbox_disk_mb)
-        """Workspace quotas (SANDBOX_DISK_MB), shared with the pool."""
-        self.states = Lifecycle(provider, self.disks, self.touch)
+        own = provider.storage.disks if provider.storage is not None else None
+        self.disks = disks or own or WorkspaceDisks(settings.data_dir / "disks", 0)
+        """Workspace quotas (SANDBOX_DISK_MB): the provider's, which mounts them (reconcile probes them)."""
+        self.states = Lifecycle(provider, self.touch)
         self.on_sandbox = self.states.on_sandbox
         """Called whenever a session's sandbox is created or started again (process exit wiring)."""
         self.on_stop = self.states.on_stop
@@ -279,12 +280,10 @@ class SessionService:
             await repo.delete_session(db, session_id=session_id)
         self.bus.drop_session(session_id)
         self.states.bury(live)
-        workspace = self.provider.paths(session_id).workspace
         if self.settings.workspace_retention == "delete":
-            await self.disks.remove(session_id, workspace)
             await self.provider.remove_workspace(session_id)
         else:  # a kept workspace with a quota is its image, disks/<id>.ext4
-            await self.disks.release(workspace)
+            await self.provider.release(session_id)
         await self.provider.forget(session_id)
         log.info("session %s deleted", session_id)
 
@@ -304,7 +303,7 @@ class SessionService:
                 log.warning("closing sandbox connection of %s failed", live.id, exc_info=True)
         # A running container keeps its own view of the disk; the next start mounts it again first.
         for live in lives:
-            await self.disks.release(live.workspace.root)
+            await self.provider.release(live.id)
 
     # --- helpers ---
 
@@ -326,9 +325,7 @@ class SessionService:
                         await self._discard(claimed.spec, claimed, None)
                         raise
                 return claimed
-        paths = await self.provider.prepare(spec.session_id)
-        await self.disks.ensure(spec.session_id, paths.workspace)
-        return await self.provider.create(spec)
+        return await self.provider.create(spec)  # it makes the folders (and mounts the disk)
 
     def _workspace(self, spec: SandboxSpec) -> Workspace:
         return Workspace(
@@ -349,7 +346,6 @@ class SessionService:
                 await repo.delete_session(db, session_id=spec.session_id)
         except Exception:
             log.warning("clean-up of half-made session row %s failed", spec.session_id, exc_info=True)
-        await self.disks.remove(spec.session_id, self.provider.paths(spec.session_id).workspace)
         try:
             await self.provider.remove_workspace(spec.session_id)
             await self.provider.forget(spec.session_id)
