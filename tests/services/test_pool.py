@@ -12,6 +12,7 @@ import pytest
 from crogia.config import Settings
 from crogia.sandbox import instance_id
 from crogia.sandbox.base import HostStorage, SandboxSpec, make_dirs
+from crogia.sandbox.config import backend_config
 from crogia.services.pool import SandboxPool
 from tests.conftest import make_settings, need_docker
 from tests.support.server import RunningServer, run_server
@@ -174,7 +175,7 @@ async def test_stopped_pooled_container_starts_again_with_its_binds(docker_setti
 
 async def _leftover_pool_sandbox(settings: Settings, backend: str) -> str:
     """Marked folders as a killed server leaves them, plus (Docker) a running pool container."""
-    pool = SandboxPool(settings, provider=None)  # type: ignore[arg-type]
+    pool = SandboxPool(settings, provider=backend_config(settings, "bubblewrap").build())
     spec = pool.placeholder()
     pool._mark(spec)
     make_dirs(HostStorage(settings.workspaces_dir, settings.sandbox_state_dir).paths(spec.session_id))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -33,6 +34,9 @@ STATE_MOUNT = "/run/crogia"
 
 CHANNEL_MOUNT = "/run/crogia-channel"
 """Where a sandbox that dials its server (Docker) sees `SandboxSpec.state_dir`, read-only."""
+
+POOL_MARKERS = ".pool"
+"""The folder (in the state root) of the pool's markers."""
 
 POOL_LABEL = "crogia.pool"
 """Label of a sandbox started ahead of the session it now serves, by the warm pool (informational)."""
@@ -335,6 +339,28 @@ class SandboxProvider(abc.ABC):
         if self.storage.disks is not None:
             await self.storage.disks.remove(session_id, workspace)
         await asyncio.to_thread(shutil.rmtree, workspace, True)
+
+    def mark_pooled(self, session_id: str, pooled: bool = True) -> None:
+        """Record (or drop) that the session's folders belong to an unclaimed pool sandbox: an empty
+        marker `<states>/.pool/<id>`, never mounted in a sandbox (blocking)."""
+        markers = self._markers()
+        if pooled:
+            markers.mkdir(parents=True, exist_ok=True)
+            (markers / session_id).touch()
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(markers / session_id)
+
+    def pooled(self) -> list[str]:
+        """Session ids marked by `mark_pooled` (blocking)."""
+        with contextlib.suppress(FileNotFoundError):
+            return os.listdir(self._markers())
+        return []
+
+    def _markers(self) -> Path:
+        if self.storage is None:
+            raise SandboxError(f"the {self.name} provider was made without host storage")
+        return self.storage.states / POOL_MARKERS
 
     async def forget(self, session_id: str) -> None:
         """Remove the session's server-only state folder (the session is gone, or never was)."""

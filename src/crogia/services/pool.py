@@ -7,10 +7,11 @@ replaced by the session's (`dataclasses.replace`: same folders, the session's la
 renamed or re-mounted. So a claimed sandbox is like any other: Docker can stop and start it again
 (idle stop, engine restart) with its binds intact, and re-attach after a server restart finds it.
 
-An empty marker file `sandboxes/.pool/<id>` (never mounted in a sandbox) says that a folder pair
-belongs to an unclaimed pool sandbox; a claim deletes it. At start-up, `SessionService.reconcile`
-removes the previous server's pool sandboxes (orphans: no session owns them) and calls `sweep`, which
-deletes marked folders that no session owns; `start()` then refills.
+An empty marker file `sandboxes/.pool/<id>` (never mounted in a sandbox; the provider keeps it,
+`mark_pooled`) says that a folder pair belongs to an unclaimed pool sandbox; a claim deletes it.
+At start-up, `SessionService.reconcile` removes the previous server's pool sandboxes (orphans: no
+session owns them) and calls `sweep`, which deletes marked folders that no session owns; `start()`
+then refills.
 
 Only sessions with the default image and no extra environment come from the pool; the others boot
 their own. One owned task refills the pool, one sandbox at a time, so refilling never starves the
@@ -21,14 +22,10 @@ already its own mounted disk image, made before the sandbox starts, as for any o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import shutil
 import uuid
 from collections import deque
 from collections.abc import Collection
-from pathlib import Path
 
 import anyio
 
@@ -38,8 +35,6 @@ from crogia.sandbox.base import POOL_LABEL, Sandbox, SandboxProvider, SandboxSpe
 
 log = logging.getLogger(__name__)
 
-MARKERS = ".pool"
-"""Folder under the sandbox state folder holding one empty file per unclaimed pool sandbox."""
 HEALTH_TIMEOUT = 2.0
 RETRY_MAX = 60.0
 
@@ -70,10 +65,6 @@ class SandboxPool:
     def ready_ids(self) -> list[str]:
         """Session ids of the sandboxes waiting to be claimed."""
         return [sandbox.spec.session_id for sandbox in self._ready]
-
-    @property
-    def markers(self) -> Path:
-        return self.settings.sandbox_state_dir / MARKERS
 
     def serves(self, spec: SandboxSpec) -> bool:
         """Whether a session with this spec may take a pooled sandbox (default image, no extra env)."""
@@ -179,34 +170,27 @@ class SandboxPool:
         """Remove an unclaimed sandbox's disk image (if any), folders and marker."""
         try:
             await self.provider.remove_workspace(session_id)
+            await self.provider.forget(session_id)
         except Exception:
             log.warning("removing pooled workspace %s failed", session_id, exc_info=True)
-        await anyio.to_thread.run_sync(self._remove, session_id)
+        await anyio.to_thread.run_sync(self._unmark, session_id)
 
-    # --- folders (blocking: run in a worker thread) ---
+    # --- markers (the provider's; blocking: run in a worker thread) ---
 
     def _mark(self, spec: SandboxSpec) -> None:
-        self.markers.mkdir(parents=True, exist_ok=True)
-        (self.markers / spec.session_id).touch()  # its folders: the provider's, made by `create`
+        self.provider.mark_pooled(spec.session_id)  # its folders: the provider's, made by `create`
 
     def _unmark(self, session_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.markers / session_id)
-
-    def _remove(self, session_id: str) -> None:
-        shutil.rmtree(self.settings.sandbox_state_dir / session_id, ignore_errors=True)
-        shutil.rmtree(self.settings.workspaces_dir / session_id, ignore_errors=True)
-        self._unmark(session_id)
+        self.provider.mark_pooled(session_id, pooled=False)
 
     def _sweep(self, owned: set[str]) -> list[str]:
         """Unmark pool sandboxes claimed just before a crash; the unclaimed ones, to remove."""
         unclaimed = []
-        with contextlib.suppress(FileNotFoundError):
-            for name in os.listdir(self.markers):
-                if name in owned:  # the session keeps its folders
-                    self._unmark(name)
-                elif _is_uuid(name):
-                    unclaimed.append(name)
+        for name in self.provider.pooled():
+            if name in owned:  # the session keeps its folders
+                self._unmark(name)
+            elif _is_uuid(name):
+                unclaimed.append(name)
         return unclaimed
 
 
