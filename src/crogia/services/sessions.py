@@ -348,9 +348,9 @@ class SessionService:
             log.warning("clean-up of half-made session row %s failed", spec.session_id, exc_info=True)
         try:
             await self.provider.remove_workspace(spec.session_id)
-            await self.provider.forget(spec.session_id)
         except Exception:
             log.warning("clean-up of half-made workspace %s failed", spec.session_id, exc_info=True)
+        await self.provider.forget(spec.session_id)
 
 
 def _utc(epoch: float) -> datetime:
