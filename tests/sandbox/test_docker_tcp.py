@@ -12,6 +12,7 @@ server gets back in with the secret it gave, and the daemon's replies pass an eg
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -97,6 +98,7 @@ async def test_nothing_of_the_channel_or_workspace_is_bound(
     assert volume["Destination"] == "/workspace" and volume["Name"] == sandbox.volume
     assert provider.workdir(sandbox.spec.session_id) == sandbox.volume
     assert "--listen" in info["Config"]["Cmd"]
+    assert sandbox._secret and sandbox._secret not in json.dumps(info), "the secret shows in docker inspect"
     # The daemon's peer is the server on the bridge's gateway, over TCP; no unix socket in sight.
     peers = await run(sandbox, "cat /proc/net/tcp | awk 'NR > 1 && $4 == \"01\" {print $2}'")
     assert f":{DAEMON_PORT:04X}" in peers
@@ -165,6 +167,23 @@ async def test_a_dropped_connection_comes_back_without_a_restart(
     assert sandbox._client is not client
     assert (await sandbox._engine.inspect(sandbox.id) or {})["State"]["StartedAt"] == started
     assert any(p.pid == handle.pid and p.running for p in await sandbox.processes())
+
+
+async def test_each_start_gives_a_new_secret_and_the_old_one_opens_nothing(
+    provider: DockerProvider, data_dir: Path, made: list[DockerSandbox]
+) -> None:
+    sandbox = await make(provider, data_dir, made)
+    old = sandbox._secret
+    await sandbox.stop()
+    await sandbox.start()
+    assert sandbox._secret != old and await run(sandbox, "echo new") == "new\n"
+    here = await address(sandbox)
+
+    async def at() -> Address:
+        return here
+
+    with pytest.raises(ProtocolError):
+        await TcpChannel(at, lambda: old).connect(5)
 
 
 async def test_a_restarted_server_gets_back_in(
