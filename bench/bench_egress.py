@@ -31,7 +31,7 @@ from _common import ROOT, Row, backends, data_dir, parse_args, report
 sys.path.insert(0, str(ROOT))
 from tests.support.netns_hosts import netns_host
 
-from crogia.sandbox.base import Limits, SandboxProvider, SandboxSpec
+from crogia.sandbox.base import HostStorage, Limits, SandboxProvider, SandboxSpec
 from crogia.sandbox.egress import EgressPolicy
 
 TARGET_MS = 5.0
@@ -57,9 +57,8 @@ def provider(backend: str, dns: str = "") -> SandboxProvider:
 
 
 async def in_sandbox(prov: SandboxProvider, folder: Path, network: str, host: str, n: int) -> float:
-    spec = SandboxSpec(
-        f"egress-{network}-{n}", folder / f"w{n}", folder / f"s{network}{n}", limits=Limits(network=network)
-    )
+    prov.storage = HostStorage(folder / "w", folder / "s")
+    spec = SandboxSpec(f"egress-{network}-{n}", limits=Limits(network=network))
     sandbox = await prov.create(spec)
     try:
         result = await sandbox.exec(f"python3 -c '{TIMER}' {host}", timeout=30, max_output=4096)
@@ -70,7 +69,8 @@ async def in_sandbox(prov: SandboxProvider, folder: Path, network: str, host: st
 
 async def with_policy(prov: SandboxProvider, folder: Path, policy: EgressPolicy, n: int) -> float:
     tag = f"{policy.egress}{n}"
-    spec = SandboxSpec(f"egress-{tag}", folder / f"w{tag}", folder / f"s{tag}", egress=policy)
+    prov.storage = HostStorage(folder / "w", folder / "s")
+    spec = SandboxSpec(f"egress-{tag}", egress=policy)
     sandbox = await prov.create(spec)
     try:
         result = await sandbox.exec(f"python3 -c '{RESOLVE_TIMER}' {NAME}", timeout=30, max_output=4096)

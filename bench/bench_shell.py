@@ -6,7 +6,9 @@
 * bwrap spawn: a fresh bubblewrap sandbox with our mounts running `echo hi`;
 * fork: `/bin/echo hi` as a child of this process (fork + exec + wait), for reference;
 * isolation off: the same request to a second server with the shared network and host-root sandboxes
-  (`UNISOLATED`), so the cost of network isolation and user namespaces shows as a ratio (target 1.2x).
+  (`UNISOLATED`), so the cost of network isolation and user namespaces shows as a ratio (target 1.2x);
+* tcp (Docker): the same request to a third server with SANDBOX_TRANSPORT=tcp and
+  DOCKER_WORKSPACE=volume, against the unix socket (target 1.3x).
 
 Rounds interleave every side, so load from elsewhere hits all alike; medians are compared.
 Target: ours p50 <= 5 ms on Docker and on bubblewrap. Writes bench/results/shell.json.
@@ -16,6 +18,7 @@ Usage: `python bench/bench_shell.py [--smoke]`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
@@ -41,6 +44,8 @@ from crogia.sandbox.base import SandboxSpec
 from crogia.sandbox.bubblewrap import bwrap_args, find_bwrap, sandbox_command
 
 TARGET_MS = 5.0
+TCP_TARGET = 1.3
+TCP = {"SANDBOX_TRANSPORT": "tcp", "DOCKER_WORKSPACE": "volume"}
 BODY = json.dumps({"cmd": "echo hi"}).encode()
 
 
@@ -60,25 +65,34 @@ def bwrap_echo(folder: Path) -> list[str]:
     bwrap = find_bwrap()
     if bwrap is None:
         raise SystemExit("bwrap not found")
-    spec = SandboxSpec("bench", folder / "ws", folder / "st")
-    for path in (spec.workspace, spec.state_dir):
-        path.mkdir(parents=True, exist_ok=True)
-    argv = bwrap_args(bwrap, spec, "/usr/bin/python3", 3)
+    spec = SandboxSpec("bench")
+    (folder / "ws").mkdir(parents=True, exist_ok=True)
+    argv = bwrap_args(bwrap, spec, "/usr/bin/python3", 3, workspace=folder / "ws")
     return [*argv[: -len(sandbox_command(spec, "/usr/bin/python3", 3))], "/bin/echo", "hi"]
 
 
 async def measure(backend: str, loop: str, rounds: int, per_round: int) -> dict[str, Any]:
-    times: dict[str, list[float]] = {"ours": [], "unisolated": [], "raw": [], "fork": []}
+    times: dict[str, list[float]] = {"ours": [], "unisolated": [], "raw": [], "fork": [], "tcp": []}
     with data_dir() as folder:
-        async with (
-            server(backend, loop=loop) as srv,
-            Http(srv.port) as http,
-            server(backend, loop=loop, env=UNISOLATED) as off,
-            Http(off.port) as http_off,
-        ):
+        async with contextlib.AsyncExitStack() as stack:
+            # Every server is up before any connection opens (an idle keep-alive one would time out).
+            tcp = (
+                await stack.enter_async_context(server(backend, loop=loop, env=TCP))
+                if backend == "docker"
+                else None
+            )
+            srv = await stack.enter_async_context(server(backend, loop=loop))
+            off = await stack.enter_async_context(server(backend, loop=loop, env=UNISOLATED))
+            http = await stack.enter_async_context(Http(srv.port))
+            http_off = await stack.enter_async_context(Http(off.port))
             session = await create_session(http, task="bench shell")
             sid = session["session_id"]
             sid_off = (await create_session(http_off, task="bench shell, isolation off"))["session_id"]
+            http_tcp, sid_tcp = None, ""
+            if tcp is not None:
+                http_tcp = await stack.enter_async_context(Http(tcp.port))
+                sid_tcp = (await create_session(http_tcp, task="bench shell, tcp"))["session_id"]
+                await ours(http_tcp, sid_tcp, 20)
             raw = ["docker", "exec", session["container_id"], "echo", "hi"]
             if backend != "docker":
                 raw = bwrap_echo(folder)
@@ -88,6 +102,8 @@ async def measure(backend: str, loop: str, rounds: int, per_round: int) -> dict[
             for _ in range(rounds):
                 times["ours"] += await ours(http, sid, per_round)
                 times["unisolated"] += await ours(http_off, sid_off, per_round)
+                if http_tcp is not None:
+                    times["tcp"] += await ours(http_tcp, sid_tcp, per_round)
                 times["raw"] += [await timed(*raw) for _ in range(max(2, per_round // 10))]
                 times["fork"] += [await timed("/bin/echo", "hi") for _ in range(max(2, per_round // 5))]
     return {
@@ -97,6 +113,7 @@ async def measure(backend: str, loop: str, rounds: int, per_round: int) -> dict[
             "n": len(t),
         }
         for side, t in times.items()
+        if t
     }
 
 
@@ -140,6 +157,19 @@ async def main() -> None:
                         p50 / off <= 1.2,
                         baseline=off,
                         baseline_what="isolation off (shared network, host root)",
+                    )
+                )
+            if default and "tcp" in result:
+                tcp_p50 = result["tcp"]["p50_ms"]
+                rows.append(
+                    Row(
+                        f"POST /shell echo hi p50, {backend}, TCP transport + volume vs unix socket",
+                        tcp_p50,
+                        "ms",
+                        f"<= {TCP_TARGET:g}x unix",
+                        tcp_p50 / p50 <= TCP_TARGET,
+                        baseline=p50,
+                        baseline_what="unix socket, bound workspace",
                     )
                 )
             print(

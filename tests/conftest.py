@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from crogia.config import Settings
+from crogia.sandbox.base import HostStorage
 
 if TYPE_CHECKING:
     from tests.support.server import RunningServer
@@ -88,6 +89,11 @@ def remove_network_of(data_dir: Path) -> None:
     )
     if gone.returncode == 0 or chain.returncode == 0:
         remove_rules(tag, f"crg{tag}")
+
+
+def storage(data_dir: Path) -> HostStorage:
+    """Host folders for a provider a test builds itself: `<data_dir>/ws/<id>` and `<data_dir>/st/<id>`."""
+    return HostStorage(data_dir / "ws", data_dir / "st")
 
 
 def make_settings(data_dir: Path, backend: str, **overrides: object) -> Settings:

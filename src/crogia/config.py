@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _LOCAL = ("localhost", "127.0.0.1")
@@ -88,6 +88,13 @@ class Settings(BaseSettings):
     """Size of the sandbox's tmpfs /run/crogia, its process logs (at most a quarter of SANDBOX_MEMORY_MB)."""
     sandbox_uid_range: str = "700000000-700065535"
     """Host uids a bubblewrap sandbox's root maps to, one per session (FIRST-LAST); "": host root."""
+    sandbox_transport: Literal["unix", "tcp"] = "unix"
+    """How the server reaches a Docker sandbox's daemon: `unix` (a socket in a server-only folder the
+    container sees read-only), `tcp` (the server dials the container's own address, both ends
+    proving a per-sandbox secret). bubblewrap always uses a socketpair."""
+    docker_workspace: Literal["bind", "volume"] = "bind"
+    """Docker: a workspace is a host folder bound in (`bind`) or a Docker volume (`volume`: nothing
+    of it on the server's disk; needs SANDBOX_TRANSPORT=tcp and files served by the daemon)."""
     session_idle_ttl: float = Field(3600.0, ge=0)
     """Seconds without activity before a session's sandbox is stopped (it starts again on use). 0: never."""
 
@@ -182,6 +189,17 @@ class Settings(BaseSettings):
         if 0 < value < 64:
             raise ValueError("SANDBOX_DISK_MB must be 0 (no quota) or at least 64")
         return value
+
+    @model_validator(mode="after")
+    def _check_volume(self) -> Settings:
+        if self.docker_workspace == "volume" and self.sandbox_transport != "tcp":
+            raise ValueError("DOCKER_WORKSPACE=volume needs SANDBOX_TRANSPORT=tcp (no host folder to share)")
+        if self.docker_workspace == "volume" and getattr(self, "sandbox_files", "daemon") != "daemon":
+            # (SANDBOX_FILES comes with the files interface: a volume has no host folder to serve)
+            raise ValueError("DOCKER_WORKSPACE=volume needs SANDBOX_FILES=daemon (no host folder to serve)")
+        if self.docker_workspace == "volume" and self.sandbox_disk_mb:
+            raise ValueError("SANDBOX_DISK_MB (a host disk image) does not apply to DOCKER_WORKSPACE=volume")
+        return self
 
     @field_validator("sandbox_dns")
     @classmethod

@@ -14,7 +14,6 @@ from crogia.config import Settings
 from crogia.events import EgressBlocked
 from crogia.sandbox import make_provider
 from crogia.sandbox.base import SandboxProvider
-from crogia.sandbox.quota import WorkspaceDisks
 from crogia.services.idle import IdleReaper
 from crogia.services.lifecycle import StopReason
 from crogia.services.live import LiveSession
@@ -67,9 +66,8 @@ class Runtime:
             raise
         bus = EventBus(db)
         bus.start()
-        disks = WorkspaceDisks(settings.data_dir / "disks", settings.sandbox_disk_mb)
-        pool = SandboxPool(settings, provider, disks=disks)
-        sessions = SessionService(settings, db, bus, provider, pool, disks)
+        pool = SandboxPool(settings, provider)
+        sessions = SessionService(settings, db, bus, provider, pool)
         processes = ProcessService(settings, db, bus, sessions)
         shell = ShellService(settings)
         agent = Agent.from_settings(settings)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from crogia.sandbox.base import Limits, SandboxSpec, make_dirs
+from crogia.sandbox.base import HostStorage, Limits, SandboxSpec
 from crogia.sandbox.docker import DockerProvider
 from tests.conftest import need_docker
 from tests.hostile.test_privilege import need_root
@@ -95,21 +95,19 @@ def remapped_engine() -> Iterator[str]:
 
 
 async def test_container_root_is_an_unprivileged_host_uid(remapped_engine: str, data_dir: Path) -> None:
-    provider = DockerProvider(url=remapped_engine)
+    provider = DockerProvider(
+        url=remapped_engine, storage=HostStorage(data_dir / "workspaces", data_dir / "sandboxes")
+    )
     try:
         assert await provider.userns_mode() == "userns-remap"
-        spec = SandboxSpec(
-            session_id="remap",
-            workspace=data_dir / "workspaces" / "remap",
-            state_dir=data_dir / "sandboxes" / "remap",
-            limits=Limits(network="none", memory_mb=512),
-        )
-        make_dirs(spec)
+        spec = SandboxSpec(session_id="remap", limits=Limits(network="none", memory_mb=512))
         sandbox = await provider.create(spec)
         try:
             out = await sandbox.exec("id -u; touch /workspace/made", timeout=20, max_output=4096)
             assert out.exit_code == 0 and out.output == "0\n", out
-            assert os.stat(spec.workspace / "made").st_uid == FIRST  # root inside, nobody special outside
+            assert (
+                os.stat(sandbox.paths.workspace / "made").st_uid == FIRST
+            )  # root inside, nobody special outside
         finally:
             await provider.remove(sandbox.id)
     finally:

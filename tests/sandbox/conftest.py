@@ -12,25 +12,31 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiodocker.volumes import DockerVolume
 
-from crogia.sandbox.base import Limits, Sandbox, SandboxProvider, SandboxSpec
+from crogia.sandbox.base import HostStorage, Limits, Sandbox, SandboxProvider, SandboxSpec
 from crogia.sandbox.bubblewrap import BubblewrapProvider
-from crogia.sandbox.docker import DockerProvider
-from tests.conftest import IN_CI
+from crogia.sandbox.docker import DockerProvider, DockerSandbox
+from tests.conftest import IN_CI, storage
 
 
 @dataclass(frozen=True)
 class ProviderFactory:
     """Builds a fresh provider for one test; `marks` go on that backend's parameter."""
 
-    build: Callable[[], SandboxProvider]
+    build: Callable[[HostStorage], SandboxProvider]
     marks: list[pytest.MarkDecorator] = field(default_factory=list)
     image: str = "crogia-sandbox:latest"
 
 
 PROVIDER_FACTORIES: dict[str, ProviderFactory] = {
-    "bubblewrap": ProviderFactory(BubblewrapProvider),
-    "docker": ProviderFactory(DockerProvider, [pytest.mark.docker]),
+    "bubblewrap": ProviderFactory(lambda storage: BubblewrapProvider(storage=storage)),
+    "docker": ProviderFactory(lambda storage: DockerProvider(storage=storage), [pytest.mark.docker]),
+    # The server reaches the daemon only over TCP, the workspace is a Docker volume (issue 11, item 4).
+    "docker-tcp": ProviderFactory(
+        lambda storage: DockerProvider(transport="tcp", workspace="volume", storage=storage),
+        [pytest.mark.docker],
+    ),
 }
 
 MakeSandbox = Callable[..., Awaitable[Sandbox]]
@@ -45,9 +51,9 @@ def unavailable(backend: str) -> None:
 
 
 @pytest.fixture(params=[pytest.param(name, marks=f.marks, id=name) for name, f in PROVIDER_FACTORIES.items()])
-async def provider(request: pytest.FixtureRequest) -> AsyncIterator[SandboxProvider]:
+async def provider(request: pytest.FixtureRequest, data_dir: Path) -> AsyncIterator[SandboxProvider]:
     factory = PROVIDER_FACTORIES[request.param]
-    built = factory.build()
+    built = factory.build(storage(data_dir))
     if not await built.available():
         await built.close()
         unavailable(request.param)
@@ -70,17 +76,23 @@ async def make_sandbox(provider: SandboxProvider, data_dir: Path) -> AsyncIterat
     yield make
     for sandbox in created:
         await provider.remove(sandbox.id)
+        await provider.remove_workspace(sandbox.spec.session_id)
+
+
+async def host_view(sandbox: Sandbox) -> Path:
+    """Where the test (root on the engine's host) sees the sandbox's workspace: its host folder,
+    or the Docker volume's data folder (the server itself never goes there)."""
+    if not isinstance(sandbox, DockerSandbox) or sandbox.volume is None:
+        return sandbox.paths.workspace
+    info = await DockerVolume(sandbox._engine.docker, sandbox.volume).show()
+    return Path(info["Mountpoint"])
 
 
 def new_spec(provider: SandboxProvider, data_dir: Path, **kw: Any) -> SandboxSpec:
     session_id = "t" + uuid.uuid4().hex[:10]
-    for folder in ("ws", "st"):
-        (data_dir / folder / session_id).mkdir(parents=True)
     image = getattr(provider, "test_image", "crogia-sandbox:latest")
     return SandboxSpec(
         session_id=session_id,
-        workspace=data_dir / "ws" / session_id,
-        state_dir=data_dir / "st" / session_id,
         image=image,
         labels={"crogia.test": "1"},
         **kw,

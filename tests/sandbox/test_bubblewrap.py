@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 
 from crogia.errors import NotFound, SandboxError
-from crogia.sandbox.base import Limits, SandboxSpec
+from crogia.sandbox.base import HostStorage, Limits, SandboxSpec
 from crogia.sandbox.bubblewrap import BubblewrapProvider, BubblewrapSandbox
 from crogia.sandbox.cgroups import find_cgroup
+from tests.conftest import storage
 from tests.sandbox.conftest import new_spec, unavailable
 
 
 @pytest.fixture
-async def bwrap() -> AsyncIterator[BubblewrapProvider]:
-    provider = BubblewrapProvider()
+async def bwrap(data_dir: Path) -> AsyncIterator[BubblewrapProvider]:
+    provider = BubblewrapProvider(storage=storage(data_dir))
     if not await provider.available():
         unavailable("bubblewrap")
     yield provider
@@ -48,7 +49,7 @@ async def test_cgroup_holds_the_sandbox_and_goes_with_it(bwrap: BubblewrapProvid
 
 
 async def test_rlimit_fallback_without_cgroups(data_dir: Path) -> None:
-    provider = BubblewrapProvider(cgroups=False)
+    provider = BubblewrapProvider(cgroups=False, storage=storage(data_dir))
     try:
         sandbox = await provider.create(spec_for(provider, data_dir, limits=Limits(memory_mb=200)))
         assert isinstance(sandbox, BubblewrapSandbox)
@@ -88,7 +89,7 @@ async def test_attach_restarts_or_recreates(bwrap: BubblewrapProvider, data_dir:
     assert await bwrap.attach(spec, sandbox.id) is sandbox
     assert await sandbox.status() == "running"
     # A new server process knows nothing: it re-creates the sandbox around the same folders.
-    later = BubblewrapProvider()
+    later = BubblewrapProvider(storage=bwrap.storage)
     try:
         again = await later.attach(spec, sandbox.id)
         assert again is not sandbox
@@ -115,7 +116,7 @@ async def test_create_twice_conflicts_and_remove_is_idempotent(
 
 
 async def test_failed_start_is_fast_and_clean(data_dir: Path) -> None:
-    provider = BubblewrapProvider(python="/usr/bin/no-such-python")
+    provider = BubblewrapProvider(python="/usr/bin/no-such-python", storage=storage(data_dir))
     try:
         assert not await provider.available()
         started = time.monotonic()
@@ -130,22 +131,25 @@ async def test_failed_start_is_fast_and_clean(data_dir: Path) -> None:
 
 async def test_long_state_path_still_connects(bwrap: BubblewrapProvider, data_dir: Path) -> None:
     deep = data_dir / ("d" * 60) / ("e" * 60)
-    spec = spec_for(bwrap, data_dir)
-    spec = SandboxSpec(spec.session_id, spec.workspace, deep / "state")
-    assert len(str(deep / "state" / "executor.sock")) > 108
-    sandbox = await bwrap.create(spec)
-    assert (await sandbox.exec("echo ok", timeout=10, max_output=100)).output == "ok\n"
+    provider = BubblewrapProvider(storage=HostStorage(data_dir / "ws", deep))
+    try:
+        spec = spec_for(provider, data_dir)
+        assert len(str(provider.paths(spec.session_id).state_dir / "executor.sock")) > 108
+        sandbox = await provider.create(spec)
+        assert (await sandbox.exec("echo ok", timeout=10, max_output=100)).output == "ok\n"
+    finally:
+        await provider.close()
 
 
 SERVER = """
 import asyncio, sys
 from pathlib import Path
-from crogia.sandbox.base import SandboxSpec
+from crogia.sandbox.base import HostStorage, SandboxSpec
 from crogia.sandbox.bubblewrap import BubblewrapProvider
 
 async def main():
-    spec = SandboxSpec(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
-    sandbox = await BubblewrapProvider(scope=sys.argv[4]).create(spec)
+    storage = HostStorage(Path(sys.argv[2]), Path(sys.argv[3]))
+    sandbox = await BubblewrapProvider(scope=sys.argv[4], storage=storage).create(SandboxSpec(sys.argv[1]))
     await sandbox.spawn("while true; do date +%s%N > /workspace/beat; sleep 0.05; done")
     print(sandbox.id, flush=True)
     await asyncio.sleep(120)
@@ -156,14 +160,15 @@ asyncio.run(main())
 
 async def test_sandbox_dies_with_the_server(bwrap: BubblewrapProvider, data_dir: Path) -> None:
     spec = spec_for(bwrap, data_dir)
+    folders = (str(data_dir / "ws"), str(data_dir / "st"))
     server = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SERVER, spec.session_id, str(spec.workspace), str(spec.state_dir), bwrap._scope,
+        sys.executable, "-c", SERVER, spec.session_id, *folders, bwrap._scope,
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
         assert server.stdout is not None
         sandbox_id = (await asyncio.wait_for(server.stdout.readline(), 20)).decode().strip()
-        beat = spec.workspace / "beat"
+        beat = bwrap.paths(spec.session_id).workspace / "beat"
         for _ in range(100):
             if beat.exists():
                 break

@@ -13,7 +13,7 @@ import pytest
 
 from crogia.errors import CrogiaError, NotFound
 from crogia.sandbox.base import ExecResult, Limits, Sandbox
-from tests.sandbox.conftest import MakeSandbox
+from tests.sandbox.conftest import MakeSandbox, host_view
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,7 +49,7 @@ async def test_echo_and_exit_codes(sandbox: Sandbox) -> None:
 async def test_cwd_is_workspace_and_writes_reach_host(sandbox: Sandbox) -> None:
     result = await run(sandbox, "pwd && mkdir -p sub && echo data > sub/out.txt")
     assert result.output == "/workspace\n"
-    assert (sandbox.spec.workspace / "sub" / "out.txt").read_text() == "data\n"
+    assert (await host_view(sandbox) / "sub" / "out.txt").read_text() == "data\n"
     assert (await run(sandbox, "pwd", cwd="/workspace/sub")).output == "/workspace/sub\n"
 
 
@@ -69,7 +69,7 @@ async def test_timeout_kills_the_whole_process_group(sandbox: Sandbox) -> None:
     result = await run(sandbox, "sleep 60 & echo $! > child.pid; sleep 60", timeout=0.5)
     assert (result.exit_code, result.timed_out) == (124, True)
     assert time.monotonic() - started < 5
-    child = int((sandbox.spec.workspace / "child.pid").read_text())
+    child = int((await host_view(sandbox) / "child.pid").read_text())
     assert await eventually(lambda: pid_gone(sandbox, child))
 
 
@@ -106,7 +106,7 @@ async def test_streaming_chunks_arrive_before_the_end(sandbox: Sandbox) -> None:
 
 async def test_cancelling_exec_kills_the_command(sandbox: Sandbox) -> None:
     task = asyncio.create_task(run(sandbox, "echo $$ > me.pid; exec sleep 60", timeout=120))
-    pid_file = sandbox.spec.workspace / "me.pid"
+    pid_file = await host_view(sandbox) / "me.pid"
 
     async def pid_written() -> bool:
         return pid_file.exists() and pid_file.read_text().strip() != ""
@@ -127,7 +127,7 @@ async def test_spawn_exit_listener_and_tail(sandbox: Sandbox) -> None:
     assert await sandbox.tail_log(handle.pid, lines=3) == "line19\nline20\nerr\n"
     # The log lives in the sandbox (its state tmpfs), never on the host.
     assert (await run(sandbox, f"head -n 1 {handle.log_path}")).output == "line1\n"
-    assert not list(sandbox.spec.state_dir.rglob("*.log"))
+    assert not list(sandbox.paths.state_dir.rglob("*.log"))
     with pytest.raises(NotFound):
         await sandbox.tail_log(999_999, lines=3)
 
@@ -165,7 +165,7 @@ async def test_processes_lists_running_and_ended(sandbox: Sandbox) -> None:
 async def test_stop_start_round_trip(sandbox: Sandbox) -> None:
     await run(sandbox, "echo kept > kept.txt")
     await sandbox.spawn("while true; do date +%s%N > /workspace/beat; sleep 0.05; done")
-    beat = sandbox.spec.workspace / "beat"
+    beat = await host_view(sandbox) / "beat"
     assert await eventually(lambda: asyncio.sleep(0, beat.exists()))
     await sandbox.stop()
     assert await sandbox.status() == "exited"
@@ -183,7 +183,7 @@ async def test_destroy(sandbox: Sandbox) -> None:
     await run(sandbox, "echo x > file")
     await sandbox.destroy()
     assert await sandbox.status() == "missing"
-    assert (sandbox.spec.workspace / "file").exists()
+    assert (await host_view(sandbox) / "file").exists()
     with pytest.raises(CrogiaError):
         await run(sandbox, "true")
 
@@ -195,13 +195,18 @@ async def test_fifty_concurrent_execs(sandbox: Sandbox) -> None:
 
 async def test_isolation(make_sandbox: MakeSandbox, data_dir: Path) -> None:
     first, second = await make_sandbox(), await make_sandbox()
-    (second.spec.workspace / "secret.txt").write_text("s3cret")
+    (await host_view(second) / "secret.txt").write_text("s3cret")
     marker = f"crogia-marker-{uuid.uuid4().hex[:8]}"
     planted = [Path("/root", marker), Path("/home", marker)]
     try:
         for path in planted:
             path.touch()
-        hidden = [*map(str, planted), str(REPO / "pyproject.toml"), str(second.spec.workspace), str(data_dir)]
+        hidden = [
+            *map(str, planted),
+            str(REPO / "pyproject.toml"),
+            str(await host_view(second)),
+            str(data_dir),
+        ]
         for path in hidden:
             assert (await run(first, f"test -e {path}")).exit_code == 1, f"{path} is visible"
         skip = " ".join(f"--exclude-dir={d}" for d in ("proc", "sys", "dev", "usr"))

@@ -19,7 +19,7 @@ import pytest
 from crogia.errors import Unavailable
 from crogia.sandbox.base import Limits, SandboxSpec
 from crogia.sandbox.docker import INSTANCE_LABEL, MANAGED_LABEL, SESSION_LABEL, DockerProvider, DockerSandbox
-from tests.conftest import need_docker
+from tests.conftest import need_docker, storage
 
 pytestmark = pytest.mark.docker
 
@@ -39,8 +39,8 @@ async def run_id() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def provider(run_id: str) -> AsyncIterator[DockerProvider]:
-    docker = DockerProvider()
+async def provider(run_id: str, data_dir: Path) -> AsyncIterator[DockerProvider]:
+    docker = DockerProvider(storage=storage(data_dir))
     yield docker
     await docker.close()
 
@@ -56,7 +56,7 @@ def make_spec(data_dir: Path, run_id: str) -> SpecFactory:
     def make(name: str = "s1", **fields: Any) -> SandboxSpec:
         labels = {TEST_LABEL: run_id, **fields.pop("labels", {})}
         session = f"{name}-{run_id[:8]}"
-        return SandboxSpec(session, data_dir / name / "ws", data_dir / name / "st", labels=labels, **fields)
+        return SandboxSpec(session, labels=labels, **fields)
 
     return make
 
@@ -87,14 +87,14 @@ async def test_container_gets_labels_limits_mounts_and_env(
     assert host["Init"] is True
     assert host["NetworkMode"] == "none"
     mounts = {m["Destination"]: (m["Source"], m["RW"]) for m in info["Mounts"]}
-    assert mounts["/workspace"] == (str(spec.workspace), True)
-    assert mounts["/run/crogia-channel"] == (str(spec.state_dir), False)  # the server's, read-only
+    assert mounts["/workspace"] == (str(sandbox.paths.workspace), True)
+    assert mounts["/run/crogia-channel"] == (str(sandbox.paths.state_dir), False)  # the server's, read-only
     assert "/run/crogia" in host["Tmpfs"]  # process logs: in the sandbox, size-limited
     assert mounts["/opt/crogia"][1] is False
     # ...and what a command inside notices:
     assert await _run(sandbox, "echo $GREETING; pwd") == "hello\n/workspace\n"
     await _run(sandbox, "echo made-inside > /workspace/note.txt")
-    assert (spec.workspace / "note.txt").read_text() == "made-inside\n"
+    assert (sandbox.paths.workspace / "note.txt").read_text() == "made-inside\n"
     assert (await sandbox.exec("touch /opt/crogia/x", timeout=10, max_output=1000)).exit_code != 0
     assert (await _run(sandbox, "ls /sys/class/net")).split() == ["lo"]
     pids_max = "cat /sys/fs/cgroup/pids/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids.max"  # v1 || v2
@@ -102,8 +102,8 @@ async def test_container_gets_labels_limits_mounts_and_env(
     await sandbox.destroy()
 
 
-async def test_engine_down_is_unavailable(make_spec: SpecFactory) -> None:
-    provider = DockerProvider(url="unix:///tmp/no-docker-here.sock")
+async def test_engine_down_is_unavailable(make_spec: SpecFactory, data_dir: Path) -> None:
+    provider = DockerProvider(url="unix:///tmp/no-docker-here.sock", storage=storage(data_dir))
     try:
         started = time.monotonic()
         assert await provider.available() is False
@@ -168,13 +168,13 @@ async def test_attach_restarts_a_stopped_container(provider: DockerProvider, mak
 
 
 async def test_attach_reconnects_to_a_running_container_from_a_new_provider(
-    provider: DockerProvider, make_spec: SpecFactory
+    provider: DockerProvider, make_spec: SpecFactory, data_dir: Path
 ) -> None:
     spec = make_spec()
     sandbox = await provider.create(spec)
     await _run(sandbox, "echo 1 > /tmp/state")  # survives only if the container is not re-created
     await sandbox.close()  # server shutdown: the container keeps running
-    restarted = DockerProvider()
+    restarted = DockerProvider(storage=storage(data_dir))
     try:
         again = await restarted.attach(spec, sandbox.id)
         assert again.id == sandbox.id
@@ -226,9 +226,10 @@ async def test_stop_is_fast_even_with_a_background_process(
 
 
 async def test_servers_sharing_an_engine_see_only_their_own_sandboxes(
-    engine: aiodocker.Docker, make_spec: SpecFactory
+    engine: aiodocker.Docker, make_spec: SpecFactory, data_dir: Path
 ) -> None:
-    ours, theirs = DockerProvider(instance="server-a"), DockerProvider(instance="server-b")
+    ours = DockerProvider(instance="server-a", storage=storage(data_dir))
+    theirs = DockerProvider(instance="server-b", storage=storage(data_dir))
     try:
         mine = await ours.create(make_spec("a"))
         other = await theirs.create(make_spec("b"))

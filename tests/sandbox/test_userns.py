@@ -90,23 +90,22 @@ async def test_without_user_namespaces_bubblewrap_falls_back_and_says_so(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, data_dir: Path
 ) -> None:
     from crogia.sandbox import bubblewrap
-    from crogia.sandbox.base import SandboxSpec, make_dirs
+    from crogia.sandbox.base import HostStorage, SandboxSpec
 
     async def disabled(*_: object) -> str:
         return "user namespaces are disabled (user.max_user_namespaces = 0)"
 
     monkeypatch.setattr(bubblewrap, "userns_problem", disabled)  # the kernel switch is host-wide
-    provider = bubblewrap.BubblewrapProvider()
+    provider = bubblewrap.BubblewrapProvider(
+        storage=HostStorage(data_dir / "workspaces", data_dir / "sandboxes")
+    )
     try:
         assert await provider.userns_mode() == "off" and await provider.seccomp_mode() == "crogia"
         assert "max_user_namespaces" in caplog.text and "host's user namespace" in caplog.text
-        spec = SandboxSpec(
-            "fallback", data_dir / "workspaces" / "fallback", data_dir / "sandboxes" / "fallback"
-        )
-        make_dirs(spec)
+        spec = SandboxSpec("fallback")
         sandbox = await provider.create(spec)
         out = await sandbox.exec("touch made; id -u", timeout=10, max_output=1000)
-        assert out.output == "0\n" and os.stat(spec.workspace / "made").st_uid == os.geteuid()
+        assert out.output == "0\n" and os.stat(sandbox.paths.workspace / "made").st_uid == os.geteuid()
         await provider.remove(sandbox.id)
     finally:
         await provider.close()

@@ -11,7 +11,8 @@ import pytest
 
 from crogia.config import Settings
 from crogia.sandbox import instance_id
-from crogia.sandbox.base import SandboxSpec
+from crogia.sandbox.base import HostStorage, SandboxSpec, make_dirs
+from crogia.sandbox.config import backend_config
 from crogia.services.pool import SandboxPool
 from tests.conftest import make_settings, need_docker
 from tests.support.server import RunningServer, run_server
@@ -103,10 +104,10 @@ async def test_sessions_with_their_own_env_bypass_the_pool(server: RunningServer
 def test_only_default_image_and_env_free_specs_are_served(data_dir: Path) -> None:
     settings = make_settings(data_dir, "bubblewrap", sandbox_pool_size=1)
     pool = SandboxPool(settings, provider=None)  # type: ignore[arg-type]
-    spec = SandboxSpec("s", data_dir / "w", data_dir / "s", image=settings.docker_base_image)
+    spec = SandboxSpec("s", image=settings.docker_base_image)
     assert pool.serves(spec)
-    assert not pool.serves(SandboxSpec("s", data_dir, data_dir, image="python:3.12"))
-    assert not pool.serves(SandboxSpec("s", data_dir, data_dir, image=spec.image, env={"A": "1"}))
+    assert not pool.serves(SandboxSpec("s", image="python:3.12"))
+    assert not pool.serves(SandboxSpec("s", image=spec.image, env={"A": "1"}))
     assert not SandboxPool(settings, provider=None, size=0).serves(spec)  # type: ignore[arg-type]
 
 
@@ -174,14 +175,18 @@ async def test_stopped_pooled_container_starts_again_with_its_binds(docker_setti
 
 async def _leftover_pool_sandbox(settings: Settings, backend: str) -> str:
     """Marked folders as a killed server leaves them, plus (Docker) a running pool container."""
-    pool = SandboxPool(settings, provider=None)  # type: ignore[arg-type]
+    pool = SandboxPool(settings, provider=backend_config(settings, "bubblewrap").build())
     spec = pool.placeholder()
     pool._mark(spec)
+    make_dirs(HostStorage(settings.workspaces_dir, settings.sandbox_state_dir).paths(spec.session_id))
     if backend != "docker":
         return "bwrap-" + spec.session_id
     from crogia.sandbox.docker import DockerProvider
 
-    provider = DockerProvider(instance=instance_id(settings))
+    provider = DockerProvider(
+        instance=instance_id(settings),
+        storage=HostStorage(settings.workspaces_dir, settings.sandbox_state_dir),
+    )
     try:
         sandbox = await provider.create(spec)
         await sandbox.close()

@@ -360,3 +360,5 @@ class Health(_Model):
     "rootless" (Docker), "off" (host root: see the README's Privileges part), "unknown"."""
     seccomp: str = "off"
     """The sandboxes' seccomp filter: "default" (Docker's), "crogia" (ours), "off", "unknown"."""
+    transport: str = "unix"
+    """How the server reaches the sandboxes' daemons: "unix" (a socket) or "tcp" (SANDBOX_TRANSPORT)."""

@@ -12,7 +12,7 @@ import logging
 
 from crogia.config import Settings
 from crogia.sandbox.base import Limits, SandboxProvider
-from crogia.sandbox.config import BubblewrapConfig, DockerConfig, instance_id
+from crogia.sandbox.config import BubblewrapConfig, DockerConfig, backend_config, instance_id
 from crogia.sandbox.executor import compile_daemon
 from crogia.sandbox.network import warn_if_shared
 
@@ -41,7 +41,9 @@ async def make_provider(settings: Settings) -> SandboxProvider:
     backend = settings.sandbox_backend
     if backend == "bubblewrap":
         return await _bubblewrap(settings)
-    docker = DockerConfig(instance=instance_id(settings), dns=settings.sandbox_dns).build()
+    config = backend_config(settings, "docker")
+    assert isinstance(config, DockerConfig)
+    docker = config.build()
     if await docker.available():
         log.info("sandbox backend: docker (engine at %s)", docker.url)
         if not await docker.has_image(settings.docker_base_image):
@@ -59,9 +61,8 @@ async def make_provider(settings: Settings) -> SandboxProvider:
 
 
 async def _bubblewrap(settings: Settings) -> SandboxProvider:
-    config = BubblewrapConfig(
-        instance=instance_id(settings), dns=settings.sandbox_dns, uid_range=settings.sandbox_uid_range
-    )
+    config = backend_config(settings, "bubblewrap")
+    assert isinstance(config, BubblewrapConfig)
     if config.uid_range:
         from crogia.sandbox.bwrap_priv import closed_ancestor
 

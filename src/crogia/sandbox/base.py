@@ -10,6 +10,8 @@ sandbox need not live on the server's own machine.
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -17,10 +19,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
+from crogia.errors import SandboxError
 from crogia.sandbox.egress import EgressPolicy
 
 if TYPE_CHECKING:
     from crogia.sandbox.pty_channel import PtyListener
+    from crogia.sandbox.quota import WorkspaceDisks
 
 WORKDIR = "/workspace"
 """Where the session's workspace appears inside every sandbox."""
@@ -30,6 +34,9 @@ STATE_MOUNT = "/run/crogia"
 
 CHANNEL_MOUNT = "/run/crogia-channel"
 """Where a sandbox that dials its server (Docker) sees `SandboxSpec.state_dir`, read-only."""
+
+POOL_MARKERS = ".pool"
+"""The folder (in the state root) of the pool's markers."""
 
 POOL_LABEL = "crogia.pool"
 """Label of a sandbox started ahead of the session it now serves, by the warm pool (informational)."""
@@ -57,11 +64,6 @@ class SandboxSpec:
     """Everything a provider needs to create (or re-create) a session's sandbox."""
 
     session_id: str
-    workspace: Path
-    """Host folder bound read-write at `/workspace`."""
-    state_dir: Path
-    """Server-only host folder for the channel (Docker: socket and secret, bound read-only at
-    `CHANNEL_MOUNT`); nothing in it is the sandbox's to write."""
     image: str = "crogia-sandbox:latest"
     limits: Limits = field(default_factory=Limits)
     env: Mapping[str, str] = field(default_factory=dict)
@@ -70,20 +72,44 @@ class SandboxSpec:
     """The session's egress policy (`crogia.sandbox.egress`); isolated networks only."""
 
 
-def make_dirs(spec: SandboxSpec) -> None:
+@dataclass(frozen=True, slots=True)
+class HostPaths:
+    """A local sandbox's host folders, which its provider derives from the session id."""
+
+    workspace: Path
+    """Host folder bound read-write at `/workspace` (unused when the workspace is a Docker volume)."""
+    state_dir: Path
+    """Server-only host folder for the channel (Docker: socket and secret, bound read-only at
+    `CHANNEL_MOUNT`; tcp: the secret's copy); nothing in it is the sandbox's to write."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostStorage:
+    """Where a local provider keeps its sandboxes' folders: `<workspaces>/<id>` and `<states>/<id>`,
+    and (SANDBOX_DISK_MB) the size-limited disk image each workspace is the mount point of."""
+
+    workspaces: Path
+    states: Path
+    disks: WorkspaceDisks | None = None
+
+    def paths(self, session_id: str) -> HostPaths:
+        return HostPaths(self.workspaces / session_id, self.states / session_id)
+
+
+def make_dirs(paths: HostPaths) -> None:
     """Create the host folders of a sandbox (blocking): its workspace, and its server-only state folder.
 
     The state folder's parent is the server's alone (0700); the folder itself only traversable by
     others (0711: a remapped container root must reach the socket). What an older version let a
     sandbox write there (logs, planted links) is removed without following anything.
     """
-    spec.workspace.mkdir(parents=True, exist_ok=True)
-    close_to_others(spec.workspace.parent)  # what a sandbox makes there is no host user's to use
-    spec.state_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(spec.state_dir.parent, 0o700)
-    spec.state_dir.mkdir(exist_ok=True)
-    os.chmod(spec.state_dir, 0o711)
-    for entry in os.scandir(spec.state_dir):
+    paths.workspace.mkdir(parents=True, exist_ok=True)
+    close_to_others(paths.workspace.parent)  # what a sandbox makes there is no host user's to use
+    paths.state_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(paths.state_dir.parent, 0o700)
+    paths.state_dir.mkdir(exist_ok=True)
+    os.chmod(paths.state_dir, 0o711)
+    for entry in os.scandir(paths.state_dir):
         if entry.name in KEPT:
             continue
         if entry.is_dir(follow_symlinks=False):
@@ -92,7 +118,7 @@ def make_dirs(spec: SandboxSpec) -> None:
             os.unlink(entry.path)
 
 
-KEPT = frozenset({"executor.sock", "secret"})
+KEPT = frozenset({"executor.sock", "secret", "tcp-secret"})
 """What the server itself keeps in a state folder."""
 
 
@@ -149,9 +175,11 @@ class Sandbox(abc.ABC):
 
     backend: ClassVar[str]
 
-    def __init__(self, spec: SandboxSpec, sandbox_id: str) -> None:
+    def __init__(self, spec: SandboxSpec, sandbox_id: str, paths: HostPaths) -> None:
         self.spec = spec
         self.id = sandbox_id
+        self.paths = paths
+        """Its host folders (the provider's, derived from the session id)."""
 
     @abc.abstractmethod
     async def exec(
@@ -272,6 +300,72 @@ class SandboxProvider(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release the provider's own resources (engine connections)."""
+
+    transport: str = "unix"
+    """How the server reaches its sandboxes' daemons (`unix` or `tcp`), for /api/health."""
+    storage: HostStorage | None = None
+    """Where its sandboxes' host folders are (a local provider's; set from the settings)."""
+
+    def paths(self, session_id: str) -> HostPaths:
+        """The session's host folders, derived from its id."""
+        if self.storage is None:
+            raise SandboxError(f"the {self.name} provider was made without host storage")
+        return self.storage.paths(session_id)
+
+    def workdir(self, session_id: str) -> str:
+        """What names the session's workspace when it is no host folder (a Docker volume); else ""."""
+        return ""
+
+    async def prepare(self, session_id: str) -> HostPaths:
+        """Make the session's host folders and mount its disk image, if any (before its sandbox is
+        created or started again; `create` does it)."""
+        paths = self.paths(session_id)
+        await asyncio.to_thread(make_dirs, paths)
+        if self.storage is not None and self.storage.disks is not None:
+            await self.storage.disks.ensure(session_id, paths.workspace)
+        return paths
+
+    async def release(self, session_id: str) -> None:
+        """Unmount the session's disk image, if any (a kept workspace, or the server going); it stays."""
+        if self.storage is not None and self.storage.disks is not None:
+            await self.storage.disks.release(self.paths(session_id).workspace)
+
+    async def remove_workspace(self, session_id: str) -> None:
+        """Remove the session's workspace: its disk image and host folder, or what the provider keeps
+        instead (a Docker volume)."""
+        if self.storage is None:
+            return
+        workspace = self.paths(session_id).workspace
+        if self.storage.disks is not None:
+            await self.storage.disks.remove(session_id, workspace)
+        await asyncio.to_thread(shutil.rmtree, workspace, True)
+
+    def mark_pooled(self, session_id: str, pooled: bool = True) -> None:
+        """Record (or drop) that the session's folders belong to an unclaimed pool sandbox: an empty
+        marker `<states>/.pool/<id>`, never mounted in a sandbox (blocking)."""
+        markers = self._markers()
+        if pooled:
+            markers.mkdir(parents=True, exist_ok=True)
+            (markers / session_id).touch()
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(markers / session_id)
+
+    def pooled(self) -> list[str]:
+        """Session ids marked by `mark_pooled` (blocking)."""
+        with contextlib.suppress(FileNotFoundError):
+            return os.listdir(self._markers())
+        return []
+
+    def _markers(self) -> Path:
+        if self.storage is None:
+            raise SandboxError(f"the {self.name} provider was made without host storage")
+        return self.storage.states / POOL_MARKERS
+
+    async def forget(self, session_id: str) -> None:
+        """Remove the session's server-only state folder (the session is gone, or never was)."""
+        if self.storage is not None:
+            await asyncio.to_thread(shutil.rmtree, self.paths(session_id).state_dir, True)
 
     async def userns_mode(self) -> str:
         """What sandbox root is on the host, for /api/health: "off" means the host's root."""

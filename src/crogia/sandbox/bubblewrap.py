@@ -39,12 +39,22 @@ import signal
 import tempfile
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from crogia.config import Settings
 from crogia.errors import Conflict, SandboxError
 from crogia.sandbox import bwrap_priv
-from crogia.sandbox.base import STATE_MOUNT, WORKDIR, Sandbox, SandboxProvider, SandboxSpec, SandboxStatus
+from crogia.sandbox.base import (
+    STATE_MOUNT,
+    WORKDIR,
+    HostPaths,
+    HostStorage,
+    Sandbox,
+    SandboxProvider,
+    SandboxSpec,
+    SandboxStatus,
+)
 from crogia.sandbox.bwrap_priv import Launch
 from crogia.sandbox.cgroups import Cgroup, create_cgroup, find_cgroup, leftover_names, remove_scope
 from crogia.sandbox.channel import PairChannel
@@ -108,8 +118,9 @@ def system_args() -> list[str]:
     return args
 
 
-def mount_args(spec: SandboxSpec, resolv_conf: Path | None = None) -> list[str]:
-    """bwrap options building the sandbox's file system (`resolv_conf` in place of the host's)."""
+def mount_args(spec: SandboxSpec, resolv_conf: Path | None = None, *, workspace: Path) -> list[str]:
+    """bwrap options building the sandbox's file system (`resolv_conf` in place of the host's;
+    `workspace`: the host folder at /workspace)."""
     args = system_args()
     for name in ETC_FILES:
         if name != "resolv.conf" or resolv_conf is None:
@@ -121,7 +132,7 @@ def mount_args(spec: SandboxSpec, resolv_conf: Path | None = None) -> list[str]:
     for folder in ("/tmp", "/var/tmp", "/root"):
         args += [*size, "--tmpfs", folder]
     state = ["--size", str(spec.limits.state_mb * 1024 * 1024)] if spec.limits.state_mb > 0 else []
-    args += ["--bind", str(spec.workspace), WORKDIR, *state, "--tmpfs", STATE_MOUNT]
+    args += ["--bind", str(workspace), WORKDIR, *state, "--tmpfs", STATE_MOUNT]
     args += ["--ro-bind", str(DAEMON_DIR), DAEMON_MOUNT, "--remount-ro", "/", "--chdir", WORKDIR]
     return args
 
@@ -133,6 +144,8 @@ def bwrap_args(
     channel_fd: int,
     resolv_conf: Path | None = None,
     launch: Launch | None = None,
+    *,
+    workspace: Path,
 ) -> list[str]:
     """The full `bwrap` command line for `spec`, its daemon speaking on the inherited `channel_fd`.
 
@@ -151,7 +164,9 @@ def bwrap_args(
     env = {"PATH": SANDBOX_PATH, "HOME": "/root", "LANG": "C.UTF-8", "USER": "root", **spec.env}
     for key, value in env.items():
         args += ["--setenv", key, value]
-    return args + mount_args(spec, resolv_conf) + sandbox_command(spec, python, channel_fd)
+    return (
+        args + mount_args(spec, resolv_conf, workspace=workspace) + sandbox_command(spec, python, channel_fd)
+    )
 
 
 def sandbox_command(spec: SandboxSpec, python: str, channel_fd: int) -> list[str]:
@@ -176,6 +191,7 @@ class BubblewrapSandbox(ExecutorSandbox):
         self,
         spec: SandboxSpec,
         sandbox_id: str,
+        paths: HostPaths,
         *,
         bwrap: str,
         python: str,
@@ -188,7 +204,7 @@ class BubblewrapSandbox(ExecutorSandbox):
     ) -> None:
         self._pair = PairChannel()
         self._blocked = BlockedReporter(on_blocked) if on_blocked is not None else None
-        super().__init__(spec, sandbox_id, self._pair)
+        super().__init__(spec, sandbox_id, paths, self._pair)
         self._uids = uids
         self._seccomp = seccomp
         self._wrapper_len = 0
@@ -240,7 +256,7 @@ class BubblewrapSandbox(ExecutorSandbox):
         if self._waiter is not None and not self._waiter.done():
             return
         self._destroyed = False
-        await asyncio.to_thread(self.spec.workspace.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(self.paths.workspace.mkdir, parents=True, exist_ok=True)
         wrapper = await self._wrapper()
         self._wrapper_len = len(wrapper)
         if self._stock is not None:  # ready: its rules in, its egress up, before anything runs in it
@@ -252,11 +268,14 @@ class BubblewrapSandbox(ExecutorSandbox):
                 fence.gate.on_blocked = self._blocked.blocked
             if fence is not None and self.spec.egress != EgressPolicy():  # stocked ones are `internet`
                 await fence.set_policy(self.spec.egress)
-        launch = await asyncio.to_thread(bwrap_priv.prepare, self.spec, self._uids, self._seccomp)
+        launch = await asyncio.to_thread(
+            bwrap_priv.prepare, self.spec.session_id, self.paths.workspace, self._uids, self._seccomp
+        )
         fd = self._pair.daemon_fd()
         try:
             argv = await asyncio.to_thread(  # stats /bin, /lib*
-                bwrap_args, self._bwrap, self.spec, self._python, fd, self._resolv_conf, launch
+                partial(bwrap_args, workspace=self.paths.workspace),
+                *(self._bwrap, self.spec, self._python, fd, self._resolv_conf, launch),
             )
             steps = [*wrapper, *launch.prefix()]
             if len(steps) > self._wrapper_len and HAVE_BASH:
@@ -401,6 +420,7 @@ class BubblewrapProvider(SandboxProvider):
         scope: str | None = None,
         dns: str | None = None,
         uid_range: str | None = DEFAULT_UID_RANGE,
+        storage: HostStorage | None = None,
     ) -> None:
         """`bwrap` defaults to `find_bwrap()`; `cgroups=False` forces the rlimit fallback.
 
@@ -408,8 +428,12 @@ class BubblewrapProvider(SandboxProvider):
         touch each other's sandboxes; by default it derives from `settings.sandbox_state_dir`
         (a restarted server finds its predecessor's leftovers), else it is unique to this object.
         `uid_range` (SANDBOX_UID_RANGE) holds the host uids sandbox roots map to; None or "" keeps
-        sandboxes in the host's user namespace.
+        sandboxes in the host's user namespace. `storage`: where the sandboxes' folders go (default:
+        the settings' workspaces and sandboxes folders).
         """
+        if storage is None and settings is not None:
+            storage = HostStorage(settings.workspaces_dir, settings.sandbox_state_dir)
+        self.storage = storage
         if scope is None and settings is not None:
             scope = hashlib.sha256(str(settings.sandbox_state_dir).encode()).hexdigest()[:12]
         self._scope = scope or uuid.uuid4().hex[:12]
@@ -486,6 +510,7 @@ class BubblewrapProvider(SandboxProvider):
         return BubblewrapSandbox(
             spec,
             sandbox_id,
+            self.paths(spec.session_id),
             bwrap=self._bwrap,
             python=self._python,
             cgroup_scope=scope,
@@ -516,6 +541,7 @@ class BubblewrapProvider(SandboxProvider):
         if mode_of(spec.limits.network) == "isolated":
             await asyncio.to_thread(self._private_dir)  # file I/O, once: not on the loop
         await self.available()  # the probe decides the uid mapping and the filter
+        await self.prepare(spec.session_id)
         sandbox = self._new(spec)
         if sandbox.id in self._sandboxes:
             raise Conflict(f"sandbox {sandbox.id} already exists", sandbox_id=sandbox.id)

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crogia.errors import SandboxError
-from crogia.sandbox.base import SandboxSpec
 from crogia.sandbox.seccomp import program_fd
 from crogia.sandbox.userns import UidAllocator, give_tree
 
@@ -64,7 +63,7 @@ class Launch:
         self.open_fds.clear()
 
 
-def prepare(spec: SandboxSpec, uids: UidAllocator | None, program: bytes | None) -> Launch:
+def prepare(session_id: str, workspace: Path, uids: UidAllocator | None, program: bytes | None) -> Launch:
     """Claim the session's uid, give it its folders, open the fds (blocking: run in a thread)."""
     launch = Launch()
     try:
@@ -72,15 +71,15 @@ def prepare(spec: SandboxSpec, uids: UidAllocator | None, program: bytes | None)
             launch.seccomp = program_fd(program)
             launch.open_fds.append(launch.seccomp)
         if uids is not None:
-            launch.uid, launch.group = uids.claim(spec.session_id, spec.workspace), uids.access_gid
+            launch.uid, launch.group = uids.claim(session_id, workspace), uids.access_gid
             # Only the workspace is bound (the state folder is the server's: `make_dirs`).
-            guard_parent(spec.workspace.parent, uids.access_gid)
-            open_path_to(spec.workspace.parent.parent, uids.access_gid)
-            give_tree(spec.workspace, launch.uid)
+            guard_parent(workspace.parent, uids.access_gid)
+            open_path_to(workspace.parent.parent, uids.access_gid)
+            give_tree(workspace, launch.uid)
         elif os.geteuid() == 0:
             # Run as host root again (SANDBOX_UID_RANGE emptied): without capabilities, root can
             # write only what it owns, so folders a sandbox uid had come back.
-            give_tree(spec.workspace, 0)
+            give_tree(workspace, 0)
     except BaseException:
         launch.close()
         raise

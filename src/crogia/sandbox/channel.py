@@ -10,8 +10,11 @@ has proven who it is". Nothing here follows, opens or connects to a path the san
   restarts. It proves itself with a secret the server wrote beside the socket (mode 0400),
   renewed at each listen, and the server checks the peer's cgroup (SO_PEERCRED) where it can.
 
-A transport that crosses a network (TCP next) is one more subclass: `connect` returns a stream
-on which `handshake` has passed.
+* `TcpChannel` (`tcp_channel.py`, Docker with SANDBOX_TRANSPORT=tcp): the daemon listens on the
+  sandbox's own address, the server dials it; both prove a per-sandbox secret (HMAC over a nonce
+  from each side) before the hello.
+
+Each `connect` returns a stream on which `handshake` has passed.
 """
 
 from __future__ import annotations

@@ -3,8 +3,11 @@
 The container runs `daemon_command()` under Docker's init (tini), which reaps orphans and
 forwards SIGTERM, so a stop takes milliseconds instead of the 10 s grace. Commands never go
 through `docker exec`: the daemon dials the server's socket in the state folder, which the
-container sees read-only at `/run/crogia-channel` (`ListenerChannel`); its process logs live on
-a size-limited tmpfs at `/run/crogia`.
+container sees read-only at `/run/crogia-channel` (`ListenerChannel`); or, with
+SANDBOX_TRANSPORT=tcp, it listens on its own address and the server dials it (`TcpChannel`), its
+code and secret copied in rather than bound. Its process logs live on a size-limited tmpfs at
+`/run/crogia`. DOCKER_WORKSPACE=volume puts the workspace in a Docker volume instead of a host
+folder.
 All engine calls go through aiodocker, so nothing blocks the event loop.
 """
 
@@ -12,42 +15,56 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
+import secrets
+import tarfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiodocker
 import aiohttp
+from aiodocker.volumes import DockerVolume
 
 from crogia.errors import SandboxError, Unavailable
 from crogia.sandbox.base import (
     CHANNEL_MOUNT,
     STATE_MOUNT,
     WORKDIR,
+    HostPaths,
+    HostStorage,
     SandboxProvider,
     SandboxSpec,
     SandboxStatus,
     close_to_others,
-    make_dirs,
 )
-from crogia.sandbox.channel import SECRET_NAME, SOCKET_NAME
+from crogia.sandbox.channel import SECRET_NAME, SOCKET_NAME, Channel
 from crogia.sandbox.daemon import executor_proto as proto
-from crogia.sandbox.docker_network import DockerNetwork
+from crogia.sandbox.docker_network import DockerNetwork, tag_of
 from crogia.sandbox.egress import BlockedReporter, DnsGate, EgressPolicy
 from crogia.sandbox.executor import DAEMON_DIR, DAEMON_MOUNT, ExecutorSandbox, daemon_command, log_max
 from crogia.sandbox.listener import ListenerChannel
 from crogia.sandbox.netns import DOCKER_TABLE, EgressFence
-from crogia.sandbox.network import RESOLV_CONF, host_resolvers, mode_of
+from crogia.sandbox.network import DAEMON_PORT, RESOLV_CONF, host_resolvers, mode_of
 from crogia.sandbox.seccomp import docker_profile
+from crogia.sandbox.tcp_channel import Address, TcpChannel
 from crogia.sandbox.userns import give_tree
 
+Transport = Literal["unix", "tcp"]
 MANAGED_LABEL = "crogia.managed-by"
 SESSION_LABEL = "crogia.session"
 PROTOCOL_LABEL = "crogia.protocol"
 """The executor protocol its daemon was started for: a container of another one is re-created."""
+TRANSPORT_LABEL = "crogia.transport"
+"""`<transport>/<bind|volume>` its channel and workspace were made for: another is re-created."""
+SECRET_DIR = "etc/crogia"
+SECRET_PATH = f"/{SECRET_DIR}/secret"
+"""Under SANDBOX_TRANSPORT=tcp: the channel's secret inside the container (copied in, mode 0400)."""
+TCP_SECRET_NAME = "tcp-secret"
+"""The server's copy of it, in the sandbox's state folder (never mounted under tcp)."""
 INSTANCE_LABEL = "crogia.instance"
 """Which server (data folder) made the container: servers sharing an engine leave each other's alone."""
 STOP_TIMEOUT = 3
@@ -75,25 +92,43 @@ RESOLV_NAME = "resolv.conf"
 
 def container_config(
     spec: SandboxSpec,
+    paths: HostPaths,
     instance: str | None = None,
     network: str = "",
     dns: str = "",
     *,
     seccomp: str | None = None,
+    transport: Transport = "unix",
+    volume: str = "",
 ) -> dict[str, Any]:
     """The Docker API body that creates `spec`'s container (isolated: on the network named `network`;
-    `seccomp`: a profile's JSON, or the engine's default)."""
+    `seccomp`: a profile's JSON, or the engine's default; `volume`: the workspace's Docker volume,
+    else `paths.workspace` is bound).
+
+    `tcp`: the daemon listens on `DAEMON_PORT` and nothing of the channel is on the host: its code
+    and secret are copied in before the start (`put_archive`), not bound."""
     limits = spec.limits
     memory = limits.memory_mb * 1024 * 1024
-    mounts = [
-        _bind(spec.workspace, WORKDIR, read_only=False),
-        _bind(spec.state_dir, CHANNEL_MOUNT, read_only=True),
-        _bind(DAEMON_DIR, DAEMON_MOUNT, read_only=True),
-    ]
-    if mode_of(limits.network) == "isolated":  # its resolver: the gate in its own namespace
-        mounts.append(_bind(spec.state_dir / RESOLV_NAME, "/etc/resolv.conf", read_only=True))
-    channel = ["--dial", f"{CHANNEL_MOUNT}/{SOCKET_NAME}", "--secret-file", f"{CHANNEL_MOUNT}/{SECRET_NAME}"]
     labels = {**spec.labels, **_own_labels(instance), SESSION_LABEL: spec.session_id}
+    if volume:
+        volume_labels = {**_own_labels(instance), SESSION_LABEL: spec.session_id}
+        mounts = [_volume(volume, WORKDIR, volume_labels)]
+    else:
+        mounts = [_bind(paths.workspace, WORKDIR, read_only=False)]
+    if transport == "unix":
+        mounts.append(_bind(paths.state_dir, CHANNEL_MOUNT, read_only=True))
+        mounts.append(_bind(DAEMON_DIR, DAEMON_MOUNT, read_only=True))
+        channel = [
+            "--dial",
+            f"{CHANNEL_MOUNT}/{SOCKET_NAME}",
+            "--secret-file",
+            f"{CHANNEL_MOUNT}/{SECRET_NAME}",
+        ]
+    else:
+        channel = ["--listen", str(DAEMON_PORT), "--secret-file", SECRET_PATH]
+    if mode_of(limits.network) == "isolated":  # its resolver: the gate in its own namespace
+        mounts.append(_bind(paths.state_dir / RESOLV_NAME, "/etc/resolv.conf", read_only=True))
+    labels[TRANSPORT_LABEL] = f"{transport}/{'volume' if volume else 'bind'}"
     return {
         "Image": spec.image,
         "Cmd": daemon_command([*channel, "--log-max", str(log_max(limits.state_mb))]),
@@ -142,6 +177,40 @@ def _own_labels(instance: str | None) -> dict[str, str]:
 def _bind(source: Path, target: str, *, read_only: bool) -> dict[str, Any]:
     # `Mounts` rather than `Binds`: a host path containing ':' stays unambiguous.
     return {"Type": "bind", "Source": str(source), "Target": target, "ReadOnly": read_only}
+
+
+def _volume(name: str, target: str, labels: Mapping[str, str]) -> dict[str, Any]:
+    """A named volume (made with `labels` by the engine when missing), kept when the container goes."""
+    return {"Type": "volume", "Source": name, "Target": target, "VolumeOptions": {"Labels": dict(labels)}}
+
+
+def _archive(files: Mapping[str, tuple[bytes, int]]) -> bytes:
+    """A tar of `files` ({path: (content, mode)}, parents made 0755, owned by root) for put_archive."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        made: set[str] = set()
+        for path, (data, mode) in files.items():
+            parts = path.split("/")[:-1]
+            for depth in range(1, len(parts) + 1):
+                folder = "/".join(parts[:depth])
+                if folder not in made:
+                    made.add(folder)
+                    info = tarfile.TarInfo(folder)
+                    info.type, info.mode = tarfile.DIRTYPE, 0o700 if folder == SECRET_DIR else 0o755
+                    tar.addfile(info)
+            info = tarfile.TarInfo(path)
+            info.size, info.mode = len(data), mode
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def daemon_files() -> dict[str, tuple[bytes, int]]:
+    """The daemon's sources and bytecode as `_archive` takes them, under `DAEMON_MOUNT` (blocking)."""
+    files = {}
+    for path in sorted(DAEMON_DIR.rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".pyc"):
+            files[f"{DAEMON_MOUNT.strip('/')}/{path.relative_to(DAEMON_DIR)}"] = (path.read_bytes(), 0o444)
+    return files
 
 
 class _Engine:
@@ -208,18 +277,31 @@ class DockerSandbox(ExecutorSandbox):
         self,
         spec: SandboxSpec,
         sandbox_id: str,
+        paths: HostPaths,
         engine: _Engine,
         root: tuple[int, int] | None = None,
         *,
         upstream: str = "",
         on_blocked: Callable[[str], None] | None = None,
+        transport: Transport = "unix",
+        network: str = "",
+        volume: str | None = None,
     ) -> None:
         """`root`: under userns-remap, the host uid and gid that container root is. `upstream`: the
-        resolver its gate asks (isolated only; empty: the host's first)."""
-        self._listener = ListenerChannel(spec.state_dir)
-        self._listener.peer_cgroup = sandbox_id
-        self._listener.secret_owner = root
-        super().__init__(spec, sandbox_id, self._listener)
+        resolver its gate asks (isolated only; empty: the host's first). `network`: the Docker
+        network whose address the server dials (tcp). `volume`: the workspace's Docker volume, if any."""
+        self.volume = volume
+        self._listener: ListenerChannel | None = None
+        self._network = network
+        self._secret = ""
+        channel: Channel
+        if transport == "tcp":
+            channel = TcpChannel(self._address, lambda: self._secret)
+        else:
+            channel = self._listener = ListenerChannel(paths.state_dir)
+            self._listener.peer_cgroup = sandbox_id
+            self._listener.secret_owner = root
+        super().__init__(spec, sandbox_id, paths, channel)
         self._engine = engine
         self._upstream = upstream
         self._blocked = BlockedReporter(on_blocked) if on_blocked is not None else None
@@ -274,8 +356,37 @@ class DockerSandbox(ExecutorSandbox):
     def _container(self) -> aiodocker.containers.DockerContainer:
         return self._engine.docker.containers.container(self.id)
 
+    async def _address(self) -> Address:
+        """The container's address on its network, asked at each dial (a restart may change it)."""
+        state = await self._engine.inspect(self.id)
+        if state is None or not state["State"].get("Running"):
+            raise Unavailable("the sandbox's container is not running", sandbox_id=self.id)
+        networks = (state.get("NetworkSettings") or {}).get("Networks") or {}
+        ours: dict[str, Any] = networks.get(self._network) or next(iter(networks.values()), {})
+        address = str(ours.get("IPAddress") or "")
+        if not address:
+            raise Unavailable("the sandbox's container has no address to reach it at", sandbox_id=self.id)
+        return address, DAEMON_PORT
+
+    async def connect(self, within: float | None = None) -> None:
+        if self._listener is None and not self._secret:  # attached after a restart: the secret we gave
+            self._secret = await asyncio.to_thread(_read_secret, self.paths.state_dir)
+        await super().connect(within)
+
+    async def _give_secret(self) -> None:
+        """A new channel secret, into the stopped container (before its daemon reads it) and ours."""
+        secret = secrets.token_urlsafe(32)
+        archive = _archive({f"{SECRET_DIR}/secret": (secret.encode(), 0o400)})
+        with self._engine.errors():
+            await self._container.put_archive("/", archive)  # type: ignore[no-untyped-call]
+        await asyncio.to_thread(_write_secret, self.paths.state_dir, secret)
+        self._secret = secret
+
     async def _start(self) -> None:
-        await self._listener.listen()  # before the daemon's first dial, which then costs no wait
+        if self._listener is not None:
+            await self._listener.listen()  # before the daemon's first dial, which then costs no wait
+        elif not await self._pid():  # stopped: nothing in it can race the copy
+            await self._give_secret()
         with self._engine.errors(self.spec.image):
             await self._container.start()  # a running container answers 304: nothing to do
         await self.fence()
@@ -307,16 +418,31 @@ class DockerProvider(SandboxProvider):
     name = "docker"
     egress_policies = True
 
-    def __init__(self, *, url: str | None = None, instance: str | None = None, dns: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        instance: str | None = None,
+        dns: str = "",
+        transport: Transport = "unix",
+        workspace: Literal["bind", "volume"] = "bind",
+        storage: HostStorage | None = None,
+    ) -> None:
         """`url`: the engine (`unix://`, `tcp://`); default: the Docker context, DOCKER_HOST, the socket.
 
         `instance` labels every container this provider makes, and `managed_ids` then lists only
         those: without it, every Crogia container on the engine counts as this provider's. `dns`:
         the resolver isolated containers use (default: the engine's choice, from the host's).
+        `transport` (SANDBOX_TRANSPORT) and `workspace` (DOCKER_WORKSPACE): see `container_config`.
+        `storage`: where the sandboxes' host folders go (state folders, bound workspaces).
         """
+        self.storage = storage
         self._url = url
         self._instance = instance
         self._dns = dns
+        self.transport: Transport = transport
+        self.workspace = workspace
+        self._daemon_tar: bytes | None = None
         self._engine_obj: _Engine | None = None
         self._network_obj: DockerNetwork | None = None
         self._security: EngineSecurity | None = None
@@ -385,13 +511,43 @@ class DockerProvider(SandboxProvider):
             return False
         return True
 
+    def volume_name(self, session_id: str) -> str:
+        """The Docker volume holding the session's workspace (DOCKER_WORKSPACE=volume)."""
+        return f"crogia-ws-{tag_of(self._instance)}-{session_id}"
+
+    def workdir(self, session_id: str) -> str:
+        return self.volume_name(session_id) if self.workspace == "volume" else ""
+
+    async def remove_workspace(self, session_id: str) -> None:
+        if self.workspace != "volume":
+            return await super().remove_workspace(session_id)
+        try:
+            with self._engine.errors():
+                volume = DockerVolume(self._engine.docker, self.volume_name(session_id))  # type: ignore[no-untyped-call]
+                await volume.delete()  # type: ignore[no-untyped-call]
+        except SandboxError as exc:
+            if exc.context.get("status") != 404:
+                raise
+
     async def create(self, spec: SandboxSpec) -> DockerSandbox:
+        if self.transport == "tcp" and mode_of(spec.limits.network) not in ("isolated", "shared"):
+            raise SandboxError(
+                "SANDBOX_TRANSPORT=tcp needs a network the server reaches (SANDBOX_NETWORK=isolated)"
+            )
+        if self.transport == "tcp" and spec.limits.network == "host":
+            raise SandboxError("SANDBOX_TRANSPORT=tcp cannot share the host's network (SANDBOX_NETWORK=host)")
         security = await self.security()
-        await asyncio.to_thread(_prepare_dirs, spec, security.root)
+        paths = await self.prepare(spec.session_id)  # folders, and the workspace's disk if any
+        await asyncio.to_thread(_prepare_dirs, paths, security.root, self.workspace == "bind")
         await self._ensure_network(spec)
         container = await self._create_container(spec, security.profile)
         sandbox = self._sandbox(spec, container.id, security.root)
         try:
+            if self.transport == "tcp":  # nothing of the channel is on the host: its code is copied in
+                if self._daemon_tar is None:
+                    self._daemon_tar = await asyncio.to_thread(lambda: _archive(daemon_files()))
+                with self._engine.errors():
+                    await container.put_archive("/", self._daemon_tar)  # type: ignore[no-untyped-call]
             await sandbox.start()
         except BaseException:
             # Never leave a half-made container behind, whatever stopped us (even cancellation).
@@ -403,7 +559,11 @@ class DockerProvider(SandboxProvider):
     async def _create_container(
         self, spec: SandboxSpec, seccomp: str | None
     ) -> aiodocker.containers.DockerContainer:
-        config = container_config(spec, self._instance, self._network.name, self._dns, seccomp=seccomp)
+        volume = self.volume_name(spec.session_id) if self.workspace == "volume" else ""
+        config = container_config(
+            spec, self.paths(spec.session_id), self._instance, self._network.name, self._dns,
+            seccomp=seccomp, transport=self.transport, volume=volume,
+        )  # fmt: skip
         try:
             with self._engine.errors(spec.image):
                 return await self._engine.docker.containers.create(config)
@@ -424,13 +584,18 @@ class DockerProvider(SandboxProvider):
             return await self.create(spec)
         # Dead, stuck, or made for another protocol (an older server's, whose daemon would listen
         # in a folder the sandbox could write): its workspace is all that matters, so start afresh.
-        if status == "unknown" or labels.get(PROTOCOL_LABEL) != str(proto.VERSION):
+        made_for = f"{self.transport}/{self.workspace}"
+        if (
+            status == "unknown"
+            or labels.get(PROTOCOL_LABEL) != str(proto.VERSION)
+            or (labels.get(TRANSPORT_LABEL, "unix/bind") != made_for)
+        ):
             await self._engine.remove(sandbox_id)
             return await self.create(spec)
         sandbox = self._sandbox(spec, sandbox_id, (await self.security()).root)
         await self._ensure_network(spec)  # a restarted server fences its survivors before they run again
         if status != "running":
-            await asyncio.to_thread(_write_resolv, spec)
+            await asyncio.to_thread(_write_resolv, self.paths(spec.session_id))
             await sandbox.start()
             return sandbox
         try:
@@ -446,7 +611,12 @@ class DockerProvider(SandboxProvider):
             if self.egress_listener is not None:
                 self.egress_listener(spec.session_id, destination)
 
-        return DockerSandbox(spec, sandbox_id, self._engine, root, upstream=self._dns, on_blocked=report)
+        network = self._network.name if mode_of(spec.limits.network) == "isolated" else spec.limits.network
+        return DockerSandbox(
+            spec, sandbox_id, self.paths(spec.session_id), self._engine, root,
+            upstream=self._dns, on_blocked=report, transport=self.transport, network=network,
+            volume=self.volume_name(spec.session_id) if self.workspace == "volume" else None,
+        )  # fmt: skip
 
     async def managed_ids(self) -> list[str]:
         labels = [f"{key}={value}" for key, value in _own_labels(self._instance).items()]
@@ -467,21 +637,44 @@ class DockerProvider(SandboxProvider):
             await engine.docker.close()
 
 
-def _write_resolv(spec: SandboxSpec) -> None:
-    (spec.state_dir / RESOLV_NAME).write_text(RESOLV_CONF)
-    (spec.state_dir / RESOLV_NAME).chmod(0o644)
+def _write_resolv(paths: HostPaths) -> None:
+    (paths.state_dir / RESOLV_NAME).write_text(RESOLV_CONF)
+    (paths.state_dir / RESOLV_NAME).chmod(0o644)
 
 
-def _prepare_dirs(spec: SandboxSpec, root: tuple[int, int] | None) -> None:
-    """Create the bound folders (bind mounts need them) and (blocking).
+def _prepare_dirs(paths: HostPaths, root: tuple[int, int] | None, workspace: bool = True) -> None:
+    """Finish the bound folders (bind mounts need them; blocking).
 
     Under userns-remap, container root is the host uid:gid `root`: the workspace becomes its own.
+    `workspace`: False when it is a volume (its host folder then stays empty and unused).
     """
-    make_dirs(spec)  # the state folder stays the server's: only the secret is given (`ListenerChannel`)
-    _write_resolv(spec)
-    close_to_others(spec.workspace.parent)
-    if root is not None:
-        give_tree(spec.workspace, *root)
+    # (folders made by `prepare`) the state folder stays the server's: only the secret is given
+    _write_resolv(paths)
+    close_to_others(paths.workspace.parent)
+    if root is not None and workspace:
+        give_tree(paths.workspace, *root)
+
+
+def _write_secret(state_dir: Path, secret: str) -> None:
+    """The server's copy of a tcp channel's secret (0600, in its own folder; blocking)."""
+    path = state_dir / TCP_SECRET_NAME
+    tmp = state_dir / f".{TCP_SECRET_NAME}.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret)
+    os.replace(tmp, path)
+
+
+def _read_secret(state_dir: Path) -> str:
+    """The secret `_write_secret` kept; "" when there is none (the sandbox then starts afresh)."""
+    try:
+        fd = os.open(state_dir / TCP_SECRET_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return ""
+    with os.fdopen(fd) as f:
+        return f.read(proto.SECRET_MAX).strip()
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ other's), jumped to for that bridge only:
 
 * `DOCKER-USER` (forwarded traffic) -> `CROGIA-<tag>`: reject every blocked range
   (`crogia.sandbox.network`), except DNS to the resolvers the containers use;
-* `INPUT` (traffic to this host itself, on any of its addresses) -> `CROGIA-IN-<tag>`: reject all;
+* `INPUT` (traffic to this host itself, on any of its addresses) -> `CROGIA-IN-<tag>`: reject all
+  but the daemon's replies on connections the server opened (SANDBOX_TRANSPORT=tcp);
 * ip6tables `INPUT` and `FORWARD` -> `CROGIA-<tag>`: reject all (the network has no IPv6).
 
 Installing is idempotent (chains flushed and refilled, a jump added only when missing). The
@@ -26,7 +27,7 @@ from typing import Any
 import aiodocker
 
 from crogia.errors import SandboxError
-from crogia.sandbox.network import BLOCKED_V4, host_resolvers
+from crogia.sandbox.network import BLOCKED_V4, DAEMON_PORT, host_resolvers
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,12 @@ def install_rules(tag: str, bridge: str, resolvers: list[str]) -> None:
         rule for net in BLOCKED_V4 for rule in (["-d", net, *_REJECT_TCP], ["-d", net, "-j", "REJECT"])
     ]
     _fill_chain("iptables", f"CROGIA-{tag}", dns + blocked)
-    _fill_chain("iptables", f"CROGIA-IN-{tag}", [*dns, _REJECT_TCP, ["-j", "REJECT"]])
+    # The daemon's replies on connections the server opened (SANDBOX_TRANSPORT=tcp); a connection
+    # a sandbox opens is NEW, whatever its source port, and rejected.
+    daemon = ["-p", "tcp", "--sport", str(DAEMON_PORT), "-m", "conntrack", "--ctstate", "ESTABLISHED"]
+    _fill_chain(
+        "iptables", f"CROGIA-IN-{tag}", [[*daemon, "-j", "RETURN"], *dns, _REJECT_TCP, ["-j", "REJECT"]]
+    )
     _jump("iptables", "DOCKER-USER", bridge, f"CROGIA-{tag}")
     _jump("iptables", "INPUT", bridge, f"CROGIA-IN-{tag}")
     try:

@@ -22,6 +22,7 @@ from crogia.sandbox.base import (
     WORKDIR,
     ExecResult,
     ExitListener,
+    HostPaths,
     OutputListener,
     ProcessHandle,
     ProcessState,
@@ -97,7 +98,7 @@ class ExecutorSandbox(Sandbox):
 
     * `_start()`: bring the sandbox up with the daemon (`daemon_command(...)`, given the options of
       its `channel`) as its main process, `DAEMON_DIR` bound read-only at `/opt/crogia`, a
-      size-limited tmpfs at `/run/crogia` (`Limits.state_mb`: process logs) and `spec.workspace`
+      size-limited tmpfs at `/run/crogia` (`Limits.state_mb`: process logs) and `paths.workspace`
       at `/workspace`; return once it is launched (`start()` then waits for the daemon's hello,
       for `connect_timeout` seconds). If it already runs, do nothing.
     * `_stop()`: stop it and everything in it, restartable by `_start()`. The client is
@@ -112,8 +113,8 @@ class ExecutorSandbox(Sandbox):
 
     connect_timeout: ClassVar[float] = 15.0
 
-    def __init__(self, spec: SandboxSpec, sandbox_id: str, channel: Channel) -> None:
-        super().__init__(spec, sandbox_id)
+    def __init__(self, spec: SandboxSpec, sandbox_id: str, paths: HostPaths, channel: Channel) -> None:
+        super().__init__(spec, sandbox_id, paths)
         self.channel = channel
         self._client: ExecutorClient | None = None
         self._exit_listener: ExitListener | None = None

@@ -253,8 +253,8 @@ class ExecutorClient:
 
     @property
     def closed(self) -> bool:
-        """True once the connection is closed or lost."""
-        return self._closed
+        """True once the connection is closed or lost (or its transport is going: a dropped TCP link)."""
+        return self._closed or self._writer.is_closing()
 
     def set_exit_listener(self, listener: ExitListener | None) -> None:
         self._exit_listener = listener

@@ -42,6 +42,7 @@ from crogia.sandbox.egress import (
 from crogia.sandbox.network import (
     BLOCKED_V4,
     BLOCKED_V6,
+    DAEMON_PORT,
     GATEWAY,
     SANDBOX_ADDRESS,
     host_addresses,
@@ -134,6 +135,7 @@ DOCKER_TABLE = "\n".join(
         "type filter hook output priority 0; policy accept;",
         "ip daddr 127.0.0.11 reject",  # Docker's embedded resolver: the gate is the only one
         'oifname "lo" accept',
+        f"tcp sport {DAEMON_PORT} ct state established accept",  # the daemon's replies to the server
         "jump egress",
         "}",
         "}",

@@ -27,6 +27,10 @@ BLOCKED_V4 = (
 BLOCKED_V6 = ("::/127", "::ffff:0:0/96", "fc00::/7", "fe80::/10", "ff00::/8")
 """IPv6 ones: unspecified and loopback, v4-mapped, unique-local, link-local, multicast."""
 
+DAEMON_PORT = 7345
+"""Where a Docker sandbox's daemon listens under SANDBOX_TRANSPORT=tcp (on its own address): only
+the server's host reaches it (replies on connections the host opened pass the sandbox's fences)."""
+
 # The addressing inside every bubblewrap sandbox's namespace: the same in each, since each is alone.
 SANDBOX_ADDRESS = "10.0.2.15"
 GATEWAY = "10.0.2.2"

@@ -26,11 +26,8 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Literal
 
-import anyio
-
 from crogia.errors import Conflict, NotFound
-from crogia.sandbox.base import Sandbox, SandboxProvider, make_dirs
-from crogia.sandbox.quota import WorkspaceDisks
+from crogia.sandbox.base import Sandbox, SandboxProvider
 from crogia.services.live import LiveSession, State
 
 log = logging.getLogger(__name__)
@@ -57,9 +54,8 @@ GONE_MEMORY = 10_000
 class Lifecycle:
     """The sessions this server knows, each in one state, and the transitions between them."""
 
-    def __init__(self, provider: SandboxProvider, disks: WorkspaceDisks, record: Record) -> None:
+    def __init__(self, provider: SandboxProvider, record: Record) -> None:
         self.provider = provider
-        self.disks = disks
         self._record = record
         """Writes a session's row (its `status`: `active` while running, `stopped` otherwise)."""
         self._sessions: dict[str, LiveSession] = {}
@@ -120,8 +116,7 @@ class Lifecycle:
     async def _start(self, live: LiveSession) -> None:
         """Start (or re-create) the sandbox of an asleep or dormant session around its workspace."""
         spec = live.spec
-        await anyio.to_thread.run_sync(make_dirs, spec)
-        await self.disks.ensure(live.id, spec.workspace)
+        await self.provider.prepare(live.id)  # folders, and the workspace's disk (unmounted at shutdown)
         sandbox = await self.provider.attach(spec, live.sandbox_id)
         await self.came_up(live, sandbox)
         await self._record(

@@ -7,10 +7,11 @@ replaced by the session's (`dataclasses.replace`: same folders, the session's la
 renamed or re-mounted. So a claimed sandbox is like any other: Docker can stop and start it again
 (idle stop, engine restart) with its binds intact, and re-attach after a server restart finds it.
 
-An empty marker file `sandboxes/.pool/<id>` (never mounted in a sandbox) says that a folder pair
-belongs to an unclaimed pool sandbox; a claim deletes it. At start-up, `SessionService.reconcile`
-removes the previous server's pool sandboxes (orphans: no session owns them) and calls `sweep`, which
-deletes marked folders that no session owns; `start()` then refills.
+An empty marker file `sandboxes/.pool/<id>` (never mounted in a sandbox; the provider keeps it,
+`mark_pooled`) says that a folder pair belongs to an unclaimed pool sandbox; a claim deletes it.
+At start-up, `SessionService.reconcile` removes the previous server's pool sandboxes (orphans: no
+session owns them) and calls `sweep`, which deletes marked folders that no session owns; `start()`
+then refills.
 
 Only sessions with the default image and no extra environment come from the pool; the others boot
 their own. One owned task refills the pool, one sandbox at a time, so refilling never starves the
@@ -21,26 +22,19 @@ already its own mounted disk image, made before the sandbox starts, as for any o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import shutil
 import uuid
 from collections import deque
 from collections.abc import Collection
-from pathlib import Path
 
 import anyio
 
 from crogia.config import Settings
 from crogia.sandbox import limits_from
-from crogia.sandbox.base import POOL_LABEL, Sandbox, SandboxProvider, SandboxSpec, make_dirs
-from crogia.sandbox.quota import WorkspaceDisks
+from crogia.sandbox.base import POOL_LABEL, Sandbox, SandboxProvider, SandboxSpec
 
 log = logging.getLogger(__name__)
 
-MARKERS = ".pool"
-"""Folder under the sandbox state folder holding one empty file per unclaimed pool sandbox."""
 HEALTH_TIMEOUT = 2.0
 RETRY_MAX = 60.0
 
@@ -54,13 +48,10 @@ class SandboxPool:
         provider: SandboxProvider,
         *,
         size: int | None = None,
-        disks: WorkspaceDisks | None = None,
     ) -> None:
         self.settings = settings
         self.provider = provider
         self.size = settings.sandbox_pool_size if size is None else size
-        self.disks = disks
-        """Workspace quotas: each pooled workspace gets its disk image before its sandbox starts."""
         self._ready: deque[Sandbox] = deque()
         self._wanted = asyncio.Event()
         self._added = asyncio.Event()
@@ -74,10 +65,6 @@ class SandboxPool:
     def ready_ids(self) -> list[str]:
         """Session ids of the sandboxes waiting to be claimed."""
         return [sandbox.spec.session_id for sandbox in self._ready]
-
-    @property
-    def markers(self) -> Path:
-        return self.settings.sandbox_state_dir / MARKERS
 
     def serves(self, spec: SandboxSpec) -> bool:
         """Whether a session with this spec may take a pooled sandbox (default image, no extra env)."""
@@ -128,8 +115,6 @@ class SandboxPool:
         session_id = str(uuid.uuid4())
         return SandboxSpec(
             session_id=session_id,
-            workspace=self.settings.workspaces_dir / session_id,
-            state_dir=self.settings.sandbox_state_dir / session_id,
             image=self.settings.docker_base_image,
             limits=limits_from(self.settings),
             labels={POOL_LABEL: "1"},
@@ -159,8 +144,6 @@ class SandboxPool:
         spec = self.placeholder()
         await anyio.to_thread.run_sync(self._mark, spec)
         try:
-            if self.disks is not None:
-                await self.disks.ensure(spec.session_id, spec.workspace)
             return await self.provider.create(spec)
         except BaseException:
             await self._forget(spec.session_id)
@@ -185,35 +168,29 @@ class SandboxPool:
 
     async def _forget(self, session_id: str) -> None:
         """Remove an unclaimed sandbox's disk image (if any), folders and marker."""
-        if self.disks is not None:
-            await self.disks.remove(session_id, self.settings.workspaces_dir / session_id)
-        await anyio.to_thread.run_sync(self._remove, session_id)
+        try:
+            await self.provider.remove_workspace(session_id)
+            await self.provider.forget(session_id)
+        except Exception:
+            log.warning("removing pooled workspace %s failed", session_id, exc_info=True)
+        await anyio.to_thread.run_sync(self._unmark, session_id)
 
-    # --- folders (blocking: run in a worker thread) ---
+    # --- markers (the provider's; blocking: run in a worker thread) ---
 
     def _mark(self, spec: SandboxSpec) -> None:
-        self.markers.mkdir(parents=True, exist_ok=True)
-        (self.markers / spec.session_id).touch()
-        make_dirs(spec)
+        self.provider.mark_pooled(spec.session_id)  # its folders: the provider's, made by `create`
 
     def _unmark(self, session_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.markers / session_id)
-
-    def _remove(self, session_id: str) -> None:
-        shutil.rmtree(self.settings.sandbox_state_dir / session_id, ignore_errors=True)
-        shutil.rmtree(self.settings.workspaces_dir / session_id, ignore_errors=True)
-        self._unmark(session_id)
+        self.provider.mark_pooled(session_id, pooled=False)
 
     def _sweep(self, owned: set[str]) -> list[str]:
         """Unmark pool sandboxes claimed just before a crash; the unclaimed ones, to remove."""
         unclaimed = []
-        with contextlib.suppress(FileNotFoundError):
-            for name in os.listdir(self.markers):
-                if name in owned:  # the session keeps its folders
-                    self._unmark(name)
-                elif _is_uuid(name):
-                    unclaimed.append(name)
+        for name in self.provider.pooled():
+            if name in owned:  # the session keeps its folders
+                self._unmark(name)
+            elif _is_uuid(name):
+                unclaimed.append(name)
         return unclaimed
 
 

@@ -9,7 +9,6 @@ batches (`flush_activity`). With SANDBOX_DISK_MB, each workspace is its own size
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -17,13 +16,11 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-import anyio
-
 from crogia.bus import EventBus
 from crogia.config import Settings
 from crogia.errors import Conflict, NotFound
 from crogia.sandbox import limits_from
-from crogia.sandbox.base import Sandbox, SandboxProvider, SandboxSpec, SandboxStatus, make_dirs
+from crogia.sandbox.base import Sandbox, SandboxProvider, SandboxSpec, SandboxStatus
 from crogia.sandbox.egress import EgressPolicy
 from crogia.sandbox.network import mode_of
 from crogia.sandbox.quota import WorkspaceDisks
@@ -57,9 +54,10 @@ class SessionService:
         self.provider = provider
         self.pool = pool
         """Pre-started sandboxes that `create` claims instead of booting one (SANDBOX_POOL_SIZE)."""
-        self.disks = disks or WorkspaceDisks(settings.data_dir / "disks", settings.sandbox_disk_mb)
-        """Workspace quotas (SANDBOX_DISK_MB), shared with the pool."""
-        self.states = Lifecycle(provider, self.disks, self.touch)
+        own = provider.storage.disks if provider.storage is not None else None
+        self.disks = disks or own or WorkspaceDisks(settings.data_dir / "disks", 0)
+        """Workspace quotas (SANDBOX_DISK_MB): the provider's, which mounts them (reconcile probes them)."""
+        self.states = Lifecycle(provider, self.touch)
         self.on_sandbox = self.states.on_sandbox
         """Called whenever a session's sandbox is created or started again (process exit wiring)."""
         self.on_stop = self.states.on_stop
@@ -184,8 +182,6 @@ class SessionService:
     def spec_for(self, session_id: str, *, tenant: str, image: str, env: Mapping[str, str]) -> SandboxSpec:
         return SandboxSpec(
             session_id=session_id,
-            workspace=self.settings.workspaces_dir / session_id,
-            state_dir=self.settings.sandbox_state_dir / session_id,
             image=image,
             limits=limits_from(self.settings),
             env=dict(env),
@@ -284,13 +280,11 @@ class SessionService:
             await repo.delete_session(db, session_id=session_id)
         self.bus.drop_session(session_id)
         self.states.bury(live)
-        spec = live.spec
-        workspace_too = self.settings.workspace_retention == "delete"
-        if workspace_too:
-            await self.disks.remove(session_id, spec.workspace)
+        if self.settings.workspace_retention == "delete":
+            await self.provider.remove_workspace(session_id)
         else:  # a kept workspace with a quota is its image, disks/<id>.ext4
-            await self.disks.release(spec.workspace)
-        await anyio.to_thread.run_sync(_remove_dirs, spec, workspace_too)
+            await self.provider.release(session_id)
+        await self.provider.forget(session_id)
         log.info("session %s deleted", session_id)
 
     # --- start-up / shutdown ---
@@ -309,7 +303,7 @@ class SessionService:
                 log.warning("closing sandbox connection of %s failed", live.id, exc_info=True)
         # A running container keeps its own view of the disk; the next start mounts it again first.
         for live in lives:
-            await self.disks.release(live.workspace.root)
+            await self.provider.release(live.id)
 
     # --- helpers ---
 
@@ -323,9 +317,7 @@ class SessionService:
             claimed = await self.pool.claim()
             if claimed is not None:
                 own = claimed.spec
-                claimed.spec = replace(
-                    spec, session_id=own.session_id, workspace=own.workspace, state_dir=own.state_dir
-                )
+                claimed.spec = replace(spec, session_id=own.session_id)
                 if spec.egress != EgressPolicy():  # it was made (and runs) before the policy was known
                     try:
                         await claimed.set_egress(spec.egress)
@@ -333,12 +325,12 @@ class SessionService:
                         await self._discard(claimed.spec, claimed, None)
                         raise
                 return claimed
-        await anyio.to_thread.run_sync(make_dirs, spec)
-        await self.disks.ensure(spec.session_id, spec.workspace)
-        return await self.provider.create(spec)
+        return await self.provider.create(spec)  # it makes the folders (and mounts the disk)
 
     def _workspace(self, spec: SandboxSpec) -> Workspace:
-        return Workspace(spec.workspace, max_read_bytes=self.settings.file_read_max_bytes)
+        return Workspace(
+            self.provider.paths(spec.session_id).workspace, max_read_bytes=self.settings.file_read_max_bytes
+        )
 
     async def _discard(self, spec: SandboxSpec, sandbox: Sandbox | None, live: LiveSession | None) -> None:
         if live is not None:
@@ -354,15 +346,12 @@ class SessionService:
                 await repo.delete_session(db, session_id=spec.session_id)
         except Exception:
             log.warning("clean-up of half-made session row %s failed", spec.session_id, exc_info=True)
-        await self.disks.remove(spec.session_id, spec.workspace)
-        await anyio.to_thread.run_sync(_remove_dirs, spec, True)
+        try:
+            await self.provider.remove_workspace(spec.session_id)
+        except Exception:
+            log.warning("clean-up of half-made workspace %s failed", spec.session_id, exc_info=True)
+        await self.provider.forget(spec.session_id)
 
 
 def _utc(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
-
-
-def _remove_dirs(spec: SandboxSpec, workspace_too: bool) -> None:
-    shutil.rmtree(spec.state_dir, ignore_errors=True)
-    if workspace_too:
-        shutil.rmtree(spec.workspace, ignore_errors=True)

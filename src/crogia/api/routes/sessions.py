@@ -20,7 +20,7 @@ async def session_public(runtime: Runtime, row: SessionRow) -> SessionPublic:
     return SessionPublic(
         session_id=row.id,
         container_id=row.sandbox_id,
-        workdir=str(runtime.settings.workspaces_dir / row.id),
+        workdir=runtime.provider.workdir(row.id) or str(runtime.settings.workspaces_dir / row.id),
         created=row.created,
         last_task=row.last_task,
         status=row.status,

@@ -6,13 +6,17 @@ Standard library only; runs on Python 3.9+ as `python3 /opt/crogia/executor.py -
 less memory, and its bytecode). It needs an init process above it to reap orphans (tini in Docker,
 bwrap's pid 1 under bubblewrap).
 
-The daemon never listens: the channel is the server's. With `--fd` it speaks on a socket it
+Locally the daemon never listens: the channel is the server's. With `--fd` it speaks on a socket it
 inherited (one end of a socketpair the server made; the daemon stops when it closes). With
 `--dial` it connects to the server's socket (in a folder the sandbox sees read-only), and dials
 again, with backoff, whenever the connection drops (the server restarted). Either way it speaks
 first: a hello with the protocol version and the secret read from `--secret-file` (at each dial,
 so a restarted server can change it); `executor_proto.py` holds the version and every message's
-shape, shared with the server.
+shape, shared with the server. With `--listen PORT` (the TCP transport, for a sandbox the server
+reaches over a network) it listens on that port of the sandbox's own addresses and the server
+dials in, as often as it needs; each side proves it knows the secret before the hello
+(`executor_auth.py`), and a connection that does not is closed. The newest proven connection
+replaces any older one.
 
 Protocol: newline-delimited JSON objects (UTF-8) over a unix stream socket, and binary frames
 for bytes with per-stream credit (`executor_proto.py` describes them; `Connection` has the stream
@@ -64,6 +68,7 @@ and are waited for through pidfds: no thread to start, so a fork bomb cannot hid
 Modules (one folder, mounted read-only at /opt/crogia; they import each other by name):
   executor.py        this entry point: the connection, the ops table, start and stop
   executor_proto.py  the protocol's version, hello and message shapes (shared with the server)
+  executor_auth.py   the TCP channel's mutual proof (shared with the server)
   executor_core.py   wire format (JSON lines), the epoll loop, requests as tasks
   executor_procs.py  children (spawn, reap, kill a group) and background processes
   executor_exec.py   the `exec` op: run, capture head and tail, stream at a rate
@@ -77,6 +82,7 @@ import os
 import sys
 import time
 
+import executor_auth as auth
 import executor_proto as proto
 from executor_core import IN, LOOP, OUT, RequestError, Task, dumps, error_reply, loads, log
 from executor_exec import run_command
@@ -96,6 +102,8 @@ READ_LIMIT = 64 * 1024 * 1024
 DIAL_FIRST, DIAL_MAX = 0.005, 0.5
 """Seconds between dials to a server that does not answer: doubling from the first to the most."""
 LOG_MAX = 8 * 1024 * 1024
+MAX_PENDING = 4
+"""TCP connections proving themselves at once; more are closed at once."""
 SOCKET_BUFFER = 1 << 20
 """Send buffer of a dialled connection (as the server's end has): fewer wake-ups per megabyte."""
 
@@ -307,13 +315,88 @@ class Connection:
             Task(self, rid, op, self.daemon.handle(op, req, self, rid))
 
 
+class Pending:
+    """A TCP connection that has not proven itself yet (`executor_auth`): it gets a nonce, and one
+    line to answer with, within `auth.TIMEOUT`; anything else closes it without another word."""
+
+    def __init__(self, daemon: Daemon, fd: int) -> None:
+        self.daemon, self.fd, self.open = daemon, fd, True
+        self.nonce = auth.nonce()
+        self.buf = bytearray()
+        daemon.pending.add(self)
+        challenge = dumps({"type": "challenge", "nonce": self.nonce}) + "\n"
+        try:  # a few bytes into a new socket's empty buffer: never short
+            os.write(fd, challenge.encode())
+        except OSError:
+            self.close()
+            return
+        LOOP.watch(fd, self.on_event)
+        Task(None, None, "auth", self.expire())
+
+    def expire(self) -> Steps:
+        yield (lambda: not self.open), auth.TIMEOUT
+        self.close()
+        return {}
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            LOOP.unwatch(self.fd)
+            os.close(self.fd)
+            self.daemon.pending.discard(self)
+
+    def on_event(self, events: int) -> None:
+        try:
+            data = os.read(self.fd, auth.LINE_MAX + 1 - len(self.buf))
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self.buf += data
+        end = self.buf.find(b"\n")
+        if end < 0:
+            if not data or len(self.buf) > auth.LINE_MAX:
+                self.close()
+            return
+        ours = self.answer(bytes(self.buf[:end]))
+        if ours is None or end + 1 != len(self.buf):  # the server says nothing more before our hello
+            log("WARNING refused a connection that did not prove it is the server")
+            return self.close()
+        self.open = False
+        LOOP.unwatch(self.fd)
+        self.daemon.pending.discard(self)
+        for conn in list(self.daemon.connections):  # only the newest server counts
+            conn.close()
+        self.daemon.adopt(self.fd, ours)
+
+    def answer(self, line: bytes) -> str | None:
+        """Our proof for the hello if `line` proves the server knows the secret; else None."""
+        try:
+            msg = loads(line)
+        except Exception:
+            return None
+        if not isinstance(msg, dict) or msg.get("type") != "auth":
+            return None
+        theirs, proof = msg.get("nonce"), msg.get("proof")
+        if not auth.is_nonce(theirs) or not isinstance(proof, str):
+            return None
+        secret = self.daemon.read_secret()
+        if not secret or not auth.same(proof, auth.proof(secret, "server", self.nonce, theirs)):
+            return None
+        return auth.proof(secret, "daemon", self.nonce, theirs)
+
+
 class Daemon:
     """Shared state of the executor: the background processes and the connection to the server."""
 
-    def __init__(self, log_dir: str, log_max: int, dial: str = "", secret_file: str = "") -> None:
+    def __init__(
+        self, log_dir: str, log_max: int, dial: str = "", secret_file: str = "", listen: int = 0
+    ) -> None:
         self.connections: set[Connection] = set()
+        self.pending: set[Pending] = set()
         self.background = Background(log_dir, log_max, self.broadcast)
-        self.dial_path, self.secret_file = dial, secret_file
+        self.dial_path, self.secret_file, self.listen_port = dial, secret_file, listen
+        self.listener: _socket.socket | None = None
         self.terminals = Terminals()
         self.stopping = False
 
@@ -336,8 +419,19 @@ class Daemon:
         os.set_inheritable(fd, False)  # commands must never hold the server's channel
         self.connections.add(Connection(self, fd, secret))
 
+    def read_secret(self) -> str:
+        """The secret, read again at each use (a restarted server may have changed it); "" if none."""
+        try:
+            with open(self.secret_file) as f:
+                return f.read(proto.SECRET_MAX + 1).strip()
+        except OSError as exc:
+            log(f"ERROR cannot read the secret: {exc}")
+            return ""
+
     def lost(self, conn: Connection) -> None:
-        """A connection ended: dial the server again, or (an inherited socket) stop."""
+        """A connection ended: dial the server again, wait for it to dial (TCP), or (fd) stop."""
+        if self.listen_port:
+            return
         if not self.dial_path:
             self.stopping = True
         elif not self.stopping:
@@ -352,8 +446,7 @@ class Daemon:
                     sock.setblocking(False)  # a full backlog says EAGAIN instead of blocking the loop
                     sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, SOCKET_BUFFER)
                     sock.connect(self.dial_path)
-                    with open(self.secret_file) as f:
-                        secret = f.read(proto.SECRET_MAX + 1).strip()
+                    secret = self.read_secret()
                 except BaseException:
                     sock.close()
                     raise
@@ -366,6 +459,35 @@ class Daemon:
             yield None, delay
             delay = min(delay * 2, DIAL_MAX)
         return {}
+
+    def listen(self) -> None:
+        """Listen on the TCP port on every address of the sandbox (its network namespace's own)."""
+        sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", self.listen_port))
+        sock.listen(16)
+        sock.setblocking(False)
+        self.listener = sock
+        LOOP.watch(sock.fileno(), self.on_accept)
+
+    def on_accept(self, events: int) -> None:
+        while True:
+            try:
+                fd, _addr = self.listener._accept()  # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of fds, a connection reset before we took it
+                log(f"WARNING accept failed: {exc}")
+                return
+            if len(self.pending) >= MAX_PENDING:  # a flood costs a closed socket each
+                os.close(fd)
+                continue
+            sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM, 0, fd)
+            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
+            sock.setblocking(False)
+            os.set_inheritable(fd, False)
+            Pending(self, sock.detach())
 
     def on_signal(self, wakeup: int) -> None:
         received = os.read(wakeup, 512)
@@ -412,6 +534,8 @@ def serve(daemon: Daemon, fd: int | None) -> None:
     LOOP.watch(wakeup, lambda _: daemon.on_signal(wakeup))
     if fd is not None:
         daemon.adopt(fd)
+    elif daemon.listen_port:
+        daemon.listen()
     else:
         Task(None, None, "dial", daemon.redial())
     log(f"INFO executor running (pid {os.getpid()}, protocol {proto.VERSION})")
@@ -426,12 +550,16 @@ def serve(daemon: Daemon, fd: int | None) -> None:
     LOOP.run(until=lambda: not LOOP.tasks or time.monotonic() > deadline)
 
 
-USAGE = "[--fd N | --dial PATH --secret-file PATH] [--log-dir PATH] [--log-max BYTES]"
+USAGE = (
+    "[--fd N | --dial PATH --secret-file PATH | --listen PORT --secret-file PATH]"
+    " [--log-dir PATH] [--log-max BYTES]"
+)
 
 
 def main(argv: list[str] | None = None) -> None:
     __import__("executor_harden").make_undumpable()
-    args = {"--fd": "", "--dial": "", "--secret-file": "", "--log-dir": "/run/crogia/logs", "--log-max": ""}
+    args = {"--fd": "", "--dial": "", "--listen": "", "--secret-file": ""}
+    args.update({"--log-dir": "/run/crogia/logs", "--log-max": ""})
     rest = list(sys.argv[1:] if argv is None else argv)
     while rest:
         name, _, value = rest.pop(0).partition("=")
@@ -440,10 +568,15 @@ def main(argv: list[str] | None = None) -> None:
         if name not in args or not (value or rest):
             sys.exit(f"{sys.argv[0]}: bad arguments; see --help")
         args[name] = value or rest.pop(0)
-    if bool(args["--fd"]) == bool(args["--dial"]) or bool(args["--dial"]) != bool(args["--secret-file"]):
+    modes = [name for name in ("--fd", "--dial", "--listen") if args[name]]
+    if len(modes) != 1 or (modes[0] != "--fd") != bool(args["--secret-file"]):
         sys.exit(f"usage: {sys.argv[0]} {USAGE}")
+    if args["--listen"] and not (args["--listen"].isdigit() and 0 < int(args["--listen"]) < 65536):
+        sys.exit(f"{sys.argv[0]}: --listen takes a TCP port")
     log_max = int(args["--log-max"] or LOG_MAX)
-    daemon = Daemon(args["--log-dir"], log_max, args["--dial"], args["--secret-file"])
+    daemon = Daemon(
+        args["--log-dir"], log_max, args["--dial"], args["--secret-file"], int(args["--listen"] or 0)
+    )
     serve(daemon, int(args["--fd"]) if args["--fd"] else None)
 
 
