@@ -63,6 +63,29 @@ def misbehave(sock, rid, op):
         sock.sendall(reply(rid, exit_code=0, output="after the flood\n", timed_out=False, truncated=False))
 
 
+def lie_about_tunnels(sock, msg):
+    """`tunnel_open` believed, then pushes no honest daemon sends (the tunnel modes)."""
+    rid, tid = msg.get("id"), msg.get("tunnel")
+    if msg.get("op") == "ports":
+        entry = {"port": 70000 if MODE == "ports_range" else 80, "address": "0.0.0.0", "pid": None}
+        return sock.sendall(reply(rid, ports=[entry] * (1 if MODE == "ports_range" else 100_000)))
+    if msg.get("op") != "tunnel_open":
+        return sock.sendall(reply(rid))
+    sock.sendall(reply(rid))
+
+    def push(tunnel, size):
+        data = __import__("base64").b64encode(b"H" * size).decode()
+        return (json.dumps({"type": "tunnel_data", "tunnel": tunnel, "data_b64": data}) + "\n").encode()
+
+    if MODE == "tunnel_big":
+        sock.sendall(push(tid, 200_000))
+    elif MODE == "tunnel_unknown":
+        sock.sendall(push(tid + 1000, 10))
+    elif MODE == "tunnel_flood":  # 64 MiB, never waiting for an ack
+        for _ in range(1024):
+            sock.sendall(push(tid, 65536))
+
+
 def main():
     sock, secret = connect(sys.argv[1:])
     if secret is not None:
@@ -73,7 +96,9 @@ def main():
     for line in sock.makefile("rb"):
         msg = json.loads(line)
         rid, op = msg.get("id"), msg.get("op")
-        if op in ("exec", "spawn"):
+        if MODE.startswith(("tunnel_", "ports_")) and op not in ("ping", "list", "exec", "spawn"):
+            lie_about_tunnels(sock, msg)
+        elif op in ("exec", "spawn"):
             misbehave(sock, rid, op)
         elif op == "ping":
             sock.sendall(reply(rid, version=1, pid=os.getpid()))

@@ -22,6 +22,7 @@ from crogia.sandbox.base import ExitListener
 from crogia.sandbox.channel import ProtocolViolation, Stream, decode, send
 from crogia.sandbox.daemon import executor_proto as proto
 from crogia.sandbox.pty_channel import PTY_PUSHES, PtyRouter
+from crogia.sandbox.tunnel_channel import TUNNEL_PUSHES, TunnelRouter
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class ExecutorClient:
         self._closed = False
         self.ptys = PtyRouter()
         """The terminals opened over this connection (they end with it)."""
+        self.tunnels = TunnelRouter(self.request, self.notify)
+        """The tunnels (TCP streams into the sandbox) opened over this connection (they end with it)."""
         self._reader_task = asyncio.create_task(self._read_loop(), name="executor-reader")
 
     @property
@@ -124,6 +127,11 @@ class ExecutorClient:
             if self._allowances.pop(rid, None) is not None:
                 self._lines.limit = LINE_BASE + max(self._allowances.values(), default=0)
 
+    def notify(self, op: str, **args: Any) -> None:
+        """Send a request whose reply nobody waits for (it is dropped as one given up on); never waits."""
+        if not self._closed:
+            send(self._writer, {"id": next(self._ids), "op": op, **args})
+
     async def _read_loop(self) -> None:
         error: CrogiaError = Unavailable("lost the connection to the sandbox's executor")
         try:
@@ -139,6 +147,7 @@ class ExecutorClient:
             self._writer.close()
             self._fail_pending(error)
             self.ptys.end_all()
+            self.tunnels.end_all()
 
     def _dispatch(self, msg: Any) -> None:
         kind = proto.check_message(msg)
@@ -152,6 +161,8 @@ class ExecutorClient:
                 future.set_exception(_error_from(*proto.check_error(msg)))
         elif kind == "chunk":
             self._call(self._chunks.get(msg["id"]), msg["data"])
+        elif kind in TUNNEL_PUSHES:
+            self.tunnels.dispatch(msg)  # a lying push raises ProtocolError: the connection resets
         elif kind in PTY_PUSHES:
             self.ptys.dispatch(msg)  # a malformed push raises ProtocolError: the connection resets
         elif kind == "exit" and self._exit_listener is not None:

@@ -47,6 +47,8 @@ Ops and their values:
   list                                          -> {processes: [{pid, cmd, log, running, exit_code,
                                                     started, ended}]}  (times are epoch seconds)
   pty_open, pty_input, pty_resize, pty_close    interactive terminals: see executor_pty.py
+  ports, tunnel_open, tunnel_data, tunnel_ack, tunnel_close
+                                                listening ports and TCP streams: see executor_net.py
 
 Children get the daemon's own environment plus LANG=C.UTF-8, a default PATH and HOME (and TERM
 under a tty), overridden by the request's `env`. A bad request never stops the daemon.
@@ -65,6 +67,7 @@ Modules (one folder, mounted read-only at /opt/crogia; they import each other by
   executor_procs.py  children (spawn, reap, kill a group) and background processes
   executor_exec.py   the `exec` op: run, capture head and tail, stream at a rate
   executor_pty.py    the `pty_*` ops: interactive terminals
+  executor_net.py    the `ports` and `tunnel_*` ops: listening ports, streams for previews
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ import time
 import executor_proto as proto
 from executor_core import IN, LOOP, OUT, RequestError, Task, dumps, error_reply, loads, log
 from executor_exec import run_command
+from executor_net import Tunnels, listening
 from executor_procs import Background, Child
 from executor_pty import Terminals
 
@@ -187,6 +191,7 @@ class Daemon:
         self.background = Background(log_dir, log_max, self.broadcast)
         self.dial_path, self.secret_file = dial, secret_file
         self.terminals = Terminals()
+        self.tunnels = Tunnels()
         self.stopping = False
 
     def broadcast(self, msg: Message) -> None:
@@ -210,6 +215,7 @@ class Daemon:
 
     def lost(self, conn: Connection) -> None:
         """A connection ended: dial the server again, or (an inherited socket) stop."""
+        self.tunnels.drop(conn)
         if not self.dial_path:
             self.stopping = True
         elif not self.stopping:
@@ -256,6 +262,11 @@ OPS: dict[str, Callable[[Daemon, Message, Connection, RequestId], Message | Step
     "pty_input": lambda d, req, conn, rid: d.terminals.handle("pty_input", req, conn),
     "pty_resize": lambda d, req, conn, rid: d.terminals.handle("pty_resize", req, conn),
     "pty_close": lambda d, req, conn, rid: d.terminals.handle("pty_close", req, conn),
+    "ports": lambda d, req, conn, rid: {"ports": listening(req.get("owners") is not False)},
+    "tunnel_open": lambda d, req, conn, rid: d.tunnels.handle("tunnel_open", req, conn),
+    "tunnel_data": lambda d, req, conn, rid: d.tunnels.handle("tunnel_data", req, conn),
+    "tunnel_ack": lambda d, req, conn, rid: d.tunnels.handle("tunnel_ack", req, conn),
+    "tunnel_close": lambda d, req, conn, rid: d.tunnels.handle("tunnel_close", req, conn),
 }
 """The ops (`cancel` is the connection's own); a new one also gets its reply's shape in
 `executor_proto.RESULTS`, which the server checks."""

@@ -24,7 +24,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-VERSION = 3
+VERSION = 4
 """Bumped on any change a peer of the other version would misread; checked in the hello."""
 
 PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT
@@ -75,11 +75,25 @@ RESULTS: dict[str, dict[str, Field]] = {
     "pty_input": {},
     "pty_resize": {},
     "pty_close": {"exit_code": Field(int, 0, 255, optional=True)},
+    "ports": {"ports": Field(list)},
+    "tunnel_open": {},
+    "tunnel_data": {},
+    "tunnel_ack": {},
+    "tunnel_close": {},
 }
 """Values of a successful reply, by the op of its request."""
 
 PROCESS: dict[str, Field] = {"pid": PID, "running": FLAG, "exit_code": Field(int, -255, 255, optional=True)}
 """Each entry of `list`'s `processes` (other fields of an entry are dropped)."""
+
+PORTS_MAX = 512
+PORT: dict[str, Field] = {
+    "port": Field(int, 1, 65535),
+    "pid": Field(int, 1, PID_MAX, optional=True),
+    "pgid": Field(int, 1, PID_MAX, optional=True),
+}
+"""Each entry of `ports`'s `ports` (at most PORTS_MAX; `address` is kept when a short string)."""
+TUNNEL_ID = Field(int, 1, 1 << 40)
 
 PUSHES: dict[str, dict[str, Field]] = {
     "chunk": {"id": Field(int, 0), "data": TEXT},
@@ -87,6 +101,9 @@ PUSHES: dict[str, dict[str, Field]] = {
     # A terminal's bytes are base64 (`executor_pty.py`); `crogia.sandbox.pty_channel` checks their size.
     "pty_output": {"tid": PID, "data_b64": TEXT},
     "pty_exit": {"tid": PID, "exit_code": Field(int, 0, 255, optional=True)},
+    # A tunnel's bytes are base64 too; `crogia.sandbox.tunnel_channel` checks their size and window.
+    "tunnel_data": {"tunnel": TUNNEL_ID, "data_b64": TEXT},
+    "tunnel_end": {"tunnel": TUNNEL_ID},
 }
 """Messages the daemon sends without being asked."""
 
@@ -127,6 +144,18 @@ def check_result(op: str, msg: dict[str, Any]) -> dict[str, Any]:
         if not all(isinstance(entry, dict) for entry in entries):
             raise ProtocolError("field 'processes' must hold objects")
         values["processes"] = [check_fields(entry, PROCESS) for entry in entries]
+    elif op == "ports":
+        entries = values["ports"]
+        if len(entries) > PORTS_MAX or not all(isinstance(entry, dict) for entry in entries):
+            raise ProtocolError(f"field 'ports' must hold at most {PORTS_MAX} objects")
+        values["ports"] = [_port(entry) for entry in entries]
+    return values
+
+
+def _port(entry: dict[str, Any]) -> dict[str, Any]:
+    values = check_fields(entry, PORT)
+    address = entry.get("address")
+    values["address"] = address if isinstance(address, str) and len(address) <= 64 else ""
     return values
 
 

@@ -1,0 +1,464 @@
+"""Previews: what listens inside a session's sandbox, and HTTP/WebSocket proxied to it.
+
+Every byte goes through the sandbox's daemon channel (`Sandbox.open_tunnel`: a TCP stream the
+daemon opens to 127.0.0.1:port inside the sandbox), never over a network route from the server
+into the sandbox. The proxy speaks HTTP/1.1 over that stream with h11 (one request per tunnel),
+and WebSocket with websockets' sans-I/O client after the upgrade. Bodies stream both ways: the
+tunnel's window (`crogia.sandbox.tunnel_channel`) holds the sandbox's server back while the
+client is slow, and a request body is written chunk by chunk as the daemon has room.
+
+The port watcher reads the sandbox's listening ports every PREVIEW_POLL_SECONDS, only for a
+running session someone could care about (a client on its event stream, or a background process
+running), and publishes `port_opened` / `port_closed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import h11
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response as WsResponse
+from websockets.typing import Origin, Subprotocol
+from websockets.uri import parse_uri
+
+from crogia.bus import EventBus
+from crogia.config import Settings
+from crogia.errors import CrogiaError, SandboxError, TooLarge, UpstreamTimeout
+from crogia.events import PortClosed, PortOpened
+from crogia.sandbox.base import PortState
+from crogia.sandbox.tunnel_channel import Tunnel, TunnelClosed
+from crogia.services.live import LiveSession
+from crogia.services.processes import ProcessService
+from crogia.services.sessions import SessionService
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+"""RFC 9110 7.6.1: headers for one hop only (plus those `Connection` names), never forwarded."""
+FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-prefix"})
+PREVIEW_COOKIE = "crogia_preview_"
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def strip_hop_by_hop(
+    headers: Iterable[tuple[bytes, bytes]], *, keep: frozenset[str] = frozenset()
+) -> Headers:
+    """`headers` without the hop-by-hop ones (RFC 9110 7.6.1) and those `Connection` lists."""
+    pairs = [(name.lower(), value) for name, value in headers]
+    named = {
+        token.strip().lower().decode("latin-1")
+        for name, value in pairs
+        if name == b"connection"
+        for token in value.split(b",")
+    }
+    drop = (HOP_BY_HOP | named) - keep
+    return [(name, value) for name, value in pairs if name.decode("latin-1") not in drop]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """What the proxy tells the sandbox's server about the original request (X-Forwarded-*)."""
+
+    address: str
+    scheme: str
+    host: str
+    prefix: str
+    drop_cookie: bool = False
+    """Strip this server's preview cookie (it authorises the preview, the app must never see it)."""
+    drop_authorization: bool = False
+    """Strip Authorization (with API_TOKENS on it is this server's bearer token)."""
+
+
+def upstream_headers(
+    headers: Iterable[tuple[bytes, bytes]], port: int, info: ClientInfo, *, ws: bool
+) -> Headers:
+    """The headers for the sandbox's server: hop-by-hop and our credentials dropped, X-Forwarded-* set."""
+    out: Headers = []
+    for name, value in strip_hop_by_hop(headers):
+        text = name.decode("latin-1")
+        if text in FORWARDED or text == "host" or (text == "content-length" and ws):
+            continue
+        if text == "authorization" and info.drop_authorization:
+            continue
+        if text.startswith("sec-websocket-") and ws:
+            continue  # the WebSocket client below makes its own handshake
+        if text == "cookie" and info.drop_cookie:
+            value = _without_cookie(value)
+            if not value:
+                continue
+        out.append((name, value))
+    out.append((b"host", f"localhost:{port}".encode()))
+    out.append((b"x-forwarded-for", info.address.encode("latin-1", "replace")))
+    out.append((b"x-forwarded-proto", info.scheme.encode("latin-1", "replace")))
+    out.append((b"x-forwarded-host", info.host.encode("latin-1", "replace")))
+    if info.prefix:
+        out.append((b"x-forwarded-prefix", info.prefix.encode("latin-1", "replace")))
+    return out
+
+
+def _without_cookie(value: bytes) -> bytes:
+    parts = [p.strip() for p in value.split(b";")]
+    return b"; ".join(p for p in parts if p and not p.startswith(PREVIEW_COOKIE.encode()))
+
+
+@dataclass(slots=True)
+class Upstream:
+    """A response head from the sandbox's server, and its body still to come."""
+
+    status: int
+    headers: Headers
+    body: AsyncIterator[bytes]
+
+
+class PreviewService:
+    """Ports of a session's sandbox, the proxy to them, and the watcher that reports them."""
+
+    def __init__(
+        self, settings: Settings, bus: EventBus, sessions: SessionService, processes: ProcessService
+    ) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.sessions = sessions
+        self.processes = processes
+        self._known: dict[str, frozenset[int]] = {}
+        self._watcher: asyncio.Task[None] | None = None
+
+    # --- ports ---
+
+    async def ports(self, live: LiveSession) -> list[PortState]:
+        return await live.sandbox.ports(owners=True)
+
+    def start(self) -> None:
+        self._watcher = asyncio.create_task(self._watch(), name="crogia-port-watcher")
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.preview_poll_seconds)
+            try:
+                await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reading the sandboxes' ports failed")
+
+    async def poll_once(self) -> None:
+        """One look at the ports of every running session someone could care about."""
+        awake = {
+            live.id: live for live in self.sessions.awake() if live.state == "running" and live.has_sandbox
+        }
+        for session_id in list(self._known):
+            if session_id not in awake:
+                await self._publish(session_id, self._known.pop(session_id), frozenset())
+        for live in awake.values():
+            if not await self._cared_for(live):
+                continue
+            try:
+                found = await asyncio.wait_for(live.sandbox.ports(owners=False), 5.0)
+            except (CrogiaError, TimeoutError) as exc:
+                log.debug("ports of session %s: %s", live.id, exc)
+                continue
+            now = frozenset(p.port for p in found)
+            before = self._known.get(live.id, frozenset())
+            self._known[live.id] = now
+            await self._publish(live.id, before, now)
+
+    async def _cared_for(self, live: LiveSession) -> bool:
+        if self.bus.subscriber_count(live.id) > 0:
+            return True
+        return await self.processes.any_running(live.id)
+
+    async def _publish(self, session_id: str, before: frozenset[int], now: frozenset[int]) -> None:
+        for port in sorted(now - before):
+            await self.bus.publish(session_id, PortOpened(port=port))
+        for port in sorted(before - now):
+            await self.bus.publish(session_id, PortClosed(port=port))
+
+    # --- the proxy ---
+
+    async def open(self, live: LiveSession, port: int) -> Tunnel:
+        """A tunnel to `port`; a 502 that says so when nobody listens there."""
+        try:
+            return await asyncio.wait_for(live.sandbox.open_tunnel(port), self.settings.preview_timeout)
+        except TimeoutError:
+            raise UpstreamTimeout(f"Connecting to port {port} in the sandbox timed out.") from None
+        except CrogiaError as exc:
+            if exc.context.get("code") == "refused" or getattr(exc, "code", "") == "refused":
+                raise SandboxError(
+                    f"Nothing listens on port {port} in the sandbox ({exc.message}).", port=port
+                ) from None
+            raise
+
+    async def http(
+        self,
+        live: LiveSession,
+        port: int,
+        *,
+        method: str,
+        target: str,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: AsyncIterator[bytes],
+        info: ClientInfo,
+    ) -> Upstream:
+        """Send one request to `port` and return the response's head; its body streams after."""
+        tunnel = await self.open(live, port)
+        try:
+            return await self._exchange(tunnel, port, method, target, headers, body, info)
+        except BaseException:
+            tunnel.close()
+            raise
+
+    async def _exchange(
+        self,
+        tunnel: Tunnel,
+        port: int,
+        method: str,
+        target: str,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: AsyncIterator[bytes],
+        info: ClientInfo,
+    ) -> Upstream:
+        conn = h11.Connection(h11.CLIENT)
+        out = upstream_headers(headers, port, info, ws=False)
+        declared = any(name == b"content-length" for name, _ in out)
+        chunked = any(name.lower() == b"transfer-encoding" for name, _ in headers)
+        if chunked and not declared:
+            out.append((b"transfer-encoding", b"chunked"))
+        elif not declared and method not in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            out.append((b"content-length", b"0"))
+        timeout = self.settings.preview_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await tunnel.write(conn.send(h11.Request(method=method, target=target, headers=out)))
+                if declared or chunked:
+                    seen = 0
+                    async for chunk in body:
+                        seen += len(chunk)
+                        if seen > self.settings.request_max_bytes:
+                            limit = self.settings.request_max_bytes
+                            raise TooLarge(f"The request body is over REQUEST_MAX_BYTES ({limit}).")
+                        if chunk:
+                            await tunnel.write(conn.send(h11.Data(data=chunk)))
+                await tunnel.write(conn.send(h11.EndOfMessage()))
+                head = await self._head(conn, tunnel)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"The server on port {port} in the sandbox did not answer within {timeout:g} s."
+            ) from None
+        except h11.ProtocolError as exc:
+            raise SandboxError(
+                f"The server on port {port} in the sandbox sent a broken HTTP response: {exc}"
+            ) from None
+        except TunnelClosed:
+            raise SandboxError(
+                f"The server on port {port} in the sandbox closed the connection without an answer."
+            ) from None
+        return Upstream(
+            head.status_code, strip_hop_by_hop(head.headers.raw_items()), self._body(conn, tunnel, port)
+        )
+
+    async def _head(self, conn: h11.Connection, tunnel: Tunnel) -> h11.Response:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await tunnel.read())  # b"": the server closed its end
+                continue
+            if isinstance(event, h11.InformationalResponse):
+                continue  # 100 Continue and the like: the final answer follows
+            if isinstance(event, h11.Response):
+                return event
+            if isinstance(event, h11.ConnectionClosed):
+                raise TunnelClosed("closed before a response")
+            raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
+
+    async def _body(self, conn: h11.Connection, tunnel: Tunnel, port: int) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    async with asyncio.timeout(self.settings.preview_timeout):
+                        conn.receive_data(await tunnel.read())
+                elif isinstance(event, h11.Data):
+                    yield bytes(event.data)
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    return
+        except (h11.ProtocolError, TimeoutError, TunnelClosed) as exc:
+            # The head is sent: all that is left is to cut the response short (the client sees it).
+            log.info("preview body from port %d cut short: %r", port, exc)
+            raise
+        finally:
+            tunnel.close()
+
+
+class WebSocketPeer(Protocol):
+    """The client's side of a proxied WebSocket (Starlette's `WebSocket` fits)."""
+
+    async def accept(self, subprotocol: str | None = None) -> None: ...
+
+    async def receive(self) -> Mapping[str, Any]: ...
+
+    async def send_text(self, data: str) -> None: ...
+
+    async def send_bytes(self, data: bytes) -> None: ...
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+
+class UpstreamRefused(SandboxError):
+    """The sandbox's server answered the WebSocket handshake with something other than 101."""
+
+
+async def _flush(protocol: ClientProtocol, tunnel: Tunnel) -> None:
+    for data in protocol.data_to_send():
+        if data:
+            await tunnel.write(data)
+
+
+async def websocket_handshake(
+    tunnel: Tunnel,
+    port: int,
+    target: str,
+    headers: Sequence[tuple[bytes, bytes]],
+    info: ClientInfo,
+    *,
+    timeout: float,
+    max_size: int,
+) -> tuple[ClientProtocol, list[Frame]]:
+    """Open a WebSocket to the sandbox's server over `tunnel`: its protocol and the frames already read."""
+    names = {name.lower(): value.decode("latin-1") for name, value in headers}
+    offered = [
+        Subprotocol(p.strip()) for p in names.get(b"sec-websocket-protocol", "").split(",") if p.strip()
+    ]
+    origin = names.get(b"origin")
+    protocol = ClientProtocol(
+        parse_uri(f"ws://localhost:{port}{target}"),
+        origin=Origin(origin) if origin else None,
+        subprotocols=offered or None,
+        max_size=max_size,
+    )
+    request = protocol.connect()
+    for name, value in upstream_headers(headers, port, info, ws=True):
+        text = name.decode("latin-1")
+        if text not in ("host", "origin", "user-agent"):
+            request.headers[text] = value.decode("latin-1")
+    protocol.send_request(request)
+    try:
+        async with asyncio.timeout(timeout):
+            await _flush(protocol, tunnel)
+            while True:
+                data = await tunnel.read()
+                if data:
+                    protocol.receive_data(data)
+                else:
+                    protocol.receive_eof()
+                events = protocol.events_received()
+                if events or not data:
+                    break
+    except TimeoutError:
+        raise UpstreamTimeout(
+            f"The server on port {port} in the sandbox did not answer within {timeout:g} s."
+        ) from None
+    except TunnelClosed:
+        raise SandboxError(f"The server on port {port} in the sandbox closed the connection.") from None
+    if protocol.handshake_exc is not None or not events or not isinstance(events[0], WsResponse):
+        raise UpstreamRefused(
+            f"The server on port {port} in the sandbox refused the WebSocket: {protocol.handshake_exc}"
+        )
+    return protocol, [e for e in events[1:] if isinstance(e, Frame)]
+
+
+async def pump_websocket(
+    protocol: ClientProtocol, tunnel: Tunnel, peer: WebSocketPeer, early: list[Frame]
+) -> None:
+    """Carry messages both ways until either side closes; closes the tunnel."""
+    closing = asyncio.Event()
+
+    async def upstream_to_client() -> None:
+        parts: list[bytes] = []
+        kind = Opcode.TEXT
+        pending = list(early)
+        while True:
+            for frame in pending:
+                if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
+                    kind, parts = frame.opcode, [bytes(frame.data)]
+                elif frame.opcode is Opcode.CONT:
+                    parts.append(bytes(frame.data))
+                elif frame.opcode is Opcode.CLOSE:
+                    await _flush(protocol, tunnel)
+                    code = protocol.close_rcvd.code if protocol.close_rcvd else 1000
+                    await peer.close(code if 1000 <= code < 5000 and code not in (1005, 1006, 1015) else 1000)
+                    return
+                else:
+                    continue
+                if frame.fin:
+                    message = b"".join(parts)
+                    parts = []
+                    if kind is Opcode.TEXT:
+                        await peer.send_text(message.decode("utf-8", "replace"))
+                    else:
+                        await peer.send_bytes(message)
+            await _flush(protocol, tunnel)  # pongs
+            data = await tunnel.read()
+            if not data:
+                protocol.receive_eof()
+                await peer.close(1011 if not closing.is_set() else 1000)
+                return
+            protocol.receive_data(data)
+            pending = [e for e in protocol.events_received() if isinstance(e, Frame)]
+
+    async def client_to_upstream() -> None:
+        while True:
+            message = await peer.receive()
+            if message["type"] == "websocket.disconnect":
+                closing.set()
+                code = message.get("code", 1000)
+                protocol.send_close(code if 1000 <= code < 5000 and code not in (1005, 1006, 1015) else 1000)
+                await _flush(protocol, tunnel)
+                return
+            if message.get("text") is not None:
+                protocol.send_text(message["text"].encode())
+            elif message.get("bytes") is not None:
+                protocol.send_binary(message["bytes"])
+            await _flush(protocol, tunnel)
+
+    try:
+        tasks = [
+            asyncio.create_task(upstream_to_client(), name="preview-ws-down"),
+            asyncio.create_task(client_to_upstream(), name="preview-ws-up"),
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception) and not isinstance(result, TunnelClosed | ConnectionError):
+                log.info("preview WebSocket on the sandbox's side ended: %r", result)
+    finally:
+        tunnel.close()
