@@ -53,6 +53,19 @@ class Tunnel:
         """Bytes read by the caller and not yet acknowledged."""
         self.eof = self.lost = self.closed = False
 
+    window = WINDOW
+    """Bytes the daemon may have sent that this side has not consumed and acknowledged."""
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet read."""
+        return sum(map(len, self._chunks))
+
+    @property
+    def ended(self) -> bool:
+        """The sandbox's side has ended (or the channel went): nothing more will come."""
+        return self.eof
+
     def on_data(self, data: bytes) -> None:
         if self.eof:
             raise ProtocolError(f"tunnel_data for tunnel {self.tid} after its end")

@@ -185,8 +185,12 @@ class Tunnel:
         assert self.sock is not None
         head = b'{"type":"tunnel_data","tunnel":%d,"data_b64":"' % self.tid
         for _ in range(READ_MAX // CHUNK):
+            room = WINDOW - (self.sent - self.acked)
+            if room <= 0:
+                break
             try:
-                data = self.sock.recv(CHUNK)
+                # Never more than the window left: a read of a whole chunk could overrun it.
+                data = self.sock.recv(min(CHUNK, room))
             except BlockingIOError:
                 break
             except OSError:
@@ -199,7 +203,7 @@ class Tunnel:
             self.sent += len(data)
             # Base64 needs no JSON escaping: the line is built as bytes, sparing a copy or two.
             self.conn.outbuf += head + binascii.b2a_base64(data, newline=False) + b'"}\n'
-            if self.sent - self.acked >= WINDOW or len(data) < CHUNK or len(self.conn.outbuf) > PAUSE_AT:
+            if self.sent - self.acked >= WINDOW or len(data) < min(CHUNK, room) or len(self.conn.outbuf) > PAUSE_AT:
                 break
         self.conn.flush()
         if self.sent - self.acked >= WINDOW or len(self.conn.outbuf) > PAUSE_AT:
