@@ -203,7 +203,8 @@ class Tunnel:
             self.sent += len(data)
             # Base64 needs no JSON escaping: the line is built as bytes, sparing a copy or two.
             self.conn.outbuf += head + binascii.b2a_base64(data, newline=False) + b'"}\n'
-            if self.sent - self.acked >= WINDOW or len(data) < min(CHUNK, room) or len(self.conn.outbuf) > PAUSE_AT:
+            full = self.sent - self.acked >= WINDOW or len(self.conn.outbuf) > PAUSE_AT
+            if full or len(data) < min(CHUNK, room):
                 break
         self.conn.flush()
         if self.sent - self.acked >= WINDOW or len(self.conn.outbuf) > PAUSE_AT:
