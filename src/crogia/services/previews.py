@@ -286,7 +286,10 @@ class PreviewService:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                conn.receive_data(await tunnel.read())  # b"": the server closed its end
+                data = await tunnel.read()
+                if not data:  # closed (or reset) before a whole head: not "broken HTTP"
+                    raise TunnelClosed("closed before a response")
+                conn.receive_data(data)
                 continue
             if isinstance(event, h11.InformationalResponse):
                 continue  # 100 Continue and the like: the final answer follows
@@ -333,10 +336,12 @@ class UpstreamRefused(SandboxError):
     """The sandbox's server answered the WebSocket handshake with something other than 101."""
 
 
-async def _flush(protocol: ClientProtocol, tunnel: Tunnel) -> None:
-    for data in protocol.data_to_send():
-        if data:
-            await tunnel.write(data)
+async def _flush(protocol: ClientProtocol, tunnel: Tunnel, timeout: float | None = None) -> None:
+    """Write what the protocol has to send; a server that reads none of it for `timeout` s is given up."""
+    async with asyncio.timeout(timeout):
+        for data in protocol.data_to_send():
+            if data:
+                await tunnel.write(data)
 
 
 async def websocket_handshake(
@@ -393,9 +398,12 @@ async def websocket_handshake(
 
 
 async def pump_websocket(
-    protocol: ClientProtocol, tunnel: Tunnel, peer: WebSocketPeer, early: list[Frame]
+    protocol: ClientProtocol, tunnel: Tunnel, peer: WebSocketPeer, early: list[Frame], *, timeout: float
 ) -> None:
-    """Carry messages both ways until either side closes; closes the tunnel."""
+    """Carry messages both ways until either side closes; closes the tunnel.
+
+    A server that stops reading holds a write up for at most `timeout` s: then both sides are
+    closed (1011), so a deaf server never wedges the proxy (or its shutdown)."""
     closing = asyncio.Event()
 
     async def upstream_to_client() -> None:
@@ -409,7 +417,7 @@ async def pump_websocket(
                 elif frame.opcode is Opcode.CONT:
                     parts.append(bytes(frame.data))
                 elif frame.opcode is Opcode.CLOSE:
-                    await _flush(protocol, tunnel)
+                    await _flush(protocol, tunnel, timeout)
                     code = protocol.close_rcvd.code if protocol.close_rcvd else 1000
                     await peer.close(code if 1000 <= code < 5000 and code not in (1005, 1006, 1015) else 1000)
                     return
@@ -422,7 +430,7 @@ async def pump_websocket(
                         await peer.send_text(message.decode("utf-8", "replace"))
                     else:
                         await peer.send_bytes(message)
-            await _flush(protocol, tunnel)  # pongs
+            await _flush(protocol, tunnel, timeout)  # pongs
             data = await tunnel.read()
             if not data:
                 protocol.receive_eof()
@@ -438,13 +446,13 @@ async def pump_websocket(
                 closing.set()
                 code = message.get("code", 1000)
                 protocol.send_close(code if 1000 <= code < 5000 and code not in (1005, 1006, 1015) else 1000)
-                await _flush(protocol, tunnel)
+                await _flush(protocol, tunnel, timeout)
                 return
             if message.get("text") is not None:
                 protocol.send_text(message["text"].encode())
             elif message.get("bytes") is not None:
                 protocol.send_binary(message["bytes"])
-            await _flush(protocol, tunnel)
+            await _flush(protocol, tunnel, timeout)
 
     try:
         tasks = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -218,9 +219,11 @@ async def preview_ws(websocket: WebSocket, session_id: str, port: int, path: str
         raise
     await websocket.accept(subprotocol=protocol.subprotocol)
     with live.in_use():
-        await pump_websocket(protocol, tunnel, websocket, early)
-    if websocket.client_state is not WebSocketState.DISCONNECTED:
-        log.debug("preview WebSocket closed by the sandbox's side")
+        await pump_websocket(protocol, tunnel, websocket, early, timeout=settings.preview_timeout)
+    if WebSocketState.DISCONNECTED not in (websocket.client_state, websocket.application_state):
+        # The sandbox's side failed (gave up on, broke the protocol) without a close of its own.
+        with contextlib.suppress(RuntimeError, OSError):
+            await websocket.close(1011, "the server in the sandbox stopped answering")
 
 
 async def _deny(websocket: WebSocket, status: int, detail: str) -> None:
