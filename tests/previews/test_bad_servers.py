@@ -40,7 +40,8 @@ def serve(c):
             c.sendall(b"X-A: " + b"a" * 1000 + b"\r\n")
     elif path in (b"/deaf", b"/ws-deaf"):  # never reads again (a WebSocket one answers the upgrade)
         if path == b"/ws-deaf":
-            key = [l.split(b":", 1)[1].strip() for l in head.split(b"\r\n") if l.lower().startswith(b"sec-websocket-key")][0]
+            lines = head.split(b"\r\n")
+            key = [l.split(b":", 1)[1].strip() for l in lines if l.lower().startswith(b"sec-websocket-k")][0]
             accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
             c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                       b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
@@ -85,6 +86,21 @@ async def _raw_upload_to_a_deaf_server(server: RunningServer, path: str) -> byte
         writer.close()
 
 
+async def _read_all(server: RunningServer, path: str) -> None:
+    async with server.client.stream("GET", path) as response:
+        assert response.status_code == 200
+        async for _ in response.aiter_raw():
+            pass
+
+
+async def _pour_into_a_deaf_websocket(url: str) -> None:
+    async with websockets.connect(url, max_size=None, close_timeout=1) as ws:
+        async with asyncio.timeout(LIMIT * 2):
+            for _ in range(256):
+                await ws.send(b"w" * (1 << 20))
+            await ws.recv()
+
+
 async def test_hanging_resetting_and_garbage_servers_cost_only_their_request(
     backend: str, data_dir: Path
 ) -> None:
@@ -104,24 +120,16 @@ async def test_hanging_resetting_and_garbage_servers_cost_only_their_request(
 
         started = time.monotonic()
         with pytest.raises(httpx.RemoteProtocolError):  # the head came, the body is cut short
-            async with server.client.stream("GET", base + "/half") as response:
-                assert response.status_code == 200
-                async for _ in response.aiter_raw():
-                    pass
+            await _read_all(server, base + "/half")
         assert time.monotonic() - started < LIMIT
 
         started = time.monotonic()
         assert (await _raw_upload_to_a_deaf_server(server, base + "/deaf")).startswith(b"HTTP/1.1 504")
         assert time.monotonic() - started < LIMIT
 
-        url = f"{server.ws_url}{base}/ws-deaf"
         started = time.monotonic()
         with pytest.raises(websockets.ConnectionClosed):  # the proxy gives up on it, not hangs
-            async with websockets.connect(url, max_size=None, close_timeout=1) as ws:
-                async with asyncio.timeout(LIMIT * 2):
-                    for _ in range(256):
-                        await ws.send(b"w" * (1 << 20))
-                    await ws.recv()
+            await _pour_into_a_deaf_websocket(f"{server.ws_url}{base}/ws-deaf")
         assert time.monotonic() - started < LIMIT * 2
 
         with pytest.raises(websockets.InvalidStatus) as refused:
