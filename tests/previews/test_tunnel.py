@@ -53,4 +53,4 @@ async def test_a_stalled_reader_holds_the_daemon_at_its_window_and_loses_nothing
             seen += len(chunk)
         assert seen == 12 << 20
     finally:
-        tunnel.close()
+        await tunnel.close()

@@ -34,7 +34,7 @@ from crogia.sandbox.channel import Channel
 from crogia.sandbox.daemon import executor_proto as proto
 from crogia.sandbox.executor_client import ExecutorClient as ExecutorClient
 from crogia.sandbox.pty_channel import PtyListener
-from crogia.sandbox.tunnel_channel import Tunnel
+from crogia.sandbox.tunnel_channel import Tunnel, open_tunnel
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class ExecutorSandbox(Sandbox):
         if self._client is not None and self._client.closed:
             await self._reconnect()  # its connection was reset (a daemon that broke the protocol)
         client = await self._client_for_pty()
-        return await client.tunnels.open(port)
+        return await open_tunnel(client, port)
 
     # --- terminals (message shapes: `pty_channel`) ---
 

@@ -25,8 +25,8 @@ from crogia.sandbox.channel import (
     SECRET_NAME,
     SOCKET_NAME,
     Channel,
-    LineReader,
     Stream,
+    WireReader,
     handshake,
     send,
 )
@@ -89,7 +89,7 @@ class ListenerChannel(Channel):
             writer.close()
             return
         self._handshakes += 1
-        stream = (LineReader(reader), writer)
+        stream = (WireReader(reader), writer)
         try:
             stranger = await self._stranger(writer)
             if stranger:

@@ -4,8 +4,8 @@ Every byte goes through the sandbox's daemon channel (`Sandbox.open_tunnel`: a T
 daemon opens to 127.0.0.1:port inside the sandbox), never over a network route from the server
 into the sandbox. The proxy speaks HTTP/1.1 over that stream with h11 (one request per tunnel),
 and WebSocket with websockets' sans-I/O client after the upgrade. Bodies stream both ways: the
-tunnel's window (`crogia.sandbox.tunnel_channel`) holds the sandbox's server back while the
-client is slow, and a request body is written chunk by chunk as the daemon has room.
+tunnel's stream credit (`crogia.sandbox.tunnel_channel`) holds the sandbox's server back while
+the client is slow, and a request body is written as the daemon credits it.
 
 The port watcher reads the sandbox's listening ports every PREVIEW_POLL_SECONDS, only for a
 running session someone could care about (a client on its event stream, or a background process
@@ -230,7 +230,7 @@ class PreviewService:
         try:
             return await self._exchange(tunnel, port, method, target, headers, body, info)
         except BaseException:
-            tunnel.close()
+            await tunnel.close()
             raise
 
     async def _exchange(
@@ -315,7 +315,7 @@ class PreviewService:
             log.info("preview body from port %d cut short: %r", port, exc)
             raise
         finally:
-            tunnel.close()
+            await tunnel.close()
 
 
 class WebSocketPeer(Protocol):
@@ -469,4 +469,4 @@ async def pump_websocket(
             if isinstance(result, Exception) and not isinstance(result, TunnelClosed | ConnectionError):
                 log.info("preview WebSocket on the sandbox's side ended: %r", result)
     finally:
-        tunnel.close()
+        await tunnel.close()

@@ -211,11 +211,11 @@ async def preview_ws(websocket: WebSocket, session_id: str, port: int, path: str
             max_size=4 << 20,
         )
     except CrogiaError as exc:
-        tunnel.close()
+        await tunnel.close()
         await _deny(websocket, status_for(exc), exc.message)
         return
     except BaseException:
-        tunnel.close()
+        await tunnel.close()
         raise
     await websocket.accept(subprotocol=protocol.subprotocol)
     with live.in_use():

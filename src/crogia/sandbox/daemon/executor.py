@@ -14,7 +14,10 @@ first: a hello with the protocol version and the secret read from `--secret-file
 so a restarted server can change it); `executor_proto.py` holds the version and every message's
 shape, shared with the server.
 
-Protocol: newline-delimited JSON objects (UTF-8) over a unix stream socket. Every request
+Protocol: newline-delimited JSON objects (UTF-8) over a unix stream socket, and binary frames
+for bytes with per-stream credit (`executor_proto.py` describes them; `Connection` has the stream
+methods a request's steps use: `accept_stream`, `credit_left`, `send_frame`, `end_stream`,
+`consumed`, `reset_stream`, `drop_stream`). Every request
 carries an `id` (int or str) chosen by the server and unique among its in-flight requests.
 Replies may come in any order.
 
@@ -47,8 +50,8 @@ Ops and their values:
   list                                          -> {processes: [{pid, cmd, log, running, exit_code,
                                                     started, ended}]}  (times are epoch seconds)
   pty_open, pty_input, pty_resize, pty_close    interactive terminals: see executor_pty.py
-  ports, tunnel_open, tunnel_data, tunnel_ack, tunnel_close
-                                                listening ports and TCP streams: see executor_net.py
+  ports, tunnel_open                            listening ports, and TCP streams on binary streams:
+                                                see executor_net.py
 
 Children get the daemon's own environment plus LANG=C.UTF-8, a default PATH and HOME (and TERM
 under a tty), overridden by the request's `env`. A bad request never stops the daemon.
@@ -67,7 +70,7 @@ Modules (one folder, mounted read-only at /opt/crogia; they import each other by
   executor_procs.py  children (spawn, reap, kill a group) and background processes
   executor_exec.py   the `exec` op: run, capture head and tail, stream at a rate
   executor_pty.py    the `pty_*` ops: interactive terminals
-  executor_net.py    the `ports` and `tunnel_*` ops: listening ports, streams for previews
+  executor_net.py    the `ports` and `tunnel_open` ops: listening ports, streams for previews
 """
 
 from __future__ import annotations
@@ -99,13 +102,26 @@ DIAL_FIRST, DIAL_MAX = 0.005, 0.5
 LOG_MAX = 8 * 1024 * 1024
 
 
+class Stream:
+    """One stream's state on this side: what the server sent (not yet consumed), and our credit."""
+
+    __slots__ = ("buf", "credit", "ended", "reset", "uncredited")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.ended = self.reset = False
+        self.credit = proto.WINDOW  # what we may still send before the server credits more
+        self.uncredited = 0  # consumed from buf, not yet credited back
+
+
 class Connection:
-    """The server: reads request lines, runs each as a task, writes replies as they come."""
+    """The server: reads request lines and frames, runs each request as a task, writes replies."""
 
     def __init__(self, daemon: Daemon, fd: int, secret: str) -> None:
         self.daemon, self.fd, self.open = daemon, fd, True
-        self.inbuf, self.outbuf = bytearray(), bytearray()
+        self.inbuf, self.outbuf, self.scanned = bytearray(), bytearray(), 0
         self.tasks: dict[RequestId, Task] = {}
+        self.streams: dict[int, Stream] = {}
         LOOP.watch(fd, self.on_event)
         self.send(proto.hello(secret, os.getpid()))
 
@@ -113,6 +129,86 @@ class Connection:
         if self.open:  # a lone surrogate (a client's string id) becomes a JSON escape, not an error
             self.outbuf += (dumps(msg) + "\n").encode("utf-8", "backslashreplace")
             self.flush()
+
+    # Streams (`executor_proto` describes frames and credit). A request's generator waits on
+    # `credit_left` before `send_frame`, and on its `accept_stream`'s buf/ended/reset.
+
+    def accept_stream(self, sid: int) -> Stream:
+        """The stream `sid` (made if new): frames the server sends on it land in its `buf`."""
+        stream = self.streams.get(sid)
+        if stream is None:
+            stream = self.streams[sid] = Stream()
+        return stream
+
+    def credit_left(self, sid: int) -> int:
+        """Bytes we may send on `sid` now (0 once the connection or the stream is gone)."""
+        stream = self.streams.get(sid)
+        return stream.credit if self.open and stream is not None and not stream.reset else 0
+
+    def send_frame(self, sid: int, data: bytes) -> None:
+        """Send `data` (at most FRAME_MAX bytes, within `credit_left`) on `sid`."""
+        if self.open and data:
+            self.accept_stream(sid).credit -= len(data)
+            self.outbuf += proto.frame_header(sid, len(data))
+            self.outbuf += data
+            self.flush()
+
+    def end_stream(self, sid: int) -> None:
+        """Our end of `sid` (an empty frame)."""
+        if self.open:
+            self.outbuf += proto.frame_header(sid, 0)
+            self.flush()
+
+    def consumed(self, sid: int, n: int) -> None:
+        """Credit the server for `n` bytes taken from the stream's `buf` (in batches of a quarter window)."""
+        stream = self.streams.get(sid)
+        if stream is not None and n > 0:
+            stream.uncredited += n
+            if stream.uncredited >= proto.WINDOW // 4:
+                self.send({"type": "credit", "stream": sid, "bytes": stream.uncredited})
+                stream.uncredited = 0
+
+    def reset_stream(self, sid: int) -> None:
+        """Abort `sid` both ways: tell the server, forget the stream."""
+        if self.streams.pop(sid, None) is not None:
+            self.send({"type": "reset", "stream": sid})
+
+    def drop_stream(self, sid: int) -> None:
+        """Forget `sid` (its request is done with it); frames still arriving for it are dropped."""
+        self.streams.pop(sid, None)
+
+    def on_frame(self, sid: int, data: bytes) -> None:
+        stream = self.streams.get(sid)
+        if stream is None and sid in self.tasks:  # bytes sent right behind the request that opens the stream
+            stream = self.accept_stream(sid)
+        if stream is None or stream.reset:
+            return
+        if not data:
+            stream.ended = True
+        elif len(stream.buf) + len(data) > proto.WINDOW:
+            log(f"WARNING connection dropped: the server overran stream {sid}'s window")
+            self.close()
+        else:
+            stream.buf += data
+
+    def on_control(self, req: Message) -> bool:
+        """Handle a `credit` or `reset` from the server (never answered); False if `req` is neither."""
+        op = req.get("op")
+        if op not in ("credit", "reset"):
+            return False
+        sid, n = req.get("stream"), req.get("bytes")
+        stream = self.streams.get(sid) if isinstance(sid, int) else None
+        if stream is None:
+            return True
+        if op == "reset":
+            stream.reset = True
+            del self.streams[sid]  # type: ignore[arg-type]
+            task = self.tasks.get(sid)
+            if task is not None:
+                task.cancel_state = task.cancel_state or 1
+        elif isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            stream.credit = min(stream.credit + n, proto.WINDOW)
+        return True
 
     def flush(self) -> None:
         try:
@@ -134,18 +230,41 @@ class Connection:
             return
         except OSError:
             data = b""
-        start = len(self.inbuf)
         self.inbuf += data
-        while self.open and (end := self.inbuf.find(b"\n", start)) >= 0:
-            line, start = bytes(self.inbuf[: end + 1]), 0
-            del self.inbuf[: end + 1]
-            self.receive(line)
+        self.parse()
         if self.open and (not data or len(self.inbuf) > READ_LIMIT):
             if data:
                 log("WARNING connection dropped: a request line over the size limit")
-            elif self.inbuf:
+            elif self.inbuf and self.inbuf[0] != proto.FRAME:
                 self.receive(bytes(self.inbuf))  # a last line without its newline
             self.close()
+
+    def parse(self) -> None:
+        """Take every whole line and frame from the front of `inbuf`."""
+        buf, pos, partial = self.inbuf, 0, False
+        while self.open and pos < len(buf):
+            if buf[pos] == proto.FRAME:
+                if len(buf) - pos < proto.FRAME_HEADER:
+                    break
+                try:
+                    sid, length = proto.parse_frame_header(buf[pos : pos + proto.FRAME_HEADER])
+                except proto.ProtocolError as exc:
+                    log(f"WARNING connection dropped: {exc}")
+                    return self.close()
+                end = pos + proto.FRAME_HEADER + length
+                if len(buf) < end:
+                    break
+                self.on_frame(sid, bytes(buf[pos + proto.FRAME_HEADER : end]))
+            else:
+                newline = buf.find(b"\n", max(pos, self.scanned if pos == 0 else 0))
+                if newline < 0:
+                    partial = True
+                    break
+                end = newline + 1
+                self.receive(bytes(buf[pos:end]))
+            pos = end
+        del buf[:pos]
+        self.scanned = len(buf) if partial else 0  # a long line is searched for its end only once
 
     def close(self) -> None:
         if self.open:
@@ -153,6 +272,9 @@ class Connection:
             LOOP.unwatch(self.fd)
             os.close(self.fd)
             self.daemon.connections.discard(self)
+            for stream in self.streams.values():
+                stream.reset = True
+            self.streams.clear()
             for task in self.tasks.values():
                 if task.op == "exec":
                     task.cancel_state = task.cancel_state or 1
@@ -168,6 +290,8 @@ class Connection:
             if req["type"] == "reject":
                 log(f"ERROR the server refused this daemon: {str(req.get('error'))[:500]}")
                 self.close()
+        elif isinstance(req, dict) and self.on_control(req):
+            pass
         elif not isinstance(req, dict) or isinstance(rid, bool) or not isinstance(rid, (int, str)):
             self.send(error_reply(None, "bad_request", "request must be an object with an int or str id"))
         elif rid in self.tasks:
@@ -263,10 +387,7 @@ OPS: dict[str, Callable[[Daemon, Message, Connection, RequestId], Message | Step
     "pty_resize": lambda d, req, conn, rid: d.terminals.handle("pty_resize", req, conn),
     "pty_close": lambda d, req, conn, rid: d.terminals.handle("pty_close", req, conn),
     "ports": lambda d, req, conn, rid: {"ports": listening(req.get("owners") is not False)},
-    "tunnel_open": lambda d, req, conn, rid: d.tunnels.handle("tunnel_open", req, conn),
-    "tunnel_data": lambda d, req, conn, rid: d.tunnels.handle("tunnel_data", req, conn),
-    "tunnel_ack": lambda d, req, conn, rid: d.tunnels.handle("tunnel_ack", req, conn),
-    "tunnel_close": lambda d, req, conn, rid: d.tunnels.handle("tunnel_close", req, conn),
+    "tunnel_open": lambda d, req, conn, rid: d.tunnels.open_tunnel(req, conn, rid),
 }
 """The ops (`cancel` is the connection's own); a new one also gets its reply's shape in
 `executor_proto.RESULTS`, which the server checks."""

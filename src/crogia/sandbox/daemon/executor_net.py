@@ -1,4 +1,4 @@
-"""The `ports` and `tunnel_*` ops: what listens inside the sandbox, and byte streams to it for the server.
+"""The `ports` and `tunnel_open` ops: what listens inside the sandbox, and byte streams to it for the server.
 
 Part of the executor daemon (`executor.py` says how it fits). The message shapes live here and
 nowhere else on this side (the server's half is `crogia.sandbox.tunnel_channel`):
@@ -7,41 +7,35 @@ nowhere else on this side (the server's half is `crogia.sandbox.tunnel_channel`)
       from /proc/net/tcp and tcp6, one entry a port (at most PORTS_MAX); pid: a process holding
       the socket, pgid its process group (found through /proc/*/fd when `owners`, else null;
       null when it cannot tell).
-  tunnel_open {tunnel, port}       -> {}   connect to 127.0.0.1:port (then [::1]:port); `tunnel`
-      is the server's id for the stream, unique on its connection
-  tunnel_data {tunnel, data_b64}   -> {}   bytes for the socket (at most CHUNK decoded); the reply
-      comes once fewer than WRITE_LOW bytes wait to be written: the server sends one at a time
-  tunnel_ack {tunnel, bytes}       -> {}   the server consumed `bytes` more of the pushed data
-  tunnel_close {tunnel}            -> {}   close the socket (idempotent)
-  push {"type": "tunnel_data", "tunnel", "data_b64"}   what the socket sent, at most CHUNK bytes
-  push {"type": "tunnel_end", "tunnel"}                the socket closed (or failed); nothing follows
+  tunnel_open {port}               -> {}   once connected to 127.0.0.1:port (then [::1]:port);
+      a "refused" error when nobody listens. The request's id is the id of a lasting binary
+      stream (`executor_proto`): what the socket sends goes out as frames on it, frames the
+      server sends are written to the socket; an end frame is a half-close (the socket's EOF,
+      or `shutdown(SHUT_WR)` for the server's); a reset either way closes the socket.
 
-Back-pressure: the daemon stops reading a socket while more than WINDOW pushed bytes are not
-acknowledged (or its connection's output buffer is over PAUSE_AT), so the socket's own buffers
-hold the sandbox's server back; the server checks the window (a daemon past it is lying).
-A tunnel belongs to the connection that opened it and ends with it.
+Flow control is the protocol's credit: the daemon reads a socket only while the stream has
+credit left (and never more than that), so the socket's own buffers hold the sandbox's server
+back while the proxy's client is slow; what the server sends is taken from the stream's buffer
+(at most a window) only as fast as the socket accepts it. A tunnel ends with its connection.
 """
 
 from __future__ import annotations
 
 import _socket
-import binascii
 import errno
 import os
 
+import executor_proto as proto
 from executor_core import IN, LOOP, OUT, RequestError, Task, arg
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from executor import Connection
-    from executor_core import Message, Steps
+    from executor import Connection, Stream
+    from executor_core import Message, RequestId, Steps
 
 PORTS_MAX = 512
-CHUNK = 128 * 1024
-READ_MAX = 512 * 1024
-WINDOW = 2 * 1024 * 1024
-WRITE_LOW = 256 * 1024
-PAUSE_AT = 256 * 1024
+PAUSE_AT = 1024 * 1024
+"""Stop reading sockets while the connection has this much not yet written (the server is slow)."""
 MAX_TUNNELS = 512
 CONNECT_TIMEOUT = 5.0
 LISTEN = b"0A"
@@ -118,15 +112,18 @@ def _pgid(pid: int) -> int | None:
 
 
 class Tunnel:
-    """One TCP connection inside the sandbox, its bytes pushed to the server's connection."""
+    """One TCP connection inside the sandbox, carried on the server's stream `sid`.
 
-    def __init__(self, conn: Connection, tid: int, owner: Tunnels) -> None:
-        self.conn, self.tid, self.owner = conn, tid, owner
+    One task (`pump`) moves bytes both ways; epoll only says what the socket is ready for.
+    """
+
+    def __init__(self, conn: Connection, sid: int, owner: Tunnels) -> None:
+        self.conn, self.sid, self.owner = conn, sid, owner
+        self.stream: Stream = conn.accept_stream(sid)
         self.sock: _socket.socket | None = None
-        self.pending = bytearray()
-        self.sent = self.acked = 0
+        self.readable = self.writable = False
+        self.sent_end = self.shut = self.closed = False
         self.error = ""
-        self.connected = self.closed = self.eof = self.paused = False
 
     def connect(self, port: int) -> Steps:
         for host, family in (("127.0.0.1", _socket.AF_INET), ("::1", _socket.AF_INET6)):
@@ -140,99 +137,118 @@ class Tunnel:
             if code in (0, errno.EINPROGRESS):
                 self.sock, self.error = sock, ""
                 LOOP.watch(sock.fileno(), self.on_connect, OUT)
-                yield lambda: self.connected or bool(self.error) or self.closed, CONNECT_TIMEOUT
-                if self.connected:
-                    return {}
-                if not self.error:
-                    self.error = "timed out"
+                cancelled = yield lambda: self.writable or self.stream.reset, CONNECT_TIMEOUT
+                code = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
                 LOOP.unwatch(sock.fileno())
+                if cancelled or self.stream.reset:
+                    sock.close()
+                    self.close()
+                    raise RequestError("cancelled", "the tunnel was reset while connecting")
+                if self.writable and not code:
+                    sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+                    self.readable = False  # writable until a send says otherwise (then epoll tells)
+                    Task(None, None, "tunnel", self.pump())
+                    return {}
                 self.sock = None
+                self.error = os.strerror(code) if code else "timed out"
             else:
                 self.error = os.strerror(code)
             sock.close()
             if self.error != os.strerror(errno.ECONNREFUSED):
                 break
-        self.owner.forget(self)
+        self.close()
         raise RequestError("refused", f"cannot connect to port {port} in the sandbox: {self.error}")
 
     def on_connect(self, events: int) -> None:
-        assert self.sock is not None
-        code = self.sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
-        if code:
-            self.error = os.strerror(code)
-            return
-        self.connected = True
-        self.sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-        self.watch()
+        self.writable = True  # done, one way or the other: SO_ERROR says which
+        if self.sock is not None:
+            LOOP.unwatch(self.sock.fileno())
 
-    def watch(self) -> None:
+    def on_event(self, events: int) -> None:
+        self.readable = self.readable or bool(events & ~OUT)
+        self.writable = self.writable or bool(events & OUT)
+        self.arm()
+
+    def arm(self) -> None:
+        """Ask epoll only for what the pump waits on (level-triggered: else it would spin)."""
         if self.sock is None or self.closed:
             return
-        mask = (0 if self.eof or self.paused else IN) | (OUT if self.pending else 0)
+        mask = (0 if self.readable or self.sent_end else IN) | (
+            OUT if self.stream.buf and not self.writable else 0
+        )
         if mask:
             LOOP.watch(self.sock.fileno(), self.on_event, mask)
         else:
             LOOP.unwatch(self.sock.fileno())
 
-    def on_event(self, events: int) -> None:
-        if events & OUT and self.pending:
-            self.write(b"")
-        if events & ~OUT and not (self.eof or self.paused or self.closed):
-            self.read()
+    def due(self) -> bool:
+        stream, conn = self.stream, self.conn
+        return (
+            stream.reset
+            or not conn.open
+            or (self.sent_end and self.shut)
+            or (bool(stream.buf) and self.writable)
+            or (stream.ended and not stream.buf and not self.shut)
+            or (self.readable and conn.credit_left(self.sid) > 0 and len(conn.outbuf) <= PAUSE_AT)
+        )
 
-    def read(self) -> None:
-        """Push what the socket holds, READ_MAX at most per wake-up, in chunks of at most CHUNK."""
-        assert self.sock is not None
-        head = b'{"type":"tunnel_data","tunnel":%d,"data_b64":"' % self.tid
-        for _ in range(READ_MAX // CHUNK):
-            room = WINDOW - (self.sent - self.acked)
-            if room <= 0:
+    def pump(self) -> Steps:
+        self.arm()
+        while True:
+            yield self.due, None
+            if self.stream.reset or not self.conn.open or (self.sent_end and self.shut):
                 break
+            self.inbound()
+            self.outbound()
+            self.arm()
+        self.close()
+        return {}
+
+    def inbound(self) -> None:
+        """What the server sent, into the socket as far as it takes it; its end, a half-close."""
+        stream, sock = self.stream, self.sock
+        assert sock is not None
+        if stream.buf and self.writable:
             try:
-                # Never more than the window left: a read of a whole chunk could overrun it.
-                data = self.sock.recv(min(CHUNK, room))
+                n = sock.send(stream.buf)
             except BlockingIOError:
-                break
+                n = 0
+                self.writable = False
+            except OSError:  # the socket is gone: drop what comes (its end comes through the read side)
+                n = len(stream.buf)
+            del stream.buf[:n]
+            self.conn.consumed(self.sid, n)
+            if stream.buf:
+                self.writable = False
+        if stream.ended and not stream.buf and not self.shut:
+            self.shut = True
+            try:  # noqa: SIM105 (the daemon imports as little as it can: no contextlib)
+                sock.shutdown(_socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def outbound(self) -> None:
+        """What the socket holds, as frames within the stream's credit; its EOF (or failure), our end."""
+        conn, sock = self.conn, self.sock
+        assert sock is not None
+        while self.readable and len(conn.outbuf) <= PAUSE_AT:
+            room = min(conn.credit_left(self.sid), proto.FRAME_MAX)
+            if room <= 0:
+                return
+            try:
+                data = sock.recv(room)  # never more than the credit left
+            except BlockingIOError:
+                self.readable = False
+                return
             except OSError:
                 data = b""
             if not data:
-                self.eof = True
-                self.conn.send({"type": "tunnel_end", "tunnel": self.tid})
-                self.watch()
+                self.readable, self.sent_end = False, True
+                conn.end_stream(self.sid)
                 return
-            self.sent += len(data)
-            # Base64 needs no JSON escaping: the line is built as bytes, sparing a copy or two.
-            self.conn.outbuf += head + binascii.b2a_base64(data, newline=False) + b'"}\n'
-            full = self.sent - self.acked >= WINDOW or len(self.conn.outbuf) > PAUSE_AT
-            if full or len(data) < min(CHUNK, room):
-                break
-        self.conn.flush()
-        if self.sent - self.acked >= WINDOW or len(self.conn.outbuf) > PAUSE_AT:
-            self.paused = True
-            self.watch()
-            Task(None, None, "tunnel-resume", self.resume())
-
-    def resume(self) -> Steps:
-        def ready() -> bool:
-            return self.closed or (self.sent - self.acked < WINDOW and len(self.conn.outbuf) <= PAUSE_AT)
-
-        yield ready, None
-        self.paused = False
-        self.watch()
-        return {}
-
-    def write(self, data: bytes) -> None:
-        self.pending += data
-        if self.sock is None or self.closed:
-            self.pending.clear()
-            return
-        try:
-            del self.pending[: self.sock.send(self.pending)]
-        except BlockingIOError:
-            pass
-        except OSError:  # the peer went away: its end comes through the read side
-            self.pending.clear()
-        self.watch()
+            conn.send_frame(self.sid, data)
+            if len(data) < room:
+                self.readable = False
 
     def close(self) -> None:
         if not self.closed:
@@ -241,57 +257,29 @@ class Tunnel:
                 LOOP.unwatch(self.sock.fileno())
                 self.sock.close()
             self.owner.forget(self)
+            self.conn.drop_stream(self.sid)
 
 
 class Tunnels:
-    """The daemon's open tunnels, by (connection, tunnel id); `handle` carries out the requests."""
+    """The daemon's open tunnels, by (connection, stream id)."""
 
     def __init__(self) -> None:
         self.open: dict[tuple[int, int], Tunnel] = {}
 
     def forget(self, tunnel: Tunnel) -> None:
-        self.open.pop((id(tunnel.conn), tunnel.tid), None)
+        self.open.pop((id(tunnel.conn), tunnel.sid), None)
 
     def drop(self, conn: Connection) -> None:
         for tunnel in [t for t in self.open.values() if t.conn is conn]:
             tunnel.close()
 
-    def handle(self, op: str, req: Message, conn: Connection) -> Message | Steps:
-        tid = arg(req, "tunnel", int)
-        key = (id(conn), tid)
-        if op == "tunnel_open":
-            port = arg(req, "port", int)
-            if not 1 <= port <= 65535:
-                raise RequestError("bad_request", "port must be within 1..65535")
-            if key in self.open:
-                raise RequestError("bad_request", f"tunnel {tid} is already open")
-            if len(self.open) >= MAX_TUNNELS:
-                raise RequestError("bad_request", f"at most {MAX_TUNNELS} tunnels per sandbox")
-            opened = self.open[key] = Tunnel(conn, tid, self)
-            return opened.connect(port)
-        tunnel = self.open.get(key)
-        if op == "tunnel_close":
-            if tunnel is not None:
-                tunnel.close()
-            return {}
-        if tunnel is None:
-            raise RequestError("not_found", "no such tunnel")
-        if op == "tunnel_ack":
-            count = arg(req, "bytes", int)
-            tunnel.acked = min(tunnel.sent, tunnel.acked + max(count, 0))
-            return {}
-        if op == "tunnel_data":
-            data: str = arg(req, "data_b64", str)
-            if len(data) > (CHUNK + 2) // 3 * 4:
-                raise RequestError("bad_request", f"tunnel_data carries at most {CHUNK} bytes")
-            try:
-                tunnel.write(binascii.a2b_base64(data))
-            except binascii.Error:
-                raise RequestError("bad_request", "data_b64 is not base64") from None
-            return _drained(tunnel)
-        raise RequestError("bad_request", f"unknown op {op!r}")
-
-
-def _drained(tunnel: Tunnel) -> Steps:
-    yield lambda: len(tunnel.pending) < WRITE_LOW or tunnel.closed, None
-    return {}
+    def open_tunnel(self, req: Message, conn: Connection, rid: RequestId) -> Steps:
+        port = arg(req, "port", int)
+        if not 1 <= port <= 65535:
+            raise RequestError("bad_request", "port must be within 1..65535")
+        if not isinstance(rid, int) or isinstance(rid, bool) or not 1 <= rid <= proto.STREAM_MAX:
+            raise RequestError("bad_request", "a tunnel's request id must be a stream id")
+        if len(self.open) >= MAX_TUNNELS:
+            raise RequestError("bad_request", f"at most {MAX_TUNNELS} tunnels per sandbox")
+        opened = self.open[(id(conn), rid)] = Tunnel(conn, rid, self)
+        return opened.connect(port)
