@@ -227,7 +227,8 @@ class Sandbox(abc.ABC):
     async def open_tunnel(self, port: int) -> Tunnel:
         """A byte stream to 127.0.0.1:`port` inside the sandbox, through its executor's channel.
 
-        Raises `CrogiaError` (code `refused`) when nobody listens there.
+        Returns as soon as it is asked for (bytes written meanwhile follow the connection); its
+        `connected()` raises `CrogiaError` (code `refused`) when nobody listens there.
         """
 
     @abc.abstractmethod

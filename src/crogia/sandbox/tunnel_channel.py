@@ -9,7 +9,8 @@ resets), so at most one window of a tunnel's bytes is ever held here, whatever t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+from typing import TYPE_CHECKING, Any
 
 from crogia.errors import CrogiaError, Unavailable
 from crogia.sandbox.daemon import executor_proto as proto
@@ -28,8 +29,15 @@ class Tunnel:
     window = proto.WINDOW
     """The most bytes the daemon may have sent that this side has not consumed."""
 
-    def __init__(self, stream: ByteStream) -> None:
-        self._stream = stream
+    def __init__(self, stream: ByteStream, reply: asyncio.Future[dict[str, Any]]) -> None:
+        self._stream, self._reply = stream, reply
+
+    async def connected(self) -> None:
+        """Once the daemon has connected; its `CrogiaError` (code `refused`: nobody listens) if not.
+
+        Bytes written before this follow the connection (the daemon holds them meanwhile).
+        """
+        await asyncio.shield(self._reply)
 
     @property
     def buffered(self) -> int:
@@ -61,11 +69,6 @@ class Tunnel:
 
 
 async def open_tunnel(client: ExecutorClient, port: int) -> Tunnel:
-    """A tunnel to `port` inside the sandbox; the daemon's error (nobody listens: "refused") as raised."""
+    """A tunnel to `port` inside the sandbox, at once: `Tunnel.connected()` says whether it connected."""
     stream, reply = await client.open_stream("tunnel_open", lasting=True, port=port)
-    try:
-        await reply
-    except BaseException:
-        await stream.reset()
-        raise
-    return Tunnel(stream)
+    return Tunnel(stream, reply)

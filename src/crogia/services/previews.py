@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -56,6 +57,9 @@ HOP_BY_HOP = frozenset(
 """RFC 9110 7.6.1: headers for one hop only (plus those `Connection` names), never forwarded."""
 FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-prefix"})
 PREVIEW_COOKIE = "crogia_preview_"
+POOL_PER_PORT, POOL_IDLE_SECONDS = 8, 4.0
+"""Kept-alive connections to one port of one sandbox, and how long one may idle (most servers
+keep one 5 s or more)."""
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -142,6 +146,7 @@ class PreviewService:
         self.processes = processes
         self._known: dict[str, frozenset[int]] = {}
         self._watcher: asyncio.Task[None] | None = None
+        self._pool = _Pool(POOL_PER_PORT, POOL_IDLE_SECONDS)
 
     # --- ports ---
 
@@ -156,6 +161,7 @@ class PreviewService:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
+        await self._pool.sweep(everything=True)
 
     async def _watch(self) -> None:
         while True:
@@ -169,6 +175,7 @@ class PreviewService:
 
     async def poll_once(self) -> None:
         """One look at the ports of every running session someone could care about."""
+        await self._pool.sweep()
         awake = {
             live.id: live for live in self.sessions.awake() if live.state == "running" and live.has_sandbox
         }
@@ -202,13 +209,22 @@ class PreviewService:
     # --- the proxy ---
 
     async def open(self, live: LiveSession, port: int) -> Tunnel:
-        """A tunnel to `port`; a 502 that says so when nobody listens there."""
+        """A connected tunnel to `port`; a 502 that says so when nobody listens there."""
+        tunnel = await live.sandbox.open_tunnel(port)
         try:
-            return await asyncio.wait_for(live.sandbox.open_tunnel(port), self.settings.preview_timeout)
+            await self._connected(tunnel, port)
+        except BaseException:
+            await tunnel.close()
+            raise
+        return tunnel
+
+    async def _connected(self, tunnel: Tunnel, port: int) -> None:
+        try:
+            await asyncio.wait_for(tunnel.connected(), self.settings.preview_timeout)
         except TimeoutError:
             raise UpstreamTimeout(f"Connecting to port {port} in the sandbox timed out.") from None
         except CrogiaError as exc:
-            if exc.context.get("code") == "refused" or getattr(exc, "code", "") == "refused":
+            if exc.context.get("code") == "refused":
                 raise SandboxError(
                     f"Nothing listens on port {port} in the sandbox ({exc.message}).", port=port
                 ) from None
@@ -225,25 +241,12 @@ class PreviewService:
         body: AsyncIterator[bytes],
         info: ClientInfo,
     ) -> Upstream:
-        """Send one request to `port` and return the response's head; its body streams after."""
-        tunnel = await self.open(live, port)
-        try:
-            return await self._exchange(tunnel, port, method, target, headers, body, info)
-        except BaseException:
-            await tunnel.close()
-            raise
+        """Send one request to `port` and return the response's head; its body streams after.
 
-    async def _exchange(
-        self,
-        tunnel: Tunnel,
-        port: int,
-        method: str,
-        target: str,
-        headers: Sequence[tuple[bytes, bytes]],
-        body: AsyncIterator[bytes],
-        info: ClientInfo,
-    ) -> Upstream:
-        conn = h11.Connection(h11.CLIENT)
+        A request without a body may go over a kept-alive connection from an earlier one (and
+        once more over a new one if the server had closed that meanwhile); one with a body always
+        gets a new connection, since a streamed body cannot be sent twice.
+        """
         out = upstream_headers(headers, port, info, ws=False)
         declared = any(name == b"content-length" for name, _ in out)
         chunked = any(name.lower() == b"transfer-encoding" for name, _ in headers)
@@ -251,11 +254,53 @@ class PreviewService:
             out.append((b"transfer-encoding", b"chunked"))
         elif not declared and method not in ("GET", "HEAD", "OPTIONS", "DELETE"):
             out.append((b"content-length", b"0"))
-        timeout = self.settings.preview_timeout
+        request = h11.Request(method=method, target=target, headers=out)
+        key = (live.id, port)
+        while True:
+            pooled = None if declared or chunked else await self._pool.take(key)
+            if pooled is not None:
+                tunnel, conn = pooled
+            else:
+                tunnel, conn = await live.sandbox.open_tunnel(port), h11.Connection(h11.CLIENT)
+            try:
+                exchange = _Exchange(self, key, tunnel, conn, fresh=pooled is None)
+                return await exchange.run(request, body if declared or chunked else None)
+            except _Stale:
+                await tunnel.close()  # the server had closed that kept-alive one: a new one
+            except BaseException:
+                await tunnel.close()
+                raise
+
+
+class _Stale(Exception):
+    """A kept-alive connection the sandbox's server had closed before our request reached it."""
+
+
+class _Exchange:
+    """One request and its response over one tunnel (`PreviewService.http`)."""
+
+    def __init__(
+        self,
+        service: PreviewService,
+        key: tuple[str, int],
+        tunnel: Tunnel,
+        conn: h11.Connection,
+        *,
+        fresh: bool,
+    ) -> None:
+        self.service, self.key, self.tunnel, self.conn, self.fresh = service, key, tunnel, conn, fresh
+        self.port = key[1]
+        self.settings = service.settings
+        self.heard = False
+
+    async def run(self, request: h11.Request, body: AsyncIterator[bytes] | None) -> Upstream:
+        conn, tunnel, port, timeout = self.conn, self.tunnel, self.port, self.settings.preview_timeout
         try:
             async with asyncio.timeout(timeout):
-                await tunnel.write(conn.send(h11.Request(method=method, target=target, headers=out)))
-                if declared or chunked:
+                await self._send(conn.send(request))
+                if self.fresh:
+                    await self.service._connected(tunnel, port)
+                if body is not None:
                     seen = 0
                     async for chunk in body:
                         seen += len(chunk)
@@ -263,9 +308,9 @@ class PreviewService:
                             limit = self.settings.request_max_bytes
                             raise TooLarge(f"The request body is over REQUEST_MAX_BYTES ({limit}).")
                         if chunk:
-                            await tunnel.write(conn.send(h11.Data(data=chunk)))
-                await tunnel.write(conn.send(h11.EndOfMessage()))
-                head = await self._head(conn, tunnel)
+                            await self._send(conn.send(h11.Data(data=chunk)))
+                await self._send(conn.send(h11.EndOfMessage()))
+                head = await self._head()
         except TimeoutError:
             raise UpstreamTimeout(
                 f"The server on port {port} in the sandbox did not answer within {timeout:g} s."
@@ -275,20 +320,31 @@ class PreviewService:
                 f"The server on port {port} in the sandbox sent a broken HTTP response: {exc}"
             ) from None
         except TunnelClosed:
+            if not self.fresh and not self.heard:
+                raise _Stale from None
             raise SandboxError(
                 f"The server on port {port} in the sandbox closed the connection without an answer."
             ) from None
-        return Upstream(
-            head.status_code, strip_hop_by_hop(head.headers.raw_items()), self._body(conn, tunnel, port)
-        )
+        return Upstream(head.status_code, strip_hop_by_hop(head.headers.raw_items()), self._body())
 
-    async def _head(self, conn: h11.Connection, tunnel: Tunnel) -> h11.Response:
+    async def _send(self, data: bytes | None) -> None:
+        if data:
+            try:
+                await self.tunnel.write(data)
+            except TunnelClosed:
+                if self.fresh:
+                    await self.service._connected(self.tunnel, self.port)  # refused says so
+                raise
+
+    async def _head(self) -> h11.Response:
+        conn = self.conn
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                data = await tunnel.read()
+                data = await self.tunnel.read()
                 if not data:  # closed (or reset) before a whole head: not "broken HTTP"
                     raise TunnelClosed("closed before a response")
+                self.heard = True
                 conn.receive_data(data)
                 continue
             if isinstance(event, h11.InformationalResponse):
@@ -299,7 +355,8 @@ class PreviewService:
                 raise TunnelClosed("closed before a response")
             raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
 
-    async def _body(self, conn: h11.Connection, tunnel: Tunnel, port: int) -> AsyncIterator[bytes]:
+    async def _body(self) -> AsyncIterator[bytes]:
+        conn, tunnel, kept = self.conn, self.tunnel, False
         try:
             while True:
                 event = conn.next_event()
@@ -308,14 +365,59 @@ class PreviewService:
                         conn.receive_data(await tunnel.read())
                 elif isinstance(event, h11.Data):
                     yield bytes(event.data)
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                elif isinstance(event, h11.EndOfMessage):
+                    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                        conn.start_next_cycle()
+                        kept = await self.service._pool.put(self.key, tunnel, conn)
+                    return
+                elif isinstance(event, h11.ConnectionClosed):
                     return
         except (h11.ProtocolError, TimeoutError, TunnelClosed) as exc:
             # The head is sent: all that is left is to cut the response short (the client sees it).
-            log.info("preview body from port %d cut short: %r", port, exc)
+            log.info("preview body from port %d cut short: %r", self.port, exc)
             raise
         finally:
+            if not kept:
+                await tunnel.close()
+
+
+class _Pool:
+    """Kept-alive connections to servers in sandboxes, by (session, port): a few each, for a while."""
+
+    def __init__(self, per_port: int, idle_seconds: float) -> None:
+        self.per_port, self.idle_seconds = per_port, idle_seconds
+        self._idle: dict[tuple[str, int], list[tuple[Tunnel, h11.Connection, float]]] = {}
+
+    async def take(self, key: tuple[str, int]) -> tuple[Tunnel, h11.Connection] | None:
+        idle = self._idle.get(key)
+        while idle:
+            tunnel, conn, since = idle.pop()
+            if not tunnel.ended and time.monotonic() - since < self.idle_seconds:
+                return tunnel, conn
             await tunnel.close()
+        self._idle.pop(key, None)
+        return None
+
+    async def put(self, key: tuple[str, int], tunnel: Tunnel, conn: h11.Connection) -> bool:
+        """Keep it (True), unless this port has enough kept already."""
+        idle = self._idle.setdefault(key, [])
+        if len(idle) >= self.per_port or tunnel.ended:
+            return False
+        idle.append((tunnel, conn, time.monotonic()))
+        return True
+
+    async def sweep(self, *, everything: bool = False) -> None:
+        """Close what has idled too long (or all of it)."""
+        now = time.monotonic()
+        for key, idle in list(self._idle.items()):
+            keep = [e for e in idle if not everything and not e[0].ended and now - e[2] < self.idle_seconds]
+            for entry in idle:
+                if entry not in keep:
+                    await entry[0].close()
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
 
 
 class WebSocketPeer(Protocol):
