@@ -57,6 +57,8 @@ HOP_BY_HOP = frozenset(
 """RFC 9110 7.6.1: headers for one hop only (plus those `Connection` names), never forwarded."""
 FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-prefix"})
 PREVIEW_COOKIE = "crogia_preview_"
+RAW_BODY_AT = 1 << 20
+"""A response body at least this long (declared) streams without h11, on a connection not kept."""
 POOL_PER_PORT, POOL_IDLE_SECONDS = 8, 4.0
 """Kept-alive connections to one port of one sandbox, and how long one may idle (most servers
 keep one 5 s or more)."""
@@ -256,15 +258,16 @@ class PreviewService:
             out.append((b"content-length", b"0"))
         request = h11.Request(method=method, target=target, headers=out)
         key = (live.id, port)
+        has_body = chunked or any(n == b"content-length" and v.strip() != b"0" for n, v in out)
         while True:
-            pooled = None if declared or chunked else await self._pool.take(key)
+            pooled = None if has_body else await self._pool.take(key)
             if pooled is not None:
                 tunnel, conn = pooled
             else:
                 tunnel, conn = await live.sandbox.open_tunnel(port), h11.Connection(h11.CLIENT)
             try:
                 exchange = _Exchange(self, key, tunnel, conn, fresh=pooled is None)
-                return await exchange.run(request, body if declared or chunked else None)
+                return await exchange.run(request, body if has_body else None)
             except _Stale:
                 await tunnel.close()  # the server had closed that kept-alive one: a new one
             except BaseException:
@@ -325,7 +328,10 @@ class _Exchange:
             raise SandboxError(
                 f"The server on port {port} in the sandbox closed the connection without an answer."
             ) from None
-        return Upstream(head.status_code, strip_hop_by_hop(head.headers.raw_items()), self._body())
+        length = _content_length(head) if request.method != b"HEAD" else None
+        raw = length is not None and length >= RAW_BODY_AT
+        body_iter = self._raw_body(length or 0) if raw else self._body()
+        return Upstream(head.status_code, strip_hop_by_hop(head.headers.raw_items()), body_iter)
 
     async def _send(self, data: bytes | None) -> None:
         if data:
@@ -379,6 +385,38 @@ class _Exchange:
         finally:
             if not kept:
                 await tunnel.close()
+
+    async def _raw_body(self, length: int) -> AsyncIterator[bytes]:
+        """A large body of known length, straight from the tunnel (h11 would copy it twice more)."""
+        tunnel, left = self.tunnel, length
+        try:
+            start, _ = self.conn.trailing_data  # what came behind the head
+            if start:
+                left -= len(start[:left])
+                yield start[:length]
+            while left > 0:
+                async with asyncio.timeout(self.settings.preview_timeout):
+                    chunk = await tunnel.read()
+                if not chunk:
+                    raise TunnelClosed(f"closed with {left} bytes of the body to come")
+                if len(chunk) > left:
+                    chunk = chunk[:left]
+                left -= len(chunk)
+                yield chunk
+        except (TimeoutError, TunnelClosed) as exc:
+            log.info("preview body from port %d cut short: %r", self.port, exc)
+            raise
+        finally:
+            await tunnel.close()  # not kept: what follows the body was never parsed
+
+
+def _content_length(head: h11.Response) -> int | None:
+    """The body's length when it is declared and there is one (h11 has checked the header)."""
+    if head.status_code < 200 or head.status_code in (204, 304):
+        return None
+    values = [v for name, v in head.headers.raw_items() if name.lower() == b"content-length"]
+    chunked = any(name.lower() == b"transfer-encoding" for name, _ in head.headers.raw_items())
+    return int(values[0]) if len(values) == 1 and not chunked else None
 
 
 class _Pool:
