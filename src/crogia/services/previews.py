@@ -57,6 +57,8 @@ HOP_BY_HOP = frozenset(
 """RFC 9110 7.6.1: headers for one hop only (plus those `Connection` names), never forwarded."""
 FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-prefix"})
 PREVIEW_COOKIE = "crogia_preview_"
+SHORT_BODY = 64 * 1024
+"""A response body declared this short is read whole before the answer starts (no stream)."""
 RAW_BODY_AT = 1 << 20
 """A response body at least this long (declared) streams without h11, on a connection not kept."""
 POOL_PER_PORT, POOL_IDLE_SECONDS = 8, 4.0
@@ -129,11 +131,11 @@ def _without_cookie(value: bytes) -> bytes:
 
 @dataclass(slots=True)
 class Upstream:
-    """A response head from the sandbox's server, and its body still to come."""
+    """A response head from the sandbox's server, and its body: still to come, or (short) all here."""
 
     status: int
     headers: Headers
-    body: AsyncIterator[bytes]
+    body: AsyncIterator[bytes] | bytes
 
 
 class PreviewService:
@@ -329,9 +331,12 @@ class _Exchange:
                 f"The server on port {port} in the sandbox closed the connection without an answer."
             ) from None
         length = _content_length(head) if request.method != b"HEAD" else None
+        headers = strip_hop_by_hop(head.headers.raw_items())
+        if length is not None and length <= SHORT_BODY:  # no stream to set up for a few bytes
+            parts = [part async for part in self._body()]
+            return Upstream(head.status_code, headers, b"".join(parts))
         raw = length is not None and length >= RAW_BODY_AT
-        body_iter = self._raw_body(length or 0) if raw else self._body()
-        return Upstream(head.status_code, strip_hop_by_hop(head.headers.raw_items()), body_iter)
+        return Upstream(head.status_code, headers, self._raw_body(length or 0) if raw else self._body())
 
     async def _send(self, data: bytes | None) -> None:
         if data:

@@ -170,8 +170,12 @@ async def preview(
         body=request.stream(),
         info=_info(request, session_id, port),
     )
-    response = StreamingResponse(upstream.body, status_code=upstream.status)
-    response.raw_headers = upstream.headers
+    response: Response
+    if isinstance(upstream.body, bytes):
+        response = Response(upstream.body, status_code=upstream.status)
+    else:
+        response = StreamingResponse(upstream.body, status_code=upstream.status)
+    response.raw_headers = upstream.headers  # the sandbox's own, Content-Length included
     return response
 
 
