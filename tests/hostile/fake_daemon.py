@@ -82,6 +82,8 @@ def lie_about_tunnels(sock, msg):
         sock.sendall(frame(rid, b"H" * 300_000))
     elif MODE == "tunnel_after_end":
         sock.sendall(frame(rid, b"HTTP/1.1 200 OK\r\n") + frame(rid, b"") + frame(rid, b"more"))
+    elif MODE == "tunnel_deaf":  # never reads its channel again: the server's writes back up
+        __import__("time").sleep(3600)
     elif MODE == "tunnel_flood":  # an honest head, then 64 MiB never waiting for credit
         sock.sendall(frame(rid, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (64 << 20)))
         block = frame(rid, b"H" * 65536)

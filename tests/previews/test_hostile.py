@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import make_settings
 from tests.hostile.support import new_session, rss_mb, use_fake_daemon
 from tests.previews.helpers import serve_app
+from tests.previews.test_bad_servers import LIMIT, raw_upload_to_a_deaf_server
 from tests.support.server import run_server
 
 
@@ -55,6 +56,20 @@ async def test_a_daemon_sending_past_its_credit_is_cut_off_in_bounded_memory(
                 assert time.monotonic() < deadline, "the flood past the window was not cut off"
                 await asyncio.sleep(0.02)  # polling a condition with a deadline
         assert rss_mb() - before < 100, "a flooding daemon grew the server"
+
+
+async def test_a_daemon_that_stops_reading_costs_only_that_request(
+    backend: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with run_server(make_settings(data_dir, backend, preview_timeout=1.0)) as server:
+        use_fake_daemon(monkeypatch, "tunnel_deaf")
+        bad = await new_session(server.client)
+        started = time.monotonic()
+        status = await raw_upload_to_a_deaf_server(server, f"/api/sessions/{bad}/ports/8000/upload")
+        assert status.startswith(b"HTTP/1.1 504"), status  # its writes backed up: given up, not hung
+        assert time.monotonic() - started < LIMIT
+        assert (await server.client.get("/api/health")).status_code == 200
+    # leaving `run_server` shut the server down: nothing of that request held it
 
 
 @pytest.mark.parametrize("mode", ["ports_range", "ports_many"])

@@ -59,6 +59,8 @@ class _Bucket:
         return False
 
 
+CLOSE_WAIT = 1.0
+"""Seconds `close()` lets what is queued for the daemon go out before it drops the connection."""
 SMALL_FRAME = 64 * 1024
 """A frame this short is written with its header in one piece."""
 CREDIT_BATCH = proto.WINDOW // 4
@@ -426,8 +428,9 @@ class ExecutorClient:
         """Close the connection; pending requests and open streams fail with `Unavailable`."""
         self._closed = True
         self._writer.close()
-        with contextlib.suppress(OSError):
-            await self._writer.wait_closed()
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(self._writer.wait_closed(), CLOSE_WAIT)
+        self._writer.transport.abort()  # a daemon that stopped reading would hold a close open forever
         self._reader_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader_task

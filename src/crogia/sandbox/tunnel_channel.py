@@ -10,6 +10,7 @@ resets), so at most one window of a tunnel's bytes is ever held here, whatever t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from crogia.errors import CrogiaError, Unavailable
@@ -17,6 +18,10 @@ from crogia.sandbox.daemon import executor_proto as proto
 
 if TYPE_CHECKING:
     from crogia.sandbox.executor_client import ByteStream, ExecutorClient
+
+
+CLOSE_WAIT = 1.0
+"""Seconds a tunnel's close waits for the daemon's channel to take the reset."""
 
 
 class TunnelClosed(Unavailable):
@@ -64,8 +69,14 @@ class Tunnel:
             raise TunnelClosed(exc.message) from None
 
     async def close(self) -> None:
-        """Close it: the daemon closes the socket (idempotent; never waits on the sandbox)."""
-        await self._stream.reset()
+        """Close it: the daemon closes the socket (idempotent; waits at most CLOSE_WAIT on the daemon).
+
+        The reset is queued before anything is awaited, so a daemon that stops reading its channel
+        costs this call CLOSE_WAIT, never a hang (a request's cleanup, or the server's shutdown).
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_WAIT):
+                await self._stream.reset()
 
 
 async def open_tunnel(client: ExecutorClient, port: int) -> Tunnel:

@@ -214,13 +214,19 @@ class PreviewService:
 
     async def open(self, live: LiveSession, port: int) -> Tunnel:
         """A connected tunnel to `port`; a 502 that says so when nobody listens there."""
-        tunnel = await live.sandbox.open_tunnel(port)
+        tunnel = await self._new_tunnel(live, port)
         try:
             await self._connected(tunnel, port)
         except BaseException:
             await tunnel.close()
             raise
         return tunnel
+
+    async def _new_tunnel(self, live: LiveSession, port: int) -> Tunnel:
+        try:  # asking waits on the daemon's channel: a daemon that stops reading it must not hang us
+            return await asyncio.wait_for(live.sandbox.open_tunnel(port), self.settings.preview_timeout)
+        except TimeoutError:
+            raise UpstreamTimeout(f"Connecting to port {port} in the sandbox timed out.") from None
 
     async def _connected(self, tunnel: Tunnel, port: int) -> None:
         try:
@@ -266,7 +272,7 @@ class PreviewService:
             if pooled is not None:
                 tunnel, conn = pooled
             else:
-                tunnel, conn = await live.sandbox.open_tunnel(port), h11.Connection(h11.CLIENT)
+                tunnel, conn = await self._new_tunnel(live, port), h11.Connection(h11.CLIENT)
             try:
                 exchange = _Exchange(self, key, tunnel, conn, fresh=pooled is None)
                 return await exchange.run(request, body if has_body else None)
