@@ -3,7 +3,7 @@
 Every byte goes through the sandbox's daemon channel (`Sandbox.open_tunnel`: a TCP stream the
 daemon opens to 127.0.0.1:port inside the sandbox), never over a network route from the server
 into the sandbox. The proxy speaks HTTP/1.1 over that stream with h11 (one request per tunnel),
-and WebSocket with websockets' sans-I/O client after the upgrade. Bodies stream both ways: the
+and WebSocket with websockets' sans-I/O client after the upgrade (`preview_ws`). Bodies stream both ways: the
 tunnel's stream credit (`crogia.sandbox.tunnel_channel`) holds the sandbox's server back while
 the client is slow, and a request body is written as the daemon credits it.
 
@@ -17,17 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import h11
-from websockets.client import ClientProtocol
-from websockets.frames import Frame, Opcode
-from websockets.http11 import Response as WsResponse
-from websockets.typing import Origin, Subprotocol
-from websockets.uri import parse_uri
 
 from crogia.bus import EventBus
 from crogia.config import Settings
@@ -36,6 +29,7 @@ from crogia.events import PortClosed, PortOpened
 from crogia.sandbox.base import PortState
 from crogia.sandbox.tunnel_channel import Tunnel, TunnelClosed
 from crogia.services.live import LiveSession
+from crogia.services.preview_pool import UpstreamPool
 from crogia.services.processes import ProcessService
 from crogia.services.sessions import SessionService
 
@@ -150,7 +144,7 @@ class PreviewService:
         self.processes = processes
         self._known: dict[str, frozenset[int]] = {}
         self._watcher: asyncio.Task[None] | None = None
-        self._pool = _Pool(POOL_PER_PORT, POOL_IDLE_SECONDS)
+        self._pool = UpstreamPool(POOL_PER_PORT, POOL_IDLE_SECONDS)
 
     # --- ports ---
 
@@ -428,196 +422,3 @@ def _content_length(head: h11.Response) -> int | None:
     values = [v for name, v in head.headers.raw_items() if name.lower() == b"content-length"]
     chunked = any(name.lower() == b"transfer-encoding" for name, _ in head.headers.raw_items())
     return int(values[0]) if len(values) == 1 and not chunked else None
-
-
-class _Pool:
-    """Kept-alive connections to servers in sandboxes, by (session, port): a few each, for a while."""
-
-    def __init__(self, per_port: int, idle_seconds: float) -> None:
-        self.per_port, self.idle_seconds = per_port, idle_seconds
-        self._idle: dict[tuple[str, int], list[tuple[Tunnel, h11.Connection, float]]] = {}
-
-    async def take(self, key: tuple[str, int]) -> tuple[Tunnel, h11.Connection] | None:
-        idle = self._idle.get(key)
-        while idle:
-            tunnel, conn, since = idle.pop()
-            if not tunnel.ended and time.monotonic() - since < self.idle_seconds:
-                return tunnel, conn
-            await tunnel.close()
-        self._idle.pop(key, None)
-        return None
-
-    async def put(self, key: tuple[str, int], tunnel: Tunnel, conn: h11.Connection) -> bool:
-        """Keep it (True), unless this port has enough kept already."""
-        idle = self._idle.setdefault(key, [])
-        if len(idle) >= self.per_port or tunnel.ended:
-            return False
-        idle.append((tunnel, conn, time.monotonic()))
-        return True
-
-    async def sweep(self, *, everything: bool = False) -> None:
-        """Close what has idled too long (or all of it)."""
-        now = time.monotonic()
-        for key, idle in list(self._idle.items()):
-            keep = [e for e in idle if not everything and not e[0].ended and now - e[2] < self.idle_seconds]
-            for entry in idle:
-                if entry not in keep:
-                    await entry[0].close()
-            if keep:
-                self._idle[key] = keep
-            else:
-                del self._idle[key]
-
-
-class WebSocketPeer(Protocol):
-    """The client's side of a proxied WebSocket (Starlette's `WebSocket` fits)."""
-
-    async def accept(self, subprotocol: str | None = None) -> None: ...
-
-    async def receive(self) -> Mapping[str, Any]: ...
-
-    async def send_text(self, data: str) -> None: ...
-
-    async def send_bytes(self, data: bytes) -> None: ...
-
-    async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
-
-
-class UpstreamRefused(SandboxError):
-    """The sandbox's server answered the WebSocket handshake with something other than 101."""
-
-
-async def _flush(protocol: ClientProtocol, tunnel: Tunnel, timeout: float | None = None) -> None:
-    """Write what the protocol has to send; a server that reads none of it for `timeout` s is given up."""
-    async with asyncio.timeout(timeout):
-        for data in protocol.data_to_send():
-            if data:
-                await tunnel.write(data)
-
-
-async def websocket_handshake(
-    tunnel: Tunnel,
-    port: int,
-    target: str,
-    headers: Sequence[tuple[bytes, bytes]],
-    info: ClientInfo,
-    *,
-    timeout: float,
-    max_size: int,
-) -> tuple[ClientProtocol, list[Frame]]:
-    """Open a WebSocket to the sandbox's server over `tunnel`: its protocol and the frames already read."""
-    names = {name.lower(): value.decode("latin-1") for name, value in headers}
-    offered = [
-        Subprotocol(p.strip()) for p in names.get(b"sec-websocket-protocol", "").split(",") if p.strip()
-    ]
-    origin = names.get(b"origin")
-    protocol = ClientProtocol(
-        parse_uri(f"ws://localhost:{port}{target}"),
-        origin=Origin(origin) if origin else None,
-        subprotocols=offered or None,
-        max_size=max_size,
-    )
-    request = protocol.connect()
-    for name, value in upstream_headers(headers, port, info, ws=True):
-        text = name.decode("latin-1")
-        if text not in ("host", "origin", "user-agent"):
-            request.headers[text] = value.decode("latin-1")
-    protocol.send_request(request)
-    try:
-        async with asyncio.timeout(timeout):
-            await _flush(protocol, tunnel)
-            while True:
-                data = await tunnel.read()
-                if data:
-                    protocol.receive_data(data)
-                else:
-                    protocol.receive_eof()
-                events = protocol.events_received()
-                if events or not data:
-                    break
-    except TimeoutError:
-        raise UpstreamTimeout(
-            f"The server on port {port} in the sandbox did not answer within {timeout:g} s."
-        ) from None
-    except TunnelClosed:
-        raise SandboxError(f"The server on port {port} in the sandbox closed the connection.") from None
-    if protocol.handshake_exc is not None or not events or not isinstance(events[0], WsResponse):
-        raise UpstreamRefused(
-            f"The server on port {port} in the sandbox refused the WebSocket: {protocol.handshake_exc}"
-        )
-    return protocol, [e for e in events[1:] if isinstance(e, Frame)]
-
-
-async def pump_websocket(
-    protocol: ClientProtocol, tunnel: Tunnel, peer: WebSocketPeer, early: list[Frame], *, timeout: float
-) -> None:
-    """Carry messages both ways until either side closes; closes the tunnel.
-
-    A server that stops reading holds a write up for at most `timeout` s: then both sides are
-    closed (1011), so a deaf server never wedges the proxy (or its shutdown)."""
-    closing = asyncio.Event()
-
-    async def upstream_to_client() -> None:
-        parts: list[bytes] = []
-        kind = Opcode.TEXT
-        pending = list(early)
-        while True:
-            for frame in pending:
-                if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
-                    kind, parts = frame.opcode, [bytes(frame.data)]
-                elif frame.opcode is Opcode.CONT:
-                    parts.append(bytes(frame.data))
-                elif frame.opcode is Opcode.CLOSE:
-                    await _flush(protocol, tunnel, timeout)
-                    code = protocol.close_rcvd.code if protocol.close_rcvd else 1000
-                    await peer.close(code if 1000 <= code < 5000 and code not in (1005, 1006, 1015) else 1000)
-                    return
-                else:
-                    continue
-                if frame.fin:
-                    message = b"".join(parts)
-                    parts = []
-                    if kind is Opcode.TEXT:
-                        await peer.send_text(message.decode("utf-8", "replace"))
-                    else:
-                        await peer.send_bytes(message)
-            await _flush(protocol, tunnel, timeout)  # pongs
-            data = await tunnel.read()
-            if not data:
-                protocol.receive_eof()
-                await peer.close(1011 if not closing.is_set() else 1000)
-                return
-            protocol.receive_data(data)
-            pending = [e for e in protocol.events_received() if isinstance(e, Frame)]
-
-    async def client_to_upstream() -> None:
-        while True:
-            message = await peer.receive()
-            if message["type"] == "websocket.disconnect":
-                closing.set()
-                code = message.get("code", 1000)
-                protocol.send_close(code if 1000 <= code < 5000 and code not in (1005, 1006, 1015) else 1000)
-                await _flush(protocol, tunnel, timeout)
-                return
-            if message.get("text") is not None:
-                protocol.send_text(message["text"].encode())
-            elif message.get("bytes") is not None:
-                protocol.send_binary(message["bytes"])
-            await _flush(protocol, tunnel, timeout)
-
-    try:
-        tasks = [
-            asyncio.create_task(upstream_to_client(), name="preview-ws-down"),
-            asyncio.create_task(client_to_upstream(), name="preview-ws-up"),
-        ]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-        for result in results:
-            if isinstance(result, Exception) and not isinstance(result, TunnelClosed | ConnectionError):
-                log.info("preview WebSocket on the sandbox's side ended: %r", result)
-    finally:
-        await tunnel.close()

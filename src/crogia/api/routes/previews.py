@@ -19,7 +19,8 @@ from crogia.api.errors import ERRORS, status_for
 from crogia.api.schemas import ErrorBody, PortList, PortPublic, PreviewLink
 from crogia.errors import CrogiaError, Unauthorized
 from crogia.runtime import Runtime
-from crogia.services.previews import ClientInfo, pump_websocket, websocket_handshake
+from crogia.services.preview_ws import pump_websocket, websocket_handshake
+from crogia.services.previews import ClientInfo
 
 log = logging.getLogger(__name__)
 
