@@ -28,6 +28,7 @@ SCRIPTS = [
     ("bench_grep_api.py", "grep_api.json"),
     ("bench_ws.py", "ws.json"),
     ("bench_terminal.py", "terminal.json"),
+    ("bench_preview.py", "preview.json"),
     ("bench_agent_turn.py", "agent_turn.json"),
     ("bench_memory.py", "memory.json"),
 ]

@@ -29,6 +29,8 @@ command -v iptables >/dev/null || missing+=(iptables)
 # The userns-remap test starts a dockerd of its own; bubblewrap's seccomp filter loads libseccomp.
 command -v dockerd >/dev/null || [[ " ${missing[*]} " == *" docker.io "* ]] || missing+=(docker.io)
 ldconfig -p | grep 'libseccomp\.so\.2' >/dev/null || missing+=(libseccomp2)
+# The preview tests open a signed link in a real browser.
+command -v chromium >/dev/null || missing+=(chromium)
 if ((${#missing[@]})); then
   [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null ||
     die "missing ${missing[*]}; install them (this needs root and apt-get)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,10 +14,12 @@ from starlette.types import Message, Scope
 from crogia import __version__
 from crogia.api import errors
 from crogia.api.limits import BodyLimit
+from crogia.api.preview_host import PreviewHost
 from crogia.api.routes import (
     conversation,
     files,
     health,
+    previews,
     processes,
     search,
     sessions,
@@ -61,8 +64,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.tokens = tokens
+    app.state.preview_key = settings.preview_link_key.encode() or secrets.token_bytes(32)
     errors.install(app)
-    routes = (health, sessions, tasks, conversation, processes, files, search, shell, shells, shells_ws, ws)
+    routes = (
+        health,
+        sessions,
+        tasks,
+        conversation,
+        processes,
+        files,
+        search,
+        shell,
+        shells,
+        shells_ws,
+        ws,
+        previews,
+    )
     for module in routes:
         app.include_router(module.router)
     app.add_middleware(
@@ -75,6 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_methods=["*"],
         allow_headers=["*"],
     )
+    if settings.preview_domain:
+        app.add_middleware(PreviewHost, domain=settings.preview_domain)
     return app
 
 

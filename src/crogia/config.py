@@ -113,6 +113,20 @@ class Settings(BaseSettings):
     terminal_scrollback_bytes: int = Field(262_144, ge=4096, le=16_777_216)
     """Recent output a terminal keeps for a client that (re)connects; a slow client loses the oldest."""
 
+    # --- previews (servers in the sandbox, see the README's Previews section) ---
+    preview_timeout: float = Field(30.0, gt=0)
+    """Seconds a server in the sandbox has to answer a proxied request (its head; then per read); 504."""
+    preview_poll_seconds: float = Field(1.5, gt=0)
+    """How often listening ports are read while someone could care (a stream client, a process)."""
+    preview_domain: str = ""
+    """With it, `{port}-{session_id}.PREVIEW_DOMAIN` (Host header) serves that preview at its root."""
+    preview_link_ttl: float = Field(300.0, gt=0)
+    """Seconds a signed preview link (`POST .../ports/{port}/link`) stays valid."""
+    preview_cookie_ttl: float = Field(43_200.0, gt=0)
+    """Seconds the cookie a signed link sets authorises its preview."""
+    preview_link_key: str = ""
+    """Key signing preview links and cookies; empty: a random one per start (links end with a restart)."""
+
     # --- trust ---
     api_tokens: str = ""
     """Comma-separated `tenant=token` pairs; empty disables authentication."""

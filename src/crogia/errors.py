@@ -69,5 +69,11 @@ class SandboxError(CrogiaError):
     code = "sandbox_error"
 
 
+class UpstreamTimeout(SandboxError):
+    """A server inside the sandbox did not answer in time (a preview)."""
+
+    code = "upstream_timeout"
+
+
 class ToolError(Exception):
     """A tool call failed; the message goes back to the model as text it can act on."""

@@ -96,6 +96,17 @@ class EgressBlocked(_Event):
     """What the sandbox was refused: a name it asked to resolve, or the `address:port` it tried."""
 
 
+class PortOpened(_Event):
+    type: Literal["port_opened"] = "port_opened"
+    port: int
+    """Something started listening on this TCP port inside the sandbox (see GET .../ports)."""
+
+
+class PortClosed(_Event):
+    type: Literal["port_closed"] = "port_closed"
+    port: int
+
+
 Event = Annotated[
     TaskStarted
     | TextDelta
@@ -108,7 +119,9 @@ Event = Annotated[
     | ErrorEvent
     | ProcessStarted
     | ProcessExited
-    | EgressBlocked,
+    | EgressBlocked
+    | PortOpened
+    | PortClosed,
     Field(discriminator="type"),
 ]
 

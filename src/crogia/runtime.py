@@ -18,6 +18,7 @@ from crogia.services.idle import IdleReaper
 from crogia.services.lifecycle import StopReason
 from crogia.services.live import LiveSession
 from crogia.services.pool import SandboxPool
+from crogia.services.previews import PreviewService
 from crogia.services.processes import ProcessService
 from crogia.services.sessions import SessionService
 from crogia.services.shell import ShellService
@@ -44,6 +45,7 @@ class Runtime:
     pool: SandboxPool
     reaper: IdleReaper
     terminals: TerminalService
+    previews: PreviewService
     _docker_checked: tuple[float, bool] = (float("-inf"), False)
     _docker_check: asyncio.Task[None] | None = None
     _warm_up: asyncio.Task[None] | None = None
@@ -74,8 +76,21 @@ class Runtime:
         tasks = TaskService(db, bus, sessions, shell, processes, agent)
         reaper = IdleReaper(sessions, tasks, processes, ttl=settings.session_idle_ttl)
         terminals = TerminalService(settings)
+        previews = PreviewService(settings, bus, sessions, processes)
         runtime = cls(
-            settings, db, bus, provider, sessions, processes, shell, tasks, agent, pool, reaper, terminals
+            settings,
+            db,
+            bus,
+            provider,
+            sessions,
+            processes,
+            shell,
+            tasks,
+            agent,
+            pool,
+            reaper,
+            terminals,
+            previews,
         )
         sessions.on_stop.append(runtime._end_tasks)
         sessions.on_sandbox.append(terminals.woke)
@@ -85,6 +100,7 @@ class Runtime:
             await sessions.reconcile()
             await pool.start()  # after reconcile, which removes the previous server's pool sandboxes
             reaper.start()
+            previews.start()
             runtime._warm_up = asyncio.create_task(agent.warm_up(), name="crogia-agent-warm-up")
         except BaseException:
             await runtime.close()
@@ -147,6 +163,7 @@ class Runtime:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         await asyncio.gather(*self._egress_events, return_exceptions=True)
+        await self.previews.close()
         await self.tasks.close()
         await self.reaper.close()  # after the tasks: their ends are activity too
         await self.agent.aclose()

@@ -63,6 +63,54 @@ def misbehave(sock, rid, op):
         sock.sendall(reply(rid, exit_code=0, output="after the flood\n", timed_out=False, truncated=False))
 
 
+def frame(stream, data, length=None):
+    """A binary frame (protocol 4): 0x00, stream id, length, bytes."""
+    size = len(data) if length is None else length
+    return b"\x00" + stream.to_bytes(4, "big") + size.to_bytes(4, "big") + data
+
+
+def lie_about_tunnels(sock, msg):
+    """`tunnel_open` believed, then frames no honest daemon sends (the tunnel modes)."""
+    rid = msg.get("id")
+    if msg.get("op") == "ports":
+        entry = {"port": 70000 if MODE == "ports_range" else 80, "address": "0.0.0.0", "pid": None}
+        return sock.sendall(reply(rid, ports=[entry] * (1 if MODE == "ports_range" else 100_000)))
+    if msg.get("op") != "tunnel_open":
+        return sock.sendall(reply(rid))
+    sock.sendall(reply(rid))
+    if MODE == "tunnel_big":  # a frame over FRAME_MAX (256 KiB)
+        sock.sendall(frame(rid, b"H" * 300_000))
+    elif MODE == "tunnel_after_end":
+        sock.sendall(frame(rid, b"HTTP/1.1 200 OK\r\n") + frame(rid, b"") + frame(rid, b"more"))
+    elif MODE == "tunnel_deaf":  # never reads its channel again: the server's writes back up
+        __import__("time").sleep(3600)
+    elif MODE == "tunnel_flood":  # an honest head, then 64 MiB never waiting for credit
+        sock.sendall(frame(rid, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (64 << 20)))
+        block = frame(rid, b"H" * 65536)
+        for _ in range(1024):
+            sock.sendall(block)
+
+
+def messages(sock):
+    """The JSON lines the server sends, skipping its binary frames (protocol 4)."""
+    buf = b""
+    while True:
+        while buf[:1] == b"\x00" and len(buf) >= 9:
+            end = 9 + int.from_bytes(buf[5:9], "big")
+            if len(buf) < end:
+                break
+            buf = buf[end:]
+        line, newline, rest = buf.partition(b"\n")
+        if newline and not buf.startswith(b"\x00"):
+            buf = rest
+            yield json.loads(line)
+            continue
+        data = sock.recv(1 << 16)
+        if not data:
+            return
+        buf += data
+
+
 def main():
     sock, secret = connect(sys.argv[1:])
     if secret is not None:
@@ -70,10 +118,11 @@ def main():
         import executor_proto
 
         sock.sendall((json.dumps(executor_proto.hello(secret, os.getpid())) + "\n").encode())
-    for line in sock.makefile("rb"):
-        msg = json.loads(line)
+    for msg in messages(sock):
         rid, op = msg.get("id"), msg.get("op")
-        if op in ("exec", "spawn"):
+        if MODE.startswith(("tunnel_", "ports_")) and op not in ("ping", "list", "exec", "spawn"):
+            lie_about_tunnels(sock, msg)
+        elif op in ("exec", "spawn"):
             misbehave(sock, rid, op)
         elif op == "ping":
             sock.sendall(reply(rid, version=1, pid=os.getpid()))

@@ -200,7 +200,9 @@ def test_api_conforms_to_its_schema(case: Case, live: Live) -> None:
     real = live.substitute(case)
     response = case.call(base_url=live.api.base_url, timeout=30)
     live.record(case, response.status_code, real)
-    case.validate_response(response, checks=CHECKS)
+    # A preview answers for the app in the sandbox: a 502 "nothing listens on that port" is its answer.
+    preview = "/ports/{port}/" in case.path
+    case.validate_response(response, checks=[c for c in CHECKS if not (preview and c is not_a_server_error)])
 
 
 def test_every_operation_reached_its_handler(live: Live) -> None:
@@ -216,6 +218,7 @@ def test_every_operation_reached_its_handler(live: Live) -> None:
     shallow = {op: answers for op, answers in statuses.items() if op in deep and not answers - refused}
     assert not shallow, f"never past the session lookup: {shallow}"
     succeeded = {op for op in deep if any(200 <= status < 300 for status in statuses[op])}
-    assert deep - succeeded <= NEED_A_GUESSED_PATH | {CANCEL}, deep - succeeded
+    previews = {op for op in deep if "/ports/{port}/" in op}  # need a server in the sandbox (tests/previews)
+    assert deep - succeeded <= NEED_A_GUESSED_PATH | {CANCEL} | previews, deep - succeeded
     assert 409 in statuses[CANCEL]  # the real task has finished: cancelling it is a conflict
     print(f"schemathesis: {len(operations)} operations, {sum(live.calls.values())} requests")

@@ -22,6 +22,8 @@ class ProcessView:
     log: str
     """Log path inside the sandbox."""
     exit_code: int | None = None
+    ports: tuple[int, ...] = ()
+    """TCP ports it (or a child of it) listens on inside the sandbox."""
 
 
 class ToolHost(Protocol):

@@ -16,6 +16,7 @@ from crogia.store.tables import SessionRow
 DEFAULT_TENANT = "default"
 
 _bearer = HTTPBearer(auto_error=False, description="A token from API_TOKENS (when set).")
+bearer = _bearer
 
 
 def tenant_for(tokens: dict[str, str], token: str | None) -> str:

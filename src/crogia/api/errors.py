@@ -20,6 +20,7 @@ from crogia.errors import (
     TooLarge,
     Unauthorized,
     Unavailable,
+    UpstreamTimeout,
 )
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ STATUS: dict[type[CrogiaError], int] = {
     TooLarge: 413,
     SandboxError: 502,
     Unavailable: 503,
+    UpstreamTimeout: 504,
 }
 
 

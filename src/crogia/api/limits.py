@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 STREAMED_UPLOAD = "/files/raw"
+PREVIEW = re.compile(r"/api/sessions/[^/]+/ports/\d+/")
+"""Proxied to the sandbox as they arrive (previews): streamed too."""
 
 
 class BodyLimit:
@@ -23,6 +26,7 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         streamed = scope["method"] == "PUT" and scope["path"].endswith(STREAMED_UPLOAD)
+        streamed = streamed or PREVIEW.match(scope["path"]) is not None
         limit = self.max_bytes if streamed else self.json_max_bytes
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

@@ -362,3 +362,25 @@ class Health(_Model):
     """The sandboxes' seccomp filter: "default" (Docker's), "crogia" (ours), "off", "unknown"."""
     transport: str = "unix"
     """How the server reaches the sandboxes' daemons: "unix" (a socket) or "tcp" (SANDBOX_TRANSPORT)."""
+
+
+class PortPublic(_Model):
+    port: int
+    url: str
+    """The preview URL of this port (`.../ports/{port}/`, or its own host with PREVIEW_DOMAIN)."""
+    address: str
+    """The address it listens on inside the sandbox (`0.0.0.0`, `127.0.0.1`, `::`...)."""
+    pid: int | None = None
+    """A process holding the socket, when the sandbox could tell."""
+    process: int | None = None
+    """The pid of the session's background process (`start_process`) it belongs to, if any."""
+
+
+class PortList(_Model):
+    ports: list[PortPublic]
+
+
+class PreviewLink(_Model):
+    url: str
+    """Open it in a browser: it sets a cookie for this preview and redirects to the clean URL."""
+    expires: datetime

@@ -25,6 +25,7 @@ from crogia.sandbox.egress import EgressPolicy
 if TYPE_CHECKING:
     from crogia.sandbox.pty_channel import PtyListener
     from crogia.sandbox.quota import WorkspaceDisks
+    from crogia.sandbox.tunnel_channel import Tunnel
 
 WORKDIR = "/workspace"
 """Where the session's workspace appears inside every sandbox."""
@@ -170,6 +171,17 @@ OutputListener = Callable[[str], None]
 """Called with each decoded chunk of a streaming command's output."""
 
 
+@dataclass(frozen=True, slots=True)
+class PortState:
+    """A TCP port something listens on inside a sandbox."""
+
+    port: int
+    address: str
+    pid: int | None
+    pgid: int | None = None
+    """The owner's process group: a background process's pid when it (or a child of it) listens."""
+
+
 class Sandbox(abc.ABC):
     """One session's sandbox. Obtain it from a `SandboxProvider`; never construct directly."""
 
@@ -234,6 +246,18 @@ class Sandbox(abc.ABC):
     @abc.abstractmethod
     async def pty_close(self, tid: int, *, grace: float) -> int | None:
         """SIGHUP every process the terminal started, SIGKILL after `grace`; its exit code if known."""
+
+    @abc.abstractmethod
+    async def ports(self, *, owners: bool = True) -> list[PortState]:
+        """The TCP ports something listens on inside the sandbox (with its pid when `owners` and known)."""
+
+    @abc.abstractmethod
+    async def open_tunnel(self, port: int) -> Tunnel:
+        """A byte stream to 127.0.0.1:`port` inside the sandbox, through its executor's channel.
+
+        Returns as soon as it is asked for (bytes written meanwhile follow the connection); its
+        `connected()` raises `CrogiaError` (code `refused`) when nobody listens there.
+        """
 
     @abc.abstractmethod
     def set_exit_listener(self, listener: ExitListener | None) -> None:

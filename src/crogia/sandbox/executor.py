@@ -24,6 +24,7 @@ from crogia.sandbox.base import (
     ExitListener,
     HostPaths,
     OutputListener,
+    PortState,
     ProcessHandle,
     ProcessState,
     Sandbox,
@@ -34,6 +35,7 @@ from crogia.sandbox.channel import Channel
 from crogia.sandbox.daemon import executor_proto as proto
 from crogia.sandbox.executor_client import ExecutorClient as ExecutorClient
 from crogia.sandbox.pty_channel import PtyListener
+from crogia.sandbox.tunnel_channel import Tunnel, open_tunnel
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +246,19 @@ class ExecutorSandbox(Sandbox):
             ProcessState(pid=p["pid"], running=p["running"], exit_code=p["exit_code"])
             for p in reply["processes"]
         ]
+
+    async def ports(self, *, owners: bool = True) -> list[PortState]:
+        reply = await self._call("ports", owners=owners, allow=1 << 20)
+        return [
+            PortState(port=p["port"], address=p["address"], pid=p["pid"], pgid=p["pgid"])
+            for p in reply["ports"]
+        ]
+
+    async def open_tunnel(self, port: int) -> Tunnel:
+        if self._client is not None and self._client.closed:
+            await self._reconnect()  # its connection was reset (a daemon that broke the protocol)
+        client = await self._client_for_pty()
+        return await open_tunnel(client, port)
 
     # --- terminals (message shapes: `pty_channel`) ---
 

@@ -59,8 +59,10 @@ class _Bucket:
         return False
 
 
-SMALL_FRAME = 16 * 1024
-"""Frames up to this size are copied behind their header and sent in one write; larger ones are not."""
+CLOSE_WAIT = 1.0
+"""Seconds `close()` lets what is queued for the daemon go out before it drops the connection."""
+SMALL_FRAME = 64 * 1024
+"""A frame this short is written with its header in one piece."""
 CREDIT_BATCH = proto.WINDOW // 4
 """Consumed bytes of a stream credited back in one message (the sender has the rest of its window)."""
 
@@ -88,6 +90,16 @@ class ByteStream:
         self._their_end = self._our_end = False
         self._error: CrogiaError | None = None
         self._aborted = False
+
+    @property
+    def held(self) -> int:
+        """Bytes received and not yet read."""
+        return self._held
+
+    @property
+    def their_end(self) -> bool:
+        """The daemon sent its end of the stream."""
+        return self._their_end
 
     @property
     def over(self) -> bool:
@@ -339,11 +351,11 @@ class ExecutorClient:
     def _send_frame(self, sid: int, data: bytes | memoryview) -> None:
         if self._closed:
             raise Unavailable("the connection to the sandbox's executor is closed")
-        if len(data) <= SMALL_FRAME:  # one write, one wake-up of the daemon (a keystroke)
-            self._writer.write(proto.frame_header(sid, len(data)) + data)
-            return
-        self._writer.write(proto.frame_header(sid, len(data)))
-        self._writer.write(data)
+        header = proto.frame_header(sid, len(data))
+        if len(data) <= SMALL_FRAME:  # one write, one wake-up of the daemon (copying it costs less)
+            self._writer.write(header + data)
+        else:
+            self._writer.writelines((header, data))
 
     async def _drain(self) -> None:
         try:
@@ -428,8 +440,9 @@ class ExecutorClient:
         """Close the connection; pending requests and open streams fail with `Unavailable`."""
         self._closed = True
         self._writer.close()
-        with contextlib.suppress(OSError):
-            await self._writer.wait_closed()
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(self._writer.wait_closed(), CLOSE_WAIT)
+        self._writer.transport.abort()  # a daemon that stopped reading would hold a close open forever
         self._reader_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader_task

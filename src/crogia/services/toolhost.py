@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from crogia.agent.host import ProcessView
+from crogia.errors import CrogiaError
 from crogia.sandbox.base import ExecResult
 from crogia.services.processes import ProcessService
 from crogia.services.sessions import LiveSession
@@ -37,7 +40,19 @@ class SessionToolHost:
         return process_view(await self._processes.stop(self._live, pid))
 
     async def list_processes(self) -> list[ProcessView]:
-        return [process_view(row) for row in await self._processes.list(self._live.id)]
+        rows = await self._processes.list(self._live.id)
+        by_owner: dict[int, list[int]] = {}
+        if any(row.status == "running" for row in rows):
+            try:
+                for port in await self._live.sandbox.ports(owners=True):
+                    for owner in {port.pgid, port.pid} - {None}:
+                        by_owner.setdefault(owner or 0, []).append(port.port)
+            except CrogiaError:
+                pass  # the listing without ports is still worth giving
+        return [
+            dataclasses.replace(process_view(row), ports=tuple(sorted(by_owner.get(row.pid, ()))))
+            for row in rows
+        ]
 
     async def tail_log(self, pid: int, lines: int = 50) -> str:
         return await self._processes.logs(self._live, pid, lines=lines)

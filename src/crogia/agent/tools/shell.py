@@ -48,7 +48,11 @@ async def list_processes(ctx: ToolContext, args: dict[str, Any]) -> str:
     views = await ctx.host.list_processes()
     if not views:
         return "No processes were started in this session."
-    return "\n".join(f"pid {v.pid}\t{v.status}{_exit(v)}\t{v.cmd}" for v in views)
+    return "\n".join(f"pid {v.pid}\t{v.status}{_exit(v)}{_ports(v)}\t{v.cmd}" for v in views)
+
+
+def _ports(view: ProcessView) -> str:
+    return "\tlistening on port " + ", ".join(map(str, view.ports)) if view.ports else ""
 
 
 async def tail_log(ctx: ToolContext, args: dict[str, Any]) -> str:
@@ -88,7 +92,12 @@ SHELL_TOOLS = (
         {"pid": _PID},
         stop_process,
     ),
-    Tool("list_processes", "List this session's background processes with their status.", {}, list_processes),
+    Tool(
+        "list_processes",
+        "List this session's background processes with their status and the TCP ports they listen on.",
+        {},
+        list_processes,
+    ),
     Tool(
         "tail_log",
         "The last lines of a background process's combined stdout/stderr log.",

@@ -54,6 +54,7 @@ Ops and their values:
   list                                          -> {processes: [{pid, cmd, log, running, exit_code,
                                                     started, ended}]}  (times are epoch seconds)
   pty_open, pty_resize, pty_close    interactive terminals (bytes on pty_open's stream): executor_pty.py
+  ports, tunnel_open                 listening ports, and TCP streams on binary streams: executor_net.py
 
 Children get the daemon's own environment plus LANG=C.UTF-8, a default PATH and HOME (and TERM
 under a tty), overridden by the request's `env`. A bad request never stops the daemon.
@@ -73,6 +74,7 @@ Modules (one folder, mounted read-only at /opt/crogia; they import each other by
   executor_procs.py  children (spawn, reap, kill a group) and background processes
   executor_exec.py   the `exec` op: run, capture head and tail, stream at a rate
   executor_pty.py    the `pty_*` ops: interactive terminals
+  executor_net.py    the `ports` and `tunnel_open` ops: listening ports, streams for previews
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ import executor_auth as auth
 import executor_proto as proto
 from executor_core import IN, LOOP, OUT, RequestError, Task, dumps, error_reply, loads, log
 from executor_exec import run_command
+from executor_net import Tunnels, listening
 from executor_procs import Background, Child
 from executor_pty import Terminals
 
@@ -398,6 +401,7 @@ class Daemon:
         self.dial_path, self.secret_file, self.listen_port = dial, secret_file, listen
         self.listener: _socket.socket | None = None
         self.terminals = Terminals()
+        self.tunnels = Tunnels()
         self.stopping = False
 
     def broadcast(self, msg: Message) -> None:
@@ -430,6 +434,7 @@ class Daemon:
 
     def lost(self, conn: Connection) -> None:
         """A connection ended: dial the server again, wait for it to dial (TCP), or (fd) stop."""
+        self.tunnels.drop(conn)
         if self.listen_port:
             return
         if not self.dial_path:
@@ -506,6 +511,8 @@ OPS: dict[str, Callable[[Daemon, Message, Connection, RequestId], Message | Step
     "pty_open": lambda d, req, conn, rid: d.terminals.handle("pty_open", req, conn, rid),
     "pty_resize": lambda d, req, conn, rid: d.terminals.handle("pty_resize", req, conn),
     "pty_close": lambda d, req, conn, rid: d.terminals.handle("pty_close", req, conn),
+    "ports": lambda d, req, conn, rid: {"ports": listening(req.get("owners") is not False)},
+    "tunnel_open": lambda d, req, conn, rid: d.tunnels.open_tunnel(req, conn, rid),
 }
 """The ops (`cancel` is the connection's own); a new one also gets its reply's shape in
 `executor_proto.RESULTS`, which the server checks."""

@@ -97,11 +97,21 @@ RESULTS: dict[str, dict[str, Field]] = {
     "pty_open": {"tid": PID},
     "pty_resize": {},
     "pty_close": {"exit_code": Field(int, 0, 255, optional=True)},
+    "ports": {"ports": Field(list)},
+    "tunnel_open": {},
 }
 """Values of a successful reply, by the op of its request."""
 
 PROCESS: dict[str, Field] = {"pid": PID, "running": FLAG, "exit_code": Field(int, -255, 255, optional=True)}
 """Each entry of `list`'s `processes` (other fields of an entry are dropped)."""
+
+PORTS_MAX = 512
+PORT: dict[str, Field] = {
+    "port": Field(int, 1, 65535),
+    "pid": Field(int, 1, PID_MAX, optional=True),
+    "pgid": Field(int, 1, PID_MAX, optional=True),
+}
+"""Each entry of `ports`'s `ports` (at most PORTS_MAX; `address` is kept when a short string)."""
 
 PUSHES: dict[str, dict[str, Field]] = {
     "chunk": {"id": Field(int, 0), "data": TEXT},
@@ -163,6 +173,18 @@ def check_result(op: str, msg: dict[str, Any]) -> dict[str, Any]:
         if not all(isinstance(entry, dict) for entry in entries):
             raise ProtocolError("field 'processes' must hold objects")
         values["processes"] = [check_fields(entry, PROCESS) for entry in entries]
+    elif op == "ports":
+        entries = values["ports"]
+        if len(entries) > PORTS_MAX or not all(isinstance(entry, dict) for entry in entries):
+            raise ProtocolError(f"field 'ports' must hold at most {PORTS_MAX} objects")
+        values["ports"] = [_port(entry) for entry in entries]
+    return values
+
+
+def _port(entry: dict[str, Any]) -> dict[str, Any]:
+    values = check_fields(entry, PORT)
+    address = entry.get("address")
+    values["address"] = address if isinstance(address, str) and len(address) <= 64 else ""
     return values
 
 

@@ -1,0 +1,153 @@
+"""Previews: a server in the sandbox reached through the preview proxy, against the same server reached
+directly inside the sandbox (a client started there with a command, so no proxy and no channel).
+
+* small GET: p50 of sequential `GET /` (keep-alive client) through `.../ports/8000/`, against the
+  same loop run by python3 inside the sandbox against 127.0.0.1:8000. Target: p50 overhead <= 2 ms.
+* download: 100 MB from the sandbox's server through the proxy, against the same download inside
+  the sandbox (both read by a plain loop: http.client there, an asyncio stream here; httpx's own
+  per-chunk cost would be the client's, not the proxy's). Target: >= 50% of direct.
+* concurrency: 100 clients at once, 5 requests each, through the proxy. Target: no errors.
+
+The server in the sandbox is `tests/previews/helpers.APP` (stdlib ThreadingHTTPServer). Writes
+bench/results/preview.json. Usage: `python bench/bench_preview.py [--smoke]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import httpx
+from tests.previews.helpers import APP
+
+from _common import Http, Row, backends, create_session, parse_args, percentile, report, server
+
+OVERHEAD_MS, RATIO, CLIENTS = 2.0, 0.5, 100
+
+DIRECT = r"""
+import http.client, json, sys, time
+n, size = int(sys.argv[1]), int(sys.argv[2])
+c = http.client.HTTPConnection("127.0.0.1", 8000)
+times = []
+for _ in range(n):
+    t = time.perf_counter()
+    c.request("GET", "/")
+    c.getresponse().read()
+    times.append(time.perf_counter() - t)
+t = time.perf_counter(); c.request("GET", f"/big/{size}"); r = c.getresponse(); got = 0
+while (b := r.read(1 << 16)):
+    got += len(b)
+rate = got / (time.perf_counter() - t)
+print(json.dumps({"times": times, "rate": rate, "got": got}))
+"""
+
+
+async def shell(http: Http, sid: str, cmd: str, timeout: float = 300) -> str:
+    status, body = await http.json("POST", f"/api/sessions/{sid}/shell", {"cmd": cmd, "timeout": timeout})
+    assert status == 200, body
+    output: str = body["output"]
+    return output
+
+
+async def download(port: int, path: str) -> int:
+    """Body bytes of one GET, read as plainly as the direct side's http.client loop does."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        got = 0
+        while got < length and (data := await reader.read(1 << 20)):
+            got += len(data)
+        return got
+    finally:
+        writer.close()
+
+
+async def wait_port(http: Http, sid: str, port: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        _, body = await http.json("GET", f"/api/sessions/{sid}/ports")
+        if any(p["port"] == port for p in body["ports"]):
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"nothing listened on {port}")
+
+
+async def measure(backend: str, n: int, size: int) -> dict[str, float | int]:
+    async with server(backend) as srv, Http(srv.port) as http:
+        sid = (await create_session(http))["session_id"]
+        for path, content in (("app.py", APP), ("direct.py", DIRECT)):
+            status, _ = await http.json(
+                "POST", f"/api/sessions/{sid}/files/content", {"path": path, "content": content}
+            )
+            assert status == 200
+        status, _ = await http.json("POST", f"/api/sessions/{sid}/processes", {"cmd": "python3 app.py 8000"})
+        assert status == 200
+        await wait_port(http, sid, 8000)
+        prefix = f"/api/sessions/{sid}/ports/8000"
+        direct = json.loads(await shell(http, sid, f"python3 direct.py {n} {size}"))
+        ours = []
+        for _ in range(n):
+            started = time.perf_counter()
+            status, _ = await http.request("GET", prefix + "/")
+            ours.append(time.perf_counter() - started)
+            assert status == 200
+        base = f"http://127.0.0.1:{srv.port}{prefix}"
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=CLIENTS)) as client:
+            started = time.perf_counter()
+            got = await download(srv.port, f"{prefix}/big/{size}")
+            rate = got / (time.perf_counter() - started)
+            assert got == size == direct["got"], (got, direct["got"])
+
+            async def one_client() -> int:
+                errors = 0
+                for _ in range(5):
+                    try:
+                        answer = await client.get(f"{base}/")
+                        errors += answer.status_code != 200
+                    except httpx.HTTPError:
+                        errors += 1
+                return errors
+
+            started = time.perf_counter()
+            errors = sum(await asyncio.gather(*(one_client() for _ in range(CLIENTS))))
+            concurrent_s = time.perf_counter() - started
+        return {
+            "ours_p50_ms": round(percentile(ours, 50) * 1000, 3),
+            "direct_p50_ms": round(percentile(direct["times"], 50) * 1000, 3),
+            "ours_mb_s": round(rate / 1e6, 1),
+            "direct_mb_s": round(direct["rate"] / 1e6, 1),
+            "errors": errors,
+            "concurrent_s": round(concurrent_s, 2),
+        }
+
+
+async def main() -> None:
+    args = parse_args(__doc__)
+    n, size = (30, 4 << 20) if args.smoke else (300, 100 << 20)
+    rows, extra = [], {}
+    only = os.environ.get("BENCH_BACKENDS")
+    for backend in only.split(",") if only else backends():
+        m = await measure(backend, n, size)
+        overhead = round(float(m["ours_p50_ms"]) - float(m["direct_p50_ms"]), 3)
+        rows.append(Row(f"preview small GET p50 ({backend})", m["ours_p50_ms"], "ms",
+                        f"overhead <= {OVERHEAD_MS:g} ms", overhead <= OVERHEAD_MS, m["direct_p50_ms"],
+                        "direct, inside the sandbox", extra={"overhead_ms": overhead}))  # fmt: skip
+        ratio = round(float(m["ours_mb_s"]) / max(float(m["direct_mb_s"]), 1e-6), 3)
+        rows.append(Row(f"preview {size >> 20} MB download ({backend})", m["ours_mb_s"], "MB/s",
+                        f">= {RATIO:.0%} of direct", ratio >= RATIO, m["direct_mb_s"],
+                        "direct, inside the sandbox", ratio))  # fmt: skip
+        rows.append(Row(f"preview {CLIENTS} concurrent clients x 5 GETs: errors ({backend})", m["errors"],
+                        "errors", "0", m["errors"] == 0, extra={"seconds": m["concurrent_s"]}))  # fmt: skip
+        extra[f"raw_{backend}"] = m
+    report("preview", rows, smoke=args.smoke, requests=n, download_bytes=size, **extra)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

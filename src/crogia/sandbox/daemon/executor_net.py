@@ -1,0 +1,285 @@
+"""The `ports` and `tunnel_open` ops: what listens inside the sandbox, and byte streams to it for the server.
+
+Part of the executor daemon (`executor.py` says how it fits). The message shapes live here and
+nowhere else on this side (the server's half is `crogia.sandbox.tunnel_channel`):
+
+  ports {owners?}                  -> {ports: [{port, address, pid, pgid}]}  TCP LISTEN sockets
+      from /proc/net/tcp and tcp6, one entry a port (at most PORTS_MAX); pid: a process holding
+      the socket, pgid its process group (found through /proc/*/fd when `owners`, else null;
+      null when it cannot tell).
+  tunnel_open {port}               -> {}   once connected to 127.0.0.1:port (then [::1]:port);
+      a "refused" error when nobody listens. The request's id is the id of a lasting binary
+      stream (`executor_proto`): what the socket sends goes out as frames on it, frames the
+      server sends are written to the socket; an end frame is a half-close (the socket's EOF,
+      or `shutdown(SHUT_WR)` for the server's); a reset either way closes the socket.
+
+Flow control is the protocol's credit: the daemon reads a socket only while the stream has
+credit left (and never more than that), so the socket's own buffers hold the sandbox's server
+back while the proxy's client is slow; what the server sends is taken from the stream's buffer
+(at most a window) only as fast as the socket accepts it. A tunnel ends with its connection.
+"""
+
+from __future__ import annotations
+
+import _socket
+import errno
+import os
+
+import executor_proto as proto
+from executor_core import IN, LOOP, OUT, RequestError, Task, arg
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from executor import Connection, Stream
+    from executor_core import Message, RequestId, Steps
+
+PORTS_MAX = 512
+PAUSE_AT = 1024 * 1024
+"""Stop reading sockets while the connection has this much not yet written (the server is slow)."""
+MAX_TUNNELS = 512
+CONNECT_TIMEOUT = 5.0
+LISTEN = b"0A"
+
+
+def _address(hex_addr: bytes) -> str:
+    raw = bytes.fromhex(hex_addr.decode())
+    if len(raw) == 4:
+        return _socket.inet_ntop(_socket.AF_INET, raw[::-1])
+    # tcp6: four 32-bit words, each in host (little-endian) order
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+    return _socket.inet_ntop(_socket.AF_INET6, words)
+
+
+def _owners(inodes: set[int]) -> dict[int, int]:
+    """inode -> pid of a process holding that socket (readable /proc/*/fd only)."""
+    found: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or len(found) == len(inodes):
+            continue
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{name}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inode = int(target[8:-1])
+                if inode in inodes and inode not in found:
+                    found[inode] = int(name)
+    return found
+
+
+def listening(owners: bool) -> list[Message]:
+    """The sandbox's TCP listening ports, by port; a wildcard address wins over a loopback one."""
+    by_port: dict[int, tuple[str, int]] = {}
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path, "rb") as f:
+                lines = f.read(16 << 20).split(b"\n")[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != LISTEN:
+                continue
+            try:
+                addr, _, port_hex = fields[1].partition(b":")
+                port, inode, address = int(port_hex, 16), int(fields[9]), _address(addr)
+            except ValueError:
+                continue
+            if port in by_port and by_port[port][0] in ("0.0.0.0", "::"):
+                continue
+            by_port[port] = (address, inode)
+    ports = sorted(by_port.items())[:PORTS_MAX]
+    pids = _owners({inode for _, (_, inode) in ports}) if owners and ports else {}
+    out = []
+    for port, (address, inode) in ports:
+        pid = pids.get(inode)
+        out.append({"port": port, "address": address, "pid": pid, "pgid": _pgid(pid) if pid else None})
+    return out
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rfind(b")") + 2 :].split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class Tunnel:
+    """One TCP connection inside the sandbox, carried on the server's stream `sid`.
+
+    One task (`pump`) moves bytes both ways; epoll only says what the socket is ready for.
+    """
+
+    def __init__(self, conn: Connection, sid: int, owner: Tunnels) -> None:
+        self.conn, self.sid, self.owner = conn, sid, owner
+        self.stream: Stream = conn.accept_stream(sid)
+        self.sock: _socket.socket | None = None
+        self.readable = self.writable = False
+        self.sent_end = self.shut = self.closed = False
+        self.error = ""
+
+    def connect(self, port: int) -> Steps:
+        for host, family in (("127.0.0.1", _socket.AF_INET), ("::1", _socket.AF_INET6)):
+            try:
+                sock = _socket.socket(family, _socket.SOCK_STREAM)
+            except OSError as exc:  # no IPv6 in this sandbox
+                self.error = exc.strerror or str(exc)
+                break
+            sock.setblocking(False)
+            code = sock.connect_ex((host, port))
+            if code in (0, errno.EINPROGRESS):
+                self.sock, self.error = sock, ""
+                LOOP.watch(sock.fileno(), self.on_connect, OUT)
+                cancelled = yield lambda: self.writable or self.stream.reset, CONNECT_TIMEOUT
+                code = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+                LOOP.unwatch(sock.fileno())
+                if cancelled or self.stream.reset:
+                    sock.close()
+                    self.close()
+                    raise RequestError("cancelled", "the tunnel was reset while connecting")
+                if self.writable and not code:
+                    sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+                    self.readable = False  # writable until a send says otherwise (then epoll tells)
+                    Task(None, None, "tunnel", self.pump())
+                    return {}
+                self.sock = None
+                self.error = os.strerror(code) if code else "timed out"
+            else:
+                self.error = os.strerror(code)
+            sock.close()
+            if self.error != os.strerror(errno.ECONNREFUSED):
+                break
+        self.close()
+        raise RequestError("refused", f"cannot connect to port {port} in the sandbox: {self.error}")
+
+    def on_connect(self, events: int) -> None:
+        self.writable = True  # done, one way or the other: SO_ERROR says which
+        if self.sock is not None:
+            LOOP.unwatch(self.sock.fileno())
+
+    def on_event(self, events: int) -> None:
+        self.readable = self.readable or bool(events & ~OUT)
+        self.writable = self.writable or bool(events & OUT)
+        self.arm()
+
+    def arm(self) -> None:
+        """Ask epoll only for what the pump waits on (level-triggered: else it would spin)."""
+        if self.sock is None or self.closed:
+            return
+        mask = (0 if self.readable or self.sent_end else IN) | (
+            OUT if self.stream.buf and not self.writable else 0
+        )
+        if mask:
+            LOOP.watch(self.sock.fileno(), self.on_event, mask)
+        else:
+            LOOP.unwatch(self.sock.fileno())
+
+    def due(self) -> bool:
+        stream, conn = self.stream, self.conn
+        return (
+            stream.reset
+            or not conn.open
+            or (self.sent_end and self.shut)
+            or (bool(stream.buf) and self.writable)
+            or (stream.ended and not stream.buf and not self.shut)
+            or (self.readable and conn.credit_left(self.sid) > 0 and len(conn.outbuf) <= PAUSE_AT)
+        )
+
+    def pump(self) -> Steps:
+        self.arm()
+        while True:
+            yield self.due, None
+            if self.stream.reset or not self.conn.open or (self.sent_end and self.shut):
+                break
+            self.inbound()
+            self.outbound()
+            self.arm()
+        self.close()
+        return {}
+
+    def inbound(self) -> None:
+        """What the server sent, into the socket as far as it takes it; its end, a half-close."""
+        stream, sock = self.stream, self.sock
+        assert sock is not None
+        if stream.buf and self.writable:
+            try:
+                n = sock.send(stream.buf)
+            except BlockingIOError:
+                n = 0
+                self.writable = False
+            except OSError:  # the socket is gone: drop what comes (its end comes through the read side)
+                n = len(stream.buf)
+            del stream.buf[:n]
+            self.conn.consumed(self.sid, n)
+            if stream.buf:
+                self.writable = False
+        if stream.ended and not stream.buf and not self.shut:
+            self.shut = True
+            try:  # noqa: SIM105 (the daemon imports as little as it can: no contextlib)
+                sock.shutdown(_socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def outbound(self) -> None:
+        """What the socket holds, as frames within the stream's credit; its EOF (or failure), our end."""
+        conn, sock = self.conn, self.sock
+        assert sock is not None
+        while self.readable and len(conn.outbuf) <= PAUSE_AT:
+            room = min(conn.credit_left(self.sid), proto.FRAME_MAX)
+            if room <= 0:
+                return
+            try:
+                data = sock.recv(room)  # never more than the credit left
+            except BlockingIOError:
+                self.readable = False
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.readable, self.sent_end = False, True
+                conn.end_stream(self.sid)
+                return
+            conn.send_frame(self.sid, data)
+            if len(data) < room:
+                self.readable = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.sock is not None:
+                LOOP.unwatch(self.sock.fileno())
+                self.sock.close()
+            self.owner.forget(self)
+            self.conn.drop_stream(self.sid)
+
+
+class Tunnels:
+    """The daemon's open tunnels, by (connection, stream id)."""
+
+    def __init__(self) -> None:
+        self.open: dict[tuple[int, int], Tunnel] = {}
+
+    def forget(self, tunnel: Tunnel) -> None:
+        self.open.pop((id(tunnel.conn), tunnel.sid), None)
+
+    def drop(self, conn: Connection) -> None:
+        for tunnel in [t for t in self.open.values() if t.conn is conn]:
+            tunnel.close()
+
+    def open_tunnel(self, req: Message, conn: Connection, rid: RequestId) -> Steps:
+        port = arg(req, "port", int)
+        if not 1 <= port <= 65535:
+            raise RequestError("bad_request", "port must be within 1..65535")
+        if not isinstance(rid, int) or isinstance(rid, bool) or not 1 <= rid <= proto.STREAM_MAX:
+            raise RequestError("bad_request", "a tunnel's request id must be a stream id")
+        if len(self.open) >= MAX_TUNNELS:
+            raise RequestError("bad_request", f"at most {MAX_TUNNELS} tunnels per sandbox")
+        opened = self.open[(id(conn), rid)] = Tunnel(conn, rid, self)
+        return opened.connect(port)

@@ -1,0 +1,84 @@
+"""A daemon that lies about ports or tunnels (a real fake daemon in a real sandbox) costs only its session.
+
+Tunnel bytes are binary frames: one over FRAME_MAX, bytes after the stream's end, and a flood that
+ignores credit each break the protocol (frames for a stream the server does not know are dropped:
+the protocol calls that a race, not a lie)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_settings
+from tests.hostile.support import new_session, rss_mb, use_fake_daemon
+from tests.previews.helpers import serve_app
+from tests.previews.test_bad_servers import LIMIT, raw_upload_to_a_deaf_server
+from tests.support.server import run_server
+
+
+@pytest.mark.parametrize("mode", ["tunnel_big", "tunnel_after_end"])
+async def test_lying_tunnel_data_resets_only_that_channel(
+    backend: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    async with run_server(make_settings(data_dir, backend)) as server:
+        good = await new_session(server.client)
+        await serve_app(server, good, 8000)
+        use_fake_daemon(monkeypatch, mode)
+        bad = await new_session(server.client)
+        before = rss_mb()
+        response = await server.client.get(f"/api/sessions/{bad}/ports/8000/")
+        assert response.status_code == 502, response.text
+        assert rss_mb() - before < 100, "a lying daemon grew the server"
+        client = server.runtime.sessions.peek(bad)
+        assert client is not None
+        sandbox = client.sandbox
+        assert sandbox._client is None or sandbox._client.closed  # type: ignore[attr-defined]  # reset
+        assert (await server.client.get(f"/api/sessions/{good}/ports/8000/")).status_code == 200
+
+
+async def test_a_daemon_sending_past_its_credit_is_cut_off_in_bounded_memory(
+    backend: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with run_server(make_settings(data_dir, backend)) as server:
+        use_fake_daemon(monkeypatch, "tunnel_flood")
+        bad = await new_session(server.client)
+        live = server.runtime.sessions.peek(bad)
+        assert live is not None
+        sandbox = live.sandbox
+        before = rss_mb()
+        async with server.client.stream("GET", f"/api/sessions/{bad}/ports/8000/") as response:
+            assert response.status_code == 200  # the head was honest
+            deadline = time.monotonic() + 30
+            while not sandbox._client.closed:  # type: ignore[attr-defined]  # we read nothing: no credit
+                assert time.monotonic() < deadline, "the flood past the window was not cut off"
+                await asyncio.sleep(0.02)  # polling a condition with a deadline
+        assert rss_mb() - before < 100, "a flooding daemon grew the server"
+
+
+async def test_a_daemon_that_stops_reading_costs_only_that_request(
+    backend: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with run_server(make_settings(data_dir, backend, preview_timeout=1.0)) as server:
+        use_fake_daemon(monkeypatch, "tunnel_deaf")
+        bad = await new_session(server.client)
+        started = time.monotonic()
+        status = await raw_upload_to_a_deaf_server(server, f"/api/sessions/{bad}/ports/8000/upload")
+        assert status.startswith(b"HTTP/1.1 504"), status  # its writes backed up: given up, not hung
+        assert time.monotonic() - started < LIMIT
+        assert (await server.client.get("/api/health")).status_code == 200
+    # leaving `run_server` shut the server down: nothing of that request held it
+
+
+@pytest.mark.parametrize("mode", ["ports_range", "ports_many"])
+async def test_a_lying_port_listing_is_a_502(
+    backend: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    async with run_server(make_settings(data_dir, backend)) as server:
+        use_fake_daemon(monkeypatch, mode)
+        bad = await new_session(server.client)
+        response = await server.client.get(f"/api/sessions/{bad}/ports")
+        assert response.status_code == 502, response.text
+        assert "protocol" in response.json()["detail"]

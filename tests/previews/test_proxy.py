@@ -1,0 +1,124 @@
+"""The preview proxy through a real server, on every backend: HTTP and WebSocket to servers in the sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator
+
+import websockets
+
+from tests.hostile.support import rss_mb
+from tests.previews.helpers import WS_ECHO, serve_app, start, wait_port, write_file
+from tests.support.server import RunningServer
+
+
+async def test_get_and_post_reach_a_server_in_the_sandbox(server: RunningServer) -> None:
+    sid = str((await server.create_session())["session_id"])
+    pid = await serve_app(server, sid, 8000)
+    entry = await wait_port(server, sid, 8000)
+    assert entry["url"].endswith(f"/api/sessions/{sid}/ports/8000/") and entry["process"] == pid, entry
+
+    response = await server.client.get(
+        f"/api/sessions/{sid}/ports/8000/some/page?q=1", headers={"Connection": "X-Drop", "X-Drop": "1"}
+    )
+    assert response.status_code == 200, response.text
+    text = response.text
+    assert "hello from the sandbox" in text and "path=/some/page?q=1" in text
+    assert f"x-forwarded-prefix: /api/sessions/{sid}/ports/8000" in text
+    assert "x-forwarded-for: 127.0.0.1" in text and "x-forwarded-proto: http" in text
+    assert "host: localhost:8000" in text and "x-drop" not in text  # named by Connection: one hop only
+    assert response.headers.get_list("set-cookie") == ["a=1; Path=/", "b=2; Path=/"]
+    assert "x-secret" not in response.headers  # the sandbox's Connection named it
+
+    body = bytes(range(256)) * 4096  # 1 MiB
+    response = await server.client.post(f"/api/sessions/{sid}/ports/8000/upload", content=body)
+    assert response.status_code == 201
+    assert response.text == f"got {len(body)} {hashlib.sha256(body).hexdigest()}"
+
+    response = await server.client.get(f"/api/sessions/{sid}/ports/8000", follow_redirects=True)  # no slash
+    assert response.status_code == 200 and "path=/" in response.text
+
+
+async def test_large_bodies_stream_both_ways_in_bounded_memory(server: RunningServer) -> None:
+    sid = str((await server.create_session())["session_id"])
+    await serve_app(server, sid, 8001)
+    size, seen = 100 << 20, 0
+    before, peak = rss_mb(), 0.0
+    async with server.client.stream("GET", f"/api/sessions/{sid}/ports/8001/big/{size}") as response:
+        assert response.status_code == 200
+        assert response.headers["content-length"] == str(size)
+        async for chunk in response.aiter_raw():
+            seen += len(chunk)
+            if seen % (8 << 20) < len(chunk):
+                peak = max(peak, rss_mb())
+    assert seen == size
+    assert peak - before < 60, f"the server grew by {peak - before:.0f} MB for a 100 MB download"
+
+    async def upload() -> AsyncIterator[bytes]:
+        nonlocal peak
+        block = b"u" * (1 << 20)
+        for i in range(80):
+            if i % 8 == 0:
+                peak = max(peak, rss_mb())
+            yield block
+
+    before, peak = rss_mb(), 0.0
+    response = await server.client.post(f"/api/sessions/{sid}/ports/8001/upload", content=upload())
+    assert response.status_code == 201 and response.text.startswith(f"got {80 << 20} ")
+    assert peak - before < 60, f"the server grew by {peak - before:.0f} MB for an 80 MB upload"
+
+
+async def test_errors_are_clear(server: RunningServer) -> None:
+    sid = str((await server.create_session())["session_id"])
+    response = await server.client.get(f"/api/sessions/{sid}/ports/8999/")
+    assert response.status_code == 502 and "Nothing listens on port 8999" in response.json()["detail"]
+    for bad in ("0", "65536", "http"):
+        assert (await server.client.get(f"/api/sessions/{sid}/ports/{bad}/")).status_code == 422
+    response = await server.client.get("/api/sessions/no-such-session/ports/8000/")
+    assert response.status_code == 404
+    await serve_app(server, sid, 8002)
+    response = await server.client.get(f"/api/sessions/{sid}/ports/8002/garbage")
+    assert response.status_code == 502 and "broken HTTP response" in response.json()["detail"]
+    big = b"x" * (server.settings.request_max_bytes + 1)
+    response = await server.client.post(f"/api/sessions/{sid}/ports/8002/upload", content=big)
+    assert response.status_code == 413
+    # the server still answers the next request
+    assert (await server.client.get(f"/api/sessions/{sid}/ports/8002/")).status_code == 200
+
+
+async def test_websocket_echo_through_the_proxy(server: RunningServer) -> None:
+    sid = str((await server.create_session())["session_id"])
+    await write_file(server, sid, "ws.py", WS_ECHO)
+    await start(server, sid, "python3 ws.py 8765")
+    await wait_port(server, sid, 8765)
+    url = f"{server.ws_url}/api/sessions/{sid}/ports/8765/hmr?x=1"
+    async with websockets.connect(url, subprotocols=["vite-hmr"]) as ws:  # type: ignore[list-item]
+        assert ws.subprotocol == "vite-hmr"
+        assert await asyncio.wait_for(ws.recv(), 10) == "path /hmr?x=1"
+        await ws.send("hi")
+        assert await asyncio.wait_for(ws.recv(), 10) == "echo:hi"
+        await ws.send(b"\x00\x01" * 40000)
+        assert await asyncio.wait_for(ws.recv(), 10) == b"echo:" + b"\x00\x01" * 40000
+    async with websockets.connect(url) as ws:  # a second one after the first closed
+        assert await asyncio.wait_for(ws.recv(), 10) == "path /hmr?x=1"
+
+
+async def test_port_events_on_the_session_stream(server: RunningServer) -> None:
+    sid = str((await server.create_session())["session_id"])
+    async with websockets.connect(f"{server.ws_url}/ws/{sid}") as ws:
+        await ws.recv()  # connection_established
+        pid = await serve_app(server, sid, 8003)
+        await _next_event(ws, "port_opened", 8003)
+        assert (await server.client.post(f"/api/sessions/{sid}/processes/{pid}/stop")).status_code == 200
+        await _next_event(ws, "port_closed", 8003)
+
+
+async def _next_event(ws: websockets.ClientConnection, kind: str, port: int) -> None:
+    """Until that event for that port (other ports may open: the sandbox's own helpers listen too)."""
+    async with asyncio.timeout(30):
+        while True:
+            event = json.loads(await ws.recv())
+            if event["type"] == kind and event["port"] == port:
+                return
