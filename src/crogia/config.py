@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     """Size of the sandbox's tmpfs /run/crogia, its process logs (at most a quarter of SANDBOX_MEMORY_MB)."""
     sandbox_uid_range: str = "700000000-700065535"
     """Host uids a bubblewrap sandbox's root maps to, one per session (FIRST-LAST); "": host root."""
+    sandbox_files: Literal["host", "daemon"] = "host"
+    """Who serves a session's files and search: `host` (the server, on the host folder; faster) or
+    `daemon` (the executor inside the sandbox; needs no host path)."""
+    sandbox_transport: Literal["unix"] = "unix"
+    """How the server reaches each sandbox's daemon (reported by /api/health)."""
     session_idle_ttl: float = Field(3600.0, ge=0)
     """Seconds without activity before a session's sandbox is stopped (it starts again on use). 0: never."""
 

@@ -32,6 +32,7 @@ from crogia.sandbox.base import (
 from crogia.sandbox.channel import Channel
 from crogia.sandbox.daemon import executor_proto as proto
 from crogia.sandbox.executor_client import ExecutorClient as ExecutorClient
+from crogia.sandbox.files import DaemonFiles, Files
 from crogia.sandbox.pty_channel import PtyListener
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,16 @@ class ExecutorSandbox(Sandbox):
         if self._client is None:
             raise Unavailable("the sandbox is not running", sandbox_id=self.id)
         return await self._client.request(op, on_chunk=on_chunk, **args)
+
+    async def request(
+        self, op: str, *, on_chunk: OutputListener | None = None, allow: int = 0, **args: Any
+    ) -> dict[str, Any]:
+        """One request to the daemon (reconnecting once if its connection was lost): its checked values."""
+        return await self._call(op, on_chunk=on_chunk, allow=allow, **args)
+
+    def files(self, *, max_read_bytes: int) -> Files:
+        """This sandbox's files, served by its daemon (no host path needed)."""
+        return DaemonFiles(lambda: self, max_read_bytes=max_read_bytes)
 
     async def exec(
         self,

@@ -34,7 +34,7 @@ from crogia.services.quotas import SessionQuotas, capped
 from crogia.services.reconcile import reconcile
 from crogia.store import Database, repo
 from crogia.store.tables import SessionRow
-from crogia.workspace import Workspace
+from crogia.workspace import HostFiles
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,8 @@ class SessionService:
             row.id,
             row.tenant,
             spec,
-            self._workspace(spec),
+            self._host_files(spec),
+            max_read_bytes=self.settings.file_read_max_bytes,
             state="dormant",
             sandbox_id=row.sandbox_id or "",
             last_active=active,
@@ -226,7 +227,14 @@ class SessionService:
         try:
             sandbox = await self._new_sandbox(spec)
             spec = sandbox.spec  # a pooled sandbox brings the session id it was made for
-            live = self.states.add(LiveSession(spec.session_id, tenant, spec, self._workspace(spec)))
+            live = self.states.add(LiveSession(
+                    spec.session_id,
+                    tenant,
+                    spec,
+                    self._host_files(spec),
+                    max_read_bytes=self.settings.file_read_max_bytes,
+                )
+            )
             row = SessionRow(
                 id=spec.session_id,
                 tenant=tenant,
@@ -309,7 +317,7 @@ class SessionService:
                 log.warning("closing sandbox connection of %s failed", live.id, exc_info=True)
         # A running container keeps its own view of the disk; the next start mounts it again first.
         for live in lives:
-            await self.disks.release(live.workspace.root)
+            await self.disks.release(live.spec.workspace)
 
     # --- helpers ---
 
@@ -337,8 +345,11 @@ class SessionService:
         await self.disks.ensure(spec.session_id, spec.workspace)
         return await self.provider.create(spec)
 
-    def _workspace(self, spec: SandboxSpec) -> Workspace:
-        return Workspace(spec.workspace, max_read_bytes=self.settings.file_read_max_bytes)
+    def _host_files(self, spec: SandboxSpec) -> HostFiles | None:
+        """The session's files on its host folder, or None where its daemon serves them (SANDBOX_FILES)."""
+        if self.settings.sandbox_files == "daemon":
+            return None
+        return HostFiles(spec.workspace, max_read_bytes=self.settings.file_read_max_bytes)
 
     async def _discard(self, spec: SandboxSpec, sandbox: Sandbox | None, live: LiveSession | None) -> None:
         if live is not None:

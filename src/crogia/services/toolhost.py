@@ -8,7 +8,7 @@ from crogia.services.processes import ProcessService
 from crogia.services.sessions import LiveSession
 from crogia.services.shell import ShellService
 from crogia.store.tables import ProcessRow
-from crogia.workspace import Workspace
+from crogia.sandbox.files import Files
 
 
 def process_view(row: ProcessRow) -> ProcessView:
@@ -24,8 +24,8 @@ class SessionToolHost:
         self._processes = processes
 
     @property
-    def workspace(self) -> Workspace:
-        return self._live.workspace
+    def files(self) -> Files:
+        return self._live.files
 
     async def run_shell(self, cmd: str, *, timeout: float | None = None) -> ExecResult:
         return await self._shell.run(self._live, cmd, timeout=timeout)

@@ -47,6 +47,8 @@ Ops and their values:
   list                                          -> {processes: [{pid, cmd, log, running, exit_code,
                                                     started, ended}]}  (times are epoch seconds)
   pty_open, pty_input, pty_resize, pty_close    interactive terminals: see executor_pty.py
+  fs_list, fs_stat, fs_mkdir, fs_remove, fs_rename, fs_rg    the workspace's files (confined beneath
+      /workspace, or --workspace): see executor_files.py (imported on the first file op)
 
 Children get the daemon's own environment plus LANG=C.UTF-8, a default PATH and HOME (and TERM
 under a tty), overridden by the request's `env`. A bad request never stops the daemon.
@@ -65,6 +67,7 @@ Modules (one folder, mounted read-only at /opt/crogia; they import each other by
   executor_procs.py  children (spawn, reap, kill a group) and background processes
   executor_exec.py   the `exec` op: run, capture head and tail, stream at a rate
   executor_pty.py    the `pty_*` ops: interactive terminals
+  executor_files.py  the `fs_*` ops: files and search, served inside the sandbox
 """
 
 from __future__ import annotations
@@ -182,8 +185,11 @@ class Connection:
 class Daemon:
     """Shared state of the executor: the background processes and the connection to the server."""
 
-    def __init__(self, log_dir: str, log_max: int, dial: str = "", secret_file: str = "") -> None:
+    def __init__(
+        self, log_dir: str, log_max: int, dial: str = "", secret_file: str = "", workspace: str = ""
+    ) -> None:
         self.connections: set[Connection] = set()
+        self.workspace = workspace or "/workspace"
         self.background = Background(log_dir, log_max, self.broadcast)
         self.dial_path, self.secret_file = dial, secret_file
         self.terminals = Terminals()
@@ -261,6 +267,20 @@ OPS: dict[str, Callable[[Daemon, Message, Connection, RequestId], Message | Step
 `executor_proto.RESULTS`, which the server checks."""
 
 
+def _files_op(name: str) -> Callable[[Daemon, Message, Connection, RequestId], Message | Steps]:
+    def run(d: Daemon, req: Message, conn: Connection, rid: RequestId) -> Message | Steps:
+        import executor_files  # on first use: an idle sandbox never pays for it
+
+        executor_files.ROOT = d.workspace
+        return executor_files.OPS[name](req, conn, rid)
+
+    return run
+
+
+for _name in ("fs_list", "fs_stat", "fs_mkdir", "fs_remove", "fs_rename", "fs_rg"):
+    OPS[_name] = _files_op(_name)
+
+
 def _trim_heap() -> Steps:
     """Give back what start-up (compiling, importing) left in the C heap (glibc only), once idle."""
     yield None, 0.2
@@ -298,12 +318,13 @@ def serve(daemon: Daemon, fd: int | None) -> None:
     LOOP.run(until=lambda: not LOOP.tasks or time.monotonic() > deadline)
 
 
-USAGE = "[--fd N | --dial PATH --secret-file PATH] [--log-dir PATH] [--log-max BYTES]"
+USAGE = "[--fd N | --dial PATH --secret-file PATH] [--log-dir PATH] [--log-max BYTES] [--workspace PATH]"
 
 
 def main(argv: list[str] | None = None) -> None:
     __import__("executor_harden").make_undumpable()
     args = {"--fd": "", "--dial": "", "--secret-file": "", "--log-dir": "/run/crogia/logs", "--log-max": ""}
+    args["--workspace"] = ""
     rest = list(sys.argv[1:] if argv is None else argv)
     while rest:
         name, _, value = rest.pop(0).partition("=")
@@ -315,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     if bool(args["--fd"]) == bool(args["--dial"]) or bool(args["--dial"]) != bool(args["--secret-file"]):
         sys.exit(f"usage: {sys.argv[0]} {USAGE}")
     log_max = int(args["--log-max"] or LOG_MAX)
-    daemon = Daemon(args["--log-dir"], log_max, args["--dial"], args["--secret-file"])
+    daemon = Daemon(args["--log-dir"], log_max, args["--dial"], args["--secret-file"], args["--workspace"])
     serve(daemon, int(args["--fd"]) if args["--fd"] else None)
 
 
