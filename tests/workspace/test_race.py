@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from crogia.errors import CrogiaError
+from crogia.sandbox.files import Files
 from crogia.workspace import Ripgrep, Workspace
 
 from .conftest import SECRET, Outside, write
@@ -67,34 +68,34 @@ async def _one_chunk() -> AsyncIterator[bytes]:
     yield b"uploaded"
 
 
-async def _download(ws: Workspace, path: str) -> bytes:
-    _, chunks = await ws.read_bytes_stream(path)
+async def _download(ws: Files, path: str) -> bytes:
+    _, chunks = await ws.download(path)
     return b"".join([chunk async for chunk in chunks])
 
 
-OPERATIONS: list[Callable[[Workspace], Awaitable[object]]] = [
-    lambda ws: ws.read_text("d/f.txt"),
-    lambda ws: ws.read_text("f.txt"),
+OPERATIONS: list[Callable[[Files], Awaitable[object]]] = [
+    lambda ws: ws.read("d/f.txt"),
+    lambda ws: ws.read("f.txt"),
     lambda ws: _download(ws, "d/f.txt"),
     lambda ws: _download(ws, "f.txt"),
-    lambda ws: ws.write_text("d/new.txt", "written"),
-    lambda ws: ws.write_text("d/deeper/new.txt", "written"),
-    lambda ws: ws.write_bytes_stream("d/up.bin", _one_chunk(), max_bytes=100),
+    lambda ws: ws.write("d/new.txt", "written"),
+    lambda ws: ws.write("d/deeper/new.txt", "written"),
+    lambda ws: ws.upload("d/up.bin", _one_chunk(), max_bytes=100),
     lambda ws: ws.list("d"),
     lambda ws: ws.list(".", depth=5),
     lambda ws: ws.grep("canary|inside|print"),
     lambda ws: ws.grep("canary|inside|print", "d"),
     lambda ws: ws.grep("canary|inside", "f.txt"),
-    lambda ws: ws.find_files("*"),
-    lambda ws: ws.find_files("*", "d"),
-    lambda ws: ws.mkdir("d/made/here"),
-    lambda ws: ws.move("d/new.txt", "d/renamed.txt", overwrite=True),
+    lambda ws: ws.search("*"),
+    lambda ws: ws.search("*", "d"),
+    lambda ws: ws.make_dir("d/made/here"),
+    lambda ws: ws.rename("d/new.txt", "d/renamed.txt", overwrite=True),
     lambda ws: ws.remove("d/renamed.txt"),
     lambda ws: ws.remove("d/made", recursive=True),
 ]
 
 
-async def _hammer(ws: Workspace, deadline: float, outcomes: dict[str, int]) -> None:
+async def _hammer(ws: Files, deadline: float, outcomes: dict[str, int]) -> None:
     while time.monotonic() < deadline:
         for operation in OPERATIONS:
             try:

@@ -32,7 +32,7 @@ from crogia.sandbox.base import (
 from crogia.sandbox.channel import Channel
 from crogia.sandbox.daemon import executor_proto as proto
 from crogia.sandbox.executor_client import ExecutorClient as ExecutorClient
-from crogia.sandbox.files import DaemonFiles, Files
+from crogia.sandbox.files import Files
 from crogia.sandbox.pty_channel import PtyListener
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,8 @@ class ExecutorSandbox(Sandbox):
 
     def files(self, *, max_read_bytes: int) -> Files:
         """This sandbox's files, served by its daemon (no host path needed)."""
+        from crogia.sandbox.daemon_files import DaemonFiles  # it imports crogia.workspace, which imports us
+
         return DaemonFiles(lambda: self, max_read_bytes=max_read_bytes)
 
     async def exec(

@@ -227,7 +227,8 @@ class SessionService:
         try:
             sandbox = await self._new_sandbox(spec)
             spec = sandbox.spec  # a pooled sandbox brings the session id it was made for
-            live = self.states.add(LiveSession(
+            live = self.states.add(
+                LiveSession(
                     spec.session_id,
                     tenant,
                     spec,

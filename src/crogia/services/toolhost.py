@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from crogia.agent.host import ProcessView
 from crogia.sandbox.base import ExecResult
+from crogia.sandbox.files import Files
 from crogia.services.processes import ProcessService
 from crogia.services.sessions import LiveSession
 from crogia.services.shell import ShellService
 from crogia.store.tables import ProcessRow
-from crogia.sandbox.files import Files
 
 
 def process_view(row: ProcessRow) -> ProcessView:

@@ -85,7 +85,8 @@ def rel_arg(req: Message, name: str = "path", allow_root: bool = True) -> Rel:
         not isinstance(parts, list)
         or len(parts) > MAX_PARTS
         or not all(
-            isinstance(p, str) and p not in ("", ".", "..") and "/" not in p and "\x00" not in p for p in parts
+            isinstance(p, str) and p not in ("", ".", "..") and "/" not in p and "\x00" not in p
+            for p in parts
         )
     ):
         raise _fail("bad_request", f"argument {name!r} must be a list of path components")
@@ -488,13 +489,15 @@ def fs_rg(req: Message, conn: Connection, rid: RequestId) -> Steps:
     if len(args) > 256 or not all(isinstance(a, str) and "\x00" not in a for a in args):
         raise _fail("bad_request", "argument 'args' must be a list of strings")
     cwd_fd, stdin_fd = _open_target(rel, arg(req, "file", bool, False))
-    rg = _locate_rg(DEFAULT_PATH)
+    rg = _locate_rg(os.environ.get("PATH") or DEFAULT_PATH)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     stdin = (os.POSIX_SPAWN_DUP2, stdin_fd, 0) if stdin_fd is not None else (
         os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)  # fmt: skip
     actions = [stdin, (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
-    argv = ["rg", "--no-ignore-parent", *args, "." if stdin_fd is None else "-"]
+    # Ignore files above the workspace never count (as on the host); a subfolder's parents do, up to
+    # the workspace's (and past it, only the sandbox's own `/`: its user's files).
+    argv = ["rg", *(() if rel.parts else ("--no-ignore-parent",)), *args, "." if stdin_fd is None else "-"]
     env = {"PATH": DEFAULT_PATH, "LC_ALL": "C.UTF-8"}
     try:
         os.chdir(cwd_fd)  # posix_spawn takes no cwd: lend it ours for the call (fchdir: no path)

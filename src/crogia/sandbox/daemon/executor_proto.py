@@ -167,7 +167,12 @@ def check_entry(entry: Any) -> dict[str, Any]:
     if path == name == ".":
         return values
     parts = path.split("/")
-    if len(path) > PATH_MAX or "\x00" in path or parts[-1] != name or any(p in ("", ".", "..") for p in parts):
+    if (
+        len(path) > PATH_MAX
+        or "\x00" in path
+        or parts[-1] != name
+        or any(p in ("", ".", "..") for p in parts)
+    ):
         raise ProtocolError("a file entry has a bad path")
     return values
 
