@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,7 +27,7 @@ _BOOT = "import sys; sys.path[0] = sys.argv.pop(1); import executor; executor.ma
 class LocalDaemon:
     """Stands in for an `ExecutorSandbox`: `request()` goes to the daemon over its channel."""
 
-    def __init__(self, client: ExecutorClient, process: subprocess.Popen[bytes]) -> None:
+    def __init__(self, client: ExecutorClient, process: asyncio.subprocess.Process) -> None:
         self.client = client
         self.process = process
 
@@ -43,7 +42,9 @@ async def local_daemon(root: Path, log_dir: Path) -> AsyncIterator[LocalDaemon]:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', os.defpath)}"}
     argv = [sys.executable, "-S", "-c", _BOOT, str(DAEMON_DIR), "--fd", str(fd)]
     argv += ["--workspace", str(root), "--log-dir", str(log_dir)]
-    process = subprocess.Popen(argv, pass_fds=(fd,), env=env, stderr=subprocess.DEVNULL)
+    process = await asyncio.create_subprocess_exec(
+        *argv, pass_fds=(fd,), env=env, stderr=asyncio.subprocess.DEVNULL
+    )
     channel.spawned()
     try:
         client = ExecutorClient(await channel.connect(15.0))
@@ -54,7 +55,7 @@ async def local_daemon(root: Path, log_dir: Path) -> AsyncIterator[LocalDaemon]:
     finally:
         await channel.close()
         process.terminate()
-        await asyncio.to_thread(process.wait, 10)
+        await asyncio.wait_for(process.wait(), 10)
 
 
 def daemon_files(daemon: LocalDaemon, **limits: Any) -> DaemonFiles:
