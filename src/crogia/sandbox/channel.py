@@ -23,7 +23,7 @@ import hmac
 import json
 import logging
 import socket
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from crogia.errors import SandboxError, Unavailable
 from crogia.sandbox.daemon import executor_proto as proto
@@ -34,6 +34,7 @@ SOCKET_NAME = "executor.sock"
 SECRET_NAME = "secret"
 HELLO_LIMIT = 4096
 HELLO_TIMEOUT = 5.0
+SOCKET_BUFFER = 1 << 20
 MAX_HANDSHAKES = 4
 """Connections a listener lets say hello at once; more are closed at once (a dial flood costs nothing)."""
 
@@ -42,8 +43,15 @@ class ProtocolViolation(SandboxError):
     """The daemon broke the protocol: its session's request fails (502) and its channel is reset."""
 
 
-class LineReader:
-    """Lines from a stream, none longer than `limit` bytes (which may change between lines)."""
+class Frame(NamedTuple):
+    """A binary frame: `data` on stream `stream` (empty: its sender's end of the stream)."""
+
+    stream: int
+    data: bytes
+
+
+class WireReader:
+    """JSON lines (none longer than `limit` bytes, which may change between lines) and binary frames."""
 
     def __init__(self, reader: asyncio.StreamReader, limit: int = HELLO_LIMIT) -> None:
         self.limit = limit
@@ -52,28 +60,46 @@ class LineReader:
         self._scanned = 0
 
     async def line(self) -> bytes | None:
-        """The next line without its newline; None at a clean end; `ProtocolError` past the limit."""
+        """The next line without its newline; None at a clean end; `ProtocolError` for a frame or past it."""
+        item = await self.next()
+        if isinstance(item, Frame):
+            raise proto.ProtocolError("a binary frame where a line was due")
+        return item
+
+    async def next(self) -> bytes | Frame | None:
+        """The next line (without its newline) or frame; None at a clean end; `ProtocolError` if malformed."""
         while True:
-            end = self._buf.find(b"\n", self._scanned)
-            if end >= 0:
-                if end > self.limit:
-                    raise proto.ProtocolError(f"a line of {end} bytes (the limit is {self.limit})")
-                line = bytes(self._buf[:end])
-                del self._buf[: end + 1]  # cheap: bytearray drops its head without copying the rest
-                self._scanned = 0
-                return line
-            self._scanned = len(self._buf)
-            if self._scanned > self.limit:
-                raise proto.ProtocolError(f"a line longer than {self.limit} bytes")
-            data = await self._reader.read(1 << 16)
+            buf = self._buf
+            if buf and buf[0] == proto.FRAME:
+                if len(buf) >= proto.FRAME_HEADER:
+                    stream, length = proto.parse_frame_header(buf[: proto.FRAME_HEADER])
+                    end = proto.FRAME_HEADER + length
+                    if len(buf) >= end:
+                        with memoryview(buf) as view:  # one copy, not two (a bytearray slice is one)
+                            data = bytes(view[proto.FRAME_HEADER : end])
+                        del buf[:end]
+                        return Frame(stream, data)
+            elif buf:
+                end = buf.find(b"\n", self._scanned)
+                if end >= 0:
+                    if end > self.limit:
+                        raise proto.ProtocolError(f"a line of {end} bytes (the limit is {self.limit})")
+                    line = bytes(buf[:end])
+                    del buf[: end + 1]  # cheap: bytearray drops its head without copying the rest
+                    self._scanned = 0
+                    return line
+                self._scanned = len(buf)
+                if self._scanned > self.limit:
+                    raise proto.ProtocolError(f"a line longer than {self.limit} bytes")
+            data = await self._reader.read(1 << 18)
             if not data:
-                if self._buf:
-                    raise proto.ProtocolError("the stream ended inside a line")
+                if buf:
+                    raise proto.ProtocolError("the stream ended inside a line or frame")
                 return None
-            self._buf += data
+            buf += data
 
 
-Stream = tuple[LineReader, asyncio.StreamWriter]
+Stream = tuple[WireReader, asyncio.StreamWriter]
 
 
 def decode(line: bytes) -> Any:
@@ -135,6 +161,8 @@ class PairChannel(Channel):
         """A new pair's daemon end, to pass to the sandbox's process; `spawned()` closes our copy."""
         self.discard()
         self._ours, self._theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (self._ours, self._theirs):  # room for a few frames each way: fewer wake-ups per MB
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         return self._theirs.fileno()
 
     def spawned(self) -> None:
@@ -153,7 +181,7 @@ class PairChannel(Channel):
         if sock is None:
             raise Unavailable("the sandbox's channel is closed: the sandbox must start again")
         reader, writer = await asyncio.open_unix_connection(sock=sock)
-        stream = (LineReader(reader), writer)
+        stream = (WireReader(reader), writer)
         try:
             await handshake(stream, None, within)
         except BaseException:

@@ -1,10 +1,12 @@
 """`ExecutorClient`: one connection to a daemon, whose every message is checked before it is believed.
 
 The daemon runs where the sandbox's root can replace or trace it, so what it sends is untrusted
-input: each line is bounded (`LineReader`, the limit widened only while a request that may answer
-at length is in flight), each message must match `executor_proto`'s tables, and exit notices pass
-a token bucket (a flood is dropped with a warning, never queued). A violation closes the
-connection and fails its requests with `ProtocolViolation` (502); only that session is touched.
+input: each line is bounded (`WireReader`, the limit widened only while a request that may answer
+at length is in flight), each message must match `executor_proto`'s tables, exit notices pass
+a token bucket (a flood is dropped with a warning, never queued), and a stream's bytes may never
+run past the credit given (`ByteStream`: at most `WINDOW` bytes of one stream are ever held).
+A violation closes the connection and fails its requests with `ProtocolViolation` (502); only
+that session is touched.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from crogia.errors import Conflict, CrogiaError, InvalidInput, NotFound, SandboxError, TooLarge, Unavailable
 from crogia.sandbox.base import ExitListener
-from crogia.sandbox.channel import ProtocolViolation, Stream, decode, send
+from crogia.sandbox.channel import Frame, ProtocolViolation, Stream, decode, send
 from crogia.sandbox.daemon import executor_proto as proto
 from crogia.sandbox.pty_channel import PTY_PUSHES, PtyRouter
 
@@ -64,6 +67,161 @@ class _Bucket:
         return False
 
 
+CREDIT_BATCH = proto.WINDOW // 4
+"""Consumed bytes of a stream credited back in one message (the sender has the rest of its window)."""
+
+
+class ByteStream:
+    """One binary stream of a request, both ways, within the protocol's flow control.
+
+    Read with `read()` (or set `on_data` to be handed each chunk as it comes), write with
+    `write()`, end our side with `end()`, abort both with `reset()`. Unless opened `lasting`, the
+    request's reply ends the stream. Leaving `async with` before the stream is over resets it.
+    """
+
+    def __init__(self, client: ExecutorClient, sid: int, lasting: bool) -> None:
+        self.id = sid
+        self.lasting = lasting
+        self.on_data: Callable[[bytes], None] | None = None
+        self.on_end: Callable[[], None] | None = None
+        self._client = client
+        self._chunks: deque[bytes] = deque()
+        self._held = 0  # received, not yet consumed
+        self._outstanding = 0  # received, not yet credited back (the sender's window in use)
+        self._uncredited = 0  # consumed, not yet credited back
+        self._credit = proto.WINDOW  # what we may still send
+        self._changed = asyncio.Event()
+        self._their_end = self._our_end = False
+        self._error: CrogiaError | None = None
+        self._aborted = False
+
+    @property
+    def over(self) -> bool:
+        """True once both sides ended it, or it was reset, failed or lost."""
+        return self._error is not None or (self._their_end and self._our_end)
+
+    async def read(self) -> bytes:
+        """The next bytes; b"" at the daemon's end; raises once the stream failed (dropping what it held)."""
+        while not self._chunks or self._error is not None:
+            if self._error is not None:
+                raise self._error
+            if self._their_end:
+                return b""
+            self._changed.clear()
+            await self._changed.wait()
+        chunk = self._chunks.popleft()
+        self._consumed(len(chunk))
+        return chunk
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send `data` in frames, waiting for credit; raises if the stream failed or was reset."""
+        view = memoryview(data)
+        client = self._client
+        while view:
+            while self._credit <= 0 and self._error is None:
+                self._changed.clear()
+                await self._changed.wait()
+            if self._error is not None:
+                raise self._error
+            if self._our_end:
+                raise InvalidInput("the stream's end was already sent")
+            piece = view[: min(self._credit, proto.FRAME_MAX)]
+            view = view[len(piece) :]
+            self._credit -= len(piece)
+            client._send_frame(self.id, piece)
+            await client._drain()
+
+    async def end(self) -> None:
+        """Send our end of the stream (once)."""
+        if not self._our_end and self._error is None:
+            self._our_end = True
+            self._client._send_frame(self.id, b"")
+            await self._client._drain()
+            self._maybe_over()
+
+    async def reset(self) -> None:
+        """Abort the stream both ways (nothing if it ended both ways, or is already reset)."""
+        if self._abort():
+            with contextlib.suppress(Unavailable):
+                await self._client._drain()
+
+    def _abort(self) -> bool:
+        """Tell the daemon to drop the stream unless it is over by agreement; True if told."""
+        if self._aborted or (self._their_end and self._our_end):
+            return False
+        self._aborted = True
+        error = Unavailable("the stream was reset")
+        self._fail(error)
+        reply = self._client._pending.pop(self.id, None)  # its reply, if it still comes, is not waited for
+        if reply is not None and not reply.done():
+            reply.set_exception(error)
+            reply.exception()  # retrieved: a caller that left does not have to
+        if self._client.closed:
+            return False
+        send(self._client._writer, {"op": "reset", "stream": self.id})
+        return True
+
+    async def __aenter__(self) -> ByteStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.reset()
+
+    def _consumed(self, n: int) -> None:
+        self._held -= n
+        self._uncredited += n
+        if self._uncredited >= CREDIT_BATCH:
+            if not self._client.closed and not self.over:
+                send(self._client._writer, {"op": "credit", "stream": self.id, "bytes": self._uncredited})
+            self._outstanding -= self._uncredited
+            self._uncredited = 0
+
+    def _feed(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        if not data:
+            self._their_end = True
+            self._changed.set()
+            self._maybe_over()
+            return
+        if self._their_end:
+            raise proto.ProtocolError(f"bytes on stream {self.id} after its end")
+        self._held += len(data)
+        self._outstanding += len(data)
+        if self._outstanding > proto.WINDOW:
+            raise proto.ProtocolError(f"stream {self.id} ran past its window")
+        if self.on_data is not None:
+            self._client._call(self.on_data, data)
+            self._consumed(len(data))
+        else:
+            self._chunks.append(data)
+            self._changed.set()
+
+    def _credited(self, n: int) -> None:
+        self._credit = min(self._credit + n, proto.WINDOW)
+        self._changed.set()
+
+    def _replied(self, error: CrogiaError | None) -> None:
+        """The request's reply came: unless lasting (or it failed), the stream is over."""
+        if error is not None:
+            self._fail(error)
+        elif not self.lasting:
+            self._their_end = self._our_end = True
+            self._changed.set()
+            self._maybe_over()
+
+    def _fail(self, error: CrogiaError) -> None:
+        if self._error is None and not self.over:
+            self._error = error
+            self._chunks.clear()
+            self._changed.set()
+            self._maybe_over()
+
+    def _maybe_over(self) -> None:
+        if self.over and self._client._streams.pop(self.id, None) is not None:
+            self._client._call(self.on_end)
+
+
 class ExecutorClient:
     """One connection to an executor daemon, multiplexing requests by id.
 
@@ -79,6 +237,7 @@ class ExecutorClient:
         self._ops: dict[int, str] = {}
         self._allowances: dict[int, int] = {}
         self._chunks: dict[int, Callable[[str], None]] = {}
+        self._streams: dict[int, ByteStream] = {}
         self._exit_listener: ExitListener | None = None
         self._exits = _Bucket(EXIT_BURST, EXIT_RATE)
         self._closed = False
@@ -102,17 +261,7 @@ class ExecutorClient:
         `allow`: how long a line this request's reply (or chunk) may be beyond `LINE_BASE`.
         If the caller is cancelled while an `exec` is in flight, the daemon is told to kill it.
         """
-        if self._closed:
-            raise Unavailable("the connection to the sandbox's executor is closed")
-        rid = next(self._ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = future
-        self._ops[rid] = op
-        if allow:
-            self._allowances[rid] = allow
-            self._lines.limit = LINE_BASE + max(self._allowances.values())
-        if on_chunk is not None:
-            self._chunks[rid] = on_chunk
+        rid, future = self._register(op, on_chunk, allow)
         try:
             send(self._writer, {"id": rid, "op": op, **args})
             await self._writer.drain()
@@ -126,17 +275,84 @@ class ExecutorClient:
         except ConnectionError as exc:
             raise Unavailable("lost the connection to the sandbox's executor") from exc
         finally:
-            self._pending.pop(rid, None)
-            self._ops.pop(rid, None)
-            self._chunks.pop(rid, None)
-            if self._allowances.pop(rid, None) is not None:
-                self._lines.limit = LINE_BASE + max(self._allowances.values(), default=0)
+            self._unregister(rid)
+
+    async def open_stream(
+        self, op: str, *, lasting: bool = False, allow: int = 0, **args: Any
+    ) -> tuple[ByteStream, asyncio.Future[dict[str, Any]]]:
+        """Send a request that opens a byte stream (its id the request's); the stream and its reply.
+
+        The reply is a future of the checked values (`request()`'s); unless `lasting`, it ends
+        the stream. Cancelling the caller, or leaving the stream's `async with`, resets it.
+        """
+        rid, future = self._register(op, None, allow)
+        stream = self._streams[rid] = ByteStream(self, rid, lasting)
+
+        def done(future: asyncio.Future[dict[str, Any]]) -> None:
+            self._unregister(rid)
+            if future.cancelled():  # a reply is handed to the stream as it is read (`_dispatch`)
+                stream._abort()
+            else:
+                future.exception()  # its error also reaches the stream's reader: one who never asks is fine
+
+        future.add_done_callback(done)
+        try:
+            send(self._writer, {"id": rid, "op": op, **args})
+            await self._writer.drain()
+        except BaseException as exc:
+            if not future.done():
+                future.cancel()
+            if isinstance(exc, ConnectionError):
+                raise Unavailable("lost the connection to the sandbox's executor") from exc
+            raise
+        return stream, future
+
+    def _register(
+        self, op: str, on_chunk: Callable[[str], None] | None, allow: int
+    ) -> tuple[int, asyncio.Future[dict[str, Any]]]:
+        if self._closed:
+            raise Unavailable("the connection to the sandbox's executor is closed")
+        rid = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        self._ops[rid] = op
+        if allow:
+            self._allowances[rid] = allow
+            self._lines.limit = LINE_BASE + max(self._allowances.values())
+        if on_chunk is not None:
+            self._chunks[rid] = on_chunk
+        return rid, future
+
+    def _unregister(self, rid: int) -> None:
+        self._pending.pop(rid, None)
+        self._ops.pop(rid, None)
+        self._chunks.pop(rid, None)
+        if self._allowances.pop(rid, None) is not None:
+            self._lines.limit = LINE_BASE + max(self._allowances.values(), default=0)
+
+    def _send_frame(self, sid: int, data: bytes | memoryview) -> None:
+        if self._closed:
+            raise Unavailable("the connection to the sandbox's executor is closed")
+        self._writer.write(proto.frame_header(sid, len(data)))
+        if data:
+            self._writer.write(data)
+
+    async def _drain(self) -> None:
+        try:
+            await self._writer.drain()
+        except ConnectionError as exc:
+            raise Unavailable("lost the connection to the sandbox's executor") from exc
 
     async def _read_loop(self) -> None:
         error: CrogiaError = Unavailable("lost the connection to the sandbox's executor")
         try:
-            while (line := await self._lines.line()) is not None:
-                self._dispatch(decode(line))
+            while (item := await self._lines.next()) is not None:
+                if isinstance(item, Frame):
+                    stream = self._streams.get(item.stream)
+                    if stream is not None:  # else: one reset or given up on (a race, not an error)
+                        stream._feed(item.data)
+                else:
+                    self._dispatch(decode(item))
         except proto.ProtocolError as exc:
             log.warning("the executor broke the protocol, closing its connection: %s", exc)
             error = ProtocolViolation(f"the sandbox's executor broke the protocol: {exc}")
@@ -146,6 +362,7 @@ class ExecutorClient:
             self._closed = True
             self._writer.close()
             self._fail_pending(error)
+            self._fail_streams(error)
             self.ptys.end_all()
 
     def _dispatch(self, msg: Any) -> None:
@@ -154,12 +371,24 @@ class ExecutorClient:
             future = self._pending.get(msg["id"])
             if future is None or future.done():
                 return  # the answer to a request given up on
+            stream = self._streams.get(msg["id"])
             if msg["ok"]:
                 future.set_result(proto.check_result(self._ops[msg["id"]], msg))
+                if stream is not None:
+                    stream._replied(None)
             else:
-                future.set_exception(_error_from(*proto.check_error(msg)))
+                error = _error_from(*proto.check_error(msg))
+                future.set_exception(error)
+                if stream is not None:
+                    stream._replied(error)
         elif kind == "chunk":
             self._call(self._chunks.get(msg["id"]), msg["data"])
+        elif kind == "credit":
+            if (stream := self._streams.get(msg["stream"])) is not None:
+                stream._credited(msg["bytes"])
+        elif kind == "reset":
+            if (stream := self._streams.get(msg["stream"])) is not None:
+                stream._fail(Unavailable("the sandbox's executor reset the stream"))
         elif kind in PTY_PUSHES:
             self.ptys.dispatch(msg)  # a malformed push raises ProtocolError: the connection resets
         elif kind == "exit" and self._exit_listener is not None:
@@ -183,8 +412,12 @@ class ExecutorClient:
             if not future.done():
                 future.set_exception(error)
 
+    def _fail_streams(self, error: CrogiaError) -> None:
+        for stream in list(self._streams.values()):
+            stream._fail(error)
+
     async def close(self) -> None:
-        """Close the connection; pending requests fail with `Unavailable`."""
+        """Close the connection; pending requests and open streams fail with `Unavailable`."""
         self._closed = True
         self._writer.close()
         with contextlib.suppress(OSError):
@@ -192,4 +425,6 @@ class ExecutorClient:
         self._reader_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader_task
-        self._fail_pending(Unavailable("the connection to the sandbox's executor was closed"))
+        closed = Unavailable("the connection to the sandbox's executor was closed")
+        self._fail_pending(closed)
+        self._fail_streams(closed)

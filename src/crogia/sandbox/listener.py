@@ -23,10 +23,11 @@ from crogia.sandbox.channel import (
     HELLO_TIMEOUT,
     MAX_HANDSHAKES,
     SECRET_NAME,
+    SOCKET_BUFFER,
     SOCKET_NAME,
     Channel,
-    LineReader,
     Stream,
+    WireReader,
     handshake,
     send,
 )
@@ -89,7 +90,11 @@ class ListenerChannel(Channel):
             writer.close()
             return
         self._handshakes += 1
-        stream = (LineReader(reader), writer)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        stream = (WireReader(reader), writer)
         try:
             stranger = await self._stranger(writer)
             if stranger:

@@ -14,7 +14,10 @@ first: a hello with the protocol version and the secret read from `--secret-file
 so a restarted server can change it); `executor_proto.py` holds the version and every message's
 shape, shared with the server.
 
-Protocol: newline-delimited JSON objects (UTF-8) over a unix stream socket. Every request
+Protocol: newline-delimited JSON objects (UTF-8) over a unix stream socket, and binary frames
+for bytes with per-stream credit (`executor_proto.py` describes them; `Connection` has the stream
+methods a request's steps use: `accept_stream`, `credit_left`, `send_frame`, `end_stream`,
+`consumed`, `reset_stream`, `drop_stream`). Every request
 carries an `id` (int or str) chosen by the server and unique among its in-flight requests.
 Replies may come in any order.
 
@@ -96,15 +99,30 @@ READ_LIMIT = 64 * 1024 * 1024
 DIAL_FIRST, DIAL_MAX = 0.005, 0.5
 """Seconds between dials to a server that does not answer: doubling from the first to the most."""
 LOG_MAX = 8 * 1024 * 1024
+SOCKET_BUFFER = 1 << 20
+"""Send buffer of a dialled connection (as the server's end has): fewer wake-ups per megabyte."""
+
+
+class Stream:
+    """One stream's state on this side: what the server sent (not yet consumed), and our credit."""
+
+    __slots__ = ("buf", "credit", "ended", "reset", "uncredited")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.ended = self.reset = False
+        self.credit = proto.WINDOW  # what we may still send before the server credits more
+        self.uncredited = 0  # consumed from buf, not yet credited back
 
 
 class Connection:
-    """The server: reads request lines, runs each as a task, writes replies as they come."""
+    """The server: reads request lines and frames, runs each request as a task, writes replies."""
 
     def __init__(self, daemon: Daemon, fd: int, secret: str) -> None:
         self.daemon, self.fd, self.open = daemon, fd, True
-        self.inbuf, self.outbuf = bytearray(), bytearray()
+        self.inbuf, self.outbuf, self.scanned = bytearray(), bytearray(), 0
         self.tasks: dict[RequestId, Task] = {}
+        self.streams: dict[int, Stream] = {}
         LOOP.watch(fd, self.on_event)
         self.send(proto.hello(secret, os.getpid()))
 
@@ -112,6 +130,86 @@ class Connection:
         if self.open:  # a lone surrogate (a client's string id) becomes a JSON escape, not an error
             self.outbuf += (dumps(msg) + "\n").encode("utf-8", "backslashreplace")
             self.flush()
+
+    # Streams (`executor_proto` describes frames and credit). A request's generator waits on
+    # `credit_left` before `send_frame`, and on its `accept_stream`'s buf/ended/reset.
+
+    def accept_stream(self, sid: int) -> Stream:
+        """The stream `sid` (made if new): frames the server sends on it land in its `buf`."""
+        stream = self.streams.get(sid)
+        if stream is None:
+            stream = self.streams[sid] = Stream()
+        return stream
+
+    def credit_left(self, sid: int) -> int:
+        """Bytes we may send on `sid` now (0 once the connection or the stream is gone)."""
+        stream = self.streams.get(sid)
+        return stream.credit if self.open and stream is not None and not stream.reset else 0
+
+    def send_frame(self, sid: int, data: bytes) -> None:
+        """Send `data` (at most FRAME_MAX bytes, within `credit_left`) on `sid`."""
+        if self.open and data:
+            self.accept_stream(sid).credit -= len(data)
+            self.outbuf += proto.frame_header(sid, len(data))
+            self.outbuf += data
+            self.flush()
+
+    def end_stream(self, sid: int) -> None:
+        """Our end of `sid` (an empty frame)."""
+        if self.open:
+            self.outbuf += proto.frame_header(sid, 0)
+            self.flush()
+
+    def consumed(self, sid: int, n: int) -> None:
+        """Credit the server for `n` bytes taken from the stream's `buf` (in batches of a quarter window)."""
+        stream = self.streams.get(sid)
+        if stream is not None and n > 0:
+            stream.uncredited += n
+            if stream.uncredited >= proto.WINDOW // 4:
+                self.send({"type": "credit", "stream": sid, "bytes": stream.uncredited})
+                stream.uncredited = 0
+
+    def reset_stream(self, sid: int) -> None:
+        """Abort `sid` both ways: tell the server, forget the stream."""
+        if self.streams.pop(sid, None) is not None:
+            self.send({"type": "reset", "stream": sid})
+
+    def drop_stream(self, sid: int) -> None:
+        """Forget `sid` (its request is done with it); frames still arriving for it are dropped."""
+        self.streams.pop(sid, None)
+
+    def on_frame(self, sid: int, data: bytes) -> None:
+        stream = self.streams.get(sid)
+        if stream is None and sid in self.tasks:  # bytes sent right behind the request that opens the stream
+            stream = self.accept_stream(sid)
+        if stream is None or stream.reset:
+            return
+        if not data:
+            stream.ended = True
+        elif len(stream.buf) + len(data) > proto.WINDOW:
+            log(f"WARNING connection dropped: the server overran stream {sid}'s window")
+            self.close()
+        else:
+            stream.buf += data
+
+    def on_control(self, req: Message) -> bool:
+        """Handle a `credit` or `reset` from the server (never answered); False if `req` is neither."""
+        op = req.get("op")
+        if op not in ("credit", "reset"):
+            return False
+        sid, n = req.get("stream"), req.get("bytes")
+        stream = self.streams.get(sid) if isinstance(sid, int) else None
+        if stream is None:
+            return True
+        if op == "reset":
+            stream.reset = True
+            del self.streams[sid]  # type: ignore[arg-type]
+            task = self.tasks.get(sid)
+            if task is not None:
+                task.cancel_state = task.cancel_state or 1
+        elif isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            stream.credit = min(stream.credit + n, proto.WINDOW)
+        return True
 
     def flush(self) -> None:
         try:
@@ -133,18 +231,43 @@ class Connection:
             return
         except OSError:
             data = b""
-        start = len(self.inbuf)
         self.inbuf += data
-        while self.open and (end := self.inbuf.find(b"\n", start)) >= 0:
-            line, start = bytes(self.inbuf[: end + 1]), 0
-            del self.inbuf[: end + 1]
-            self.receive(line)
+        self.parse()
         if self.open and (not data or len(self.inbuf) > READ_LIMIT):
             if data:
                 log("WARNING connection dropped: a request line over the size limit")
-            elif self.inbuf:
+            elif self.inbuf and self.inbuf[0] != proto.FRAME:
                 self.receive(bytes(self.inbuf))  # a last line without its newline
             self.close()
+
+    def parse(self) -> None:
+        """Take every whole line and frame from the front of `inbuf`."""
+        buf, pos, partial = self.inbuf, 0, False
+        while self.open and pos < len(buf):
+            if buf[pos] == proto.FRAME:
+                if len(buf) - pos < proto.FRAME_HEADER:
+                    break
+                try:
+                    sid, length = proto.parse_frame_header(buf[pos : pos + proto.FRAME_HEADER])
+                except proto.ProtocolError as exc:
+                    log(f"WARNING connection dropped: {exc}")
+                    return self.close()
+                end = pos + proto.FRAME_HEADER + length
+                if len(buf) < end:
+                    break
+                with memoryview(buf) as view:  # one copy, not two (a bytearray slice is one)
+                    data = bytes(view[pos + proto.FRAME_HEADER : end])
+                self.on_frame(sid, data)
+            else:
+                newline = buf.find(b"\n", max(pos, self.scanned if pos == 0 else 0))
+                if newline < 0:
+                    partial = True
+                    break
+                end = newline + 1
+                self.receive(bytes(buf[pos:end]))
+            pos = end
+        del buf[:pos]
+        self.scanned = len(buf) if partial else 0  # a long line is searched for its end only once
 
     def close(self) -> None:
         if self.open:
@@ -152,6 +275,9 @@ class Connection:
             LOOP.unwatch(self.fd)
             os.close(self.fd)
             self.daemon.connections.discard(self)
+            for stream in self.streams.values():
+                stream.reset = True
+            self.streams.clear()
             for task in self.tasks.values():
                 if task.op == "exec":
                     task.cancel_state = task.cancel_state or 1
@@ -167,6 +293,8 @@ class Connection:
             if req["type"] == "reject":
                 log(f"ERROR the server refused this daemon: {str(req.get('error'))[:500]}")
                 self.close()
+        elif isinstance(req, dict) and self.on_control(req):
+            pass
         elif not isinstance(req, dict) or isinstance(rid, bool) or not isinstance(rid, (int, str)):
             self.send(error_reply(None, "bad_request", "request must be an object with an int or str id"))
         elif rid in self.tasks:
@@ -228,6 +356,7 @@ class Daemon:
                 sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
                 try:
                     sock.setblocking(False)  # a full backlog says EAGAIN instead of blocking the loop
+                    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, SOCKET_BUFFER)
                     sock.connect(self.dial_path)
                     with open(self.secret_file) as f:
                         secret = f.read(proto.SECRET_MAX + 1).strip()

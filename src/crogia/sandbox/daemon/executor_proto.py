@@ -2,14 +2,28 @@
 
 Shared by both sides (standard library only, Python 3.9+): the daemon imports it by name from its
 own folder, the server as `crogia.sandbox.daemon.executor_proto`. The wire is one JSON object per
-line (UTF-8). The daemon speaks first, once per connection:
+line (UTF-8), with binary frames between the lines (below). The daemon speaks first, once per
+connection:
 
     daemon -> {"type": "hello", "version": VERSION, "secret": "...", "pid": N}
     server -> {"type": "welcome", "version": VERSION}    or {"type": "reject", "error": "..."}
 
 then requests (server -> daemon) and replies, chunks and exit notices (daemon -> server) as
-`executor.py` describes. The server trusts nothing it reads: `check_message` accepts only an object
-of a known `type` whose fields have the types and ranges below, and the reader bounds every line.
+`executor.py` describes.
+
+Bytes (files, terminals, tunnels) travel as binary frames: the byte 0x00 (which never starts a
+JSON line), a 4-byte big-endian stream id, a 4-byte big-endian length of at most `FRAME_MAX`, then
+that many bytes; length 0 is its sender's end of the stream. A stream's id is the id of the request
+that opened it, and it may outlive that request's reply (a terminal's output). Flow control, per
+stream and direction: a sender has at most `WINDOW` bytes out that the receiver has not credited;
+the receiver credits what it consumed, server -> daemon `{"op": "credit", "stream": N, "bytes": K}`,
+daemon -> server `{"type": "credit", ...}` (neither is answered). Either side aborts a stream with
+`{"op": "reset", "stream": N}` / `{"type": "reset", "stream": N}`; frames that still arrive for a
+stream the receiver does not know are dropped (a race, not an error). More than the window, or a
+frame over `FRAME_MAX`, breaks the protocol.
+
+The server trusts nothing it reads: `check_message` accepts only an object of a known `type`
+whose fields have the types and ranges below, and the reader bounds every line.
 
 Adding a message: a new op goes in the daemon's `executor.OPS` (name -> handler) and its reply's
 values in `RESULTS` here (op -> {field: Field}); the server's `ExecutorClient.request(op, allow=N)`
@@ -24,8 +38,17 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-VERSION = 3
+VERSION = 4
 """Bumped on any change a peer of the other version would misread; checked in the hello."""
+
+FRAME = 0
+"""The first byte of a binary frame; a JSON line never starts with it."""
+FRAME_HEADER = 9
+FRAME_MAX = 256 * 1024
+"""Most bytes in one frame."""
+WINDOW = 4 * 1024 * 1024
+"""Bytes of one stream a sender may have out before the receiver credits them."""
+STREAM_MAX = (1 << 32) - 1
 
 PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT
 SECRET_MAX = 256
@@ -105,11 +128,26 @@ PUSHES: dict[str, dict[str, Field]] = {
     # A terminal's bytes are base64 (`executor_pty.py`); `crogia.sandbox.pty_channel` checks their size.
     "pty_output": {"tid": PID, "data_b64": TEXT},
     "pty_exit": {"tid": PID, "exit_code": Field(int, 0, 255, optional=True)},
+    "credit": {"stream": Field(int, 1, STREAM_MAX), "bytes": Field(int, 1, WINDOW)},
+    "reset": {"stream": Field(int, 1, STREAM_MAX)},
 }
 """Messages the daemon sends without being asked."""
 
 HELLO: dict[str, Field] = {"version": Field(int, 0, 1 << 16), "secret": TEXT, "pid": Field(int, 0, PID_MAX)}
 ERROR: dict[str, Field] = {"code": TEXT, "error": TEXT}
+
+
+def frame_header(stream: int, length: int) -> bytes:
+    """The 9 bytes that start a frame of `length` bytes (0: the end of the stream) on `stream`."""
+    return b"\0" + stream.to_bytes(4, "big") + length.to_bytes(4, "big")
+
+
+def parse_frame_header(header: bytes | bytearray) -> tuple[int, int]:
+    """(stream, length) of a frame's first `FRAME_HEADER` bytes; `ProtocolError` past `FRAME_MAX`."""
+    length = int.from_bytes(header[5:9], "big")
+    if length > FRAME_MAX:
+        raise ProtocolError(f"a frame of {length} bytes (the limit is {FRAME_MAX})")
+    return int.from_bytes(header[1:5], "big"), length
 
 
 def check_fields(msg: dict[str, Any], fields: dict[str, Field]) -> dict[str, Any]:
