@@ -34,6 +34,9 @@ class LocalDaemon:
     async def request(self, op: str, **args: Any) -> dict[str, Any]:
         return await self.client.request(op, **args)
 
+    async def open_stream(self, op: str, **args: Any) -> tuple[Any, Any]:
+        return await self.client.open_stream(op, **args)
+
 
 @contextlib.asynccontextmanager
 async def local_daemon(root: Path, log_dir: Path) -> AsyncIterator[LocalDaemon]:

@@ -16,9 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from crogia.errors import InvalidInput
+from crogia.errors import InvalidInput, TooLarge
 from crogia.sandbox.channel import ProtocolViolation
-from crogia.sandbox.files import Files, check_depth, check_limit
+from crogia.sandbox.executor_client import ByteStream
+from crogia.sandbox.files import Files, check_depth, check_limit, encode_text
 from crogia.workspace.collect import FileCollector, GrepCollector
 from crogia.workspace.models import Entry, GrepMatch, Listing, SearchResult
 from crogia.workspace.paths import RelPath, parse_path
@@ -105,16 +106,68 @@ class DaemonFiles(Files):
         return entry
 
     async def read(self, path: str, *, max_bytes: int | None = None) -> str:
-        raise NotImplementedError  # binary frames (protocol 4)
+        rel = parse_path(path, allow_root=False)
+        limit = self.max_read_bytes if max_bytes is None else max_bytes
+        stream, reply = await self._sandbox().open_stream(
+            "fs_read", lasting=True, path=[*rel.parts], max=limit + 1
+        )
+        async with stream:  # leaving early (too large, cancelled) resets it: the daemon stops sending
+            size = (await reply)["size"]
+            data = bytearray()
+            if size <= limit:
+                while (chunk := await stream.read()) and len(data) <= limit:
+                    data += chunk
+        if size > limit or len(data) > limit:
+            raise TooLarge(
+                f"'{rel.text}' is larger than the {limit}-byte limit for reading as text; "
+                "use the download endpoint.",
+                path=rel.text,
+                limit=limit,
+            )
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput(
+                f"'{rel.text}' is not UTF-8 text (it looks binary); use the download endpoint.", path=rel.text
+            ) from None
 
     async def write(self, path: str, content: str | bytes) -> int:
-        raise NotImplementedError
+        data = encode_text(content)
+
+        async def once() -> AsyncIterator[bytes]:
+            yield data
+
+        return await self.upload(path, once(), max_bytes=len(data))
 
     async def download(self, path: str, *, chunk_size: int = 65536) -> tuple[int, AsyncIterator[bytes]]:
-        raise NotImplementedError
+        rel = parse_path(path, allow_root=False)
+        stream, reply = await self._sandbox().open_stream(
+            "fs_read", lasting=True, path=[*rel.parts], chunk=chunk_size
+        )
+        try:
+            size: int = (await reply)["size"]
+        except BaseException:
+            await stream.reset()
+            raise
+        return size, _chunks(stream, size)
 
     async def upload(self, path: str, chunks: AsyncIterator[bytes], *, max_bytes: int) -> int:
-        raise NotImplementedError
+        rel = parse_path(path, allow_root=False)
+        stream, reply = await self._sandbox().open_stream("fs_write", path=[*rel.parts], max=max_bytes)
+        async with stream:  # an error, a cancel or too many bytes resets it: the daemon leaves nothing
+            sent = 0
+            async for chunk in chunks:
+                if sent + len(chunk) > max_bytes:
+                    raise TooLarge(f"Upload is larger than the {max_bytes}-byte limit.", limit=max_bytes)
+                if reply.done():
+                    break  # it failed early (a folder in the way): its error is below
+                await stream.write(chunk)
+                sent += len(chunk)
+            await stream.end()
+            size: int = (await reply)["size"]
+        if size != sent:
+            raise ProtocolViolation("the sandbox's executor wrote another size than it was sent")
+        return size
 
     async def remove(self, path: str, *, recursive: bool = False) -> None:
         rel = parse_path(path, allow_root=False)
@@ -215,6 +268,19 @@ class DaemonFiles(Files):
             log.warning("search in the sandbox timed out after %ss", self.search_timeout)
             feed.collector.truncated = True
         return feed.collector
+
+
+async def _chunks(stream: ByteStream, size: int) -> AsyncIterator[bytes]:
+    """At most `size` bytes of the stream (a daemon sending more is cut off), then its reset."""
+    try:
+        remaining = size
+        while remaining > 0 and (chunk := await stream.read()):
+            if len(chunk) > remaining:
+                raise ProtocolViolation("the sandbox's executor sent more bytes than the file has")
+            remaining -= len(chunk)
+            yield chunk
+    finally:
+        await stream.reset()
 
 
 class _RgFeed:

@@ -406,7 +406,7 @@ def _files_op(name: str) -> Callable[[Daemon, Message, Connection, RequestId], M
     return run
 
 
-for _name in ("fs_list", "fs_stat", "fs_mkdir", "fs_remove", "fs_rename", "fs_rg"):
+for _name in ("fs_list", "fs_stat", "fs_mkdir", "fs_remove", "fs_rename", "fs_rg", "fs_read", "fs_write"):
     OPS[_name] = _files_op(_name)
 
 

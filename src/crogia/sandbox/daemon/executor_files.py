@@ -26,6 +26,7 @@ import errno
 import os
 import stat
 
+import executor_proto as proto
 from executor_core import LOOP, RequestError, arg
 
 TYPE_CHECKING = False
@@ -445,6 +446,149 @@ def fs_rename(req: Message) -> Message:
     return {}
 
 
+# --- bytes (binary frames, `executor_proto`) ---
+
+
+def fs_read(req: Message, conn: Connection, rid: RequestId) -> Message:
+    """Open `path` and reply `{size}` at once; its bytes follow on stream `rid`, then its end.
+
+    At most `max` bytes (default: the size at open) go out, in frames of at most `chunk` bytes.
+    """
+    from executor_core import Task
+
+    rel = rel_arg(req, allow_root=False)
+    limit = arg(req, "max", int, None)
+    chunk = min(max(arg(req, "chunk", int, proto.FRAME_MAX), 1), proto.FRAME_MAX)
+    fd = open_regular(rel)
+    size = os.fstat(fd).st_size
+    conn.accept_stream(rid)
+    Task(None, None, "fs_send", _send(conn, rid, fd, size if limit is None else max(limit, 0), chunk))
+    return {"size": size}
+
+
+def _send(conn: Connection, sid: int, fd: int, remaining: int, chunk: int) -> Steps:
+    try:
+        while remaining > 0:
+            if conn.credit_left(sid) <= 0:
+                yield (lambda: conn.credit_left(sid) > 0 or sid not in conn.streams or not conn.open), None
+                if sid not in conn.streams or not conn.open:
+                    return {}
+            data = os.read(fd, min(remaining, chunk, conn.credit_left(sid)))
+            if not data:
+                break
+            remaining -= len(data)
+            conn.send_frame(sid, data)
+            if len(conn.outbuf) > BACKLOG:  # the socket is full: wait for it before reading more
+                yield (lambda: len(conn.outbuf) <= BACKLOG or not conn.open), None
+        conn.end_stream(sid)
+        conn.drop_stream(sid)
+    except OSError:
+        conn.reset_stream(sid)
+    finally:
+        os.close(fd)
+    return {}
+
+
+class AtomicFile:
+    """A temp file beside `rel`; `commit()` renames it over the target, `abort()` removes it."""
+
+    def __init__(self, rel: Rel) -> None:
+        import secrets
+
+        self.rel, self.size = rel, 0
+        self.tmp = f".crogia-{secrets.token_hex(8)}.tmp"
+        self.dir_fd = open_dir(rel.parent, create=True)
+        self.fd = -1
+        try:
+            mode = self._target_mode()
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                self.fd = os.open(self.tmp, flags, 0o600, dir_fd=self.dir_fd)
+            except OSError as exc:
+                raise os_error(exc, rel) from None
+            own_like_parent(self.fd, self.dir_fd)
+            os.fchmod(self.fd, mode)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _target_mode(self) -> int:
+        try:
+            mode = os.stat(self.rel.name, dir_fd=self.dir_fd, follow_symlinks=False).st_mode
+        except FileNotFoundError:
+            return NEW_FILE_MODE
+        except OSError as exc:
+            raise os_error(exc, self.rel) from None
+        if not stat.S_ISREG(mode):
+            raise kind_error(mode, self.rel, "file")
+        return stat.S_IMODE(mode)
+
+    def write(self, data: memoryview) -> None:
+        try:
+            while data:
+                data = data[os.write(self.fd, data) :]
+        except OSError as exc:
+            raise os_error(exc, self.rel) from None
+
+    def commit(self) -> None:
+        try:
+            os.close(self.fd)
+            self.fd = -1
+            os.rename(self.tmp, self.rel.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        except OSError as exc:
+            self.abort()
+            raise os_error(exc, self.rel) from None
+        os.close(self.dir_fd)
+        self.dir_fd = -1
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.dir_fd >= 0:
+            try:  # noqa: SIM105 (contextlib is more to import)
+                os.unlink(self.tmp, dir_fd=self.dir_fd)
+            except FileNotFoundError:
+                pass
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+
+def fs_write(req: Message, conn: Connection, rid: RequestId) -> Steps:
+    """Write the bytes of stream `rid` (up to its end) to `path`, atomically: reply `{size}`.
+
+    More than `max` bytes, a reset, or a lost connection leaves nothing behind.
+    """
+    rel = rel_arg(req, allow_root=False)
+    limit = arg(req, "max", int, 1 << 62)
+    stream = conn.accept_stream(rid)
+    target = AtomicFile(rel)
+    try:
+        while True:
+            if not stream.buf and not stream.ended:
+                cancelled = yield (lambda: stream.buf or stream.ended or stream.reset or not conn.open), None
+                if cancelled or stream.reset or not conn.open:
+                    raise RequestError("cancelled", "request was cancelled")
+            if stream.buf:
+                n = len(stream.buf)
+                if target.size + n > limit:
+                    raise _fail("too_large", f"Upload is larger than the {limit}-byte limit.")
+                with memoryview(stream.buf) as view:
+                    target.write(view)
+                del stream.buf[:]
+                target.size += n
+                conn.consumed(rid, n)
+            elif stream.ended:
+                break
+        target.commit()
+    except BaseException:
+        target.abort()
+        conn.drop_stream(rid)
+        raise
+    conn.drop_stream(rid)
+    return {"size": target.size}
+
+
 # --- search ---
 
 
@@ -569,4 +713,6 @@ OPS = {
     "fs_remove": lambda req, conn, rid: fs_remove(req),
     "fs_rename": lambda req, conn, rid: fs_rename(req),
     "fs_rg": fs_rg,
+    "fs_read": fs_read,
+    "fs_write": fs_write,
 }

@@ -104,6 +104,8 @@ RESULTS: dict[str, dict[str, Field]] = {
     "fs_remove": {},
     "fs_rename": {},
     "fs_rg": {"exit_code": CODE, "stderr": TEXT},
+    "fs_read": {"size": Field(int, 0, 1 << 62)},
+    "fs_write": {"size": Field(int, 0, 1 << 62)},
 }
 """Values of a successful reply, by the op of its request."""
 
