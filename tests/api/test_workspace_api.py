@@ -20,23 +20,41 @@ async def sid(server: RunningServer) -> str:
     return str((await server.create_session(task="workspace"))["session_id"])
 
 
+@pytest.fixture(params=["host", "daemon"])
+def files_mode(request: pytest.FixtureRequest) -> str:
+    """SANDBOX_FILES: the files and search tests run with the server and with the daemon serving."""
+    mode: str = request.param
+    return mode
+
+
+@pytest.fixture
+async def fserver(data_dir: Path, backend: str, files_mode: str) -> AsyncIterator[RunningServer]:
+    async with run_server(make_settings(data_dir, backend, sandbox_files=files_mode)) as running:
+        yield running
+
+
+@pytest.fixture
+async def fsid(fserver: RunningServer) -> str:
+    return str((await fserver.create_session(task="workspace"))["session_id"])
+
+
 async def shell(server: RunningServer, sid: str, cmd: str, **extra: object) -> dict:  # type: ignore[type-arg]
     response = await server.client.post(f"/api/sessions/{sid}/shell", json={"cmd": cmd, **extra})
     assert response.status_code == 200, response.text
     return response.json()  # type: ignore[no-any-return]
 
 
-async def test_files_written_by_api_are_seen_by_sandbox_and_back(server: RunningServer, sid: str) -> None:
-    base = f"/api/sessions/{sid}/files"
-    wrote = await server.client.post(
+async def test_files_written_by_api_are_seen_by_sandbox_and_back(fserver: RunningServer, fsid: str) -> None:
+    base = f"/api/sessions/{fsid}/files"
+    wrote = await fserver.client.post(
         f"{base}/content", json={"path": "src/app.py", "content": "print('hé')\n"}
     )
     assert wrote.status_code == 200 and "message" in wrote.json()
-    out = await shell(server, sid, "python3 src/app.py && echo made > from_sandbox.txt && ln -s / escape")
+    out = await shell(fserver, fsid, "python3 src/app.py && echo made > from_sandbox.txt && ln -s / escape")
     assert out["output"] == "hé\n" and out["exit_code"] == 0 and out["command"].startswith("python3")
-    read = (await server.client.get(f"{base}/content", params={"path": "from_sandbox.txt"})).json()
+    read = (await fserver.client.get(f"{base}/content", params={"path": "from_sandbox.txt"})).json()
     assert read == {"path": "from_sandbox.txt", "content": "made\n"}
-    listing = (await server.client.get(base, params={"path": "."})).json()
+    listing = (await fserver.client.get(base, params={"path": "."})).json()
     kinds = {item["name"]: item["type"] for item in listing["items"]}
     assert kinds == {"src": "directory", "from_sandbox.txt": "file", "escape": "symlink"}
     sizes = {item["name"]: item["size"] for item in listing["items"]}
@@ -44,56 +62,56 @@ async def test_files_written_by_api_are_seen_by_sandbox_and_back(server: Running
     assert listing["truncated"] is False
 
 
-async def test_escapes_are_refused(server: RunningServer, sid: str) -> None:
-    await shell(server, sid, "ln -s / root_link && ln -s /etc/passwd pw")
-    base = f"/api/sessions/{sid}/files"
+async def test_escapes_are_refused(fserver: RunningServer, fsid: str) -> None:
+    await shell(fserver, fsid, "ln -s / root_link && ln -s /etc/passwd pw")
+    base = f"/api/sessions/{fsid}/files"
     for path in ("../../etc/passwd", "/etc/passwd", "root_link/etc/passwd", "pw"):
-        response = await server.client.get(f"{base}/content", params={"path": path})
+        response = await fserver.client.get(f"{base}/content", params={"path": path})
         assert 400 <= response.status_code < 500, (path, response.text)
         assert "root:" not in response.text
-    listing = await server.client.get(base, params={"path": "root_link"})
+    listing = await fserver.client.get(base, params={"path": "root_link"})
     assert 400 <= listing.status_code < 500
-    grep = await server.client.post(
-        f"/api/sessions/{sid}/search/grep", json={"pattern": "root:", "path": "."}
+    grep = await fserver.client.post(
+        f"/api/sessions/{fsid}/search/grep", json={"pattern": "root:", "path": "."}
     )
     assert grep.status_code == 200 and grep.json()["matches"] == []
 
 
-async def test_binary_upload_download_move_delete(server: RunningServer, sid: str) -> None:
-    base = f"/api/sessions/{sid}/files"
+async def test_binary_upload_download_move_delete(fserver: RunningServer, fsid: str) -> None:
+    base = f"/api/sessions/{fsid}/files"
     blob = bytes(range(256)) * 1000
-    up = await server.client.put(f"{base}/raw", params={"path": "bin/data.bin"}, content=blob)
+    up = await fserver.client.put(f"{base}/raw", params={"path": "bin/data.bin"}, content=blob)
     assert up.status_code == 200, up.text
-    down = await server.client.get(f"{base}/raw", params={"path": "bin/data.bin"})
+    down = await fserver.client.get(f"{base}/raw", params={"path": "bin/data.bin"})
     assert down.content == blob
-    not_text = await server.client.get(f"{base}/content", params={"path": "bin/data.bin"})
+    not_text = await fserver.client.get(f"{base}/content", params={"path": "bin/data.bin"})
     assert not_text.status_code == 400
-    moved = await server.client.post(f"{base}/move", json={"src": "bin/data.bin", "dst": "data2.bin"})
+    moved = await fserver.client.post(f"{base}/move", json={"src": "bin/data.bin", "dst": "data2.bin"})
     assert moved.status_code == 200
-    assert (await shell(server, sid, "sha256sum data2.bin | cut -c1-8"))["exit_code"] == 0
-    assert (await server.client.post(f"{base}/mkdir", json={"path": "a/b/c"})).status_code == 200
-    assert (await server.client.delete(base, params={"path": "a"})).status_code in (400, 409)
-    assert (await server.client.delete(base, params={"path": "a", "recursive": True})).status_code == 200
-    assert (await server.client.get(f"{base}/content", params={"path": "a/b"})).status_code == 404
+    assert (await shell(fserver, fsid, "sha256sum data2.bin | cut -c1-8"))["exit_code"] == 0
+    assert (await fserver.client.post(f"{base}/mkdir", json={"path": "a/b/c"})).status_code == 200
+    assert (await fserver.client.delete(base, params={"path": "a"})).status_code in (400, 409)
+    assert (await fserver.client.delete(base, params={"path": "a", "recursive": True})).status_code == 200
+    assert (await fserver.client.get(f"{base}/content", params={"path": "a/b"})).status_code == 404
 
 
-async def test_search_files_and_grep_compat_shapes(server: RunningServer, sid: str) -> None:
+async def test_search_files_and_grep_compat_shapes(fserver: RunningServer, fsid: str) -> None:
     await shell(
-        server,
-        sid,
+        fserver,
+        fsid,
         "mkdir -p pkg && printf 'from flask import Flask\\n' > pkg/app.py && echo '# Flask' > README.md",
     )
-    files = await server.client.post(
-        f"/api/sessions/{sid}/search/files", json={"pattern": "*.py", "path": "."}
+    files = await fserver.client.post(
+        f"/api/sessions/{fsid}/search/files", json={"pattern": "*.py", "path": "."}
     )
     assert files.json()["matches"] == ["pkg/app.py"]
-    grep = await server.client.post(
-        f"/api/sessions/{sid}/search/grep", json={"pattern": "Flask", "path": ".", "file_types": "*.py,*.md"}
+    grep = await fserver.client.post(
+        f"/api/sessions/{fsid}/search/grep", json={"pattern": "Flask", "path": ".", "file_types": "*.py,*.md"}
     )
     body = grep.json()
     assert {(m["file"], m["line"]) for m in body["matches"]} == {("pkg/app.py", 1), ("README.md", 1)}
     assert body["pattern"] == "Flask" and body["path"] == "."
-    bad = await server.client.post(f"/api/sessions/{sid}/search/grep", json={"pattern": "(unclosed"})
+    bad = await fserver.client.post(f"/api/sessions/{fsid}/search/grep", json={"pattern": "(unclosed"})
     assert bad.status_code == 400
 
 
@@ -174,8 +192,11 @@ async def test_follow_log_streams_until_the_process_ends(server: RunningServer, 
     assert text.split() == ["line1", "line2", "line3", "line4"]
 
 
-async def test_size_limits_give_413_and_lose_nothing(data_dir: Path) -> None:
-    settings = make_settings(data_dir, "bubblewrap", request_max_bytes=64_000, file_read_max_bytes=10_000)
+@pytest.mark.parametrize("files_mode", ["host", "daemon"])
+async def test_size_limits_give_413_and_lose_nothing(data_dir: Path, files_mode: str) -> None:
+    settings = make_settings(
+        data_dir, "bubblewrap", request_max_bytes=64_000, file_read_max_bytes=10_000, sandbox_files=files_mode
+    )
     async with run_server(settings) as small:
         sid = (await small.create_session())["session_id"]
         base = f"/api/sessions/{sid}/files"

@@ -71,9 +71,7 @@ async def upload(request: Request, live: LiveDep, runtime: RuntimeDep, path: Pat
             if chunk:
                 yield chunk
 
-    written = await live.files.upload(
-        path, body(), max_bytes=runtime.settings.request_max_bytes
-    )
+    written = await live.files.upload(path, body(), max_bytes=runtime.settings.request_max_bytes)
     return Message(message=f"Wrote {written} bytes to {path}")
 
 

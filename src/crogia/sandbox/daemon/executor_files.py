@@ -48,6 +48,8 @@ MAX_REMOVE_DEPTH = 256
 CHUNK = 65536
 BACKLOG = 1 << 20
 """rg's output is read no further while the connection has this much unsent."""
+TOOLS = "/opt/crogia-tools"
+"""Where a bubblewrap sandbox (which sees the host's /usr) finds the server's own rg."""
 ROOT = "/workspace"
 """The workspace root; the daemon's `--workspace` option changes it (tests run the daemon on the host)."""
 
@@ -633,7 +635,7 @@ def fs_rg(req: Message, conn: Connection, rid: RequestId) -> Steps:
     if len(args) > 256 or not all(isinstance(a, str) and "\x00" not in a for a in args):
         raise _fail("bad_request", "argument 'args' must be a list of strings")
     cwd_fd, stdin_fd = _open_target(rel, arg(req, "file", bool, False))
-    rg = _locate_rg(os.environ.get("PATH") or DEFAULT_PATH)
+    rg = _locate_rg((os.environ.get("PATH") or DEFAULT_PATH) + ":" + TOOLS)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     stdin = (os.POSIX_SPAWN_DUP2, stdin_fd, 0) if stdin_fd is not None else (
