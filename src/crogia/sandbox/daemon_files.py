@@ -50,7 +50,9 @@ def _entry(values: dict[str, Any], under: RelPath | None = None) -> Entry:
     """An Entry from a checked reply entry; ProtocolViolation if it is not where it was asked for."""
     path: str = values["path"]
     if under is not None and under.parts and not path.startswith(under.text + "/"):
-        raise ProtocolViolation("the sandbox's executor listed an entry outside the folder asked for")
+        raise ProtocolViolation(
+            "the sandbox's executor broke the protocol: it listed an entry outside the folder asked for"
+        )
     return Entry(
         name=values["name"],
         path=path,
@@ -94,7 +96,9 @@ class DaemonFiles(Files):
         reply = await self._call("fs_list", path=list(rel.parts), depth=depth, cap=cap, allow=LIST_LINE_MAX)
         raw = reply["entries"]
         if len(raw) > cap:
-            raise ProtocolViolation("the sandbox's executor listed more entries than asked for")
+            raise ProtocolViolation(
+                "the sandbox's executor broke the protocol: it listed more entries than asked for"
+            )
         return Listing([_entry(e, rel) for e in raw], truncated=reply["truncated"])
 
     async def stat(self, path: str) -> Entry:
@@ -102,7 +106,9 @@ class DaemonFiles(Files):
         reply = await self._call("fs_stat", path=list(rel.parts))
         entry = _entry(reply["entry"])
         if entry.path != rel.text:
-            raise ProtocolViolation("the sandbox's executor described another entry than asked for")
+            raise ProtocolViolation(
+                "the sandbox's executor broke the protocol: it described another entry than asked for"
+            )
         return entry
 
     async def read(self, path: str, *, max_bytes: int | None = None) -> str:
@@ -166,7 +172,9 @@ class DaemonFiles(Files):
             await stream.end()
             size: int = (await reply)["size"]
         if size != sent:
-            raise ProtocolViolation("the sandbox's executor wrote another size than it was sent")
+            raise ProtocolViolation(
+                "the sandbox's executor broke the protocol: it wrote another size than it was sent"
+            )
         return size
 
     async def remove(self, path: str, *, recursive: bool = False) -> None:
@@ -262,7 +270,7 @@ class DaemonFiles(Files):
             check_exit(reply["exit_code"], reply["stderr"], Path("/workspace"))
         if feed.collector is None:
             if call in done:
-                raise ProtocolViolation("the sandbox's executor sent no search target")
+                raise ProtocolViolation("the sandbox's executor broke the protocol: it sent no search target")
             feed.collector = make(False)
         if not done:
             log.warning("search in the sandbox timed out after %ss", self.search_timeout)
@@ -276,7 +284,9 @@ async def _chunks(stream: ByteStream, size: int) -> AsyncIterator[bytes]:
         remaining = size
         while remaining > 0 and (chunk := await stream.read()):
             if len(chunk) > remaining:
-                raise ProtocolViolation("the sandbox's executor sent more bytes than the file has")
+                raise ProtocolViolation(
+                    "the sandbox's executor broke the protocol: it sent more bytes than the file has"
+                )
             remaining -= len(chunk)
             yield chunk
     finally:
