@@ -75,7 +75,9 @@ async def main() -> None:
     counts: dict[str, int] = {}
     async with (
         server("bubblewrap", env={"SANDBOX_FILES": "host"}) as host_srv,
-        server("bubblewrap", env={"SANDBOX_FILES": "daemon"}) as daemon_srv,
+        server(
+            "bubblewrap", env={"SANDBOX_FILES": "daemon", "REQUEST_MAX_BYTES": str(1 << 30)}
+        ) as daemon_srv,
         Http(host_srv.port) as host_http,
         Http(daemon_srv.port) as daemon_http,
     ):
