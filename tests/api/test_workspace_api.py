@@ -220,3 +220,36 @@ async def test_size_limits_give_413_and_lose_nothing(data_dir: Path, files_mode:
         assert ranged.status_code == 413
         listing = (await small.client.get(base)).json()["items"]
         assert sorted(item["name"] for item in listing) == ["large.txt", "ok.bin"]
+
+
+async def test_a_sandbox_swapping_symlinks_mid_request_never_leaks(fserver: RunningServer, fsid: str) -> None:
+    """Inside the real sandbox, root swaps a folder and a file for symlinks to /etc while the API reads,
+    lists and downloads them (both SANDBOX_FILES modes); /proc paths and `..` are refused as ever."""
+    base = f"/api/sessions/{fsid}/files"
+    client = fserver.client
+    setup = "mkdir d && echo inside > d/f.txt && echo inside > f.txt && ln -s /proc/self/environ proc_link"
+    assert (await shell(fserver, fsid, setup))["exit_code"] == 0
+    swap = (
+        "while true; do mv d d_ && ln -s /etc d && rm d && mv d_ d; "
+        "mv f.txt f_ && ln -s /etc/passwd f.txt && rm f.txt && mv f_ f.txt; done"
+    )
+    started = await client.post(f"/api/sessions/{fsid}/processes", json={"cmd": swap})
+    assert started.status_code == 200, started.text
+    answered: dict[int, int] = {}
+    deadline = asyncio.get_running_loop().time() + 3
+    while asyncio.get_running_loop().time() < deadline:
+        for path in ("d/f.txt", "f.txt", "d/passwd"):
+            for response in (
+                await client.get(f"{base}/content", params={"path": path}),
+                await client.get(f"{base}/raw", params={"path": path}),
+            ):
+                assert response.status_code in (200, 400, 404), response.text
+                assert "root:" not in response.text
+                answered[response.status_code] = answered.get(response.status_code, 0) + 1
+        listing = await client.get(base, params={"path": "d"})
+        assert listing.status_code in (200, 400, 404) and "passwd" not in listing.text
+    assert answered.get(200, 0) > 0 and answered.get(400, 0) + answered.get(404, 0) > 0, answered
+    for path in ("/proc/self/environ", "proc_link", "../proc/1/environ", "d/../../etc/passwd"):
+        response = await client.get(f"{base}/content", params={"path": path})
+        assert 400 <= response.status_code < 500, (path, response.text)
+        assert "PATH=" not in response.text
