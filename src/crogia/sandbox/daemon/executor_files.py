@@ -32,6 +32,7 @@ from executor_core import LOOP, RequestError, arg
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal
+    from collections.abc import Callable
     from typing import Any
 
     from executor import Connection
@@ -451,6 +452,12 @@ def fs_rename(req: Message) -> Message:
 # --- bytes (binary frames, `executor_proto`) ---
 
 
+def _stream_id(rid: RequestId) -> int:
+    if not isinstance(rid, int) or isinstance(rid, bool) or rid < 1:
+        raise _fail("bad_request", "a request that opens a stream needs an int id")
+    return rid
+
+
 def fs_read(req: Message, conn: Connection, rid: RequestId) -> Message:
     """Open `path` and reply `{size}` at once; its bytes follow on stream `rid`, then its end.
 
@@ -458,13 +465,14 @@ def fs_read(req: Message, conn: Connection, rid: RequestId) -> Message:
     """
     from executor_core import Task
 
+    sid = _stream_id(rid)
     rel = rel_arg(req, allow_root=False)
     limit = arg(req, "max", int, None)
     chunk = min(max(arg(req, "chunk", int, proto.FRAME_MAX), 1), proto.FRAME_MAX)
     fd = open_regular(rel)
     size = os.fstat(fd).st_size
-    conn.accept_stream(rid)
-    Task(None, None, "fs_send", _send(conn, rid, fd, size if limit is None else max(limit, 0), chunk))
+    conn.accept_stream(sid)
+    Task(None, None, "fs_send", _send(conn, sid, fd, size if limit is None else max(limit, 0), chunk))
     return {"size": size}
 
 
@@ -561,14 +569,18 @@ def fs_write(req: Message, conn: Connection, rid: RequestId) -> Steps:
 
     More than `max` bytes, a reset, or a lost connection leaves nothing behind.
     """
+    sid = _stream_id(rid)
     rel = rel_arg(req, allow_root=False)
     limit = arg(req, "max", int, 1 << 62)
-    stream = conn.accept_stream(rid)
+    stream = conn.accept_stream(sid)
     target = AtomicFile(rel)
     try:
         while True:
             if not stream.buf and not stream.ended:
-                cancelled = yield (lambda: stream.buf or stream.ended or stream.reset or not conn.open), None
+                cancelled = yield (
+                    (lambda: bool(stream.buf) or stream.ended or stream.reset or not conn.open),
+                    None,
+                )
                 if cancelled or stream.reset or not conn.open:
                     raise RequestError("cancelled", "request was cancelled")
             if stream.buf:
@@ -579,15 +591,15 @@ def fs_write(req: Message, conn: Connection, rid: RequestId) -> Steps:
                     target.write(view)
                 del stream.buf[:]
                 target.size += n
-                conn.consumed(rid, n)
+                conn.consumed(sid, n)
             elif stream.ended:
                 break
         target.commit()
     except BaseException:
         target.abort()
-        conn.drop_stream(rid)
+        conn.drop_stream(sid)
         raise
-    conn.drop_stream(rid)
+    conn.drop_stream(sid)
     return {"size": target.size}
 
 
@@ -708,7 +720,7 @@ def fs_rg(req: Message, conn: Connection, rid: RequestId) -> Steps:
     return {"exit_code": child.code, "stderr": stderr[-4000:].decode("utf-8", "replace")}
 
 
-OPS = {
+OPS: dict[str, Callable[[Message, Connection, RequestId], Message | Steps]] = {
     "fs_list": lambda req, conn, rid: fs_list(req),
     "fs_stat": lambda req, conn, rid: fs_stat(req),
     "fs_mkdir": lambda req, conn, rid: fs_mkdir(req),
