@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,42 @@ SMALL = 1 << 20
 SMALL_RATIO = 2.0
 BIG_RATE = 200.0
 GREP_RATIO = 1.3
+
+
+async def files_level(big: int) -> dict[str, float]:
+    """200 MB through `Files` itself (no HTTP): DaemonFiles to the real daemon run on the host, and
+    HostFiles, on one folder; MB/s each way and both processes' peak RSS growth."""
+    from tests.support.local_daemon import daemon_files, local_daemon
+
+    from crogia.workspace import HostFiles
+
+    piece = b"\x5a" * (1 << 20)
+
+    async def source() -> AsyncIterator[bytes]:
+        for _ in range(big // len(piece)):
+            yield piece
+
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="cgb-files-") as folder:
+        root, logs = Path(folder) / "ws", Path(folder) / "logs"
+        root.mkdir()
+        logs.mkdir()
+        async with local_daemon(root, logs) as daemon:
+            for side, files in (("host", HostFiles(root)), ("daemon", daemon_files(daemon))):
+                before = (peak_rss_mb(os.getpid()), peak_rss_mb(daemon.process.pid))
+                started = time.perf_counter()
+                size = await files.upload("big.bin", source(), max_bytes=big)
+                out[f"{side}_up"] = size / 1e6 / (time.perf_counter() - started)
+                started = time.perf_counter()
+                total, chunks = await files.download("big.bin")
+                async for chunk in chunks:
+                    total -= len(chunk)
+                if total:
+                    raise RuntimeError("download came short")
+                out[f"{side}_down"] = size / 1e6 / (time.perf_counter() - started)
+                out[f"{side}_server_rss"] = peak_rss_mb(os.getpid()) - before[0]
+                out[f"{side}_daemon_rss"] = peak_rss_mb(daemon.process.pid) - before[1]
+    return out
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -116,6 +155,7 @@ async def main() -> None:
                         elapsed, counts[side] = await grep_api(greppers[side], sids[side])
                     if attempt:
                         grep_times[side].append(elapsed)
+    level = await files_level(big)
     if len(set(counts.values())) != 1:
         raise SystemExit(f"grep match counts differ: {counts}")
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
@@ -173,6 +213,28 @@ async def main() -> None:
             baseline_what="host rg",
         ),
     ]
+    rows[4:4] = [
+        Row(
+            f"upload {big / 1e6:.0f} MB through Files, daemon (no HTTP)",
+            round(level["daemon_up"], 1),
+            "MB/s",
+            f">= {BIG_RATE:g} MB/s",
+            level["daemon_up"] >= BIG_RATE,
+            baseline=round(level["host_up"], 1),
+            baseline_what="HostFiles",
+            extra={k: round(v, 1) for k, v in level.items() if k.endswith("rss")},
+        ),
+        Row(
+            f"download {big / 1e6:.0f} MB through Files, daemon (no HTTP)",
+            round(level["daemon_down"], 1),
+            "MB/s",
+            f">= {BIG_RATE:g} MB/s",
+            level["daemon_down"] >= BIG_RATE,
+            baseline=round(level["host_down"], 1),
+            baseline_what="HostFiles",
+        ),
+    ]
+    print(f"Files level: {json.dumps({k: round(v, 1) for k, v in level.items()})}", file=sys.stderr)
     print(f"server peak RSS growth over the 200 MB transfers: {grown:.1f} MB", file=sys.stderr)
     extra: dict[str, Any] = {
         "runs": runs,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from crogia.errors import InvalidInput, TooLarge
 from crogia.sandbox.channel import ProtocolViolation
+from crogia.sandbox.daemon import executor_proto as proto
 from crogia.sandbox.executor_client import ByteStream
 from crogia.sandbox.files import Files, check_depth, check_limit, encode_text
 from crogia.workspace.collect import FileCollector, GrepCollector
@@ -145,10 +146,10 @@ class DaemonFiles(Files):
 
         return await self.upload(path, once(), max_bytes=len(data))
 
-    async def download(self, path: str, *, chunk_size: int = 65536) -> tuple[int, AsyncIterator[bytes]]:
+    async def download(self, path: str, *, chunk_size: int | None = None) -> tuple[int, AsyncIterator[bytes]]:
         rel = parse_path(path, allow_root=False)
         stream, reply = await self._sandbox().open_stream(
-            "fs_read", lasting=True, path=[*rel.parts], chunk=chunk_size
+            "fs_read", lasting=True, path=[*rel.parts], chunk=chunk_size or proto.FRAME_MAX
         )
         try:
             size: int = (await reply)["size"]

@@ -63,8 +63,10 @@ class Files(abc.ABC):
         """Atomically create or replace a file, creating parent folders; returns bytes written."""
 
     @abc.abstractmethod
-    async def download(self, path: str, *, chunk_size: int = 65536) -> tuple[int, AsyncIterator[bytes]]:
-        """(size, chunks) of a file; the size is fixed when opened and at most that much is sent."""
+    async def download(self, path: str, *, chunk_size: int | None = None) -> tuple[int, AsyncIterator[bytes]]:
+        """(size, chunks) of a file; the size is fixed when opened and at most that much is sent.
+
+        Chunks are at most `chunk_size` bytes (default: what suits the implementation)."""
 
     @abc.abstractmethod
     async def upload(self, path: str, chunks: AsyncIterator[bytes], *, max_bytes: int) -> int:

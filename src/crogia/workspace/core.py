@@ -93,12 +93,12 @@ class HostFiles(Files):
         data = encode_text(content)
         return await anyio.to_thread.run_sync(fileops.write_bytes, self.root, rel, data)
 
-    async def download(self, path: str, *, chunk_size: int = 65536) -> tuple[int, AsyncIterator[bytes]]:
+    async def download(self, path: str, *, chunk_size: int | None = None) -> tuple[int, AsyncIterator[bytes]]:
         """(size, chunks) of a file; the size is fixed when opened and exactly that much is sent."""
         rel = parse_path(path, allow_root=False)
         handle = await anyio.to_thread.run_sync(fileops.open_regular, self.root, rel)
         size = os.fstat(handle.fileno()).st_size
-        return size, _stream(handle, size, chunk_size)
+        return size, _stream(handle, size, chunk_size or 65536)
 
     async def upload(self, path: str, chunks: AsyncIterator[bytes], *, max_bytes: int) -> int:
         """Atomically write streamed bytes; TooLarge past `max_bytes` (nothing is left behind)."""
