@@ -45,6 +45,8 @@ async def shell(server: RunningServer, sid: str, cmd: str, **extra: object) -> d
 
 
 async def test_files_written_by_api_are_seen_by_sandbox_and_back(fserver: RunningServer, fsid: str) -> None:
+    health = (await fserver.client.get("/api/health")).json()
+    assert health["files"] == fserver.settings.sandbox_files and health["transport"] == "unix"
     base = f"/api/sessions/{fsid}/files"
     wrote = await fserver.client.post(
         f"{base}/content", json={"path": "src/app.py", "content": "print('hé')\n"}
