@@ -122,8 +122,12 @@ class DaemonFiles(Files):
             size = (await reply)["size"]
             data = bytearray()
             if size <= limit:
-                while (chunk := await stream.read()) and len(data) <= limit:
+                while chunk := await stream.read():
                     data += chunk
+                    if len(data) > size:  # the size at open bounds what may come (a daemon may lie)
+                        raise ProtocolViolation(
+                            "the sandbox's executor broke the protocol: it sent more bytes than the file has"
+                        )
         if size > limit or len(data) > limit:
             raise TooLarge(
                 f"'{rel.text}' is larger than the {limit}-byte limit for reading as text; "

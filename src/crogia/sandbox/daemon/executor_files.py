@@ -461,7 +461,7 @@ def _stream_id(rid: RequestId) -> int:
 def fs_read(req: Message, conn: Connection, rid: RequestId) -> Message:
     """Open `path` and reply `{size}` at once; its bytes follow on stream `rid`, then its end.
 
-    At most `max` bytes (default: the size at open) go out, in frames of at most `chunk` bytes.
+    At most the size at open (and at most `max` bytes) go out, in frames of at most `chunk` bytes.
     """
     from executor_core import Task
 
@@ -472,7 +472,12 @@ def fs_read(req: Message, conn: Connection, rid: RequestId) -> Message:
     fd = open_regular(rel)
     size = os.fstat(fd).st_size
     conn.accept_stream(sid)
-    Task(None, None, "fs_send", _send(conn, sid, fd, size if limit is None else max(limit, 0), chunk))
+    Task(
+        None,
+        None,
+        "fs_send",
+        _send(conn, sid, fd, size if limit is None else min(size, max(limit, 0)), chunk),
+    )
     return {"size": size}
 
 
