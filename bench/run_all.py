@@ -26,6 +26,7 @@ SCRIPTS = [
     ("bench_create.py", "create.json"),
     ("bench_grep.py", "grep.json"),
     ("bench_grep_api.py", "grep_api.json"),
+    ("bench_files.py", "files.json"),
     ("bench_ws.py", "ws.json"),
     ("bench_terminal.py", "terminal.json"),
     ("bench_preview.py", "preview.json"),

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     docker_workspace: Literal["bind", "volume"] = "bind"
     """Docker: a workspace is a host folder bound in (`bind`) or a Docker volume (`volume`: nothing
     of it on the server's disk; needs SANDBOX_TRANSPORT=tcp and files served by the daemon)."""
+    sandbox_files: Literal["host", "daemon"] = "host"
+    """Who serves a session's files and search: `host` (the server, on the host folder; faster) or
+    `daemon` (the executor inside the sandbox; needs no host path)."""
     session_idle_ttl: float = Field(3600.0, ge=0)
     """Seconds without activity before a session's sandbox is stopped (it starts again on use). 0: never."""
 

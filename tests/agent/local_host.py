@@ -60,6 +60,10 @@ class LocalToolHost:
     def workspace(self) -> Workspace:
         return self._workspace
 
+    @property
+    def files(self) -> Workspace:
+        return self._workspace
+
     async def run_shell(self, cmd: str, *, timeout: float | None = None) -> ExecResult:
         proc = await asyncio.create_subprocess_exec(
             "bash", "-c", cmd, cwd=self.root, stdout=asyncio.subprocess.PIPE,

@@ -28,6 +28,7 @@ async def test_health_reports_backend(server: RunningServer, backend: str) -> No
     assert body["status"] == "healthy" and body["sandbox_backend"] == backend
     assert body["docker_available"] is (backend == "docker")
     assert body["timestamp"].endswith("Z")
+    assert body["files"] == "host" and body["transport"] == "unix"
 
 
 async def test_create_get_list_delete(server: RunningServer, backend: str) -> None:

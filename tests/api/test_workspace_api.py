@@ -20,23 +20,43 @@ async def sid(server: RunningServer) -> str:
     return str((await server.create_session(task="workspace"))["session_id"])
 
 
+@pytest.fixture(params=["host", "daemon"])
+def files_mode(request: pytest.FixtureRequest) -> str:
+    """SANDBOX_FILES: the files and search tests run with the server and with the daemon serving."""
+    mode: str = request.param
+    return mode
+
+
+@pytest.fixture
+async def fserver(data_dir: Path, backend: str, files_mode: str) -> AsyncIterator[RunningServer]:
+    async with run_server(make_settings(data_dir, backend, sandbox_files=files_mode)) as running:
+        yield running
+
+
+@pytest.fixture
+async def fsid(fserver: RunningServer) -> str:
+    return str((await fserver.create_session(task="workspace"))["session_id"])
+
+
 async def shell(server: RunningServer, sid: str, cmd: str, **extra: object) -> dict:  # type: ignore[type-arg]
     response = await server.client.post(f"/api/sessions/{sid}/shell", json={"cmd": cmd, **extra})
     assert response.status_code == 200, response.text
     return response.json()  # type: ignore[no-any-return]
 
 
-async def test_files_written_by_api_are_seen_by_sandbox_and_back(server: RunningServer, sid: str) -> None:
-    base = f"/api/sessions/{sid}/files"
-    wrote = await server.client.post(
+async def test_files_written_by_api_are_seen_by_sandbox_and_back(fserver: RunningServer, fsid: str) -> None:
+    health = (await fserver.client.get("/api/health")).json()
+    assert health["files"] == fserver.settings.sandbox_files and health["transport"] == "unix"
+    base = f"/api/sessions/{fsid}/files"
+    wrote = await fserver.client.post(
         f"{base}/content", json={"path": "src/app.py", "content": "print('hé')\n"}
     )
     assert wrote.status_code == 200 and "message" in wrote.json()
-    out = await shell(server, sid, "python3 src/app.py && echo made > from_sandbox.txt && ln -s / escape")
+    out = await shell(fserver, fsid, "python3 src/app.py && echo made > from_sandbox.txt && ln -s / escape")
     assert out["output"] == "hé\n" and out["exit_code"] == 0 and out["command"].startswith("python3")
-    read = (await server.client.get(f"{base}/content", params={"path": "from_sandbox.txt"})).json()
+    read = (await fserver.client.get(f"{base}/content", params={"path": "from_sandbox.txt"})).json()
     assert read == {"path": "from_sandbox.txt", "content": "made\n"}
-    listing = (await server.client.get(base, params={"path": "."})).json()
+    listing = (await fserver.client.get(base, params={"path": "."})).json()
     kinds = {item["name"]: item["type"] for item in listing["items"]}
     assert kinds == {"src": "directory", "from_sandbox.txt": "file", "escape": "symlink"}
     sizes = {item["name"]: item["size"] for item in listing["items"]}
@@ -44,56 +64,56 @@ async def test_files_written_by_api_are_seen_by_sandbox_and_back(server: Running
     assert listing["truncated"] is False
 
 
-async def test_escapes_are_refused(server: RunningServer, sid: str) -> None:
-    await shell(server, sid, "ln -s / root_link && ln -s /etc/passwd pw")
-    base = f"/api/sessions/{sid}/files"
+async def test_escapes_are_refused(fserver: RunningServer, fsid: str) -> None:
+    await shell(fserver, fsid, "ln -s / root_link && ln -s /etc/passwd pw")
+    base = f"/api/sessions/{fsid}/files"
     for path in ("../../etc/passwd", "/etc/passwd", "root_link/etc/passwd", "pw"):
-        response = await server.client.get(f"{base}/content", params={"path": path})
+        response = await fserver.client.get(f"{base}/content", params={"path": path})
         assert 400 <= response.status_code < 500, (path, response.text)
         assert "root:" not in response.text
-    listing = await server.client.get(base, params={"path": "root_link"})
+    listing = await fserver.client.get(base, params={"path": "root_link"})
     assert 400 <= listing.status_code < 500
-    grep = await server.client.post(
-        f"/api/sessions/{sid}/search/grep", json={"pattern": "root:", "path": "."}
+    grep = await fserver.client.post(
+        f"/api/sessions/{fsid}/search/grep", json={"pattern": "root:", "path": "."}
     )
     assert grep.status_code == 200 and grep.json()["matches"] == []
 
 
-async def test_binary_upload_download_move_delete(server: RunningServer, sid: str) -> None:
-    base = f"/api/sessions/{sid}/files"
+async def test_binary_upload_download_move_delete(fserver: RunningServer, fsid: str) -> None:
+    base = f"/api/sessions/{fsid}/files"
     blob = bytes(range(256)) * 1000
-    up = await server.client.put(f"{base}/raw", params={"path": "bin/data.bin"}, content=blob)
+    up = await fserver.client.put(f"{base}/raw", params={"path": "bin/data.bin"}, content=blob)
     assert up.status_code == 200, up.text
-    down = await server.client.get(f"{base}/raw", params={"path": "bin/data.bin"})
+    down = await fserver.client.get(f"{base}/raw", params={"path": "bin/data.bin"})
     assert down.content == blob
-    not_text = await server.client.get(f"{base}/content", params={"path": "bin/data.bin"})
+    not_text = await fserver.client.get(f"{base}/content", params={"path": "bin/data.bin"})
     assert not_text.status_code == 400
-    moved = await server.client.post(f"{base}/move", json={"src": "bin/data.bin", "dst": "data2.bin"})
+    moved = await fserver.client.post(f"{base}/move", json={"src": "bin/data.bin", "dst": "data2.bin"})
     assert moved.status_code == 200
-    assert (await shell(server, sid, "sha256sum data2.bin | cut -c1-8"))["exit_code"] == 0
-    assert (await server.client.post(f"{base}/mkdir", json={"path": "a/b/c"})).status_code == 200
-    assert (await server.client.delete(base, params={"path": "a"})).status_code in (400, 409)
-    assert (await server.client.delete(base, params={"path": "a", "recursive": True})).status_code == 200
-    assert (await server.client.get(f"{base}/content", params={"path": "a/b"})).status_code == 404
+    assert (await shell(fserver, fsid, "sha256sum data2.bin | cut -c1-8"))["exit_code"] == 0
+    assert (await fserver.client.post(f"{base}/mkdir", json={"path": "a/b/c"})).status_code == 200
+    assert (await fserver.client.delete(base, params={"path": "a"})).status_code in (400, 409)
+    assert (await fserver.client.delete(base, params={"path": "a", "recursive": True})).status_code == 200
+    assert (await fserver.client.get(f"{base}/content", params={"path": "a/b"})).status_code == 404
 
 
-async def test_search_files_and_grep_compat_shapes(server: RunningServer, sid: str) -> None:
+async def test_search_files_and_grep_compat_shapes(fserver: RunningServer, fsid: str) -> None:
     await shell(
-        server,
-        sid,
+        fserver,
+        fsid,
         "mkdir -p pkg && printf 'from flask import Flask\\n' > pkg/app.py && echo '# Flask' > README.md",
     )
-    files = await server.client.post(
-        f"/api/sessions/{sid}/search/files", json={"pattern": "*.py", "path": "."}
+    files = await fserver.client.post(
+        f"/api/sessions/{fsid}/search/files", json={"pattern": "*.py", "path": "."}
     )
     assert files.json()["matches"] == ["pkg/app.py"]
-    grep = await server.client.post(
-        f"/api/sessions/{sid}/search/grep", json={"pattern": "Flask", "path": ".", "file_types": "*.py,*.md"}
+    grep = await fserver.client.post(
+        f"/api/sessions/{fsid}/search/grep", json={"pattern": "Flask", "path": ".", "file_types": "*.py,*.md"}
     )
     body = grep.json()
     assert {(m["file"], m["line"]) for m in body["matches"]} == {("pkg/app.py", 1), ("README.md", 1)}
     assert body["pattern"] == "Flask" and body["path"] == "."
-    bad = await server.client.post(f"/api/sessions/{sid}/search/grep", json={"pattern": "(unclosed"})
+    bad = await fserver.client.post(f"/api/sessions/{fsid}/search/grep", json={"pattern": "(unclosed"})
     assert bad.status_code == 400
 
 
@@ -174,8 +194,11 @@ async def test_follow_log_streams_until_the_process_ends(server: RunningServer, 
     assert text.split() == ["line1", "line2", "line3", "line4"]
 
 
-async def test_size_limits_give_413_and_lose_nothing(data_dir: Path) -> None:
-    settings = make_settings(data_dir, "bubblewrap", request_max_bytes=64_000, file_read_max_bytes=10_000)
+@pytest.mark.parametrize("files_mode", ["host", "daemon"])
+async def test_size_limits_give_413_and_lose_nothing(data_dir: Path, files_mode: str) -> None:
+    settings = make_settings(
+        data_dir, "bubblewrap", request_max_bytes=64_000, file_read_max_bytes=10_000, sandbox_files=files_mode
+    )
     async with run_server(settings) as small:
         sid = (await small.create_session())["session_id"]
         base = f"/api/sessions/{sid}/files"
@@ -199,3 +222,36 @@ async def test_size_limits_give_413_and_lose_nothing(data_dir: Path) -> None:
         assert ranged.status_code == 413
         listing = (await small.client.get(base)).json()["items"]
         assert sorted(item["name"] for item in listing) == ["large.txt", "ok.bin"]
+
+
+async def test_a_sandbox_swapping_symlinks_mid_request_never_leaks(fserver: RunningServer, fsid: str) -> None:
+    """Inside the real sandbox, root swaps a folder and a file for symlinks to /etc while the API reads,
+    lists and downloads them (both SANDBOX_FILES modes); /proc paths and `..` are refused as ever."""
+    base = f"/api/sessions/{fsid}/files"
+    client = fserver.client
+    setup = "mkdir d && echo inside > d/f.txt && echo inside > f.txt && ln -s /proc/self/environ proc_link"
+    assert (await shell(fserver, fsid, setup))["exit_code"] == 0
+    swap = (
+        "while true; do mv d d_ && ln -s /etc d && rm d && mv d_ d; "
+        "mv f.txt f_ && ln -s /etc/passwd f.txt && rm f.txt && mv f_ f.txt; done"
+    )
+    started = await client.post(f"/api/sessions/{fsid}/processes", json={"cmd": swap})
+    assert started.status_code == 200, started.text
+    answered: dict[int, int] = {}
+    deadline = asyncio.get_running_loop().time() + 3
+    while asyncio.get_running_loop().time() < deadline:
+        for path in ("d/f.txt", "f.txt", "d/passwd"):
+            for response in (
+                await client.get(f"{base}/content", params={"path": path}),
+                await client.get(f"{base}/raw", params={"path": path}),
+            ):
+                assert response.status_code in (200, 400, 404), response.text
+                assert "root:" not in response.text
+                answered[response.status_code] = answered.get(response.status_code, 0) + 1
+        listing = await client.get(base, params={"path": "d"})
+        assert listing.status_code in (200, 400, 404) and "passwd" not in listing.text
+    assert answered.get(200, 0) > 0 and answered.get(400, 0) + answered.get(404, 0) > 0, answered
+    for path in ("/proc/self/environ", "proc_link", "../proc/1/environ", "d/../../etc/passwd"):
+        response = await client.get(f"{base}/content", params={"path": path})
+        assert 400 <= response.status_code < 500, (path, response.text)
+        assert "PATH=" not in response.text

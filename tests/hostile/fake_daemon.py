@@ -111,6 +111,49 @@ def messages(sock):
         buf += data
 
 
+def entry(**over):
+    return {"name": "a", "path": "a", "type": "file", "size": 1, "mtime": 1.0, **over}
+
+
+def misbehave_fs(sock, rid, op):
+    """The `fs_*` ops (SANDBOX_FILES=daemon) answered wrongly, by MODE."""
+    send = sock.sendall
+    if MODE == "fs_types":
+        send(reply(rid, entries=[entry(size="abc")], truncated=False))
+    elif MODE == "fs_nul":
+        send(reply(rid, entries=[entry(name="a\x00b", path="a\x00b")], truncated=False))
+    elif MODE == "fs_escape":
+        send(reply(rid, entries=[entry(name="passwd", path="../../etc/passwd")], truncated=False))
+    elif MODE == "fs_nan":
+        send(b'{"type":"result","id":%d,"ok":true,"truncated":false,"entries":[{"name":"a","path":"a",'
+             b'"type":"file","size":1,"mtime":NaN}]}\n' % rid)  # fmt: skip
+    elif MODE == "fs_many":  # more entries than the server's cap (10,000)
+        many = [entry(name=f"f{i}", path=f"f{i}") for i in range(10_050)]
+        send(reply(rid, entries=many, truncated=False))
+    elif MODE == "fs_huge":  # a listing line past every bound
+        send(reply(rid, entries=[entry(name="x" * 1000, path="x" * 1000)] * 60_000, truncated=False))
+    elif MODE == "fs_rg_endless":  # a search record that never ends
+        send(b'{"type":"chunk","id":%d,"data":"D"}\n' % rid)
+        chunk = b'{"type":"chunk","id":%d,"data":"%s"}\n' % (rid, b"y" * 60000)
+        for _ in range(2000):  # 120 MB without a NUL
+            send(chunk)
+        send(reply(rid, exit_code=0, stderr=""))
+    elif MODE == "fs_rg_context":  # context lines without end (not one a match)
+        send(b'{"type":"chunk","id":%d,"data":"D"}\n' % rid)
+        lines = "".join(f"f\\u0000{i}-ctx\\n" for i in range(1, 2001))
+        chunk = b'{"type":"chunk","id":%d,"data":"%s"}\n' % (rid, lines.encode())
+        for _ in range(500):
+            send(chunk)
+        send(reply(rid, exit_code=0, stderr=""))
+    elif MODE == "fs_overrun":  # frames far past the 4 MiB window, credit or not
+        send(reply(rid, size=5))
+        block = frame(rid, b"z" * (256 * 1024))
+        for _ in range(40):
+            send(block)
+    else:
+        send(reply(rid))
+
+
 def main():
     sock, secret = connect(sys.argv[1:])
     if secret is not None:
@@ -124,6 +167,8 @@ def main():
             lie_about_tunnels(sock, msg)
         elif op in ("exec", "spawn"):
             misbehave(sock, rid, op)
+        elif isinstance(op, str) and op.startswith("fs_"):
+            misbehave_fs(sock, rid, op)
         elif op == "ping":
             sock.sendall(reply(rid, version=1, pid=os.getpid()))
         elif op == "list":

@@ -61,3 +61,40 @@ async def test_an_exit_notice_flood_is_bounded(
         assert (await shell(server.client, good, "echo fine"))["output"] == "fine\n"
         stopping = time.monotonic()
     assert time.monotonic() - stopping < 10, "the shutdown waited on the flood"
+
+
+FILES_BROKEN = {
+    "fs_types": ("GET", "/files", None),
+    "fs_nul": ("GET", "/files", None),
+    "fs_escape": ("GET", "/files", None),
+    "fs_nan": ("GET", "/files", None),
+    "fs_many": ("GET", "/files", None),
+    "fs_huge": ("GET", "/files", None),
+    "fs_rg_endless": ("POST", "/search/files", {"pattern": "*"}),
+    "fs_rg_context": ("POST", "/search/grep", {"pattern": "x", "context": 2}),
+    "fs_overrun": ("GET", "/files/content", None),
+}
+"""SANDBOX_FILES=daemon: how each lie of `fake_daemon.py` reaches the server (method, route, body)."""
+
+
+@pytest.mark.parametrize("mode", list(FILES_BROKEN))
+async def test_a_lying_file_reply_is_a_502_for_its_request(
+    backend: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """Wrong types, NULs, `..`, NaN, too many entries, huge lines, endless records, frames past the
+    window: each costs its request a 502 (never a 500), and the server's memory stays bounded."""
+    async with run_server(make_settings(data_dir, backend, sandbox_files="daemon")) as server:
+        good = await new_session(server.client)
+        use_fake_daemon(monkeypatch, mode)
+        bad = await new_session(server.client)
+        method, route, body = FILES_BROKEN[mode]
+        before = rss_mb()
+        params = {"path": "a.txt"} if route == "/files/content" else None
+        response = await server.client.request(
+            method, f"/api/sessions/{bad}{route}", json=body, params=params
+        )
+        assert response.status_code == 502, response.text
+        assert "protocol" in response.json()["detail"]
+        assert rss_mb() - before < 150, "a file reply grew the server past its bounds"
+        listing = await server.client.get(f"/api/sessions/{good}/files")
+        assert listing.status_code == 200, listing.text

@@ -1,5 +1,9 @@
 """Fixtures: a real workspace folder under tmp_path, with a canary folder beside it.
 
+`ws` is the `Files` under test, once per SANDBOX_FILES mode: `host` (`HostFiles` on the folder) and
+`daemon` (`DaemonFiles` talking to the real executor daemon, run on the host with
+`--workspace` = the folder), so every test here proves both answer alike.
+
 `outside` holds files that must never be read, written, listed or searched; tests
 compare its snapshot before and after hostile operations.
 """
@@ -7,12 +11,17 @@ compare its snapshot before and after hostile operations.
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from crogia.sandbox.files import Files
 from crogia.workspace import Ripgrep, Workspace
+from tests.support.local_daemon import LocalDaemon, daemon_files, local_daemon
 
 SECRET = "TOP-SECRET-canary-7f3a"
 
@@ -65,9 +74,40 @@ def root(tmp_path: Path) -> Path:
     return folder
 
 
+FilesFactory = Callable[..., Files]
+
+
+@pytest.fixture(params=["host", "daemon"])
+def files_mode(request: pytest.FixtureRequest) -> str:
+    mode: str = request.param
+    return mode
+
+
 @pytest.fixture
-def ws(root: Path, ripgrep: Ripgrep) -> Workspace:
-    return Workspace(root, ripgrep=ripgrep)
+async def daemon(files_mode: str, root: Path) -> AsyncIterator[LocalDaemon | None]:
+    if files_mode != "daemon":
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="cg-logs-") as logs:  # not beside the workspace: tests list that
+        async with local_daemon(root, Path(logs)) as running:
+            yield running
+
+
+@pytest.fixture
+def make_files(root: Path, ripgrep: Ripgrep, daemon: LocalDaemon | None) -> FilesFactory:
+    """`make_files(max_read_bytes=..., max_list_entries=...)`: a `Files` of the mode under test."""
+
+    def make(**limits: Any) -> Files:
+        if daemon is None:
+            return Workspace(root, ripgrep=ripgrep, **limits)
+        return daemon_files(daemon, **limits)
+
+    return make
+
+
+@pytest.fixture
+def ws(make_files: FilesFactory) -> Files:
+    return make_files()
 
 
 def write(root: Path, rel: str, content: str | bytes = "x\n") -> Path:

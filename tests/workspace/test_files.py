@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from crogia.errors import Conflict, InvalidInput, NotFound, TooLarge
-from crogia.workspace import Workspace
+from crogia.sandbox.files import Files
+from tests.workspace.conftest import FilesFactory
 
 from .conftest import write
 
@@ -20,72 +21,72 @@ def leftovers(root: Path) -> list[str]:
     return [str(p) for p in root.rglob(".crogia-*.tmp")]
 
 
-async def test_write_creates_parents_and_reads_back(ws: Workspace, root: Path) -> None:
-    written = await ws.write_text("src/pkg/app.py", "print('héllo')\n")
+async def test_write_creates_parents_and_reads_back(ws: Files, root: Path) -> None:
+    written = await ws.write("src/pkg/app.py", "print('héllo')\n")
     assert written == len("print('héllo')\n".encode())
     assert (root / "src/pkg/app.py").read_text() == "print('héllo')\n"
-    assert await ws.read_text("src/pkg/app.py") == "print('héllo')\n"
+    assert await ws.read("src/pkg/app.py") == "print('héllo')\n"
     assert leftovers(root) == []
 
 
-async def test_overwrite_keeps_permissions(ws: Workspace, root: Path) -> None:
+async def test_overwrite_keeps_permissions(ws: Files, root: Path) -> None:
     script = write(root, "run.sh", "#!/bin/sh\n")
     script.chmod(0o755)
-    await ws.write_text("run.sh", "#!/bin/sh\necho hi\n")
+    await ws.write("run.sh", "#!/bin/sh\necho hi\n")
     assert script.stat().st_mode & 0o777 == 0o755
     assert script.read_text() == "#!/bin/sh\necho hi\n"
-    await ws.write_text("new.txt", "x")
+    await ws.write("new.txt", "x")
     assert (root / "new.txt").stat().st_mode & 0o777 == 0o644
 
 
-async def test_write_onto_folder_or_through_file_is_refused(ws: Workspace, root: Path) -> None:
+async def test_write_onto_folder_or_through_file_is_refused(ws: Files, root: Path) -> None:
     write(root, "dir/file.txt")
     with pytest.raises(InvalidInput, match="folder"):
-        await ws.write_text("dir", "x")
+        await ws.write("dir", "x")
     with pytest.raises(InvalidInput, match="not a folder"):
-        await ws.write_text("dir/file.txt/child.txt", "x")
+        await ws.write("dir/file.txt/child.txt", "x")
 
 
-async def test_read_limits(ws: Workspace, root: Path) -> None:
+async def test_read_limits(ws: Files, root: Path, make_files: FilesFactory) -> None:
     write(root, "ten.txt", "0123456789")
-    assert await ws.read_text("ten.txt", max_bytes=10) == "0123456789"
+    assert await ws.read("ten.txt", max_bytes=10) == "0123456789"
     with pytest.raises(TooLarge, match="9-byte limit") as info:
-        await ws.read_text("ten.txt", max_bytes=9)
+        await ws.read("ten.txt", max_bytes=9)
     assert "download" in info.value.message
-    small = Workspace(root, max_read_bytes=5, ripgrep=ws.ripgrep)
+    small = make_files(max_read_bytes=5)
     with pytest.raises(TooLarge):
-        await small.read_text("ten.txt")
+        await small.read("ten.txt")
 
 
-async def test_read_errors(ws: Workspace, root: Path) -> None:
+async def test_read_errors(ws: Files, root: Path) -> None:
     write(root, "bin.dat", b"\x89PNG\r\n\x1a\n\xff\xfe")
     write(root, "dir/x.txt")
     with pytest.raises(InvalidInput, match=r"binary.*download"):
-        await ws.read_text("bin.dat")
+        await ws.read("bin.dat")
     with pytest.raises(InvalidInput, match="folder, not a file"):
-        await ws.read_text("dir")
+        await ws.read("dir")
     with pytest.raises(NotFound, match=r"'nope\.txt' does not exist"):
-        await ws.read_text("nope.txt")
+        await ws.read("nope.txt")
     with pytest.raises(NotFound, match="'missing'"):
-        await ws.read_text("missing/x.txt")
+        await ws.read("missing/x.txt")
 
 
-async def test_binary_stream_round_trip(ws: Workspace, root: Path) -> None:
+async def test_binary_stream_round_trip(ws: Files, root: Path) -> None:
     data = bytes(range(256)) * 1000
 
     async def upload() -> AsyncIterator[bytes]:
         for at in range(0, len(data), 7000):
             yield data[at : at + 7000]
 
-    assert await ws.write_bytes_stream("bin/blob.bin", upload(), max_bytes=len(data)) == len(data)
-    size, chunks = await ws.read_bytes_stream("bin/blob.bin", chunk_size=4096)
+    assert await ws.upload("bin/blob.bin", upload(), max_bytes=len(data)) == len(data)
+    size, chunks = await ws.download("bin/blob.bin", chunk_size=4096)
     received = [chunk async for chunk in chunks]
     assert size == len(data)
     assert b"".join(received) == data
     assert max(len(c) for c in received) <= 4096
 
 
-async def test_upload_over_limit_leaves_nothing(ws: Workspace, root: Path) -> None:
+async def test_upload_over_limit_leaves_nothing(ws: Files, root: Path) -> None:
     write(root, "keep.bin", b"old")
 
     async def upload() -> AsyncIterator[bytes]:
@@ -93,26 +94,26 @@ async def test_upload_over_limit_leaves_nothing(ws: Workspace, root: Path) -> No
             yield b"x" * 1000
 
     with pytest.raises(TooLarge, match="5000-byte limit"):
-        await ws.write_bytes_stream("keep.bin", upload(), max_bytes=5000)
+        await ws.upload("keep.bin", upload(), max_bytes=5000)
     with pytest.raises(TooLarge):
-        await ws.write_bytes_stream("new/fresh.bin", upload(), max_bytes=5000)
+        await ws.upload("new/fresh.bin", upload(), max_bytes=5000)
     assert (root / "keep.bin").read_bytes() == b"old"
     assert not (root / "new/fresh.bin").exists()
     assert leftovers(root) == []
 
 
-async def test_upload_failing_midway_leaves_nothing(ws: Workspace, root: Path) -> None:
+async def test_upload_failing_midway_leaves_nothing(ws: Files, root: Path) -> None:
     async def upload() -> AsyncIterator[bytes]:
         yield b"partial"
         raise ConnectionResetError("client went away")
 
     with pytest.raises(ConnectionResetError):
-        await ws.write_bytes_stream("up.bin", upload(), max_bytes=100)
+        await ws.upload("up.bin", upload(), max_bytes=100)
     assert not (root / "up.bin").exists()
     assert leftovers(root) == []
 
 
-async def test_list_sorting_types_and_sizes(ws: Workspace, root: Path) -> None:
+async def test_list_sorting_types_and_sizes(ws: Files, root: Path) -> None:
     write(root, "b.txt", "12345")
     write(root, "A.txt", "1")
     write(root, "zdir/inner.txt")
@@ -133,7 +134,7 @@ async def test_list_sorting_types_and_sizes(ws: Workspace, root: Path) -> None:
     assert abs(by_name["b.txt"].modified.timestamp() - (root / "b.txt").stat().st_mtime) < 1e-3
 
 
-async def test_list_depth_and_cap(ws: Workspace, root: Path) -> None:
+async def test_list_depth_and_cap(ws: Files, root: Path, make_files: FilesFactory) -> None:
     write(root, "adir/sub/deep.txt")
     write(root, "top.txt")
     assert [e.path for e in await ws.list(".", depth=2)] == ["adir", "adir/sub", "top.txt"]
@@ -146,11 +147,11 @@ async def test_list_depth_and_cap(ws: Workspace, root: Path) -> None:
     assert [e.path for e in await ws.list("adir/sub")] == ["adir/sub/deep.txt"]
     for i in range(30):
         write(root, f"many/{i:02}.txt")
-    capped = Workspace(root, max_list_entries=10, ripgrep=ws.ripgrep)
+    capped = make_files(max_list_entries=10)
     cut = await capped.list("many")
     assert len(cut) == 10 and cut.truncated
     assert [e.name for e in cut] == [f"{i:02}.txt" for i in range(10)]
-    whole = await Workspace(root, max_list_entries=30, ripgrep=ws.ripgrep).list("many")
+    whole = await make_files(max_list_entries=30).list("many")
     assert len(whole) == 30 and not whole.truncated
     assert not (await ws.list(".")).truncated
     with pytest.raises(InvalidInput):
@@ -161,7 +162,7 @@ async def test_list_depth_and_cap(ws: Workspace, root: Path) -> None:
         await ws.list("nope")
 
 
-async def test_remove(ws: Workspace, root: Path) -> None:
+async def test_remove(ws: Files, root: Path) -> None:
     write(root, "f.txt")
     write(root, "full/a/b/c.txt")
     (root / "empty").mkdir()
@@ -175,7 +176,7 @@ async def test_remove(ws: Workspace, root: Path) -> None:
         await ws.remove("f.txt")
 
 
-async def test_remove_deep_tree(ws: Workspace, root: Path) -> None:
+async def test_remove_deep_tree(ws: Files, root: Path) -> None:
     deep = root / "deep"
     deep.mkdir()
     fd = os.open(deep, os.O_RDONLY)
@@ -192,38 +193,38 @@ async def test_remove_deep_tree(ws: Workspace, root: Path) -> None:
     assert not deep.exists()
 
 
-async def test_move(ws: Workspace, root: Path) -> None:
+async def test_move(ws: Files, root: Path) -> None:
     write(root, "a.txt", "A")
     write(root, "b.txt", "B")
     write(root, "dir/x.txt", "X")
-    await ws.move("a.txt", "new/place/a.txt")
+    await ws.rename("a.txt", "new/place/a.txt")
     assert (root / "new/place/a.txt").read_text() == "A"
     with pytest.raises(Conflict, match="already exists"):
-        await ws.move("b.txt", "new/place/a.txt")
-    await ws.move("b.txt", "new/place/a.txt", overwrite=True)
+        await ws.rename("b.txt", "new/place/a.txt")
+    await ws.rename("b.txt", "new/place/a.txt", overwrite=True)
     assert (root / "new/place/a.txt").read_text() == "B"
     assert not (root / "b.txt").exists()
-    await ws.move("dir", "dir2")
+    await ws.rename("dir", "dir2")
     assert (root / "dir2/x.txt").read_text() == "X"
     with pytest.raises(InvalidInput, match="into itself"):
-        await ws.move("dir2", "dir2/inside")
+        await ws.rename("dir2", "dir2/inside")
     with pytest.raises(NotFound):
-        await ws.move("ghost.txt", "g.txt")
-    await ws.move("dir2", "dir2")  # no-op
+        await ws.rename("ghost.txt", "g.txt")
+    await ws.rename("dir2", "dir2")  # no-op
 
 
-async def test_mkdir(ws: Workspace, root: Path) -> None:
-    await ws.mkdir("a/b/c")
+async def test_mkdir(ws: Files, root: Path) -> None:
+    await ws.make_dir("a/b/c")
     assert (root / "a/b/c").is_dir()
-    await ws.mkdir("a/b/c")  # exist_ok
+    await ws.make_dir("a/b/c")  # exist_ok
     with pytest.raises(Conflict, match="already exists"):
-        await ws.mkdir("a/b/c", exist_ok=False)
+        await ws.make_dir("a/b/c", exist_ok=False)
     with pytest.raises(NotFound):
-        await ws.mkdir("x/y", parents=False)
+        await ws.make_dir("x/y", parents=False)
     write(root, "file.txt")
     with pytest.raises(Conflict, match="not a folder"):
-        await ws.mkdir("file.txt")
-    await ws.mkdir(".")
+        await ws.make_dir("file.txt")
+    await ws.make_dir(".")
     assert oct((root / "a").stat().st_mode & 0o777) == oct(0o755 & ~_umask())
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from crogia.errors import CrogiaError, InvalidInput, NotFound
-from crogia.workspace import Workspace
+from crogia.sandbox.files import Files
 
 from .conftest import Outside, write
 
@@ -34,30 +34,30 @@ ESCAPES = [
     "../" * 40 + "etc/passwd",
 ]
 
-Op = Callable[[Workspace, str], Awaitable[object]]
+Op = Callable[[Files, str], Awaitable[object]]
 
 
 async def _chunks() -> AsyncIterator[bytes]:
     yield b"pwned"
 
 
-async def _read_stream(ws: Workspace, path: str) -> bytes:
-    _, chunks = await ws.read_bytes_stream(path)
+async def _read_stream(ws: Files, path: str) -> bytes:
+    _, chunks = await ws.download(path)
     return b"".join([chunk async for chunk in chunks])
 
 
 OPS: dict[str, Op] = {
-    "read_text": lambda ws, p: ws.read_text(p),
+    "read_text": lambda ws, p: ws.read(p),
     "read_bytes_stream": _read_stream,
-    "write_text": lambda ws, p: ws.write_text(p, "pwned"),
-    "write_bytes_stream": lambda ws, p: ws.write_bytes_stream(p, _chunks(), max_bytes=100),
+    "write_text": lambda ws, p: ws.write(p, "pwned"),
+    "write_bytes_stream": lambda ws, p: ws.upload(p, _chunks(), max_bytes=100),
     "list": lambda ws, p: ws.list(p),
     "list_deep": lambda ws, p: ws.list(p, depth=5),
     "remove": lambda ws, p: ws.remove(p, recursive=True),
-    "move_src": lambda ws, p: ws.move(p, "moved"),
-    "move_dst": lambda ws, p: ws.move("a/file.txt", p, overwrite=True),
-    "mkdir": lambda ws, p: ws.mkdir(p),
-    "find_files": lambda ws, p: ws.find_files("*", p),
+    "move_src": lambda ws, p: ws.rename(p, "moved"),
+    "move_dst": lambda ws, p: ws.rename("a/file.txt", p, overwrite=True),
+    "mkdir": lambda ws, p: ws.make_dir(p),
+    "find_files": lambda ws, p: ws.search("*", p),
     "grep": lambda ws, p: ws.grep("canary|SECRET", p),
 }
 
@@ -72,7 +72,7 @@ def seeded(root: Path) -> Path:
 @pytest.mark.parametrize("path", ESCAPES)
 @pytest.mark.parametrize("op", sorted(OPS))
 async def test_escape_attempt_is_refused(
-    ws: Workspace, seeded: Path, outside: Outside, tmp_path: Path, op: str, path: str
+    ws: Files, seeded: Path, outside: Outside, tmp_path: Path, op: str, path: str
 ) -> None:
     before = outside.snapshot()
     with pytest.raises(InvalidInput) as info:
@@ -86,7 +86,7 @@ async def test_escape_attempt_is_refused(
 @pytest.mark.parametrize("op", ["write_text", "write_bytes_stream", "remove", "move_src", "move_dst"])
 @pytest.mark.parametrize("path", ["", ".", "./", "a/.."])
 async def test_root_itself_cannot_be_written_removed_or_moved(
-    ws: Workspace, seeded: Path, op: str, path: str
+    ws: Files, seeded: Path, op: str, path: str
 ) -> None:
     with pytest.raises(InvalidInput):
         await OPS[op](ws, path)
@@ -94,42 +94,42 @@ async def test_root_itself_cannot_be_written_removed_or_moved(
 
 
 @pytest.mark.parametrize("path", ["", ".", "./", ".//."])
-async def test_empty_and_dot_mean_root_for_list_and_search(ws: Workspace, seeded: Path, path: str) -> None:
+async def test_empty_and_dot_mean_root_for_list_and_search(ws: Files, seeded: Path, path: str) -> None:
     assert [e.name for e in await ws.list(path)] == ["a"]
-    assert (await ws.find_files("*.txt", path)).matches == ["a/b/c/d.txt", "a/file.txt"]
+    assert (await ws.search("*.txt", path)).matches == ["a/b/c/d.txt", "a/file.txt"]
     assert len((await ws.grep("inside", path)).matches) == 2
 
 
-async def test_url_encoded_dots_are_literal_names(ws: Workspace, root: Path, outside: Outside) -> None:
+async def test_url_encoded_dots_are_literal_names(ws: Files, root: Path, outside: Outside) -> None:
     with pytest.raises(NotFound):
-        await ws.read_text("%2e%2e/outside/secret.txt")
+        await ws.read("%2e%2e/outside/secret.txt")
     with pytest.raises(NotFound):
         await ws.list("%2e%2e")
-    await ws.write_text("%2e%2e/%2e%2e/x.txt", "literal")
+    await ws.write("%2e%2e/%2e%2e/x.txt", "literal")
     assert (root / "%2e%2e" / "%2e%2e" / "x.txt").read_text() == "literal"
     assert not (outside.folder / "x.txt").exists()
 
 
-async def test_messages_name_only_relative_paths(ws: Workspace, root: Path) -> None:
-    for call in (ws.read_text("missing/file.txt"), ws.list("nope"), ws.remove("gone")):
+async def test_messages_name_only_relative_paths(ws: Files, root: Path) -> None:
+    for call in (ws.read("missing/file.txt"), ws.list("nope"), ws.remove("gone")):
         with pytest.raises(CrogiaError) as info:
             await call
         assert str(root) not in info.value.message
         assert "/tmp" not in info.value.message
 
 
-async def test_dot_components_are_normalised(ws: Workspace, seeded: Path) -> None:
-    assert await ws.read_text("./a//./file.txt") == "inside\n"
+async def test_dot_components_are_normalised(ws: Files, seeded: Path) -> None:
+    assert await ws.read("./a//./file.txt") == "inside\n"
     entries = await ws.list("./a/")
     assert [e.path for e in entries] == ["a/b", "a/file.txt"]
 
 
-async def test_overlong_names_are_refused(ws: Workspace, root: Path) -> None:
-    for call in (ws.read_text("a" * 300), ws.list("b" * 300), ws.write_text("c" * 300 + "/x", "x")):
+async def test_overlong_names_are_refused(ws: Files, root: Path) -> None:
+    for call in (ws.read("a" * 300), ws.list("b" * 300), ws.write("c" * 300 + "/x", "x")):
         with pytest.raises(InvalidInput, match="too long"):
             await call
 
 
-async def test_undecodable_names_are_listed_safely(ws: Workspace, root: Path) -> None:
+async def test_undecodable_names_are_listed_safely(ws: Files, root: Path) -> None:
     os.close(os.open(os.fsencode(root) + b"/caf\xe9.txt", os.O_CREAT | os.O_WRONLY))
     assert [e.name for e in await ws.list(".")] == ["caf\ufffd.txt"]

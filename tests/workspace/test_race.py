@@ -10,6 +10,7 @@ import asyncio
 import os
 import shutil
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,7 +19,9 @@ from pathlib import Path
 import pytest
 
 from crogia.errors import CrogiaError
+from crogia.sandbox.files import Files
 from crogia.workspace import Ripgrep, Workspace
+from tests.support.local_daemon import daemon_files, local_daemon
 
 from .conftest import SECRET, Outside, write
 
@@ -67,36 +70,45 @@ async def _one_chunk() -> AsyncIterator[bytes]:
     yield b"uploaded"
 
 
-async def _download(ws: Workspace, path: str) -> bytes:
-    _, chunks = await ws.read_bytes_stream(path)
+async def _download(ws: Files, path: str) -> bytes:
+    _, chunks = await ws.download(path)
     return b"".join([chunk async for chunk in chunks])
 
 
-OPERATIONS: list[Callable[[Workspace], Awaitable[object]]] = [
-    lambda ws: ws.read_text("d/f.txt"),
-    lambda ws: ws.read_text("f.txt"),
+OPERATIONS: list[Callable[[Files], Awaitable[object]]] = [
+    lambda ws: ws.read("d/f.txt"),
+    lambda ws: ws.read("f.txt"),
     lambda ws: _download(ws, "d/f.txt"),
     lambda ws: _download(ws, "f.txt"),
-    lambda ws: ws.write_text("d/new.txt", "written"),
-    lambda ws: ws.write_text("d/deeper/new.txt", "written"),
-    lambda ws: ws.write_bytes_stream("d/up.bin", _one_chunk(), max_bytes=100),
+    lambda ws: ws.write("d/new.txt", "written"),
+    lambda ws: ws.write("d/deeper/new.txt", "written"),
+    lambda ws: ws.upload("d/up.bin", _one_chunk(), max_bytes=100),
     lambda ws: ws.list("d"),
     lambda ws: ws.list(".", depth=5),
     lambda ws: ws.grep("canary|inside|print"),
     lambda ws: ws.grep("canary|inside|print", "d"),
     lambda ws: ws.grep("canary|inside", "f.txt"),
-    lambda ws: ws.find_files("*"),
-    lambda ws: ws.find_files("*", "d"),
-    lambda ws: ws.mkdir("d/made/here"),
-    lambda ws: ws.move("d/new.txt", "d/renamed.txt", overwrite=True),
+    lambda ws: ws.search("*"),
+    lambda ws: ws.search("*", "d"),
+    lambda ws: ws.make_dir("d/made/here"),
+    lambda ws: ws.rename("d/new.txt", "d/renamed.txt", overwrite=True),
     lambda ws: ws.remove("d/renamed.txt"),
     lambda ws: ws.remove("d/made", recursive=True),
 ]
 
 
-async def _hammer(ws: Workspace, deadline: float, outcomes: dict[str, int]) -> None:
+SEARCHES = 5
+"""The grep and search rows of OPERATIONS (rows 9-13)."""
+
+
+async def _hammer(
+    ws: Files,
+    deadline: float,
+    outcomes: dict[str, int],
+    operations: list[Callable[[Files], Awaitable[object]]],
+) -> None:
     while time.monotonic() < deadline:
-        for operation in OPERATIONS:
+        for operation in operations:
             try:
                 result = await operation(ws)
             except CrogiaError:
@@ -116,7 +128,25 @@ async def test_swapping_folders_for_symlinks_never_escapes(
     root: Path, outside: Outside, ripgrep: Ripgrep, unconfined_ripgrep: Ripgrep, confine: bool
 ) -> None:
     """Both search modes: rg under Landlock, and rg unconfined with results re-checked."""
-    ws = Workspace(root, ripgrep=ripgrep if confine else unconfined_ripgrep)
+    await _race(
+        Workspace(root, ripgrep=ripgrep if confine else unconfined_ripgrep), root, outside, OPERATIONS
+    )
+
+
+@pytest.mark.slow
+async def test_the_daemon_never_follows_a_swapped_symlink(root: Path, outside: Outside) -> None:
+    """SANDBOX_FILES=daemon: the daemon's file ops (the real daemon, run on the host so that escaping
+    would reach `outside`) hold under the same swaps. Its rg runs unconfined and unchecked: in a
+    sandbox an escape reaches only the sandbox's own files, so the searches are left out here."""
+    with tempfile.TemporaryDirectory(prefix="cg-logs-") as logs:
+        async with local_daemon(root, Path(logs)) as daemon:
+            operations = OPERATIONS[:9] + OPERATIONS[9 + SEARCHES :]
+            await _race(daemon_files(daemon), root, outside, operations)
+
+
+async def _race(
+    ws: Files, root: Path, outside: Outside, operations: list[Callable[[Files], Awaitable[object]]]
+) -> None:
     for i in range(100):  # many outside files make an escaped rg walk likely to report one
         (outside.folder / "sub" / f"leak{i}.txt").write_text(f"{SECRET}\n")
     write(root, "d/f.txt", "inside\n")
@@ -130,7 +160,7 @@ async def test_swapping_folders_for_symlinks_never_escapes(
     outcomes = {"done": 0, "refused": 0}
     try:
         deadline = time.monotonic() + RACE_SECONDS
-        await asyncio.gather(*(_hammer(ws, deadline, outcomes) for _ in range(6)))
+        await asyncio.gather(*(_hammer(ws, deadline, outcomes, operations) for _ in range(6)))
     finally:
         stop.set()
         swapper.join()

@@ -66,7 +66,7 @@ async def test_timeout_kills_rg_and_marks_truncated(root: Path, tmp_path: Path) 
 
 async def test_cancelled_search_kills_rg(root: Path, tmp_path: Path) -> None:
     ws = Workspace(root, ripgrep=Ripgrep(_fake_rg(tmp_path, "exec sleep 30"), confine=False))
-    task = asyncio.create_task(ws.find_files("*"))
+    task = asyncio.create_task(ws.search("*"))
     for _ in range(500):  # until the fake rg runs (at most 5 s)
         if os.listdir(tmp_path).count("rg.pid"):
             break
@@ -107,7 +107,7 @@ async def test_missing_rg_is_unavailable(root: Path, tmp_path: Path) -> None:
 async def test_crashing_rg_is_unavailable(root: Path, tmp_path: Path) -> None:
     ws = Workspace(root, ripgrep=Ripgrep(_fake_rg(tmp_path, "exit 3"), confine=False))
     with pytest.raises(Unavailable, match="status 3"):
-        await ws.find_files("*")
+        await ws.search("*")
 
 
 async def test_unconfined_mode_gives_the_same_results(
@@ -122,4 +122,4 @@ async def test_unconfined_mode_gives_the_same_results(
         assert [(m.file, m.line) for m in found.matches] == [("a.py", 2), ("a.py", 4), ("sub/b.md", 1)]
         assert found.matches[0].context_before == ("one",)
         assert found.matches[1].content.endswith("[... omitted end of long line]")
-        assert (await ws.find_files("*", file_types="py,md")).matches == ["a.py", "sub/b.md"]
+        assert (await ws.search("*", file_types="py,md")).matches == ["a.py", "sub/b.md"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from crogia.errors import InvalidInput
-from crogia.workspace import Workspace
+from crogia.sandbox.files import Files
 
 from .conftest import SECRET, Outside, write
 
@@ -35,51 +35,51 @@ THROUGH = ["escape/etc/passwd", "outdir/secret.txt", "real/up/secret.txt", "inne
 
 
 @pytest.mark.parametrize("path", LINKS + THROUGH)
-async def test_reads_through_symlinks_are_refused(ws: Workspace, planted: Path, path: str) -> None:
+async def test_reads_through_symlinks_are_refused(ws: Files, planted: Path, path: str) -> None:
     with pytest.raises(InvalidInput, match="symbolic link"):
-        await ws.read_text(path)
+        await ws.read(path)
     with pytest.raises(InvalidInput, match="symbolic link"):
-        await ws.read_bytes_stream(path)
+        await ws.download(path)
 
 
 @pytest.mark.parametrize(
     "path", ["outdir", "escape", "inner", "loop1", "real/up", "outdir/sub", "escape/etc"]
 )
 async def test_listing_and_searching_through_symlinks_are_refused(
-    ws: Workspace, planted: Path, path: str
+    ws: Files, planted: Path, path: str
 ) -> None:
     with pytest.raises(InvalidInput, match="symbolic link"):
         await ws.list(path)
     with pytest.raises(InvalidInput, match="symbolic link"):
         await ws.grep("SECRET", path)
     with pytest.raises(InvalidInput, match="symbolic link"):
-        await ws.find_files("*", path)
+        await ws.search("*", path)
 
 
 @pytest.mark.parametrize(
     "path", ["secret_link", "relative_link", "outdir/new.txt", "real/up/new.txt", "escape/tmp/pwned.txt"]
 )
 async def test_writes_through_symlinks_are_refused(
-    ws: Workspace, planted: Path, outside: Outside, path: str
+    ws: Files, planted: Path, outside: Outside, path: str
 ) -> None:
     before = outside.snapshot()
     with pytest.raises(InvalidInput, match="symbolic link"):
-        await ws.write_text(path, "pwned")
+        await ws.write(path, "pwned")
     assert outside.snapshot() == before
     assert (planted / "secret_link").is_symlink()
 
 
 @pytest.mark.parametrize("path", ["outdir/newdir", "real/up/newdir", "escape/tmp/crogia-newdir"])
 async def test_mkdir_through_symlinks_is_refused(
-    ws: Workspace, planted: Path, outside: Outside, path: str
+    ws: Files, planted: Path, outside: Outside, path: str
 ) -> None:
     with pytest.raises(InvalidInput, match="symbolic link"):
-        await ws.mkdir(path)
+        await ws.make_dir(path)
     assert not (outside.folder / "newdir").exists()
     assert "crogia-newdir" not in os.listdir("/tmp")
 
 
-async def test_listing_shows_links_without_following(ws: Workspace, planted: Path) -> None:
+async def test_listing_shows_links_without_following(ws: Files, planted: Path) -> None:
     entries = {e.path: e for e in await ws.list(".", depth=10)}
     assert entries["outdir"].type == "symlink"
     assert entries["escape"].type == "symlink"
@@ -88,18 +88,18 @@ async def test_listing_shows_links_without_following(ws: Workspace, planted: Pat
     assert not any(p.startswith(("outdir/", "escape/", "inner/", "real/up/")) for p in entries)
 
 
-async def test_search_never_follows_links(ws: Workspace, planted: Path) -> None:
+async def test_search_never_follows_links(ws: Files, planted: Path) -> None:
     found = await ws.grep("SECRET|inside|root:", include_hidden=True, include_ignored=True)
     assert [(m.file, m.content) for m in found.matches] == [("real/file.txt", "inside")]
-    files = await ws.find_files("*", include_hidden=True, include_ignored=True)
+    files = await ws.search("*", include_hidden=True, include_ignored=True)
     assert files.matches == ["real/file.txt"]
 
 
-async def test_remove_and_move_act_on_the_link_itself(ws: Workspace, planted: Path, outside: Outside) -> None:
+async def test_remove_and_move_act_on_the_link_itself(ws: Files, planted: Path, outside: Outside) -> None:
     before = outside.snapshot()
     await ws.remove("outdir", recursive=True)
     await ws.remove("secret_link")
-    await ws.move("escape", "moved/escape")
+    await ws.rename("escape", "moved/escape")
     await ws.remove("real", recursive=True)  # contains `up`, a link to the outside folder
     assert outside.snapshot() == before
     assert not (planted / "outdir").exists()
@@ -107,42 +107,42 @@ async def test_remove_and_move_act_on_the_link_itself(ws: Workspace, planted: Pa
     assert (planted / "moved/escape").is_symlink()
 
 
-async def test_move_into_a_linked_folder_is_refused(ws: Workspace, planted: Path, outside: Outside) -> None:
+async def test_move_into_a_linked_folder_is_refused(ws: Files, planted: Path, outside: Outside) -> None:
     with pytest.raises(InvalidInput, match="symbolic link"):
-        await ws.move("real/file.txt", "outdir/stolen.txt")
+        await ws.rename("real/file.txt", "outdir/stolen.txt")
     assert not (outside.folder / "stolen.txt").exists()
     assert (planted / "real/file.txt").exists()
 
 
-async def test_fifo_never_hangs(ws: Workspace, root: Path) -> None:
+async def test_fifo_never_hangs(ws: Files, root: Path) -> None:
     os.mkfifo(root / "pipe")
     write(root, "ok.txt", "needle\n")
     async with asyncio.timeout(10):
         with pytest.raises(InvalidInput, match="not a regular file"):
-            await ws.read_text("pipe")
+            await ws.read("pipe")
         with pytest.raises(InvalidInput, match="not a regular file"):
-            await ws.read_bytes_stream("pipe")
+            await ws.download("pipe")
         with pytest.raises(InvalidInput, match="not a regular file"):
-            await ws.write_text("pipe", "x")
+            await ws.write("pipe", "x")
         assert [m.file for m in (await ws.grep("needle")).matches] == ["ok.txt"]
-        assert (await ws.find_files("*")).matches == ["ok.txt"]
+        assert (await ws.search("*")).matches == ["ok.txt"]
         entries = {e.name: e.type for e in await ws.list(".")}
     assert entries == {"ok.txt": "file", "pipe": "file"}
     assert stat.S_ISFIFO(os.lstat(root / "pipe").st_mode)
 
 
-async def test_device_node_is_not_read(ws: Workspace, root: Path) -> None:
+async def test_device_node_is_not_read(ws: Files, root: Path) -> None:
     try:
         os.mknod(root / "zero", stat.S_IFCHR | 0o600, os.makedev(1, 5))
     except PermissionError:
         pytest.skip("creating device nodes needs CAP_MKNOD")
     async with asyncio.timeout(10):
         with pytest.raises(InvalidInput, match="not a regular file"):
-            await ws.read_text("zero")
+            await ws.read("zero")
         assert (await ws.grep("x")).matches == []
 
 
-async def test_symlinked_root_child_cannot_be_searched_by_pattern(ws: Workspace, planted: Path) -> None:
-    result = await ws.find_files("outdir/*")
+async def test_symlinked_root_child_cannot_be_searched_by_pattern(ws: Files, planted: Path) -> None:
+    result = await ws.search("outdir/*")
     assert result.matches == []
     assert SECRET not in repr(await ws.grep(SECRET))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from crogia.sandbox.base import ExecResult
-from crogia.workspace import Workspace
+from crogia.sandbox.files import Files
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +28,9 @@ class ProcessView:
 
 class ToolHost(Protocol):
     @property
-    def workspace(self) -> Workspace: ...
+    def files(self) -> Files:
+        """The session's files (host folder or sandbox daemon, by SANDBOX_FILES)."""
+        ...
 
     async def run_shell(self, cmd: str, *, timeout: float | None = None) -> ExecResult:
         """Run in the sandbox with cwd /workspace; `timeout` is bounded by settings."""

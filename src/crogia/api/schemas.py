@@ -360,6 +360,8 @@ class Health(_Model):
     "rootless" (Docker), "off" (host root: see the README's Privileges part), "unknown"."""
     seccomp: str = "off"
     """The sandboxes' seccomp filter: "default" (Docker's), "crogia" (ours), "off", "unknown"."""
+    files: str = "host"
+    """Who serves files and search (SANDBOX_FILES): "host" (the server) or "daemon" (the sandbox)."""
     transport: str = "unix"
     """How the server reaches the sandboxes' daemons: "unix" (a socket) or "tcp" (SANDBOX_TRANSPORT)."""
 

@@ -23,6 +23,7 @@ from crogia.errors import SandboxError
 from crogia.sandbox.egress import EgressPolicy
 
 if TYPE_CHECKING:
+    from crogia.sandbox.files import Files
     from crogia.sandbox.pty_channel import PtyListener
     from crogia.sandbox.quota import WorkspaceDisks
     from crogia.sandbox.tunnel_channel import Tunnel
@@ -282,6 +283,10 @@ class Sandbox(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Drop this server's connection without touching the sandbox (server shutdown)."""
+
+    def files(self, *, max_read_bytes: int) -> Files:
+        """The workspace's files, served from inside this sandbox (`crogia.sandbox.files.Files`)."""
+        raise NotImplementedError(f"the {self.backend} backend serves no files from its sandboxes")
 
     async def set_egress(self, policy: EgressPolicy) -> None:
         """Apply `policy` to new connections now, and keep it (in `spec`) for every later start."""

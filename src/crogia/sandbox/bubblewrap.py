@@ -64,6 +64,7 @@ from crogia.sandbox.netns import NetnsStock, SandboxNetns, leftover_netns
 from crogia.sandbox.network import RESOLV_CONF, mode_of
 from crogia.sandbox.seccomp import SeccompUnavailable, filter_program
 from crogia.sandbox.userns import UidAllocator, UidRange
+from crogia.workspace.ripgrep import locate_rg
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,10 @@ def _hostname(session_id: str) -> str:
     return ("crogia-" + re.sub(r"[^a-z0-9-]", "", session_id.lower())[:40]).strip("-")
 
 
+TOOLS_RG = "/opt/crogia-tools/rg"
+"""Where a bubblewrap sandbox finds the server's rg, for search its daemon serves (SANDBOX_FILES=daemon)."""
+
+
 def system_args() -> list[str]:
     """bwrap options giving `/usr` and the top-level `/bin`, `/lib*`, `/sbin` as on the host."""
     args = ["--ro-bind", "/usr", "/usr"]
@@ -133,7 +138,11 @@ def mount_args(spec: SandboxSpec, resolv_conf: Path | None = None, *, workspace:
         args += [*size, "--tmpfs", folder]
     state = ["--size", str(spec.limits.state_mb * 1024 * 1024)] if spec.limits.state_mb > 0 else []
     args += ["--bind", str(workspace), WORKDIR, *state, "--tmpfs", STATE_MOUNT]
-    args += ["--ro-bind", str(DAEMON_DIR), DAEMON_MOUNT, "--remount-ro", "/", "--chdir", WORKDIR]
+    args += ["--ro-bind", str(DAEMON_DIR), DAEMON_MOUNT]
+    rg = locate_rg()  # the sandbox sees the host's /usr: lend it the server's rg where that lives elsewhere
+    if rg is not None and not rg.startswith("/usr/"):
+        args += ["--ro-bind", os.path.realpath(rg), TOOLS_RG]
+    args += ["--remount-ro", "/", "--chdir", WORKDIR]
     return args
 
 

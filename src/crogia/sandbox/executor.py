@@ -33,11 +33,15 @@ from crogia.sandbox.base import (
 )
 from crogia.sandbox.channel import Channel
 from crogia.sandbox.daemon import executor_proto as proto
+from crogia.sandbox.executor_client import ByteStream
 from crogia.sandbox.executor_client import ExecutorClient as ExecutorClient
+from crogia.sandbox.files import Files
 from crogia.sandbox.pty_channel import PtyListener
 from crogia.sandbox.tunnel_channel import Tunnel, open_tunnel
 
 log = logging.getLogger(__name__)
+
+Reply = asyncio.Future[dict[str, Any]]
 
 DAEMON_DIR = Path(__file__).resolve().parent / "daemon"
 """Host folder holding the daemon's source; bind it read-only at `DAEMON_MOUNT`."""
@@ -186,6 +190,10 @@ class ExecutorSandbox(Sandbox):
             self._client.set_exit_listener(listener)
 
     async def _call(self, op: str, *, on_chunk: OutputListener | None = None, **args: Any) -> dict[str, Any]:
+        client = await self._ready_client()
+        return await client.request(op, on_chunk=on_chunk, **args)
+
+    async def _ready_client(self) -> ExecutorClient:
         if self._client is None:
             raise Unavailable("the sandbox is not running", sandbox_id=self.id)
         if self._client.closed:
@@ -194,7 +202,24 @@ class ExecutorSandbox(Sandbox):
             await self._reconnect()
         if self._client is None:
             raise Unavailable("the sandbox is not running", sandbox_id=self.id)
-        return await self._client.request(op, on_chunk=on_chunk, **args)
+        return self._client
+
+    async def request(
+        self, op: str, *, on_chunk: OutputListener | None = None, allow: int = 0, **args: Any
+    ) -> dict[str, Any]:
+        """One request to the daemon (reconnecting once if its connection was lost): its checked values."""
+        return await self._call(op, on_chunk=on_chunk, allow=allow, **args)
+
+    async def open_stream(self, op: str, *, lasting: bool = False, **args: Any) -> tuple[ByteStream, Reply]:
+        """A request that opens a byte stream (`ExecutorClient.open_stream`): the stream and its reply."""
+        client = await self._ready_client()
+        return await client.open_stream(op, lasting=lasting, **args)
+
+    def files(self, *, max_read_bytes: int) -> Files:
+        """This sandbox's files, served by its daemon (no host path needed)."""
+        from crogia.sandbox.daemon_files import DaemonFiles  # it imports crogia.workspace, which imports us
+
+        return DaemonFiles(lambda: self, max_read_bytes=max_read_bytes)
 
     async def exec(
         self,

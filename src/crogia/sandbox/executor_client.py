@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from crogia.errors import CrogiaError, InvalidInput, NotFound, SandboxError, Unavailable
+from crogia.errors import Conflict, CrogiaError, InvalidInput, NotFound, SandboxError, TooLarge, Unavailable
 from crogia.sandbox.base import ExitListener
 from crogia.sandbox.channel import Frame, ProtocolViolation, Stream, decode, send
 from crogia.sandbox.daemon import executor_proto as proto
@@ -33,7 +33,15 @@ LINE_BASE = 1 << 20
 EXIT_BURST, EXIT_RATE = 1024, 100.0
 """Exit notices a connection may send at once, and per second after that (legit: one per spawn)."""
 
-_ERRORS: dict[str, type[CrogiaError]] = {"not_found": NotFound, "bad_request": InvalidInput}
+_ERRORS: dict[str, type[CrogiaError]] = {
+    "not_found": NotFound,
+    "bad_request": InvalidInput,
+    "conflict": Conflict,
+    "too_large": TooLarge,
+    "unavailable": Unavailable,
+}
+CANCELLABLE = frozenset({"exec", "fs_rg"})
+"""Ops the daemon is told to stop when their caller gives up on them."""
 
 
 def _error_from(code: str, message: str) -> CrogiaError:
@@ -287,7 +295,7 @@ class ExecutorClient:
         except asyncio.CancelledError:
             # Cancelling our task cancels `future` too, so only a real reply means it finished.
             answered = future.done() and not future.cancelled()
-            if op == "exec" and not answered and not self._closed:
+            if op in CANCELLABLE and not answered and not self._closed:
                 send(self._writer, {"id": next(self._ids), "op": "cancel", "target": rid})
             raise
         except ConnectionError as exc:

@@ -11,7 +11,8 @@ from typing import Literal
 
 from crogia.errors import Unavailable
 from crogia.sandbox.base import Sandbox, SandboxSpec
-from crogia.workspace import Workspace
+from crogia.sandbox.files import Files, FilesMode
+from crogia.workspace import HostFiles
 
 State = Literal["creating", "running", "asleep", "dormant", "deleting", "gone"]
 """Where a session is in its life on this server (see `crogia.services.lifecycle`)."""
@@ -29,7 +30,8 @@ class LiveSession:
     tenant: str
     spec: SandboxSpec
     """What its sandbox is made from (image, folders, limits, labels)."""
-    workspace: Workspace
+    host_files: HostFiles | None
+    """Its files on the host folder (`SANDBOX_FILES=host`); None: its sandbox's daemon serves them."""
     state: State = "creating"
     sandbox_id: str = ""
     """The backend's id of its sandbox (kept while stopped: Docker starts the same container again)."""
@@ -54,6 +56,20 @@ class LiveSession:
     def sandbox(self, sandbox: Sandbox) -> None:
         self._sandbox = sandbox
         self.sandbox_id = sandbox.id
+
+    max_read_bytes: int = 10_485_760
+    """FILE_READ_MAX_BYTES, for files its daemon serves."""
+
+    @property
+    def files(self) -> Files:
+        """Its files, by SANDBOX_FILES: the host folder, or its running sandbox's daemon."""
+        if self.host_files is not None:
+            return self.host_files
+        return self.sandbox.files(max_read_bytes=self.max_read_bytes)
+
+    @property
+    def files_mode(self) -> FilesMode:
+        return "host" if self.host_files is not None else "daemon"
 
     @property
     def has_sandbox(self) -> bool:

@@ -31,7 +31,7 @@ from crogia.services.quotas import SessionQuotas, capped
 from crogia.services.reconcile import reconcile
 from crogia.store import Database, repo
 from crogia.store.tables import SessionRow
-from crogia.workspace import Workspace
+from crogia.workspace import HostFiles
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,8 @@ class SessionService:
             row.id,
             row.tenant,
             spec,
-            self._workspace(spec),
+            self._host_files(spec),
+            max_read_bytes=self.settings.file_read_max_bytes,
             state="dormant",
             sandbox_id=row.sandbox_id or "",
             last_active=active,
@@ -222,7 +223,15 @@ class SessionService:
         try:
             sandbox = await self._new_sandbox(spec)
             spec = sandbox.spec  # a pooled sandbox brings the session id it was made for
-            live = self.states.add(LiveSession(spec.session_id, tenant, spec, self._workspace(spec)))
+            live = self.states.add(
+                LiveSession(
+                    spec.session_id,
+                    tenant,
+                    spec,
+                    self._host_files(spec),
+                    max_read_bytes=self.settings.file_read_max_bytes,
+                )
+            )
             row = SessionRow(
                 id=spec.session_id,
                 tenant=tenant,
@@ -327,8 +336,11 @@ class SessionService:
                 return claimed
         return await self.provider.create(spec)  # it makes the folders (and mounts the disk)
 
-    def _workspace(self, spec: SandboxSpec) -> Workspace:
-        return Workspace(
+    def _host_files(self, spec: SandboxSpec) -> HostFiles | None:
+        """The session's files on its host folder, or None where its daemon serves them (SANDBOX_FILES)."""
+        if self.settings.sandbox_files == "daemon":
+            return None
+        return HostFiles(
             self.provider.paths(spec.session_id).workspace, max_read_bytes=self.settings.file_read_max_bytes
         )
 

@@ -7,11 +7,11 @@ import dataclasses
 from crogia.agent.host import ProcessView
 from crogia.errors import CrogiaError
 from crogia.sandbox.base import ExecResult
+from crogia.sandbox.files import Files
 from crogia.services.processes import ProcessService
 from crogia.services.sessions import LiveSession
 from crogia.services.shell import ShellService
 from crogia.store.tables import ProcessRow
-from crogia.workspace import Workspace
 
 
 def process_view(row: ProcessRow) -> ProcessView:
@@ -27,8 +27,8 @@ class SessionToolHost:
         self._processes = processes
 
     @property
-    def workspace(self) -> Workspace:
-        return self._live.workspace
+    def files(self) -> Files:
+        return self._live.files
 
     async def run_shell(self, cmd: str, *, timeout: float | None = None) -> ExecResult:
         return await self._shell.run(self._live, cmd, timeout=timeout)

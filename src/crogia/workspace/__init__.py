@@ -1,4 +1,7 @@
-"""Host-side file and search operations on one session's workspace folder.
+"""Host-side file and search operations on one session's workspace folder (`HostFiles`).
+
+`HostFiles` implements `crogia.sandbox.files.Files` for local backends (`SANDBOX_FILES=host`);
+the executor daemon serves the same interface from inside the sandbox (`DaemonFiles`).
 
 The same folder is bind-mounted into a sandbox where an agent runs arbitrary
 commands as root, concurrently with API requests, so confinement never relies on
@@ -15,8 +18,8 @@ path strings alone:
   confined to reading beneath the workspace root.
 """
 
-from crogia.workspace.core import Workspace
+from crogia.workspace.core import HostFiles, Workspace
 from crogia.workspace.models import Entry, EntryType, GrepMatch, Listing, SearchResult
 from crogia.workspace.ripgrep import Ripgrep
 
-__all__ = ["Entry", "EntryType", "GrepMatch", "Listing", "Ripgrep", "SearchResult", "Workspace"]
+__all__ = ["Entry", "EntryType", "GrepMatch", "HostFiles", "Listing", "Ripgrep", "SearchResult", "Workspace"]

@@ -45,6 +45,11 @@ class FileCollector:
         self._paths: list[str] = []
         self.truncated = False
 
+    @property
+    def pending(self) -> int:
+        """Bytes held of a record not yet ended."""
+        return len(self._pending)
+
     def feed(self, chunk: bytes) -> bool:
         """Take a chunk; True once the result is full."""
         *complete, self._pending = (self._pending + chunk).split(b"\0")
@@ -75,7 +80,14 @@ class GrepCollector:
         self._pending = b""
         self._lines: dict[str, dict[int, tuple[bool, str]]] = {}
         self._count = 0
+        self.stored = 0
+        """Lines kept (matches and context)."""
         self.truncated = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes held of a record not yet ended."""
+        return len(self._pending)
 
     def feed(self, chunk: bytes) -> bool:
         """Take a chunk; True once the result is full."""
@@ -103,6 +115,7 @@ class GrepCollector:
         path = self._label if self._label is not None else self._fix(raw_path)
         text = _decode(rest[head.end() :]).removesuffix("\r")
         self._lines.setdefault(path, {})[int(head[1])] = (is_match, text)
+        self.stored += 1
         return True
 
     def result(self) -> SearchResult[GrepMatch]:

@@ -1,4 +1,4 @@
-"""`Workspace`: the async face of the confined file and search operations.
+"""`HostFiles`: the server's own implementation of `Files`, on the host folder bound at /workspace.
 
 Every blocking syscall runs in a worker thread; rg runs as a subprocess whose
 output is read without blocking the event loop.
@@ -13,15 +13,16 @@ import os
 from collections.abc import AsyncIterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import anyio
 import anyio.to_thread
 
 from crogia.errors import InvalidInput, TooLarge
+from crogia.sandbox.files import Files, FilesMode, check_depth, check_limit, encode_text
 from crogia.workspace import fileops, treeops
 from crogia.workspace.collect import FileCollector, GrepCollector
-from crogia.workspace.models import GrepMatch, Listing, SearchResult
+from crogia.workspace.models import Entry, GrepMatch, Listing, SearchResult
 from crogia.workspace.paths import RelPath, parse_path
 from crogia.workspace.ripgrep import Ripgrep, check_exit
 from crogia.workspace.search import (
@@ -36,8 +37,6 @@ from crogia.workspace.verify import verify_files, verify_matches
 
 log = logging.getLogger(__name__)
 
-MAX_LIST_DEPTH = 64
-
 
 class _Collector(Protocol):
     truncated: bool
@@ -45,13 +44,15 @@ class _Collector(Protocol):
     def feed(self, chunk: bytes) -> bool: ...
 
 
-class Workspace:
-    """Confined operations on one workspace folder; every path is relative to `root`.
+class HostFiles(Files):
+    """Confined operations on one host workspace folder; every path is relative to `root`.
 
     Symlinks inside the workspace are listed as `symlink` and never followed: reading,
     writing, listing or searching through one is refused with InvalidInput; `remove`
     and `move` act on the link itself.
     """
+
+    kind: ClassVar[FilesMode] = "host"
 
     def __init__(
         self,
@@ -70,38 +71,36 @@ class Workspace:
     async def list(self, path: str = ".", *, depth: int = 1) -> Listing:
         """Entries of a folder, folders first; `depth > 1` recurses (capped at `max_list_entries`)."""
         rel = parse_path(path, allow_root=True)
-        if depth < 1:
-            raise InvalidInput("Depth must be at least 1.")
-        depth = min(depth, MAX_LIST_DEPTH)
+        depth = check_depth(depth)
         cap = self.max_list_entries
         entries = await anyio.to_thread.run_sync(treeops.list_dir, self.root, rel, depth, cap + 1)
         return Listing(entries[:cap], truncated=len(entries) > cap)
 
-    async def read_text(self, path: str, *, max_bytes: int | None = None) -> str:
+    async def stat(self, path: str) -> Entry:
+        """The entry `path` names (a symlink as itself); NotFound if there is none."""
+        rel = parse_path(path, allow_root=True)
+        return await anyio.to_thread.run_sync(treeops.stat_entry, self.root, rel)
+
+    async def read(self, path: str, *, max_bytes: int | None = None) -> str:
         """A file's UTF-8 text; TooLarge over `max_bytes` (default `max_read_bytes`)."""
         rel = parse_path(path, allow_root=False)
         limit = self.max_read_bytes if max_bytes is None else max_bytes
         return await anyio.to_thread.run_sync(fileops.read_text, self.root, rel, limit)
 
-    async def write_text(self, path: str, content: str) -> int:
+    async def write(self, path: str, content: str | bytes) -> int:
         """Atomically create or replace a file, creating parent folders; returns bytes written."""
         rel = parse_path(path, allow_root=False)
-        try:
-            data = content.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidInput("Content is not valid Unicode text.") from None
+        data = encode_text(content)
         return await anyio.to_thread.run_sync(fileops.write_bytes, self.root, rel, data)
 
-    async def read_bytes_stream(
-        self, path: str, *, chunk_size: int = 65536
-    ) -> tuple[int, AsyncIterator[bytes]]:
+    async def download(self, path: str, *, chunk_size: int | None = None) -> tuple[int, AsyncIterator[bytes]]:
         """(size, chunks) of a file; the size is fixed when opened and exactly that much is sent."""
         rel = parse_path(path, allow_root=False)
         handle = await anyio.to_thread.run_sync(fileops.open_regular, self.root, rel)
         size = os.fstat(handle.fileno()).st_size
-        return size, _stream(handle, size, chunk_size)
+        return size, _stream(handle, size, chunk_size or 65536)
 
-    async def write_bytes_stream(self, path: str, chunks: AsyncIterator[bytes], *, max_bytes: int) -> int:
+    async def upload(self, path: str, chunks: AsyncIterator[bytes], *, max_bytes: int) -> int:
         """Atomically write streamed bytes; TooLarge past `max_bytes` (nothing is left behind)."""
         rel = parse_path(path, allow_root=False)
         with anyio.CancelScope(shield=True):  # a cancel must not lose the temp file's owner
@@ -123,12 +122,12 @@ class Workspace:
         rel = parse_path(path, allow_root=False)
         await anyio.to_thread.run_sync(partial(treeops.remove, self.root, rel, recursive=recursive))
 
-    async def move(self, src: str, dst: str, *, overwrite: bool = False) -> None:
+    async def rename(self, src: str, dst: str, *, overwrite: bool = False) -> None:
         """Rename within the workspace, creating `dst`'s parents; Conflict if `dst` exists."""
         source, dest = parse_path(src, allow_root=False), parse_path(dst, allow_root=False)
         await anyio.to_thread.run_sync(partial(treeops.move, self.root, source, dest, overwrite=overwrite))
 
-    async def mkdir(self, path: str, *, parents: bool = True, exist_ok: bool = True) -> None:
+    async def make_dir(self, path: str, *, parents: bool = True, exist_ok: bool = True) -> None:
         """Create a folder; `.` (the root) is accepted as already existing."""
         rel = parse_path(path, allow_root=True)
         if not rel.parts:
@@ -138,7 +137,7 @@ class Workspace:
         mkdir = partial(treeops.make_dir, self.root, rel, parents=parents, exist_ok=exist_ok)
         await anyio.to_thread.run_sync(mkdir)
 
-    async def find_files(
+    async def search(
         self,
         pattern: str,
         path: str = ".",
@@ -150,7 +149,7 @@ class Workspace:
     ) -> SearchResult[str]:
         """Files under `path` whose name (or, if `pattern` has a '/', path below `path`) matches."""
         rel = parse_path(path, allow_root=True)
-        _check_limit(max_results)
+        check_limit(max_results)
         args = files_args(pattern, include_ignored, include_hidden)
         collector = FileCollector(rel.text, max_results, type_globs(file_types))
         await self._run(await self._open_target(rel, allow_file=False), args, collector)
@@ -180,7 +179,7 @@ class Workspace:
         `truncated` is set when more than `max_results` matched or the search timed out.
         """
         rel = parse_path(path, allow_root=True)
-        _check_limit(max_results)
+        check_limit(max_results)
         opts = GrepOptions(
             pattern, file_types, regex, case_sensitive, context, include_ignored, include_hidden
         )
@@ -228,9 +227,8 @@ class Workspace:
                 await process.aclose()
 
 
-def _check_limit(max_results: int) -> None:
-    if max_results < 1:
-        raise InvalidInput("max_results must be at least 1.")
+Workspace = HostFiles
+"""The old name (tests and tools that predate `Files`)."""
 
 
 async def _stream(handle: io.FileIO, size: int, chunk_size: int) -> AsyncIterator[bytes]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -75,6 +76,15 @@ def list_dir(root: Path, rel: RelPath, depth: int, cap: int) -> list[Entry]:
     with opened_dir(root, rel) as fd:
         _walk(fd, rel, depth, out, cap)
     return out
+
+
+def stat_entry(root: Path, rel: RelPath) -> Entry:
+    """The entry `rel` names, a symlink as itself; the root is `.`."""
+    if not rel.parts:
+        with opened_dir(root, rel) as fd:
+            return replace(_entry(".", rel, os.fstat(fd)), name=".", path=".")
+    with opened_dir(root, rel.parent) as dir_fd:
+        return _entry(rel.name, rel.parent, lstat_at(dir_fd, rel))
 
 
 def make_dir(root: Path, rel: RelPath, *, parents: bool, exist_ok: bool) -> None:

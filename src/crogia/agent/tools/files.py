@@ -1,4 +1,4 @@
-"""File and search tools: thin calls into `host.workspace` (paths relative to /workspace)."""
+"""File and search tools: thin calls into `host.files` (paths relative to /workspace)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ _DIR = Param("string", "Folder relative to the workspace root; default '.'.")
 
 
 async def read_file(ctx: ToolContext, args: dict[str, Any]) -> str:
-    text = await ctx.host.workspace.read_text(args["path"])
+    text = await ctx.host.files.read(args["path"])
     lines = text.splitlines()
     start, end = args.get("start_line"), args.get("end_line")
     if start is None and end is None:
@@ -48,7 +48,7 @@ def _whole_file(text: str, lines: list[str], limit: int) -> str:
 
 
 async def write_file(ctx: ToolContext, args: dict[str, Any]) -> str:
-    written = await ctx.host.workspace.write_text(args["path"], args["content"])
+    written = await ctx.host.files.write(args["path"], args["content"])
     return f"Wrote {plural(written, 'byte')} to {args['path']}."
 
 
@@ -56,7 +56,7 @@ async def edit_file(ctx: ToolContext, args: dict[str, Any]) -> str:
     path, old, new = args["path"], args["old_text"], args["new_text"]
     if not old:
         raise ToolError("old_text is empty; give the exact text to replace")
-    text = await ctx.host.workspace.read_text(path)
+    text = await ctx.host.files.read(path)
     count = text.count(old)
     if count == 0:
         raise ToolError(
@@ -68,12 +68,12 @@ async def edit_file(ctx: ToolContext, args: dict[str, Any]) -> str:
             "include more surrounding lines so it matches exactly once"
         )
     at = text.index(old)
-    await ctx.host.workspace.write_text(path, text[:at] + new + text[at + len(old) :])
+    await ctx.host.files.write(path, text[:at] + new + text[at + len(old) :])
     return f"Replaced 1 occurrence in {path} at line {text.count(chr(10), 0, at) + 1}."
 
 
 async def list_directory(ctx: ToolContext, args: dict[str, Any]) -> str:
-    entries = await ctx.host.workspace.list(args.get("path", "."))
+    entries = await ctx.host.files.list(args.get("path", "."))
     if not entries:
         return "(empty directory)"
     rows = []
@@ -88,7 +88,7 @@ async def list_directory(ctx: ToolContext, args: dict[str, Any]) -> str:
 
 
 async def search_files(ctx: ToolContext, args: dict[str, Any]) -> str:
-    result = await ctx.host.workspace.find_files(args["pattern"], args.get("path", "."))
+    result = await ctx.host.files.search(args["pattern"], args.get("path", "."))
     if not result.matches:
         return f"No files match {args['pattern']!r}."
     more = "\n[more matches were left out: narrow the pattern or the path]" if result.truncated else ""
@@ -96,7 +96,7 @@ async def search_files(ctx: ToolContext, args: dict[str, Any]) -> str:
 
 
 async def grep(ctx: ToolContext, args: dict[str, Any]) -> str:
-    result = await ctx.host.workspace.grep(
+    result = await ctx.host.files.grep(
         args["pattern"], args.get("path", "."), file_types=args.get("file_types", "*")
     )
     if not result.matches:

@@ -21,7 +21,7 @@ PathQuery = Annotated[str, Query(max_length=4096, description="Path relative to 
 async def list_files(
     live: LiveDep, path: PathQuery = ".", depth: Annotated[int, Query(ge=1, le=32)] = 1
 ) -> FileList:
-    listing = await live.workspace.list(path, depth=depth)
+    listing = await live.files.list(path, depth=depth)
     items = [
         FileItem(name=e.name, path=e.path, type=e.type, size=e.size, modified=e.modified) for e in listing
     ]
@@ -32,12 +32,12 @@ async def list_files(
 async def read_file(
     live: LiveDep, path: PathQuery, max_bytes: Annotated[int | None, Query(ge=1)] = None
 ) -> FileContent:
-    return FileContent(path=path, content=await live.workspace.read_text(path, max_bytes=max_bytes))
+    return FileContent(path=path, content=await live.files.read(path, max_bytes=max_bytes))
 
 
 @router.post("/content", response_model=Message, summary="Write a text file (creates parent folders)")
 async def write_file(body: FileWrite, live: LiveDep) -> Message:
-    written = await live.workspace.write_text(body.path, body.content)
+    written = await live.files.write(body.path, body.content)
     return Message(message=f"Wrote {written} bytes to {body.path}")
 
 
@@ -48,7 +48,7 @@ async def write_file(body: FileWrite, live: LiveDep) -> Message:
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
 async def download(live: LiveDep, path: PathQuery) -> StreamingResponse:
-    size, chunks = await live.workspace.read_bytes_stream(path)
+    size, chunks = await live.files.download(path)
     name = path.rstrip("/").rsplit("/", 1)[-1].replace('"', "")
     headers = {"Content-Length": str(size), "Content-Disposition": f'attachment; filename="{name}"'}
     return StreamingResponse(chunks, media_type="application/octet-stream", headers=headers)
@@ -71,25 +71,23 @@ async def upload(request: Request, live: LiveDep, runtime: RuntimeDep, path: Pat
             if chunk:
                 yield chunk
 
-    written = await live.workspace.write_bytes_stream(
-        path, body(), max_bytes=runtime.settings.request_max_bytes
-    )
+    written = await live.files.upload(path, body(), max_bytes=runtime.settings.request_max_bytes)
     return Message(message=f"Wrote {written} bytes to {path}")
 
 
 @router.delete("", response_model=Message, summary="Delete a file or (with recursive) a folder")
 async def delete(live: LiveDep, path: PathQuery, recursive: bool = False) -> Message:
-    await live.workspace.remove(path, recursive=recursive)
+    await live.files.remove(path, recursive=recursive)
     return Message(message=f"Deleted {path}")
 
 
 @router.post("/move", response_model=Message, summary="Move or rename within the workspace")
 async def move(body: FileMove, live: LiveDep) -> Message:
-    await live.workspace.move(body.src, body.dst, overwrite=body.overwrite)
+    await live.files.rename(body.src, body.dst, overwrite=body.overwrite)
     return Message(message=f"Moved {body.src} to {body.dst}")
 
 
 @router.post("/mkdir", response_model=Message, summary="Create a folder (and its parents)")
 async def mkdir(body: MkdirRequest, live: LiveDep) -> Message:
-    await live.workspace.mkdir(body.path)
+    await live.files.make_dir(body.path)
     return Message(message=f"Created {body.path}")

@@ -29,5 +29,6 @@ async def health(runtime: RuntimeDep) -> Health:
         store_error=store_error,
         userns=await runtime.provider.userns_mode(),
         seccomp=await runtime.provider.seccomp_mode(),
+        files=runtime.settings.sandbox_files,
         transport=runtime.provider.transport,
     )

@@ -13,7 +13,7 @@ router = APIRouter(prefix="/api/sessions/{session_id}/search", tags=["search"], 
 
 @router.post("/files", response_model=FileSearchResult, summary="Find files by glob")
 async def search_files(body: FileSearch, live: LiveDep, runtime: RuntimeDep) -> FileSearchResult:
-    result = await live.workspace.find_files(
+    result = await live.files.search(
         body.pattern,
         body.path,
         file_types=body.file_types,
@@ -28,7 +28,7 @@ async def search_files(body: FileSearch, live: LiveDep, runtime: RuntimeDep) -> 
 
 @router.post("/grep", response_model=GrepResult, summary="Search text in files")
 async def grep(body: GrepSearch, live: LiveDep, runtime: RuntimeDep) -> GrepResult:
-    result = await live.workspace.grep(
+    result = await live.files.grep(
         body.pattern,
         body.path,
         file_types=body.file_types,

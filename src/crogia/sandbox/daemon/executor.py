@@ -55,6 +55,8 @@ Ops and their values:
                                                     started, ended}]}  (times are epoch seconds)
   pty_open, pty_resize, pty_close    interactive terminals (bytes on pty_open's stream): executor_pty.py
   ports, tunnel_open                 listening ports, and TCP streams on binary streams: executor_net.py
+  fs_list, fs_stat, fs_mkdir, fs_remove, fs_rename, fs_rg    the workspace's files (confined beneath
+      /workspace, or --workspace): see executor_files.py (imported on the first file op)
 
 Children get the daemon's own environment plus LANG=C.UTF-8, a default PATH and HOME (and TERM
 under a tty), overridden by the request's `env`. A bad request never stops the daemon.
@@ -75,6 +77,7 @@ Modules (one folder, mounted read-only at /opt/crogia; they import each other by
   executor_exec.py   the `exec` op: run, capture head and tail, stream at a rate
   executor_pty.py    the `pty_*` ops: interactive terminals
   executor_net.py    the `ports` and `tunnel_open` ops: listening ports, streams for previews
+  executor_files.py  the `fs_*` ops: files and search, served inside the sandbox
 """
 
 from __future__ import annotations
@@ -393,10 +396,17 @@ class Daemon:
     """Shared state of the executor: the background processes and the connection to the server."""
 
     def __init__(
-        self, log_dir: str, log_max: int, dial: str = "", secret_file: str = "", listen: int = 0
+        self,
+        log_dir: str,
+        log_max: int,
+        dial: str = "",
+        secret_file: str = "",
+        listen: int = 0,
+        workspace: str = "",
     ) -> None:
         self.connections: set[Connection] = set()
         self.pending: set[Pending] = set()
+        self.workspace = workspace or "/workspace"
         self.background = Background(log_dir, log_max, self.broadcast)
         self.dial_path, self.secret_file, self.listen_port = dial, secret_file, listen
         self.listener: _socket.socket | None = None
@@ -518,6 +528,20 @@ OPS: dict[str, Callable[[Daemon, Message, Connection, RequestId], Message | Step
 `executor_proto.RESULTS`, which the server checks."""
 
 
+def _files_op(name: str) -> Callable[[Daemon, Message, Connection, RequestId], Message | Steps]:
+    def run(d: Daemon, req: Message, conn: Connection, rid: RequestId) -> Message | Steps:
+        import executor_files  # on first use: an idle sandbox never pays for it
+
+        executor_files.ROOT = d.workspace
+        return executor_files.OPS[name](req, conn, rid)
+
+    return run
+
+
+for _name in ("fs_list", "fs_stat", "fs_mkdir", "fs_remove", "fs_rename", "fs_rg", "fs_read", "fs_write"):
+    OPS[_name] = _files_op(_name)
+
+
 def _trim_heap() -> Steps:
     """Give back what start-up (compiling, importing) left in the C heap (glibc only), once idle."""
     yield None, 0.2
@@ -559,14 +583,14 @@ def serve(daemon: Daemon, fd: int | None) -> None:
 
 USAGE = (
     "[--fd N | --dial PATH --secret-file PATH | --listen PORT --secret-file PATH]"
-    " [--log-dir PATH] [--log-max BYTES]"
+    " [--log-dir PATH] [--log-max BYTES] [--workspace PATH]"
 )
 
 
 def main(argv: list[str] | None = None) -> None:
     __import__("executor_harden").make_undumpable()
     args = {"--fd": "", "--dial": "", "--listen": "", "--secret-file": ""}
-    args.update({"--log-dir": "/run/crogia/logs", "--log-max": ""})
+    args.update({"--log-dir": "/run/crogia/logs", "--log-max": "", "--workspace": ""})
     rest = list(sys.argv[1:] if argv is None else argv)
     while rest:
         name, _, value = rest.pop(0).partition("=")
@@ -582,7 +606,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"{sys.argv[0]}: --listen takes a TCP port")
     log_max = int(args["--log-max"] or LOG_MAX)
     daemon = Daemon(
-        args["--log-dir"], log_max, args["--dial"], args["--secret-file"], int(args["--listen"] or 0)
+        args["--log-dir"],
+        log_max,
+        args["--dial"],
+        args["--secret-file"],
+        int(args["--listen"] or 0),
+        args["--workspace"],
     )
     serve(daemon, int(args["--fd"]) if args["--fd"] else None)
 

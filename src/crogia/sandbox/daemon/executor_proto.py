@@ -99,6 +99,14 @@ RESULTS: dict[str, dict[str, Field]] = {
     "pty_close": {"exit_code": Field(int, 0, 255, optional=True)},
     "ports": {"ports": Field(list)},
     "tunnel_open": {},
+    "fs_list": {"entries": Field(list), "truncated": FLAG},
+    "fs_stat": {"entry": Field(dict)},
+    "fs_mkdir": {},
+    "fs_remove": {},
+    "fs_rename": {},
+    "fs_rg": {"exit_code": CODE, "stderr": TEXT},
+    "fs_read": {"size": Field(int, 0, 1 << 62)},
+    "fs_write": {"size": Field(int, 0, 1 << 62)},
 }
 """Values of a successful reply, by the op of its request."""
 
@@ -112,6 +120,17 @@ PORT: dict[str, Field] = {
     "pgid": Field(int, 1, PID_MAX, optional=True),
 }
 """Each entry of `ports`'s `ports` (at most PORTS_MAX; `address` is kept when a short string)."""
+ENTRY: dict[str, Field] = {
+    "name": TEXT,
+    "path": TEXT,
+    "type": TEXT,
+    "size": Field(int, 0, 1 << 62, optional=True),
+    "mtime": Field((int, float), -(10**11), 10**11),
+}
+"""Each entry of `fs_list`'s `entries` and `fs_stat`'s `entry` (`check_entry` checks the rest)."""
+ENTRY_TYPES = ("file", "directory", "symlink")
+NAME_MAX = 1024
+PATH_MAX = 1 << 16
 
 PUSHES: dict[str, dict[str, Field]] = {
     "chunk": {"id": Field(int, 0), "data": TEXT},
@@ -178,6 +197,10 @@ def check_result(op: str, msg: dict[str, Any]) -> dict[str, Any]:
         if len(entries) > PORTS_MAX or not all(isinstance(entry, dict) for entry in entries):
             raise ProtocolError(f"field 'ports' must hold at most {PORTS_MAX} objects")
         values["ports"] = [_port(entry) for entry in entries]
+    elif op == "fs_list":
+        values["entries"] = [check_entry(entry) for entry in values["entries"]]
+    elif op == "fs_stat":
+        values["entry"] = check_entry(values["entry"])
     return values
 
 
@@ -185,6 +208,31 @@ def _port(entry: dict[str, Any]) -> dict[str, Any]:
     values = check_fields(entry, PORT)
     address = entry.get("address")
     values["address"] = address if isinstance(address, str) and len(address) <= 64 else ""
+    return values
+
+
+def check_entry(entry: Any) -> dict[str, Any]:
+    """A file entry a daemon sent: fields of the right types, a sane name and a relative path."""
+    if not isinstance(entry, dict):
+        raise ProtocolError("a file entry must be an object")
+    values = check_fields(entry, ENTRY)
+    name, path, kind, size = values["name"], values["path"], values["type"], values["size"]
+    if kind not in ENTRY_TYPES or (size is None) != (kind == "directory"):
+        raise ProtocolError("a file entry has a bad type or size")
+    if values["mtime"] != values["mtime"]:  # NaN
+        raise ProtocolError("a file entry has a bad time")
+    if not name or len(name) > NAME_MAX or "/" in name or "\x00" in name:
+        raise ProtocolError("a file entry has a bad name")
+    if path == name == ".":
+        return values
+    parts = path.split("/")
+    if (
+        len(path) > PATH_MAX
+        or "\x00" in path
+        or parts[-1] != name
+        or any(p in ("", ".", "..") for p in parts)
+    ):
+        raise ProtocolError("a file entry has a bad path")
     return values
 
 
