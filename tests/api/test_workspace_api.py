@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_settings
+from tests.conftest import make_settings, need_docker
 from tests.support.postgres import free_port
 from tests.support.server import RunningServer, run_server
 
@@ -27,9 +27,28 @@ def files_mode(request: pytest.FixtureRequest) -> str:
     return mode
 
 
-@pytest.fixture
-async def fserver(data_dir: Path, backend: str, files_mode: str) -> AsyncIterator[RunningServer]:
-    async with run_server(make_settings(data_dir, backend, sandbox_files=files_mode)) as running:
+FILES_CASES = {
+    "host": {"sandbox_files": "host"},
+    "daemon": {"sandbox_files": "daemon"},
+    # Docker over TCP with the workspace in a volume: no host folder, so only the daemon can serve it.
+    "tcp-volume": {"sandbox_files": "daemon", "sandbox_transport": "tcp", "docker_workspace": "volume"},
+}
+
+
+@pytest.fixture(
+    params=[
+        pytest.param((backend, case), id=f"{backend}-{case}")
+        for backend in ("bubblewrap", "docker")
+        for case in FILES_CASES
+        if backend == "docker" or case != "tcp-volume"
+    ]
+)
+async def fserver(data_dir: Path, request: pytest.FixtureRequest) -> AsyncIterator[RunningServer]:
+    """A server for each backend and SANDBOX_FILES mode, plus Docker over TCP with a volume workspace."""
+    backend, case = request.param
+    if backend == "docker":
+        need_docker()
+    async with run_server(make_settings(data_dir, backend, **FILES_CASES[case])) as running:
         yield running
 
 
@@ -46,7 +65,8 @@ async def shell(server: RunningServer, sid: str, cmd: str, **extra: object) -> d
 
 async def test_files_written_by_api_are_seen_by_sandbox_and_back(fserver: RunningServer, fsid: str) -> None:
     health = (await fserver.client.get("/api/health")).json()
-    assert health["files"] == fserver.settings.sandbox_files and health["transport"] == "unix"
+    assert health["files"] == fserver.settings.sandbox_files
+    assert health["transport"] == fserver.settings.sandbox_transport
     base = f"/api/sessions/{fsid}/files"
     wrote = await fserver.client.post(
         f"{base}/content", json={"path": "src/app.py", "content": "print('hé')\n"}
