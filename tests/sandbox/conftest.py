@@ -28,9 +28,13 @@ class ProviderFactory:
     image: str = "crogia-sandbox:latest"
 
 
+INSTANCE = "t" + uuid.uuid4().hex[:11]
+"""This test process's Docker instance (its network, rules and container label): test runs in
+parallel (pytest-xdist workers, other checkouts) share one engine, and must not share its objects."""
+
 PROVIDER_FACTORIES: dict[str, ProviderFactory] = {
     "bubblewrap": ProviderFactory(BubblewrapProvider),
-    "docker": ProviderFactory(DockerProvider, [pytest.mark.docker]),
+    "docker": ProviderFactory(lambda: DockerProvider(instance=INSTANCE), [pytest.mark.docker]),
 }
 
 MakeSandbox = Callable[..., Awaitable[Sandbox]]
