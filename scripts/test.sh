@@ -9,4 +9,6 @@ make -s setup
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || docker info >/dev/null 2>&1; then
   bash scripts/ci-setup-docker.sh
 fi
-exec .venv/bin/python -m pytest -q "$@"
+# Tests run in TEST_WORKERS processes (pytest-xdist; 0: one): most of them wait on sandboxes, not on
+# the CPU. A module's tests stay in one process (--dist loadscope: its module-scoped servers start once).
+exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-3}" --dist loadscope "$@"
