@@ -24,7 +24,7 @@ from crogia.sandbox import instance_id
 from tests.conftest import make_settings
 from tests.support.subprocess_server import ServerProcess
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # health p99 under 100 ms: alone
 
 MEMORY_MB = 512
 PIDS = 256
