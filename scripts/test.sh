@@ -9,4 +9,19 @@ make -s setup
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || docker info >/dev/null 2>&1; then
   bash scripts/ci-setup-docker.sh
 fi
-exec .venv/bin/python -m pytest -q "$@"
+# Tests run in TEST_WORKERS processes (pytest-xdist): most of them wait on sandboxes, not on the CPU.
+# A module's tests stay in one process (--dist loadscope: its module-scoped servers start once).
+# Those marked `serial` measure latency, so they run after, alone. TEST_WORKERS=0: one run, one process.
+workers="${TEST_WORKERS:-3}"
+if [ "$workers" = 0 ]; then
+  exec .venv/bin/python -m pytest -q "$@"
+fi
+rc=0
+.venv/bin/python -m pytest -q -n "$workers" --dist loadscope -m "not serial" "$@" || rc=$?
+alone=0
+.venv/bin/python -m pytest -q -m serial "$@" || alone=$?
+# 5: no test of that kind among the arguments' (both 5: none at all, an error).
+if [ "$rc" = 5 ] && [ "$alone" != 5 ]; then rc=0; fi
+if [ "$alone" = 5 ] && [ "$rc" != 5 ]; then alone=0; fi
+if [ "$rc" != 0 ]; then exit "$rc"; fi
+exit "$alone"

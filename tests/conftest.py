@@ -123,3 +123,21 @@ async def server(data_dir: Path, backend: str) -> AsyncIterator[RunningServer]:
 
     async with run_server(make_settings(data_dir, backend)) as running:
         yield running
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give every test its own node id: pytest-xdist schedules tests by it (scripts/test.sh runs it).
+
+    schemathesis names each operation's test `test_x[GET /path]` but gives all of them the
+    function's node id, and xdist would then run one of them in place of all. A duplicate left
+    is an error, never a test silently not run.
+    """
+    seen: dict[str, int] = {}
+    for item in items:
+        module = item.getparent(pytest.Module)
+        if item.name.endswith("]") and not item.nodeid.endswith("]") and module is not None:
+            item._id = module.id.child(item.name)  # type: ignore[attr-defined]  # pytest's own, as it builds it
+        seen[item.nodeid] = seen.get(item.nodeid, 0) + 1
+    twice = sorted(nodeid for nodeid, count in seen.items() if count > 1)
+    if twice:
+        raise pytest.UsageError(f"tests sharing a node id (xdist would run one of them): {twice[:5]}")

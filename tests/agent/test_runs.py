@@ -198,10 +198,11 @@ async def test_background_process_tools(
 
         return respond
 
-    server = "python3 -u -c \"print('ready', flush=True); import time; time.sleep(60)\""
+    server = "python3 -u -c \"print('ready', flush=True); open('up', 'w'); import time; time.sleep(60)\""
+    wait_up = "for i in $(seq 200); do [ -e up ] && break; sleep 0.05; done; test -e up"  # it has printed
     scripted.add(
         Reply(tool_calls=[Call("start_process", {"cmd": server})]),
-        Reply(tool_calls=[Call("run_shell", {"cmd": "sleep 0.5"})]),
+        Reply(tool_calls=[Call("run_shell", {"cmd": wait_up})]),
         with_pid("tail_log", lines=5),
         Reply(tool_calls=[Call("list_processes")]),
         with_pid("stop_process"),

@@ -29,12 +29,20 @@ class ProviderFactory:
     image: str = "crogia-sandbox:latest"
 
 
+INSTANCE = "t" + uuid.uuid4().hex[:11]
+"""This test process's Docker instance (its network, rules and container label): test runs in
+parallel (pytest-xdist workers, other checkouts) share one engine, and must not share its objects."""
+
 PROVIDER_FACTORIES: dict[str, ProviderFactory] = {
     "bubblewrap": ProviderFactory(lambda storage: BubblewrapProvider(storage=storage)),
-    "docker": ProviderFactory(lambda storage: DockerProvider(storage=storage), [pytest.mark.docker]),
+    "docker": ProviderFactory(
+        lambda storage: DockerProvider(instance=INSTANCE, storage=storage), [pytest.mark.docker]
+    ),
     # The server reaches the daemon only over TCP, the workspace is a Docker volume (issue 11, item 4).
     "docker-tcp": ProviderFactory(
-        lambda storage: DockerProvider(transport="tcp", workspace="volume", storage=storage),
+        lambda storage: DockerProvider(
+            transport="tcp", workspace="volume", instance=INSTANCE, storage=storage
+        ),
         [pytest.mark.docker],
     ),
 }

@@ -20,6 +20,7 @@ from crogia.errors import Unavailable
 from crogia.sandbox.base import Limits, SandboxSpec
 from crogia.sandbox.docker import INSTANCE_LABEL, MANAGED_LABEL, SESSION_LABEL, DockerProvider, DockerSandbox
 from tests.conftest import need_docker, storage
+from tests.sandbox.conftest import INSTANCE
 
 pytestmark = pytest.mark.docker
 
@@ -40,7 +41,7 @@ async def run_id() -> AsyncIterator[str]:
 
 @pytest.fixture
 async def provider(run_id: str, data_dir: Path) -> AsyncIterator[DockerProvider]:
-    docker = DockerProvider(storage=storage(data_dir))
+    docker = DockerProvider(instance=INSTANCE, storage=storage(data_dir))
     yield docker
     await docker.close()
 
@@ -174,7 +175,7 @@ async def test_attach_reconnects_to_a_running_container_from_a_new_provider(
     sandbox = await provider.create(spec)
     await _run(sandbox, "echo 1 > /tmp/state")  # survives only if the container is not re-created
     await sandbox.close()  # server shutdown: the container keeps running
-    restarted = DockerProvider(storage=storage(data_dir))
+    restarted = DockerProvider(instance=INSTANCE, storage=storage(data_dir))
     try:
         again = await restarted.attach(spec, sandbox.id)
         assert again.id == sandbox.id
@@ -226,17 +227,18 @@ async def test_stop_is_fast_even_with_a_background_process(
 
 
 async def test_servers_sharing_an_engine_see_only_their_own_sandboxes(
-    engine: aiodocker.Docker, make_spec: SpecFactory, data_dir: Path
+    engine: aiodocker.Docker, make_spec: SpecFactory, run_id: str, data_dir: Path
 ) -> None:
-    ours = DockerProvider(instance="server-a", storage=storage(data_dir))
-    theirs = DockerProvider(instance="server-b", storage=storage(data_dir))
+    names = (f"a{run_id[:11]}", f"b{run_id[:11]}")  # this test's own: runs in parallel share the engine
+    ours = DockerProvider(instance=names[0], storage=storage(data_dir))
+    theirs = DockerProvider(instance=names[1], storage=storage(data_dir))
     try:
         mine = await ours.create(make_spec("a"))
         other = await theirs.create(make_spec("b"))
         assert await ours.managed_ids() == [mine.id]
         assert await theirs.managed_ids() == [other.id]
         info = await engine.containers.container(mine.id).show()
-        assert info["Config"]["Labels"][INSTANCE_LABEL] == "server-a"
+        assert info["Config"]["Labels"][INSTANCE_LABEL] == names[0]
         await mine.close()
         await other.close()
     finally:

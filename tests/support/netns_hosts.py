@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import ipaddress
+import os
 import secrets
 import socket
 import struct
@@ -25,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 GREETING = b"crogia-test-host\n"
+LOCK = "/tmp"
+"""What `_claim` locks: a folder every test process sees, and one that leaves no lock file behind."""
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -59,12 +63,11 @@ async def netns_host(
 ) -> AsyncIterator[NetnsHost]:
     """A namespace with a greeting listener on `port` (and DNS on 53 for `dns`; address "self": its own)."""
     tag = secrets.token_hex(3)
-    net = free_subnet(prefix)
-    host_ip, ns_ip = (str(a) for a in list(net.hosts())[:2])
-    host = NetnsHost(f"cgt-{tag}", ns_ip, host_ip, port)
+    host = NetnsHost(f"cgt-{tag}", "", "", port)
     veth, peer = f"cgth{tag}", f"cgtn{tag}"
     try:
-        await asyncio.to_thread(_plumb, host.name, veth, peer, net, host_ip, ns_ip)
+        host.host_address, host.address = await asyncio.to_thread(_claim, prefix, host.name, veth, peer)
+        ns_ip = host.address
         argv = ["ip", "netns", "exec", host.name, sys.executable, "-m", "tests.support.netns_hosts"]
         argv += [
             "--tcp",
@@ -81,6 +84,23 @@ async def netns_host(
             host.proc.kill()
             await host.proc.wait()
         await asyncio.to_thread(_unplumb, host.name, veth)
+
+
+def _claim(prefix: str, ns: str, veth: str, peer: str) -> tuple[str, str]:
+    """Pick a free /30 and route it to a new namespace: (host address, namespace address).
+
+    Under a lock shared by every test process on the machine (pytest-xdist workers, other runs):
+    two of them picking the same free /30 at once would both route it.
+    """
+    lock = os.open(LOCK, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the close
+        net = free_subnet(prefix)
+        host_ip, ns_ip = (str(a) for a in list(net.hosts())[:2])
+        _plumb(ns, veth, peer, net, host_ip, ns_ip)
+    finally:
+        os.close(lock)
+    return host_ip, ns_ip
 
 
 def _plumb(ns: str, veth: str, peer: str, net: ipaddress.IPv4Network, host_ip: str, ns_ip: str) -> None:

@@ -24,7 +24,7 @@ from crogia.sandbox import instance_id
 from tests.conftest import make_settings
 from tests.support.subprocess_server import ServerProcess
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # health p99 under 100 ms: alone
 
 MEMORY_MB = 512
 PIDS = 256
@@ -96,6 +96,7 @@ threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).sta
 took = []
 with httpx.Client(base_url=sys.argv[1], timeout=10) as client:
     client.get("/api/health")  # connect first: a new connection is not what is measured
+    print("ready", flush=True)
     while not done.is_set():
         started = time.perf_counter()
         status = client.get("/api/health").status_code
@@ -125,6 +126,15 @@ async def watched(attacked: Attacked) -> AsyncIterator[Watch]:
                 watch.failures.append(f"bystander: {result}")
             await asyncio.sleep(0.2)
 
+    assert poller.stdout is not None
+    ready = b""
+    try:  # its start (Python, httpx) can outlast a whole attack on loaded cores: watch once it polls
+        ready = await asyncio.wait_for(poller.stdout.readline(), 60)
+    finally:
+        if ready != b"ready\n" and poller.returncode is None:
+            poller.kill()
+            await poller.wait()
+    assert ready == b"ready\n", ready
     observer = asyncio.create_task(bystander())
     try:
         await asyncio.sleep(0.5)  # a baseline before the attack

@@ -145,6 +145,7 @@ async def abuse(url: str, done: asyncio.Event) -> tuple[list[dict[str, Any]], Ab
         return abuser.replies, abuser, ws.close_code
 
 
+@pytest.mark.serial  # the session's answers within 1 s: alone
 async def test_hostile_client_does_not_disturb_the_session(server: ServerProcess) -> None:
     async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
         sid = (await client.post("/api/sessions", json={"task": "abuse"})).json()["session_id"]

@@ -64,6 +64,7 @@ async def test_timeout_kills_rg_and_marks_truncated(root: Path, tmp_path: Path) 
     assert not _alive(tmp_path)
 
 
+@pytest.mark.serial  # rg started but not yet handed over when cancelled: killed a moment later
 async def test_cancelled_search_kills_rg(root: Path, tmp_path: Path) -> None:
     ws = Workspace(root, ripgrep=Ripgrep(_fake_rg(tmp_path, "exec sleep 30"), confine=False))
     task = asyncio.create_task(ws.search("*"))
@@ -77,6 +78,7 @@ async def test_cancelled_search_kills_rg(root: Path, tmp_path: Path) -> None:
     assert not _alive(tmp_path)
 
 
+@pytest.mark.serial  # loop gaps under 0.25 s: alone
 async def test_event_loop_runs_while_rg_works(root: Path, tmp_path: Path) -> None:
     ws = Workspace(root, ripgrep=Ripgrep(_fake_rg(tmp_path, "sleep 1"), confine=False))
     gaps: list[float] = []

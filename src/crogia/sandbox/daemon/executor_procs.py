@@ -57,49 +57,58 @@ def kill(pid: int, sig: int, group: bool = True) -> bool:
     return True
 
 
-def _members(sid: int) -> list[int]:
-    """Pids whose process group or session is `sid`, from /proc (this sandbox's pid namespace)."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # After the command name: state, ppid, pgrp, session, ...
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 3 and sid in (int(fields[2]), int(fields[3])):
-            found.append(int(name))
-    return found
-
-
 ENVIRON_READ = 65536
 """Bytes of each environment a scan reads: the marker sits near the start of any usual one."""
 MARKS: dict[int, bytes] = {}
 """Command pid -> the `CROGIA_RUN=<n>` entry its environment (and its descendants') carries."""
 
 
-def marked(mark: bytes) -> list[int]:
-    """Pids whose environment carries `mark`: a command's processes that left its session (setsid)."""
+def processes(session: int = 0, mark: bytes = b"", living: bool = False) -> list[int]:
+    """Pids of this sandbox (its pid namespace) that belong to a command, from /proc.
+
+    A process belongs if its process group or session is `session`, or if its environment
+    carries the entry `mark` (the command's `CROGIA_RUN=<n>`: how its processes that left the
+    session with setsid are found). `living` leaves out zombies (dead, waiting for a parent).
+    """
     found, me, needle = [], str(os.getpid()), b"\0" + mark + b"\0"
-    for name in os.listdir("/proc") if mark else ():
+    for name in os.listdir("/proc") if session or mark else ():
         if not name.isdigit() or name == me:  # this daemon's own environment is unreadable
             continue
-        try:
-            fd = os.open(f"/proc/{name}/environ", os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            env = b"\0" + os.read(fd, ENVIRON_READ)
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-        if needle in env:
+        if session or living:
+            fields = _stat(name)
+            if fields is None or (living and fields[0] == b"Z"):
+                continue
+            if session and session in (int(fields[2]), int(fields[3])):
+                found.append(int(name))
+                continue
+        if mark and needle in _environ(name):
             found.append(int(name))
     return found
+
+
+def _stat(name: str) -> list[bytes] | None:
+    """The fields of /proc/<name>/stat after the command name (state, ppid, pgrp, session, ...)."""
+    try:
+        with open(f"/proc/{name}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return fields if len(fields) > 3 else None
+
+
+def _environ(name: str) -> bytes:
+    """The start of /proc/<name>/environ, with a NUL before it (every entry then sits between NULs)."""
+    try:
+        fd = os.open(f"/proc/{name}/environ", os.O_RDONLY)
+    except OSError:
+        return b""
+    try:
+        return b"\0" + os.read(fd, ENVIRON_READ)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 def end_group(pgid: int, thorough: bool = False, within: float = 5.0) -> Steps:
@@ -120,11 +129,8 @@ def end_group(pgid: int, thorough: bool = False, within: float = 5.0) -> Steps:
             alive = False
         except PermissionError:
             alive = True
-        if thorough:
-            for pid in _members(pgid):
-                alive = True
-                kill(pid, signal.SIGKILL, group=False)
-        for pid in marked(mark):  # escaped with setsid (or a double fork and setsid)
+        # The session's strays (thorough), and those that escaped it with setsid (by the mark).
+        for pid in processes(pgid if thorough else 0, mark):
             alive = True
             kill(pid, signal.SIGKILL, group=False)
         if not alive:
@@ -301,7 +307,7 @@ class Background:
             if (yield lambda: not entry["running"], max(grace, 0.0)):
                 raise cancelled_error()
         kill(pid, signal.SIGKILL)  # even when the leader obeyed, the rest of its group goes too
-        for stray in marked(MARKS.pop(pid, b"")):
+        for stray in processes(mark=MARKS.pop(pid, b"")):
             kill(stray, signal.SIGKILL, group=False)
         while entry["running"]:
             if (yield lambda: not entry["running"], None):

@@ -12,7 +12,7 @@ Part of the executor daemon (`executor.py` says how it fits). The message shapes
   push {"type": "pty_exit", "tid", "exit_code"}    after the stream's end (null: not known)
 
 A terminal belongs to the connection that opened it and ends with it. Its processes are the
-shell's session plus whatever carries its marker variable (a `setsid` job leaves the session,
+shell's session plus whatever carries its `CROGIA_RUN` mark (a `setsid` job leaves the session,
 not its environment); on close, or when the shell exits, all of them get SIGHUP, then SIGKILL.
 Output is read as it comes (one read for a keystroke's echo, up to READ_MAX a wake-up in a
 flood) and only within the stream's credit: once the server has a window's worth it has not
@@ -33,7 +33,7 @@ import termios
 import time
 
 from executor_core import IN, LOOP, OUT, RequestError, Task, arg, log
-from executor_procs import child_env, kill, start_child
+from executor_procs import MARKS, child_env, kill, processes, start_child
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -48,7 +48,6 @@ READ_MAX = 256 * 1024
 """Most output sent in one frame (the protocol's FRAME_MAX)."""
 HUP = select.EPOLLHUP | select.EPOLLERR
 MAX_TERMINALS = 64
-MARKER = "CROGIA_TERMINAL"
 SHELL = "exec bash --login -i"
 KILL_WITHIN = 5.0
 
@@ -69,11 +68,10 @@ class Terminal:
 
     def __init__(self, conn: Connection, sid: int, cols: int, rows: int, owner: Terminals) -> None:
         self.conn, self.owner, self.sid = conn, owner, sid
-        self.marker = f"{os.getpid()}.{time.monotonic_ns()}"
         master, slave = os.openpty()
         try:
             set_size(slave, cols, rows)
-            env = child_env({MARKER: self.marker}, True)
+            env = child_env({}, True)
             cwd = "/workspace" if os.path.isdir("/workspace") else "/"
             self.proc = start_child(SHELL, cwd, env, slave, tty=True)
         except BaseException:
@@ -82,6 +80,7 @@ class Terminal:
         finally:
             os.close(slave)
         self.master, self.tid = master, self.proc.pid
+        self.mark = MARKS.pop(self.tid)  # the shell's `CROGIA_RUN=<n>`, which setsid jobs keep
         os.set_blocking(master, False)
         self.inbound = conn.accept_stream(sid)
         self.eof = self.done = False
@@ -172,25 +171,8 @@ class Terminal:
         return {}
 
     def members(self) -> list[int]:
-        """Living processes of this terminal: its shell's session, or its marker in their environment."""
-        found, mark = [], f"\0{MARKER}={self.marker}\0".encode()
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    stat = f.read()
-                fields = stat[stat.rfind(b")") + 2 :].split()
-                if fields[0] == b"Z":  # dead, waiting for its parent
-                    continue
-                if int(fields[3]) != self.tid:
-                    with open(f"/proc/{name}/environ", "rb") as f:
-                        if mark not in b"\0" + f.read():
-                            continue
-            except (OSError, IndexError, ValueError):
-                continue
-            found.append(int(name))
-        return found
+        """Living processes of this terminal: its shell's session, or its mark in their environment."""
+        return processes(self.tid, self.mark, living=True)
 
     def end_all(self, grace: float) -> Steps:
         """SIGHUP every process of the terminal (SIGCONT wakes stopped jobs to hear it), then SIGKILL."""
