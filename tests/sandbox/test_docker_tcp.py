@@ -220,7 +220,12 @@ async def test_the_daemon_answers_under_an_egress_policy_of_none(
 async def test_through_the_server(data_dir: Path) -> None:
     need_docker()
     settings = make_settings(
-        data_dir, "docker", sandbox_transport="tcp", docker_workspace="volume", sandbox_pool_size=1
+        data_dir,
+        "docker",
+        sandbox_transport="tcp",
+        docker_workspace="volume",
+        sandbox_files="daemon",
+        sandbox_pool_size=1,
     )
     try:
         async with run_server(settings) as server:

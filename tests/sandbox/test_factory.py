@@ -110,15 +110,16 @@ def test_backend_configs_are_told_apart_by_their_type() -> None:
 
 
 def test_transport_and_volume_settings_reach_the_docker_config(data_dir: Path) -> None:
-    settings = make_settings(data_dir, "docker", sandbox_transport="tcp", docker_workspace="volume")
+    volume = {"sandbox_transport": "tcp", "docker_workspace": "volume", "sandbox_files": "daemon"}
+    settings = make_settings(data_dir, "docker", **volume)
     config = backend_config(settings, "docker")
     assert isinstance(config, DockerConfig)
     assert (config.transport, config.workspace) == ("tcp", "volume")
     built = config.build()
     assert (built.transport, built.workspace) == ("tcp", "volume")
     with pytest.raises(ValidationError, match="SANDBOX_TRANSPORT=tcp"):
-        make_settings(data_dir, "docker", docker_workspace="volume")
+        make_settings(data_dir, "docker", docker_workspace="volume", sandbox_files="daemon")
     with pytest.raises(ValidationError, match="SANDBOX_DISK_MB"):
-        make_settings(
-            data_dir, "docker", sandbox_transport="tcp", docker_workspace="volume", sandbox_disk_mb=128
-        )
+        make_settings(data_dir, "docker", **volume, sandbox_disk_mb=128)
+    with pytest.raises(ValidationError, match="SANDBOX_FILES=daemon"):
+        make_settings(data_dir, "docker", sandbox_transport="tcp", docker_workspace="volume")
