@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     shell_max_timeout: float = Field(3600.0, gt=0)
     shell_max_output: int = Field(1_048_576, ge=1024)
     file_read_max_bytes: int = Field(10_485_760, ge=1024)
+    files_timeout: float = Field(60.0, gt=0)
+    """SANDBOX_FILES=daemon: seconds a file operation may wait on the daemon without progress (a reply,
+    or a stream's next bytes or credit); then 504. A slow transfer that keeps moving is never cut."""
     request_max_bytes: int = Field(104_857_600, ge=1024)
     json_max_bytes: int = Field(8_388_608, ge=1024)
     """Bodies other than streamed uploads (held in memory to be parsed); at most REQUEST_MAX_BYTES."""

@@ -145,6 +145,12 @@ def misbehave_fs(sock, rid, op):
         for _ in range(500):
             send(chunk)
         send(reply(rid, exit_code=0, stderr=""))
+    elif MODE == "fs_silent":  # never answers a file op (its connection stays open)
+        return
+    elif MODE == "fs_stall":  # a read opened, a few of its bytes, then nothing; other ops answered
+        if op != "fs_read":
+            return send(reply(rid, entries=[], truncated=False) if op == "fs_list" else reply(rid))
+        send(reply(rid, size=100) + frame(rid, b"abcde"))
     elif MODE == "fs_overrun":  # frames far past the 4 MiB window, credit or not
         send(reply(rid, size=5))
         block = frame(rid, b"z" * (256 * 1024))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import make_settings
@@ -96,5 +97,59 @@ async def test_a_lying_file_reply_is_a_502_for_its_request(
         assert response.status_code == 502, response.text
         assert "protocol" in response.json()["detail"]
         assert rss_mb() - before < 150, "a file reply grew the server past its bounds"
+        listing = await server.client.get(f"/api/sessions/{good}/files")
+        assert listing.status_code == 200, listing.text
+
+
+FILES_SILENT = [
+    ("fs_silent", "GET", "/files", None),
+    ("fs_silent", "GET", "/files/content", None),
+    ("fs_silent", "GET", "/files/raw", None),
+    ("fs_silent", "POST", "/files/content", {"path": "a.txt", "content": "hi"}),
+    ("fs_stall", "GET", "/files/content", None),
+    ("fs_stall", "GET", "/files/raw", None),
+]
+"""Daemons that never answer, or open a read and stall: (mode, method, route, body)."""
+
+
+@pytest.mark.parametrize(("mode", "method", "route", "body"), FILES_SILENT)
+async def test_a_silent_or_stalled_file_op_is_a_504_within_files_timeout(
+    backend: str,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    method: str,
+    route: str,
+    body: dict[str, str] | None,
+) -> None:
+    """A daemon that never replies, or sends a few bytes of a read and then nothing, costs that
+    request a 504 after FILES_TIMEOUT without progress (not forever); the server serves on."""
+    settings = make_settings(data_dir, backend, sandbox_files="daemon", files_timeout=1.0)
+    async with run_server(settings) as server:
+        good = await new_session(server.client)
+        use_fake_daemon(monkeypatch, mode)
+        bad = await new_session(server.client)
+        params = {"path": "a.txt"} if body is None and route != "/files" else None
+        started = time.monotonic()
+        if mode == "fs_stall" and route == "/files/raw":  # its head is sent at once: the body is cut short
+            got = bytearray()
+            cut = False
+            async with server.client.stream("GET", f"/api/sessions/{bad}{route}", params=params) as r:
+                assert r.status_code == 200
+                try:
+                    async for chunk in r.aiter_bytes():
+                        got += chunk
+                except httpx.RemoteProtocolError:
+                    cut = True
+            assert cut, "the stalled download's body was not cut short"
+            assert bytes(got) == b"abcde"
+        else:
+            response = await server.client.request(
+                method, f"/api/sessions/{bad}{route}", json=body, params=params, timeout=30
+            )
+            assert response.status_code == 504, response.text
+            assert "FILES_TIMEOUT" in response.json()["detail"]
+        took = time.monotonic() - started
+        assert took < 15, f"the request took {took:.1f}s"
         listing = await server.client.get(f"/api/sessions/{good}/files")
         assert listing.status_code == 200, listing.text

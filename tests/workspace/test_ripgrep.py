@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -11,6 +15,7 @@ import pytest
 
 from crogia.errors import Unavailable
 from crogia.workspace import Ripgrep, Workspace
+from crogia.workspace._spawn import RgProcess, spawn_in_fresh_thread
 
 from .conftest import SECRET, Outside, write
 
@@ -64,7 +69,6 @@ async def test_timeout_kills_rg_and_marks_truncated(root: Path, tmp_path: Path) 
     assert not _alive(tmp_path)
 
 
-@pytest.mark.serial  # rg started but not yet handed over when cancelled: killed a moment later
 async def test_cancelled_search_kills_rg(root: Path, tmp_path: Path) -> None:
     ws = Workspace(root, ripgrep=Ripgrep(_fake_rg(tmp_path, "exec sleep 30"), confine=False))
     task = asyncio.create_task(ws.search("*"))
@@ -76,6 +80,34 @@ async def test_cancelled_search_kills_rg(root: Path, tmp_path: Path) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not _alive(tmp_path)
+
+
+@pytest.mark.parametrize("point", ["before_popen", "after_popen"])
+async def test_a_cancel_during_the_start_returns_with_rg_reaped(point: str) -> None:
+    """Cancelled while its thread is still starting rg (before the process exists, or after it
+    exists but before it is handed over): when the cancel returns, the process is dead and reaped."""
+    reached, go = threading.Event(), threading.Event()
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> RgProcess:
+        if point == "before_popen":
+            reached.set()
+            go.wait(10)
+        proc = subprocess.Popen(["sleep", "30"], stdout=subprocess.PIPE, start_new_session=True)
+        started.append(proc)
+        if point == "after_popen":
+            reached.set()
+            go.wait(10)
+        return RgProcess(proc, tempfile.TemporaryFile())
+
+    task = asyncio.create_task(spawn_in_fresh_thread(start))
+    assert await asyncio.to_thread(reached.wait, 10)
+    task.cancel()
+    go.set()  # the start goes on while the cancel is handled
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(started) == 1, "the cancel returned before the start it interrupted was over"
+    assert started[0].returncode == -signal.SIGKILL, "rg was not killed and reaped when the cancel returned"
 
 
 @pytest.mark.serial  # loop gaps under 0.25 s: alone

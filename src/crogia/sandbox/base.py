@@ -284,8 +284,10 @@ class Sandbox(abc.ABC):
     async def close(self) -> None:
         """Drop this server's connection without touching the sandbox (server shutdown)."""
 
-    def files(self, *, max_read_bytes: int) -> Files:
-        """The workspace's files, served from inside this sandbox (`crogia.sandbox.files.Files`)."""
+    def files(self, *, max_read_bytes: int, timeout: float = 60.0) -> Files:
+        """The workspace's files, served from inside this sandbox (`crogia.sandbox.files.Files`).
+
+        `timeout` (FILES_TIMEOUT): seconds any one wait on the sandbox may last without progress."""
         raise NotImplementedError(f"the {self.backend} backend serves no files from its sandboxes")
 
     async def set_egress(self, policy: EgressPolicy) -> None:

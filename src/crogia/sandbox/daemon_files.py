@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from crogia.errors import InvalidInput, TooLarge
+from crogia.errors import InvalidInput, TooLarge, UpstreamTimeout
 from crogia.sandbox.channel import ProtocolViolation
 from crogia.sandbox.daemon import executor_proto as proto
 from crogia.sandbox.executor_client import ByteStream
@@ -36,6 +36,23 @@ LIST_LINE_MAX = 48 << 20
 """How long a line a listing's reply may be (10,000 entries of long names fit many times)."""
 PENDING_MAX = 1 << 20
 """Bytes of one search record a daemon may send before its end: rg's are far shorter."""
+
+T = TypeVar("T")
+
+
+async def _within(timeout: float, step: Awaitable[T]) -> T:
+    """`step` (a reply, a stream's next bytes or credit) within `timeout`; else UpstreamTimeout (504).
+
+    Each wait of a transfer gets the whole deadline again: a slow transfer that keeps moving is
+    never cut, one that stops is (the caller's `async with` or `finally` then resets its stream).
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            return await step
+    except TimeoutError:
+        raise UpstreamTimeout(
+            f"the sandbox's executor made no progress on a file operation for {timeout:g}s (FILES_TIMEOUT)"
+        ) from None
 
 
 class _Collector(Protocol):
@@ -80,15 +97,24 @@ class DaemonFiles(Files):
         max_read_bytes: int = 10_485_760,
         max_list_entries: int = 10_000,
         search_timeout: float = 60.0,
+        timeout: float = 60.0,
     ) -> None:
-        """`sandbox` gives the session's sandbox at each use (it may be replaced by a restart)."""
+        """`sandbox` gives the session's sandbox at each use (it may be replaced by a restart).
+
+        `timeout` (FILES_TIMEOUT): how long any one wait on the daemon may last (a reply, a stream's
+        next bytes, its credit); then UpstreamTimeout. Search has its own, `search_timeout`.
+        """
         self._sandbox = sandbox
         self.max_read_bytes = max_read_bytes
         self.max_list_entries = max_list_entries
         self.search_timeout = search_timeout
+        self.timeout = timeout
 
     async def _call(self, op: str, **args: Any) -> dict[str, Any]:
-        return await self._sandbox().request(op, **args)
+        return await _within(self.timeout, self._sandbox().request(op, **args))
+
+    async def _open(self, op: str, **args: Any) -> tuple[ByteStream, asyncio.Future[dict[str, Any]]]:
+        return await _within(self.timeout, self._sandbox().open_stream(op, **args))
 
     async def list(self, path: str = ".", *, depth: int = 1) -> Listing:
         rel = parse_path(path, allow_root=True)
@@ -115,14 +141,12 @@ class DaemonFiles(Files):
     async def read(self, path: str, *, max_bytes: int | None = None) -> str:
         rel = parse_path(path, allow_root=False)
         limit = self.max_read_bytes if max_bytes is None else max_bytes
-        stream, reply = await self._sandbox().open_stream(
-            "fs_read", lasting=True, path=[*rel.parts], max=limit + 1
-        )
-        async with stream:  # leaving early (too large, cancelled) resets it: the daemon stops sending
-            size = (await reply)["size"]
+        stream, reply = await self._open("fs_read", lasting=True, path=[*rel.parts], max=limit + 1)
+        async with stream:  # leaving early (too large, cancelled, stalled) resets it: the daemon stops
+            size = (await _within(self.timeout, asyncio.shield(reply)))["size"]
             data = bytearray()
             if size <= limit:
-                while chunk := await stream.read():
+                while chunk := await _within(self.timeout, stream.read()):
                     data += chunk
                     if len(data) > size:  # the size at open bounds what may come (a daemon may lie)
                         raise ProtocolViolation(
@@ -152,30 +176,30 @@ class DaemonFiles(Files):
 
     async def download(self, path: str, *, chunk_size: int | None = None) -> tuple[int, AsyncIterator[bytes]]:
         rel = parse_path(path, allow_root=False)
-        stream, reply = await self._sandbox().open_stream(
+        stream, reply = await self._open(
             "fs_read", lasting=True, path=[*rel.parts], chunk=chunk_size or proto.FRAME_MAX
         )
         try:
-            size: int = (await reply)["size"]
+            size: int = (await _within(self.timeout, asyncio.shield(reply)))["size"]
         except BaseException:
             await stream.reset()
             raise
-        return size, _chunks(stream, size)
+        return size, _chunks(stream, size, self.timeout)
 
     async def upload(self, path: str, chunks: AsyncIterator[bytes], *, max_bytes: int) -> int:
         rel = parse_path(path, allow_root=False)
-        stream, reply = await self._sandbox().open_stream("fs_write", path=[*rel.parts], max=max_bytes)
-        async with stream:  # an error, a cancel or too many bytes resets it: the daemon leaves nothing
+        stream, reply = await self._open("fs_write", path=[*rel.parts], max=max_bytes)
+        async with stream:  # an error, a cancel, a stall or too many bytes resets it: nothing is left
             sent = 0
             async for chunk in chunks:
                 if sent + len(chunk) > max_bytes:
                     raise TooLarge(f"Upload is larger than the {max_bytes}-byte limit.", limit=max_bytes)
                 if reply.done():
                     break  # it failed early (a folder in the way): its error is below
-                await stream.write(chunk)
+                await _within(self.timeout, stream.write(chunk))  # a daemon that gives no credit stalls it
                 sent += len(chunk)
-            await stream.end()
-            size: int = (await reply)["size"]
+            await _within(self.timeout, stream.end())
+            size: int = (await _within(self.timeout, asyncio.shield(reply)))["size"]
         if size != sent:
             raise ProtocolViolation(
                 "the sandbox's executor broke the protocol: it wrote another size than it was sent"
@@ -256,8 +280,10 @@ class DaemonFiles(Files):
     ) -> Any:
         """Run rg in the sandbox, feeding its streamed output to the collector `make` builds."""
         feed = _RgFeed(make, records)
-        call = asyncio.ensure_future(
-            self._call("fs_rg", on_chunk=feed.take, path=[*rel.parts], args=[*args], file=allow_file)
+        call = asyncio.ensure_future(  # bounded by `search_timeout` below
+            self._sandbox().request(
+                "fs_rg", on_chunk=feed.take, path=[*rel.parts], args=[*args], file=allow_file
+            )
         )
         full = asyncio.ensure_future(feed.full.wait())
         try:
@@ -283,11 +309,14 @@ class DaemonFiles(Files):
         return feed.collector
 
 
-async def _chunks(stream: ByteStream, size: int) -> AsyncIterator[bytes]:
-    """At most `size` bytes of the stream (a daemon sending more is cut off), then its reset."""
+async def _chunks(stream: ByteStream, size: int, timeout: float) -> AsyncIterator[bytes]:
+    """At most `size` bytes of the stream (a daemon sending more is cut off), then its reset.
+
+    A stream that sends nothing for `timeout` seconds raises UpstreamTimeout (the response is cut).
+    """
     try:
         remaining = size
-        while remaining > 0 and (chunk := await stream.read()):
+        while remaining > 0 and (chunk := await _within(timeout, stream.read())):
             if len(chunk) > remaining:
                 raise ProtocolViolation(
                     "the sandbox's executor broke the protocol: it sent more bytes than the file has"

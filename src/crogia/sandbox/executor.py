@@ -215,11 +215,11 @@ class ExecutorSandbox(Sandbox):
         client = await self._ready_client()
         return await client.open_stream(op, lasting=lasting, **args)
 
-    def files(self, *, max_read_bytes: int) -> Files:
+    def files(self, *, max_read_bytes: int, timeout: float = 60.0) -> Files:
         """This sandbox's files, served by its daemon (no host path needed)."""
         from crogia.sandbox.daemon_files import DaemonFiles  # it imports crogia.workspace, which imports us
 
-        return DaemonFiles(lambda: self, max_read_bytes=max_read_bytes)
+        return DaemonFiles(lambda: self, max_read_bytes=max_read_bytes, timeout=timeout)
 
     async def exec(
         self,

@@ -59,13 +59,15 @@ class LiveSession:
 
     max_read_bytes: int = 10_485_760
     """FILE_READ_MAX_BYTES, for files its daemon serves."""
+    files_timeout: float = 60.0
+    """FILES_TIMEOUT, for files its daemon serves."""
 
     @property
     def files(self) -> Files:
         """Its files, by SANDBOX_FILES: the host folder, or its running sandbox's daemon."""
         if self.host_files is not None:
             return self.host_files
-        return self.sandbox.files(max_read_bytes=self.max_read_bytes)
+        return self.sandbox.files(max_read_bytes=self.max_read_bytes, timeout=self.files_timeout)
 
     @property
     def files_mode(self) -> FilesMode:

@@ -172,6 +172,7 @@ class SessionService:
             spec,
             self._host_files(spec),
             max_read_bytes=self.settings.file_read_max_bytes,
+            files_timeout=self.settings.files_timeout,
             state="dormant",
             sandbox_id=row.sandbox_id or "",
             last_active=active,
@@ -230,6 +231,7 @@ class SessionService:
                     spec,
                     self._host_files(spec),
                     max_read_bytes=self.settings.file_read_max_bytes,
+                    files_timeout=self.settings.files_timeout,
                 )
             )
             row = SessionRow(

@@ -113,10 +113,20 @@ async def spawn_in_fresh_thread(start: Callable[[], RgProcess]) -> RgProcess:
     try:
         return await asyncio.wrap_future(future)
     except asyncio.CancelledError:
-        future.add_done_callback(_close_orphan)
+        # The start may be under way on its thread: wait for it, then kill and reap what it
+        # started, so that rg is gone when the cancel returns (a second cancel does not cut it short).
+        reaping = asyncio.ensure_future(asyncio.to_thread(_close_started, future))
+        while not reaping.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(reaping)
+        reaping.result()
         raise
 
 
-def _close_orphan(future: concurrent.futures.Future[RgProcess]) -> None:
-    if not future.cancelled() and future.exception() is None:
-        future.result().close_sync()
+def _close_started(future: concurrent.futures.Future[RgProcess]) -> None:
+    """Blocking: once the start is over, kill and reap the rg it started (if it got that far)."""
+    try:
+        process = future.result()  # waits for the start to end
+    except (concurrent.futures.CancelledError, Exception):
+        return  # cancelled before it ran, or it failed: nothing was left running
+    process.close_sync()

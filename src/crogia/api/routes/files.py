@@ -10,9 +10,22 @@ from fastapi.responses import StreamingResponse
 
 from crogia.api.deps import LiveDep, RuntimeDep
 from crogia.api.errors import ERRORS
-from crogia.api.schemas import FileContent, FileItem, FileList, FileMove, FileWrite, Message, MkdirRequest
+from crogia.api.schemas import (
+    ErrorBody,
+    FileContent,
+    FileItem,
+    FileList,
+    FileMove,
+    FileWrite,
+    Message,
+    MkdirRequest,
+)
 
-router = APIRouter(prefix="/api/sessions/{session_id}/files", tags=["files"], responses=ERRORS)
+FILES_ERRORS = {
+    **ERRORS,
+    504: {"model": ErrorBody, "description": "The sandbox's daemon made no progress for FILES_TIMEOUT."},
+}
+router = APIRouter(prefix="/api/sessions/{session_id}/files", tags=["files"], responses=FILES_ERRORS)
 
 PathQuery = Annotated[str, Query(max_length=4096, description="Path relative to the workspace root.")]
 
