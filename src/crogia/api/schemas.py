@@ -361,4 +361,5 @@ class Health(_Model):
     seccomp: str = "off"
     """The sandboxes' seccomp filter: "default" (Docker's), "crogia" (ours), "off", "unknown"."""
     transport: str = "unix"
-    """How the server reaches the sandboxes' daemons: "unix" (a socket) or "tcp" (SANDBOX_TRANSPORT)."""
+    """How the server reaches the sandboxes' daemons: "unix" (a socket), "tcp" (SANDBOX_TRANSPORT) or
+    "tcp+tls" (SANDBOX_TCP_TLS)."""

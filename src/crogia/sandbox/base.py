@@ -303,6 +303,8 @@ class SandboxProvider(abc.ABC):
 
     transport: str = "unix"
     """How the server reaches its sandboxes' daemons (`unix` or `tcp`), for /api/health."""
+    tls: bool = False
+    """TLS on the TCP channel (SANDBOX_TCP_TLS)."""
     storage: HostStorage | None = None
     """Where its sandboxes' host folders are (a local provider's; set from the settings)."""
 

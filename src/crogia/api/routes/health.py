@@ -29,5 +29,5 @@ async def health(runtime: RuntimeDep) -> Health:
         store_error=store_error,
         userns=await runtime.provider.userns_mode(),
         seccomp=await runtime.provider.seccomp_mode(),
-        transport=runtime.provider.transport,
+        transport=runtime.provider.transport + ("+tls" if runtime.provider.tls else ""),
     )

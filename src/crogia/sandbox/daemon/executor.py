@@ -173,7 +173,8 @@ class Tls:
             raise BlockingIOError from None
 
     def pending(self) -> int:
-        return int(self.sock.pending())
+        """Bytes to read without waiting for epoll (1 for an end not reported yet, behind data)."""
+        return 1 if self.eof else int(self.sock.pending())
 
     def close(self) -> None:
         self.sock.close()
@@ -315,7 +316,7 @@ class Connection:
                 elif self.inbuf and self.inbuf[0] != proto.FRAME:
                     self.receive(bytes(self.inbuf))  # a last line without its newline
                 self.close()
-            if not self.io.pending():  # TLS may hold decrypted bytes epoll cannot see
+            if not self.io.pending():  # TLS may hold decrypted bytes (or an end) epoll cannot see
                 return
 
     def parse(self) -> None:
