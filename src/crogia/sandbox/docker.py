@@ -17,10 +17,11 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import os
 import secrets
 import tarfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +53,8 @@ from crogia.sandbox.network import DAEMON_PORT, RESOLV_CONF, host_resolvers, mod
 from crogia.sandbox.seccomp import docker_profile
 from crogia.sandbox.tcp_channel import Address, TcpChannel
 from crogia.sandbox.userns import give_tree
+
+log = logging.getLogger(__name__)
 
 Transport = Literal["unix", "tcp"]
 MANAGED_LABEL = "crogia.managed-by"
@@ -553,6 +556,29 @@ class DockerProvider(SandboxProvider):
         except SandboxError as exc:
             if exc.context.get("status") != 404:
                 raise
+
+    async def sweep_workspaces(self, sessions: Collection[str]) -> None:
+        """Delete this instance's workspace volumes whose session is gone (a crash between a volume's
+        making and its session's row, or between the row's deletion and the volume's); a volume a
+        container still uses is left (Docker refuses: it is not ours to judge)."""
+        if not self._instance:  # without an instance, other servers' volumes would look like ours
+            return
+        labels = [f"{key}={value}" for key, value in _own_labels(self._instance).items()]
+        with self._engine.errors():
+            listed = await self._engine.docker.volumes.list(filters={"label": labels})  # type: ignore[no-untyped-call]
+        prefix = self.volume_name("")
+        for volume in listed.get("Volumes") or []:
+            name, session_id = str(volume.get("Name", "")), (volume.get("Labels") or {}).get(SESSION_LABEL)
+            ours = name.startswith(prefix) and name == self.volume_name(str(session_id))
+            if not ours or session_id in sessions:
+                continue
+            log.info("removing leftover workspace volume %s", name)
+            try:
+                with self._engine.errors():
+                    await DockerVolume(self._engine.docker, name).delete()  # type: ignore[no-untyped-call]
+            except SandboxError as exc:
+                if exc.context.get("status") not in (404, 409):  # gone, or in use
+                    raise
 
     async def create(self, spec: SandboxSpec) -> DockerSandbox:
         if self.transport == "tcp" and mode_of(spec.limits.network) not in ("isolated", "shared"):
