@@ -8,7 +8,8 @@
 * isolation off: the same request to a second server with the shared network and host-root sandboxes
   (`UNISOLATED`), so the cost of network isolation and user namespaces shows as a ratio (target 1.2x);
 * tcp (Docker): the same request to a third server with SANDBOX_TRANSPORT=tcp and
-  DOCKER_WORKSPACE=volume, against the unix socket (target 1.3x).
+  DOCKER_WORKSPACE=volume, against the unix socket (target 1.3x);
+* tcp+tls (Docker): a fourth server with SANDBOX_TCP_TLS=true as well, against plain TCP (target 1.2x).
 
 Rounds interleave every side, so load from elsewhere hits all alike; medians are compared.
 Target: ours p50 <= 5 ms on Docker and on bubblewrap. Writes bench/results/shell.json.
@@ -46,6 +47,8 @@ from crogia.sandbox.bubblewrap import bwrap_args, find_bwrap, sandbox_command
 TARGET_MS = 5.0
 TCP_TARGET = 1.3
 TCP = {"SANDBOX_TRANSPORT": "tcp", "DOCKER_WORKSPACE": "volume"}
+TLS = {**TCP, "SANDBOX_TCP_TLS": "true"}
+TLS_TARGET = 1.2
 BODY = json.dumps({"cmd": "echo hi"}).encode()
 
 
@@ -72,12 +75,24 @@ def bwrap_echo(folder: Path) -> list[str]:
 
 
 async def measure(backend: str, loop: str, rounds: int, per_round: int) -> dict[str, Any]:
-    times: dict[str, list[float]] = {"ours": [], "unisolated": [], "raw": [], "fork": [], "tcp": []}
+    times: dict[str, list[float]] = {
+        "ours": [],
+        "unisolated": [],
+        "raw": [],
+        "fork": [],
+        "tcp": [],
+        "tls": [],
+    }
     with data_dir() as folder:
         async with contextlib.AsyncExitStack() as stack:
             # Every server is up before any connection opens (an idle keep-alive one would time out).
             tcp = (
                 await stack.enter_async_context(server(backend, loop=loop, env=TCP))
+                if backend == "docker"
+                else None
+            )
+            tls = (
+                await stack.enter_async_context(server(backend, loop=loop, env=TLS))
                 if backend == "docker"
                 else None
             )
@@ -93,6 +108,11 @@ async def measure(backend: str, loop: str, rounds: int, per_round: int) -> dict[
                 http_tcp = await stack.enter_async_context(Http(tcp.port))
                 sid_tcp = (await create_session(http_tcp, task="bench shell, tcp"))["session_id"]
                 await ours(http_tcp, sid_tcp, 20)
+            http_tls, sid_tls = None, ""
+            if tls is not None:
+                http_tls = await stack.enter_async_context(Http(tls.port))
+                sid_tls = (await create_session(http_tls, task="bench shell, tcp+tls"))["session_id"]
+                await ours(http_tls, sid_tls, 20)
             raw = ["docker", "exec", session["container_id"], "echo", "hi"]
             if backend != "docker":
                 raw = bwrap_echo(folder)
@@ -104,6 +124,8 @@ async def measure(backend: str, loop: str, rounds: int, per_round: int) -> dict[
                 times["unisolated"] += await ours(http_off, sid_off, per_round)
                 if http_tcp is not None:
                     times["tcp"] += await ours(http_tcp, sid_tcp, per_round)
+                if http_tls is not None:
+                    times["tls"] += await ours(http_tls, sid_tls, per_round)
                 times["raw"] += [await timed(*raw) for _ in range(max(2, per_round // 10))]
                 times["fork"] += [await timed("/bin/echo", "hi") for _ in range(max(2, per_round // 5))]
     return {
@@ -170,6 +192,19 @@ async def main() -> None:
                         tcp_p50 / p50 <= TCP_TARGET,
                         baseline=p50,
                         baseline_what="unix socket, bound workspace",
+                    )
+                )
+            if default and "tls" in result and "tcp" in result:
+                tls_p50, tcp_p50 = result["tls"]["p50_ms"], result["tcp"]["p50_ms"]
+                rows.append(
+                    Row(
+                        f"POST /shell echo hi p50, {backend}, TCP with TLS vs plain TCP",
+                        tls_p50,
+                        "ms",
+                        f"<= {TLS_TARGET:g}x plain TCP",
+                        tls_p50 / tcp_p50 <= TLS_TARGET,
+                        baseline=tcp_p50,
+                        baseline_what="TCP transport without TLS",
                     )
                 )
             print(

@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     """How the server reaches a Docker sandbox's daemon: `unix` (a socket in a server-only folder the
     container sees read-only), `tcp` (the server dials the container's own address, both ends
     proving a per-sandbox secret). bubblewrap always uses a socketpair."""
+    sandbox_tcp_tls: bool = False
+    """SANDBOX_TRANSPORT=tcp: speak TLS 1.3 to the daemon, which presents a self-signed certificate
+    made for its sandbox at each start (the server pins it; the proofs are bound to it)."""
     docker_workspace: Literal["bind", "volume"] = "bind"
     """Docker: a workspace is a host folder bound in (`bind`) or a Docker volume (`volume`: nothing
     of it on the server's disk; needs SANDBOX_TRANSPORT=tcp and files served by the daemon)."""
@@ -214,6 +217,8 @@ class Settings(BaseSettings):
     def _check_volume(self) -> Settings:
         if self.docker_workspace == "volume" and self.sandbox_transport != "tcp":
             raise ValueError("DOCKER_WORKSPACE=volume needs SANDBOX_TRANSPORT=tcp (no host folder to share)")
+        if self.sandbox_tcp_tls and self.sandbox_transport != "tcp":
+            raise ValueError("SANDBOX_TCP_TLS=true needs SANDBOX_TRANSPORT=tcp (TLS is for the TCP channel)")
         if self.docker_workspace == "volume" and getattr(self, "sandbox_files", "daemon") != "daemon":
             # (SANDBOX_FILES comes with the files interface: a volume has no host folder to serve)
             raise ValueError("DOCKER_WORKSPACE=volume needs SANDBOX_FILES=daemon (no host folder to serve)")

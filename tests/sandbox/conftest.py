@@ -45,6 +45,11 @@ PROVIDER_FACTORIES: dict[str, ProviderFactory] = {
         ),
         [pytest.mark.docker],
     ),
+    # The same with TLS on the channel (SANDBOX_TCP_TLS).
+    "docker-tcp-tls": ProviderFactory(
+        lambda storage: DockerProvider(transport="tcp", workspace="volume", tls=True, storage=storage),
+        [pytest.mark.docker],
+    ),
 }
 
 MakeSandbox = Callable[..., Awaitable[Sandbox]]

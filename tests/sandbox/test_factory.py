@@ -123,3 +123,15 @@ def test_transport_and_volume_settings_reach_the_docker_config(data_dir: Path) -
         make_settings(data_dir, "docker", **volume, sandbox_disk_mb=128)
     with pytest.raises(ValidationError, match="SANDBOX_FILES=daemon"):
         make_settings(data_dir, "docker", sandbox_transport="tcp", docker_workspace="volume")
+
+
+def test_tls_setting_reaches_the_provider_and_needs_tcp(data_dir: Path) -> None:
+    settings = make_settings(data_dir, "docker", sandbox_transport="tcp", sandbox_tcp_tls=True)
+    config = backend_config(settings, "docker")
+    assert isinstance(config, DockerConfig) and config.tls
+    assert config.build().tls
+    assert (
+        not backend_config(make_settings(data_dir, "docker", sandbox_transport="tcp"), "docker").build().tls
+    )
+    with pytest.raises(ValidationError, match="SANDBOX_TCP_TLS=true needs SANDBOX_TRANSPORT=tcp"):
+        make_settings(data_dir, "docker", sandbox_tcp_tls=True)

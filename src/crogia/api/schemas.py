@@ -363,7 +363,8 @@ class Health(_Model):
     files: str = "host"
     """Who serves files and search (SANDBOX_FILES): "host" (the server) or "daemon" (the sandbox)."""
     transport: str = "unix"
-    """How the server reaches the sandboxes' daemons: "unix" (a socket) or "tcp" (SANDBOX_TRANSPORT)."""
+    """How the server reaches the sandboxes' daemons: "unix" (a socket), "tcp" (SANDBOX_TRANSPORT) or
+    "tcp+tls" (SANDBOX_TCP_TLS)."""
 
 
 class PortPublic(_Model):

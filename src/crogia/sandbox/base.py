@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
@@ -334,6 +334,8 @@ class SandboxProvider(abc.ABC):
 
     transport: str = "unix"
     """How the server reaches its sandboxes' daemons (`unix` or `tcp`), for /api/health."""
+    tls: bool = False
+    """TLS on the TCP channel (SANDBOX_TCP_TLS)."""
     storage: HostStorage | None = None
     """Where its sandboxes' host folders are (a local provider's; set from the settings)."""
 
@@ -392,6 +394,11 @@ class SandboxProvider(abc.ABC):
         if self.storage is None:
             raise SandboxError(f"the {self.name} provider was made without host storage")
         return self.storage.states / POOL_MARKERS
+
+    async def sweep_workspaces(self, sessions: Collection[str]) -> None:
+        """Remove the workspaces the provider keeps outside the sessions' folders (Docker volumes) whose
+        session is not in `sessions` (left by a crash); none by default."""
+        del sessions  # a host folder workspace goes with its session's folders
 
     async def forget(self, session_id: str) -> None:
         """Remove the session's server-only state folder (the session is gone, or never was)."""

@@ -71,6 +71,8 @@ class DockerConfig(BaseModel):
     """SANDBOX_DNS: where the sandboxes' DNS queries go; empty: Docker's own resolver."""
     transport: Literal["unix", "tcp"] = "unix"
     """SANDBOX_TRANSPORT: the daemon dials a socket in a server-only folder, or listens on TCP."""
+    tls: bool = False
+    """SANDBOX_TCP_TLS: TLS on the TCP channel, pinning each sandbox's own certificate."""
     workspace: Literal["bind", "volume"] = "bind"
     """DOCKER_WORKSPACE: a host folder bound in, or a Docker volume."""
     workspaces: Path | None = None
@@ -90,6 +92,7 @@ class DockerConfig(BaseModel):
             instance=self.instance,
             dns=self.dns,
             transport=self.transport,
+            tls=self.tls,
             workspace=self.workspace,
             storage=_storage(self),
         )
@@ -127,6 +130,7 @@ def backend_config(settings: Settings, kind: Literal["bubblewrap", "docker"]) ->
         instance=instance_id(settings),
         dns=settings.sandbox_dns,
         transport=settings.sandbox_transport,
+        tls=settings.sandbox_tcp_tls,
         workspace=settings.docker_workspace,
         workspaces=workspaces,
         states=states,

@@ -17,10 +17,11 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import os
 import secrets
 import tarfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +54,8 @@ from crogia.sandbox.seccomp import docker_profile
 from crogia.sandbox.tcp_channel import Address, TcpChannel
 from crogia.sandbox.userns import give_tree
 
+log = logging.getLogger(__name__)
+
 Transport = Literal["unix", "tcp"]
 MANAGED_LABEL = "crogia.managed-by"
 SESSION_LABEL = "crogia.session"
@@ -65,6 +68,10 @@ SECRET_PATH = f"/{SECRET_DIR}/secret"
 """Under SANDBOX_TRANSPORT=tcp: the channel's secret inside the container (copied in, mode 0400)."""
 TCP_SECRET_NAME = "tcp-secret"
 """The server's copy of it, in the sandbox's state folder (never mounted under tcp)."""
+TLS_CERT_PATH, TLS_KEY_PATH = f"/{SECRET_DIR}/tls-cert.pem", f"/{SECRET_DIR}/tls-key.pem"
+"""Under SANDBOX_TCP_TLS: the daemon's certificate and key (copied in beside the secret, 0400)."""
+TCP_CERT_NAME = "tcp-cert.pem"
+"""The server's copy of the certificate it pins (the key is not kept: only the daemon needs it)."""
 INSTANCE_LABEL = "crogia.instance"
 """Which server (data folder) made the container: servers sharing an engine leave each other's alone."""
 STOP_TIMEOUT = 3
@@ -100,13 +107,15 @@ def container_config(
     seccomp: str | None = None,
     transport: Transport = "unix",
     volume: str = "",
+    tls: bool = False,
 ) -> dict[str, Any]:
     """The Docker API body that creates `spec`'s container (isolated: on the network named `network`;
     `seccomp`: a profile's JSON, or the engine's default; `volume`: the workspace's Docker volume,
     else `paths.workspace` is bound).
 
     `tcp`: the daemon listens on `DAEMON_PORT` and nothing of the channel is on the host: its code
-    and secret are copied in before the start (`put_archive`), not bound."""
+    and secret are copied in before the start (`put_archive`), not bound; `tls`: with the
+    certificate and key it speaks TLS with."""
     limits = spec.limits
     memory = limits.memory_mb * 1024 * 1024
     labels = {**spec.labels, **_own_labels(instance), SESSION_LABEL: spec.session_id}
@@ -126,9 +135,11 @@ def container_config(
         ]
     else:
         channel = ["--listen", str(DAEMON_PORT), "--secret-file", SECRET_PATH]
+        if tls:
+            channel += ["--tls-cert", TLS_CERT_PATH, "--tls-key", TLS_KEY_PATH]
     if mode_of(limits.network) == "isolated":  # its resolver: the gate in its own namespace
         mounts.append(_bind(paths.state_dir / RESOLV_NAME, "/etc/resolv.conf", read_only=True))
-    labels[TRANSPORT_LABEL] = f"{transport}/{'volume' if volume else 'bind'}"
+    labels[TRANSPORT_LABEL] = f"{transport}{'+tls' if tls else ''}/{'volume' if volume else 'bind'}"
     return {
         "Image": spec.image,
         "Cmd": daemon_command([*channel, "--log-max", str(log_max(limits.state_mb))]),
@@ -286,17 +297,20 @@ class DockerSandbox(ExecutorSandbox):
         transport: Transport = "unix",
         network: str = "",
         volume: str | None = None,
+        tls: bool = False,
     ) -> None:
         """`root`: under userns-remap, the host uid and gid that container root is. `upstream`: the
         resolver its gate asks (isolated only; empty: the host's first). `network`: the Docker
-        network whose address the server dials (tcp). `volume`: the workspace's Docker volume, if any."""
+        network whose address the server dials (tcp). `volume`: the workspace's Docker volume, if any.
+        `tls`: the tcp channel speaks TLS, pinning the certificate made at each start."""
         self.volume = volume
         self._listener: ListenerChannel | None = None
         self._network = network
-        self._secret = ""
+        self._secret = self._cert = ""
+        self._tls = tls and transport == "tcp"
         channel: Channel
         if transport == "tcp":
-            channel = TcpChannel(self._address, lambda: self._secret)
+            channel = TcpChannel(self._address, lambda: self._secret, lambda: self._cert)
         else:
             channel = self._listener = ListenerChannel(paths.state_dir)
             self._listener.peer_cgroup = sandbox_id
@@ -371,16 +385,27 @@ class DockerSandbox(ExecutorSandbox):
     async def connect(self, within: float | None = None) -> None:
         if self._listener is None and not self._secret:  # attached after a restart: the secret we gave
             self._secret = await asyncio.to_thread(_read_secret, self.paths.state_dir)
+            if self._tls:
+                self._cert = await asyncio.to_thread(_read_secret, self.paths.state_dir, TCP_CERT_NAME)
+            if self._tls and not self._cert:  # never fall back to plain TCP
+                raise Unavailable("the sandbox's TLS certificate is gone", sandbox_id=self.id)
         await super().connect(within)
 
     async def _give_secret(self) -> None:
         """A new channel secret, into the stopped container (before its daemon reads it) and ours."""
         secret = secrets.token_urlsafe(32)
-        archive = _archive({f"{SECRET_DIR}/secret": (secret.encode(), 0o400)})
+        files = {f"{SECRET_DIR}/secret": (secret.encode(), 0o400)}
+        cert = ""
+        if self._tls:  # and a new certificate: a key that leaked from an earlier run opens nothing
+            cert, key = await self_signed()
+            files[TLS_CERT_PATH[1:]] = (cert.encode(), 0o400)
+            files[TLS_KEY_PATH[1:]] = (key, 0o400)
         with self._engine.errors():
-            await self._container.put_archive("/", archive)  # type: ignore[no-untyped-call]
+            await self._container.put_archive("/", _archive(files))  # type: ignore[no-untyped-call]
         await asyncio.to_thread(_write_secret, self.paths.state_dir, secret)
-        self._secret = secret
+        if cert:
+            await asyncio.to_thread(_write_secret, self.paths.state_dir, cert, TCP_CERT_NAME)
+        self._secret, self._cert = secret, cert
 
     async def _start(self) -> None:
         if self._listener is not None:
@@ -427,20 +452,23 @@ class DockerProvider(SandboxProvider):
         transport: Transport = "unix",
         workspace: Literal["bind", "volume"] = "bind",
         storage: HostStorage | None = None,
+        tls: bool = False,
     ) -> None:
         """`url`: the engine (`unix://`, `tcp://`); default: the Docker context, DOCKER_HOST, the socket.
 
         `instance` labels every container this provider makes, and `managed_ids` then lists only
         those: without it, every Crogia container on the engine counts as this provider's. `dns`:
         the resolver isolated containers use (default: the engine's choice, from the host's).
-        `transport` (SANDBOX_TRANSPORT) and `workspace` (DOCKER_WORKSPACE): see `container_config`.
-        `storage`: where the sandboxes' host folders go (state folders, bound workspaces).
+        `transport` (SANDBOX_TRANSPORT), `tls` (SANDBOX_TCP_TLS) and `workspace` (DOCKER_WORKSPACE):
+        see `container_config`. `storage`: where the sandboxes' host folders go (state folders, bound
+        workspaces).
         """
         self.storage = storage
         self._url = url
         self._instance = instance
         self._dns = dns
         self.transport: Transport = transport
+        self.tls = tls and transport == "tcp"
         self.workspace = workspace
         self._daemon_tar: bytes | None = None
         self._engine_obj: _Engine | None = None
@@ -529,6 +557,29 @@ class DockerProvider(SandboxProvider):
             if exc.context.get("status") != 404:
                 raise
 
+    async def sweep_workspaces(self, sessions: Collection[str]) -> None:
+        """Delete this instance's workspace volumes whose session is gone (a crash between a volume's
+        making and its session's row, or between the row's deletion and the volume's); a volume a
+        container still uses is left (Docker refuses: it is not ours to judge)."""
+        if not self._instance:  # without an instance, other servers' volumes would look like ours
+            return
+        labels = [f"{key}={value}" for key, value in _own_labels(self._instance).items()]
+        with self._engine.errors():
+            listed = await self._engine.docker.volumes.list(filters={"label": labels})  # type: ignore[no-untyped-call]
+        prefix = self.volume_name("")
+        for volume in listed.get("Volumes") or []:
+            name, session_id = str(volume.get("Name", "")), (volume.get("Labels") or {}).get(SESSION_LABEL)
+            ours = name.startswith(prefix) and name == self.volume_name(str(session_id))
+            if not ours or session_id in sessions:
+                continue
+            log.info("removing leftover workspace volume %s", name)
+            try:
+                with self._engine.errors():
+                    await DockerVolume(self._engine.docker, name).delete()  # type: ignore[no-untyped-call]
+            except SandboxError as exc:
+                if exc.context.get("status") not in (404, 409):  # gone, or in use
+                    raise
+
     async def create(self, spec: SandboxSpec) -> DockerSandbox:
         if self.transport == "tcp" and mode_of(spec.limits.network) not in ("isolated", "shared"):
             raise SandboxError(
@@ -562,7 +613,7 @@ class DockerProvider(SandboxProvider):
         volume = self.volume_name(spec.session_id) if self.workspace == "volume" else ""
         config = container_config(
             spec, self.paths(spec.session_id), self._instance, self._network.name, self._dns,
-            seccomp=seccomp, transport=self.transport, volume=volume,
+            seccomp=seccomp, transport=self.transport, volume=volume, tls=self.tls,
         )  # fmt: skip
         try:
             with self._engine.errors(spec.image):
@@ -584,7 +635,7 @@ class DockerProvider(SandboxProvider):
             return await self.create(spec)
         # Dead, stuck, or made for another protocol (an older server's, whose daemon would listen
         # in a folder the sandbox could write): its workspace is all that matters, so start afresh.
-        made_for = f"{self.transport}/{self.workspace}"
+        made_for = f"{self.transport}{'+tls' if self.tls else ''}/{self.workspace}"
         if (
             status == "unknown"
             or labels.get(PROTOCOL_LABEL) != str(proto.VERSION)
@@ -616,6 +667,7 @@ class DockerProvider(SandboxProvider):
             spec, sandbox_id, self.paths(spec.session_id), self._engine, root,
             upstream=self._dns, on_blocked=report, transport=self.transport, network=network,
             volume=self.volume_name(spec.session_id) if self.workspace == "volume" else None,
+            tls=self.tls,
         )  # fmt: skip
 
     async def managed_ids(self) -> list[str]:
@@ -655,10 +707,11 @@ def _prepare_dirs(paths: HostPaths, root: tuple[int, int] | None, workspace: boo
         give_tree(paths.workspace, *root)
 
 
-def _write_secret(state_dir: Path, secret: str) -> None:
-    """The server's copy of a tcp channel's secret (0600, in its own folder; blocking)."""
-    path = state_dir / TCP_SECRET_NAME
-    tmp = state_dir / f".{TCP_SECRET_NAME}.{os.getpid()}"
+def _write_secret(state_dir: Path, secret: str, name: str = TCP_SECRET_NAME) -> None:
+    """The server's copy of a tcp channel's secret (or certificate: `name`), 0600 in its own folder
+    (blocking)."""
+    path = state_dir / name
+    tmp = state_dir / f".{name}.{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -667,14 +720,35 @@ def _write_secret(state_dir: Path, secret: str) -> None:
     os.replace(tmp, path)
 
 
-def _read_secret(state_dir: Path) -> str:
-    """The secret `_write_secret` kept; "" when there is none (the sandbox then starts afresh)."""
+def _read_secret(state_dir: Path, name: str = TCP_SECRET_NAME) -> str:
+    """What `_write_secret` kept; "" when there is none (the sandbox then starts afresh)."""
     try:
-        fd = os.open(state_dir / TCP_SECRET_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(state_dir / name, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return ""
     with os.fdopen(fd) as f:
-        return f.read(proto.SECRET_MAX).strip()
+        return f.read(proto.SECRET_MAX if name == TCP_SECRET_NAME else 1 << 16).strip()
+
+
+async def self_signed() -> tuple[str, bytes]:
+    """A new self-signed certificate (PEM) and its P-256 key (PEM) from `openssl`, a few ms."""
+
+    async def run(*args: str, given: bytes = b"") -> bytes:
+        process = await asyncio.create_subprocess_exec(
+            "openssl", *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await process.communicate(given)
+        if process.returncode != 0 or not out:
+            raise SandboxError(f"openssl could not make the sandbox's TLS certificate: {err.decode()[-300:]}")
+        return out
+
+    key = await run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256")
+    cert = await run(
+        "req", "-x509", "-key", "/dev/stdin", "-subj", "/CN=crogia-sandbox", "-days", "3650",
+        "-addext", "basicConstraints=critical,CA:TRUE", given=key,
+    )  # fmt: skip
+    return cert.decode(), key
 
 
 @dataclass(frozen=True)

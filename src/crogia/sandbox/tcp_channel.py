@@ -7,13 +7,16 @@ know the sandbox's secret (`daemon/executor_auth.py`: HMAC over a nonce from eac
 secret never crosses the wire), so the server knows it talks to this sandbox's daemon and not
 to whatever answers at that address (another sandbox given the address meanwhile), and the
 daemon refuses anyone else on the network. A dropped connection is dialled again; the sandbox
-goes on running. The stream itself is plain TCP (TLS: not built, see the README).
+goes on running. The stream is plain TCP, or with `cert` (SANDBOX_TCP_TLS) TLS 1.3 to a daemon
+that must present exactly that certificate (pinned: no CA, no host name), with the proofs bound
+to its fingerprint.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 
 from crogia.errors import Unavailable
@@ -38,9 +41,17 @@ class TcpChannel(Channel):
 
     reconnects = True
 
-    def __init__(self, address: Callable[[], Awaitable[Address]], secret: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        address: Callable[[], Awaitable[Address]],
+        secret: Callable[[], str],
+        cert: Callable[[], str] | None = None,
+    ) -> None:
+        """`cert`: the PEM certificate the daemon must present (TLS); None or "": plain TCP."""
         self._address = address
         self._secret = secret
+        self._cert = cert or (lambda: "")
+        self._tls: tuple[str, ssl.SSLContext, str] | None = None  # (pem, its context, its fingerprint)
         self.refused = ""
         """Why the last peer was refused (it failed to prove itself), for messages and tests."""
 
@@ -52,20 +63,51 @@ class TcpChannel(Channel):
             left = deadline - loop.time()
             if left <= 0:
                 raise Unavailable(f"the sandbox's executor did not answer within {within:g} s ({failure})")
+            tls = self._context()
             try:
                 async with asyncio.timeout(left):
                     host, port = await self._address()
-                    reader, writer = await asyncio.open_connection(host, port, limit=1 << 16)
+                    reader, writer = await asyncio.open_connection(
+                        host, port, limit=1 << 16,
+                        ssl=tls[1] if tls else None, server_hostname="" if tls else None,
+                    )  # fmt: skip
+            except ssl.SSLError as exc:  # TLS, but not with the pinned certificate (or not TLS at all)
+                self.refused = f"TLS: {getattr(exc, 'verify_message', '') or exc.reason or exc}"
+                raise proto.ProtocolError(f"the peer at the sandbox's address: {self.refused}") from exc
             except (OSError, TimeoutError) as exc:  # not listening yet (it is starting), or unreachable
                 failure = str(exc) or type(exc).__name__
             except Unavailable as exc:  # no address (yet): the container is not running
                 failure = str(exc)
             else:
-                return await self._prove((WireReader(reader, auth.LINE_MAX), writer), deadline - loop.time())
+                binding = ""
+                if tls is not None:
+                    ssl_object = writer.get_extra_info("ssl_object")
+                    peer = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+                    binding = auth.fingerprint(peer) if peer else ""
+                    if binding != tls[2]:  # the CA check already says so; this says it exactly
+                        writer.close()
+                        self.refused = "TLS: the peer's certificate is not the sandbox's"
+                        raise proto.ProtocolError(f"the peer at the sandbox's address: {self.refused}")
+                stream = (WireReader(reader, auth.LINE_MAX), writer)
+                return await self._prove(stream, deadline - loop.time(), binding)
             await asyncio.sleep(min(delay, max(deadline - loop.time(), 0)))
             delay = min(delay * 2, DIAL_MAX)
 
-    async def _prove(self, stream: Stream, within: float) -> Stream:
+    def _context(self) -> tuple[str, ssl.SSLContext, str] | None:
+        """The client context pinning the sandbox's certificate (made again when it changes)."""
+        pem = self._cert()
+        if not pem:
+            return None
+        if self._tls is None or self._tls[0] != pem:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+            context.check_hostname = False  # the certificate itself is pinned, whatever its name
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cadata=pem)  # trust that one certificate and nothing else
+            self._tls = (pem, context, auth.fingerprint(ssl.PEM_cert_to_DER_cert(pem)))
+        return self._tls
+
+    async def _prove(self, stream: Stream, within: float, binding: str = "") -> Stream:
         """Answer the daemon's challenge, then check its proof in the hello; the stream or an error."""
         lines, writer = stream
         sock = writer.get_extra_info("socket")
@@ -85,11 +127,15 @@ class TcpChannel(Channel):
                 ours, secret = auth.nonce(), self._secret()
                 send(
                     writer,
-                    {"type": "auth", "nonce": ours, "proof": auth.proof(secret, "server", theirs, ours)},
+                    {
+                        "type": "auth",
+                        "nonce": ours,
+                        "proof": auth.proof(secret, "server", theirs, ours, binding),
+                    },
                 )
                 # The daemon's proof is its hello's `secret`.
                 lines.limit = HELLO_LIMIT
-                await handshake(stream, auth.proof(secret, "daemon", theirs, ours), within)
+                await handshake(stream, auth.proof(secret, "daemon", theirs, ours, binding), within)
         except (proto.ProtocolError, TimeoutError, ConnectionError) as exc:
             writer.close()
             self.refused = str(exc) or type(exc).__name__

@@ -30,5 +30,5 @@ async def health(runtime: RuntimeDep) -> Health:
         userns=await runtime.provider.userns_mode(),
         seccomp=await runtime.provider.seccomp_mode(),
         files=runtime.settings.sandbox_files,
-        transport=runtime.provider.transport,
+        transport=runtime.provider.transport + ("+tls" if runtime.provider.tls else ""),
     )

@@ -16,7 +16,9 @@ shape, shared with the server. With `--listen PORT` (the TCP transport, for a sa
 reaches over a network) it listens on that port of the sandbox's own addresses and the server
 dials in, as often as it needs; each side proves it knows the secret before the hello
 (`executor_auth.py`), and a connection that does not is closed. The newest proven connection
-replaces any older one.
+replaces any older one. With `--tls-cert PATH --tls-key PATH` as well, the listener speaks TLS
+(1.3; `ssl` is imported only then) with that certificate, which the server pins, and the proofs
+are bound to it; handshake, reads and writes stay non-blocking in the epoll loop.
 
 Protocol: newline-delimited JSON objects (UTF-8) over a unix stream socket, and binary frames
 for bytes with per-stream credit (`executor_proto.py` describes them; `Connection` has the stream
@@ -99,6 +101,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal
     from collections.abc import Callable
+    from typing import Any
 
     from executor_core import Message, RequestId, Steps
 else:
@@ -112,6 +115,75 @@ MAX_PENDING = 4
 """TCP connections proving themselves at once; more are closed at once."""
 SOCKET_BUFFER = 1 << 20
 """Send buffer of a dialled connection (as the server's end has): fewer wake-ups per megabyte."""
+TLS_WRITE = 1 << 18
+"""The most bytes handed to one TLS write."""
+
+
+class Plain:
+    """A connection's bytes as they are: reads and writes on its fd."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read(self, n: int) -> bytes:
+        return os.read(self.fd, n)
+
+    def write(self, data: bytes | bytearray) -> int:
+        return os.write(self.fd, data)
+
+    def pending(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Tls:
+    """A connection's bytes through TLS (a non-blocking `ssl.SSLSocket`): "would block" is
+    `BlockingIOError`, as on a plain fd; what TLS decrypted but was not read yet is `pending()`."""
+
+    __slots__ = ("eof", "sock", "ssl")
+
+    def __init__(self, sock: Any) -> None:
+        import ssl  # already imported by `Daemon.listen` in TLS mode
+
+        self.sock, self.ssl, self.eof = sock, ssl, False
+
+    def read(self, n: int) -> bytes:
+        """Up to `n` bytes (several TLS records if there are), b"" at the end, else BlockingIOError."""
+        chunks: list[bytes] = []
+        got = 0
+        while got < n and not self.eof:
+            try:
+                chunk = self.sock.recv(n - got)
+            except (self.ssl.SSLWantReadError, self.ssl.SSLWantWriteError):
+                break
+            except (self.ssl.SSLZeroReturnError, self.ssl.SSLEOFError):
+                chunk = b""
+            if not chunk:
+                self.eof = True
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        if chunks or self.eof:
+            return b"".join(chunks)
+        raise BlockingIOError
+
+    def write(self, data: bytes | bytearray) -> int:
+        # A write that would block is retried later with the same leading bytes (or more), as TLS asks.
+        try:
+            return int(self.sock.send(data[:TLS_WRITE]))
+        except (self.ssl.SSLWantWriteError, self.ssl.SSLWantReadError):
+            raise BlockingIOError from None
+
+    def pending(self) -> int:
+        """Bytes to read without waiting for epoll (1 for an end not reported yet, behind data)."""
+        return 1 if self.eof else int(self.sock.pending())
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class Stream:
@@ -129,8 +201,9 @@ class Stream:
 class Connection:
     """The server: reads request lines and frames, runs each request as a task, writes replies."""
 
-    def __init__(self, daemon: Daemon, fd: int, secret: str) -> None:
+    def __init__(self, daemon: Daemon, fd: int, secret: str, io: Plain | Tls | None = None) -> None:
         self.daemon, self.fd, self.open = daemon, fd, True
+        self.io = io or Plain(fd)
         self.inbuf, self.outbuf, self.scanned = bytearray(), bytearray(), 0
         self.tasks: dict[RequestId, Task] = {}
         self.streams: dict[int, Stream] = {}
@@ -224,7 +297,7 @@ class Connection:
 
     def flush(self) -> None:
         try:
-            del self.outbuf[: os.write(self.fd, self.outbuf)]
+            del self.outbuf[: self.io.write(self.outbuf)]
         except BlockingIOError:
             pass
         except OSError:
@@ -234,22 +307,23 @@ class Connection:
     def on_event(self, events: int) -> None:
         if events & OUT and self.outbuf:
             self.flush()
-        if not (self.open and events & ~OUT):
-            return
-        try:
-            data = os.read(self.fd, 1 << 20)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        self.inbuf += data
-        self.parse()
-        if self.open and (not data or len(self.inbuf) > READ_LIMIT):
-            if data:
-                log("WARNING connection dropped: a request line over the size limit")
-            elif self.inbuf and self.inbuf[0] != proto.FRAME:
-                self.receive(bytes(self.inbuf))  # a last line without its newline
-            self.close()
+        while self.open and events & ~OUT:
+            try:
+                data = self.io.read(1 << 20)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            self.inbuf += data
+            self.parse()
+            if self.open and (not data or len(self.inbuf) > READ_LIMIT):
+                if data:
+                    log("WARNING connection dropped: a request line over the size limit")
+                elif self.inbuf and self.inbuf[0] != proto.FRAME:
+                    self.receive(bytes(self.inbuf))  # a last line without its newline
+                self.close()
+            if not self.io.pending():  # TLS may hold decrypted bytes (or an end) epoll cannot see
+                return
 
     def parse(self) -> None:
         """Take every whole line and frame from the front of `inbuf`."""
@@ -284,7 +358,7 @@ class Connection:
         if self.open:
             self.open = False
             LOOP.unwatch(self.fd)
-            os.close(self.fd)
+            self.io.close()
             self.daemon.connections.discard(self)
             for stream in self.streams.values():
                 stream.reset = True
@@ -323,21 +397,45 @@ class Connection:
 
 class Pending:
     """A TCP connection that has not proven itself yet (`executor_auth`): it gets a nonce, and one
-    line to answer with, within `auth.TIMEOUT`; anything else closes it without another word."""
+    line to answer with, within `auth.TIMEOUT` (TLS handshake included); anything else closes it
+    without another word."""
 
-    def __init__(self, daemon: Daemon, fd: int) -> None:
+    def __init__(self, daemon: Daemon, fd: int, tls: Any = None) -> None:
         self.daemon, self.fd, self.open = daemon, fd, True
+        self.io: Plain | Tls = Plain(fd) if tls is None else Tls(tls)
+        self.shaking = tls is not None
         self.nonce = auth.nonce()
         self.buf = bytearray()
         daemon.pending.add(self)
+        Task(None, None, "auth", self.expire())
+        if self.shaking:
+            self.handshake()
+        else:
+            self.challenge()
+
+    def challenge(self) -> None:
         challenge = dumps({"type": "challenge", "nonce": self.nonce}) + "\n"
         try:  # a few bytes into a new socket's empty buffer: never short
-            os.write(fd, challenge.encode())
-        except OSError:
+            self.io.write(challenge.encode())
+        except OSError:  # BlockingIOError included
             self.close()
             return
-        LOOP.watch(fd, self.on_event)
-        Task(None, None, "auth", self.expire())
+        LOOP.watch(self.fd, self.on_event)
+
+    def handshake(self) -> None:
+        """One step of the TLS handshake; the challenge once it is done."""
+        ssl = self.io.ssl  # type: ignore[union-attr]
+        try:
+            self.io.sock.do_handshake()  # type: ignore[union-attr]
+        except ssl.SSLWantReadError:
+            return LOOP.watch(self.fd, self.on_event, IN)
+        except ssl.SSLWantWriteError:
+            return LOOP.watch(self.fd, self.on_event, IN | OUT)
+        except OSError as exc:  # ssl.SSLError included: not TLS, or a client that rejects our certificate
+            log(f"WARNING refused a connection whose TLS handshake failed: {str(exc)[:200]}")
+            return self.close()
+        self.shaking = False
+        self.challenge()
 
     def expire(self) -> Steps:
         yield (lambda: not self.open), auth.TIMEOUT
@@ -348,12 +446,14 @@ class Pending:
         if self.open:
             self.open = False
             LOOP.unwatch(self.fd)
-            os.close(self.fd)
+            self.io.close()
             self.daemon.pending.discard(self)
 
     def on_event(self, events: int) -> None:
+        if self.shaking:
+            return self.handshake()
         try:
-            data = os.read(self.fd, auth.LINE_MAX + 1 - len(self.buf))
+            data = self.io.read(auth.LINE_MAX + 1 - len(self.buf))
         except BlockingIOError:
             return
         except OSError:
@@ -365,7 +465,7 @@ class Pending:
                 self.close()
             return
         ours = self.answer(bytes(self.buf[:end]))
-        if ours is None or end + 1 != len(self.buf):  # the server says nothing more before our hello
+        if ours is None or end + 1 != len(self.buf) or self.io.pending():  # nothing more before our hello
             log("WARNING refused a connection that did not prove it is the server")
             return self.close()
         self.open = False
@@ -373,7 +473,7 @@ class Pending:
         self.daemon.pending.discard(self)
         for conn in list(self.daemon.connections):  # only the newest server counts
             conn.close()
-        self.daemon.adopt(self.fd, ours)
+        self.daemon.adopt(self.fd, ours, self.io)
 
     def answer(self, line: bytes) -> str | None:
         """Our proof for the hello if `line` proves the server knows the secret; else None."""
@@ -387,9 +487,10 @@ class Pending:
         if not auth.is_nonce(theirs) or not isinstance(proof, str):
             return None
         secret = self.daemon.read_secret()
-        if not secret or not auth.same(proof, auth.proof(secret, "server", self.nonce, theirs)):
+        binding = self.daemon.binding
+        if not secret or not auth.same(proof, auth.proof(secret, "server", self.nonce, theirs, binding)):
             return None
-        return auth.proof(secret, "daemon", self.nonce, theirs)
+        return auth.proof(secret, "daemon", self.nonce, theirs, binding)
 
 
 class Daemon:
@@ -403,13 +504,16 @@ class Daemon:
         secret_file: str = "",
         listen: int = 0,
         workspace: str = "",
+        tls: tuple[str, str] | None = None,
     ) -> None:
+        """`tls`: the certificate and key files the listener speaks TLS with (None: plain TCP)."""
         self.connections: set[Connection] = set()
         self.pending: set[Pending] = set()
         self.workspace = workspace or "/workspace"
         self.background = Background(log_dir, log_max, self.broadcast)
         self.dial_path, self.secret_file, self.listen_port = dial, secret_file, listen
         self.listener: _socket.socket | None = None
+        self.tls_files, self.tls_context, self.binding = tls, None, ""
         self.terminals = Terminals()
         self.tunnels = Tunnels()
         self.stopping = False
@@ -428,10 +532,10 @@ class Daemon:
             return outcome
         return (yield from outcome)
 
-    def adopt(self, fd: int, secret: str = "") -> None:
+    def adopt(self, fd: int, secret: str = "", io: Plain | Tls | None = None) -> None:
         os.set_blocking(fd, False)
         os.set_inheritable(fd, False)  # commands must never hold the server's channel
-        self.connections.add(Connection(self, fd, secret))
+        self.connections.add(Connection(self, fd, secret, io))
 
     def read_secret(self) -> str:
         """The secret, read again at each use (a restarted server may have changed it); "" if none."""
@@ -483,7 +587,22 @@ class Daemon:
         sock.listen(16)
         sock.setblocking(False)
         self.listener = sock
+        if self.tls_files is not None:
+            self.tls_context = self.tls_server()
         LOOP.watch(sock.fileno(), self.on_accept)
+
+    def tls_server(self) -> Any:
+        """The TLS 1.3 server context of our certificate; `binding` becomes its fingerprint."""
+        import ssl  # lazy: only a TLS listener pays for it
+
+        cert, key = self.tls_files  # type: ignore[misc]
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.num_tickets = 0  # nothing to resume: the server dials afresh each time
+        context.load_cert_chain(cert, key)
+        with open(cert) as f:
+            self.binding = auth.fingerprint(ssl.PEM_cert_to_DER_cert(f.read()))
+        return context
 
     def on_accept(self, events: int) -> None:
         while True:
@@ -502,7 +621,15 @@ class Daemon:
             sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
             sock.setblocking(False)
             os.set_inheritable(fd, False)
-            Pending(self, sock.detach())
+            if self.tls_context is None:
+                Pending(self, sock.detach())
+                continue
+            try:
+                tls = self.tls_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except OSError:  # reset already
+                sock.close()
+                continue
+            Pending(self, tls.fileno(), tls)
 
     def on_signal(self, wakeup: int) -> None:
         received = os.read(wakeup, 512)
@@ -582,14 +709,15 @@ def serve(daemon: Daemon, fd: int | None) -> None:
 
 
 USAGE = (
-    "[--fd N | --dial PATH --secret-file PATH | --listen PORT --secret-file PATH]"
+    "[--fd N | --dial PATH --secret-file PATH"
+    " | --listen PORT --secret-file PATH [--tls-cert PATH --tls-key PATH]]"
     " [--log-dir PATH] [--log-max BYTES] [--workspace PATH]"
 )
 
 
 def main(argv: list[str] | None = None) -> None:
     __import__("executor_harden").make_undumpable()
-    args = {"--fd": "", "--dial": "", "--listen": "", "--secret-file": ""}
+    args = {"--fd": "", "--dial": "", "--listen": "", "--secret-file": "", "--tls-cert": "", "--tls-key": ""}
     args.update({"--log-dir": "/run/crogia/logs", "--log-max": "", "--workspace": ""})
     rest = list(sys.argv[1:] if argv is None else argv)
     while rest:
@@ -604,6 +732,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"usage: {sys.argv[0]} {USAGE}")
     if args["--listen"] and not (args["--listen"].isdigit() and 0 < int(args["--listen"]) < 65536):
         sys.exit(f"{sys.argv[0]}: --listen takes a TCP port")
+    tls = (args["--tls-cert"], args["--tls-key"]) if args["--tls-cert"] or args["--tls-key"] else None
+    if tls is not None and not (all(tls) and args["--listen"]):
+        sys.exit(f"{sys.argv[0]}: --tls-cert and --tls-key go together, with --listen")
     log_max = int(args["--log-max"] or LOG_MAX)
     daemon = Daemon(
         args["--log-dir"],
@@ -612,6 +743,7 @@ def main(argv: list[str] | None = None) -> None:
         args["--secret-file"],
         int(args["--listen"] or 0),
         args["--workspace"],
+        tls,
     )
     serve(daemon, int(args["--fd"]) if args["--fd"] else None)
 

@@ -13,7 +13,9 @@ Each proof covers both nonces (fresh on each side at each connection: nothing ca
 and names its role (a proof cannot be reflected back at its sender). The secret never crosses
 the wire. Without TLS the connection after the proofs is neither encrypted nor bound to them:
 someone who can rewrite packets on the path (not another sandbox: the bridge has no
-inter-container traffic) could take it over; that is what TLS would add.
+inter-container traffic) could take it over. With TLS (SANDBOX_TCP_TLS) the proofs run inside
+it and also cover `binding`, the SHA-256 of the daemon's certificate (which the server pins):
+a proof made on one TLS channel is worthless on a channel to another certificate.
 """
 
 from __future__ import annotations
@@ -46,11 +48,13 @@ def is_nonce(value: Any) -> TypeGuard[str]:
     return True
 
 
-def proof(secret: str, role: str, daemon_nonce: str, server_nonce: str) -> str:
-    """What `role` ("server" or "daemon") sends to show it knows `secret`."""
+def proof(secret: str, role: str, daemon_nonce: str, server_nonce: str, binding: str = "") -> str:
+    """What `role` ("server" or "daemon") sends to show it knows `secret` (`binding`: the TLS
+    certificate's fingerprint, "" on plain TCP)."""
     import hmac  # lazy: only a daemon that listens needs it
 
-    message = f"{_CONTEXT}|{role}|{daemon_nonce}|{server_nonce}".encode()
+    bound = f"|tls|{binding}" if binding else ""
+    message = f"{_CONTEXT}|{role}|{daemon_nonce}|{server_nonce}{bound}".encode()
     return hmac.new(secret.encode(), message, "sha256").hexdigest()
 
 
@@ -59,3 +63,10 @@ def same(a: str, b: str) -> bool:
     import hmac
 
     return hmac.compare_digest(a.encode(), b.encode())
+
+
+def fingerprint(der: bytes) -> str:
+    """The SHA-256 of a certificate (DER), hex: what the TLS proofs are bound to."""
+    import hashlib
+
+    return hashlib.sha256(der).hexdigest()
