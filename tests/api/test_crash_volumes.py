@@ -63,7 +63,12 @@ async def test_a_crash_leaves_no_volume_of_a_gone_session(data_dir: Path) -> Non
 
     async with ScriptedOpenAI() as model:
         env = server_env(data_dir, "docker", model.base_url)
-        env |= {"SANDBOX_TRANSPORT": "tcp", "DOCKER_WORKSPACE": "volume", "SESSION_IDLE_TTL": "1"}
+        env |= {
+            "SANDBOX_TRANSPORT": "tcp",
+            "DOCKER_WORKSPACE": "volume",
+            "SANDBOX_FILES": "daemon",
+            "SESSION_IDLE_TTL": "1",
+        }
         server = ServerProcess(data_dir, env)
         try:
             await server.start()

@@ -138,7 +138,8 @@ async def test_a_restarted_server_gets_back_in(sandbox: DockerSandbox, data_dir:
 async def test_through_the_server(data_dir: Path) -> None:
     need_docker()
     settings = make_settings(
-        data_dir, "docker", sandbox_transport="tcp", docker_workspace="volume", sandbox_tcp_tls=True,
+        data_dir, "docker", sandbox_transport="tcp", docker_workspace="volume", sandbox_files="daemon",
+        sandbox_tcp_tls=True,
         sandbox_pool_size=1,
     )  # fmt: skip
     try:
