@@ -34,7 +34,7 @@ from _common import (
     server,
 )
 from bench_shell import bwrap_echo
-from crogia.services.pool import MARKERS
+from crogia.sandbox.base import POOL_MARKERS as MARKERS
 
 POOL_TARGET_MS = 50.0
 OFF_TARGET_RATIO = 1.1

@@ -20,7 +20,6 @@ import os
 import time
 
 import httpx
-from tests.previews.helpers import APP
 
 from _common import Http, Row, backends, create_session, parse_args, percentile, report, server
 
@@ -80,6 +79,8 @@ async def wait_port(http: Http, sid: str, port: int) -> None:
 
 
 async def measure(backend: str, n: int, size: int) -> dict[str, float | int]:
+    from tests.previews.helpers import APP  # here: `_common` has put the repo on sys.path by now
+
     async with server(backend) as srv, Http(srv.port) as http:
         sid = (await create_session(http))["session_id"]
         for path, content in (("app.py", APP), ("direct.py", DIRECT)):

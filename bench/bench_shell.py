@@ -46,7 +46,7 @@ from crogia.sandbox.bubblewrap import bwrap_args, find_bwrap, sandbox_command
 
 TARGET_MS = 5.0
 TCP_TARGET = 1.3
-TCP = {"SANDBOX_TRANSPORT": "tcp", "DOCKER_WORKSPACE": "volume"}
+TCP = {"SANDBOX_TRANSPORT": "tcp", "DOCKER_WORKSPACE": "volume", "SANDBOX_FILES": "daemon"}
 TLS = {**TCP, "SANDBOX_TCP_TLS": "true"}
 TLS_TARGET = 1.2
 BODY = json.dumps({"cmd": "echo hi"}).encode()
