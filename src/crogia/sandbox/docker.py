@@ -591,7 +591,12 @@ class DockerProvider(SandboxProvider):
         paths = await self.prepare(spec.session_id)  # folders, and the workspace's disk if any
         await asyncio.to_thread(_prepare_dirs, paths, security.root, self.workspace == "bind")
         await self._ensure_network(spec)
-        container = await self._create_container(spec, security.profile)
+        try:
+            container = await self._create_container(spec, security.profile)
+        except BaseException:
+            # Cancelled while the engine made it, its id never came back: find it by its labels.
+            await asyncio.shield(self._remove_unanswered(spec.session_id))
+            raise
         sandbox = self._sandbox(spec, container.id, security.root)
         try:
             if self.transport == "tcp":  # nothing of the channel is on the host: its code is copied in
@@ -606,6 +611,19 @@ class DockerProvider(SandboxProvider):
             await self._engine.remove(container.id)
             raise
         return sandbox
+
+    async def _remove_unanswered(self, session_id: str) -> None:
+        """Remove this instance's containers of `session_id` (a create whose answer never came)."""
+        labels = [f"{k}={v}" for k, v in {**_own_labels(self._instance), SESSION_LABEL: session_id}.items()]
+        try:
+            with self._engine.errors():
+                found = await self._engine.docker.containers.list(
+                    all=True, filters=json.dumps({"label": labels})
+                )
+            for container in found:
+                await self._engine.remove(container.id)
+        except SandboxError as exc:
+            log.warning("could not remove a half-made container of session %s: %s", session_id, exc)
 
     async def _create_container(
         self, spec: SandboxSpec, seccomp: str | None
