@@ -10,6 +10,7 @@ says `tcp+tls`). Traffic: only to the containers made here.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import ssl
 import uuid
@@ -119,6 +120,44 @@ async def test_a_plain_tcp_client_gets_nothing(sandbox: DockerSandbox) -> None:
         writer.close()
     assert rest == b""
     assert await run(sandbox, "echo still") == "still\n"
+
+
+SOURCE = r"""
+import hashlib, socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 8300))
+s.listen(1)
+c, _ = s.accept()
+c.recv(1)
+block = hashlib.sha256(b"seed").digest() * 4096
+for i in range(96):
+    c.sendall(bytes([i]) + block)
+c.close()
+"""
+
+
+async def test_a_tunnel_over_tls_carries_every_byte_in_order(sandbox: DockerSandbox) -> None:
+    """TLS must see each byte to encrypt it: the daemon's tunnels copy here instead of splicing."""
+    handle = await sandbox.spawn(f"python3 -c '{SOURCE}'")
+    try:
+        deadline = asyncio.get_running_loop().time() + 20
+        while not any(p.port == 8300 for p in await sandbox.ports(owners=False)):
+            assert asyncio.get_running_loop().time() < deadline, "the source never listened"
+            await asyncio.sleep(0.05)
+        tunnel = await sandbox.open_tunnel(8300)
+        try:
+            await asyncio.wait_for(tunnel.connected(), 10)
+            await tunnel.write(b"g")
+            got = bytearray()
+            while chunk := await asyncio.wait_for(tunnel.read(), 10):
+                got += chunk
+        finally:
+            await tunnel.close()
+        block = hashlib.sha256(b"seed").digest() * 4096
+        assert bytes(got) == b"".join(bytes([i]) + block for i in range(96))
+    finally:
+        await sandbox.terminate(handle.pid, grace=1)
 
 
 async def test_a_restarted_server_gets_back_in(sandbox: DockerSandbox, data_dir: Path) -> None:

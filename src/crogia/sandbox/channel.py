@@ -26,7 +26,8 @@ import hmac
 import json
 import logging
 import socket
-from typing import Any, ClassVar, NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, NamedTuple, cast
 
 from crogia.errors import SandboxError, Unavailable
 from crogia.sandbox.daemon import executor_proto as proto
@@ -47,20 +48,52 @@ class ProtocolViolation(SandboxError):
 
 
 class Frame(NamedTuple):
-    """A binary frame: `data` on stream `stream` (empty: its sender's end of the stream)."""
+    """A binary frame: `data` on stream `stream` (empty: its sender's end of the stream).
+
+    A long frame's `data` is the bytearray the transport read it into (`WireReader`): whoever
+    hands it on as bytes copies it then, or passes a view of it on without a copy.
+    """
 
     stream: int
-    data: bytes
+    data: bytes | bytearray
+
+
+READ_MIN = 64 * 1024
+"""The least room `WireReader` offers the transport for one read (it grows the buffer to keep it)."""
+READ_BUFFER = 1 << 20
+"""The buffer a `WireReader` starts with: a read can take several full frames at once."""
+PAUSE_AT = 4 << 20
+"""Bytes read and not yet parsed past which reading pauses, while nobody waits on `next()`."""
+DIRECT_AT = 64 * 1024
+"""A frame with this much still to come is read straight into a buffer of its own (no copy after)."""
 
 
 class WireReader:
-    """JSON lines (none longer than `limit` bytes, which may change between lines) and binary frames."""
+    """JSON lines (none longer than `limit` bytes, which may change between lines) and binary frames.
 
-    def __init__(self, reader: asyncio.StreamReader, limit: int = HELLO_LIMIT) -> None:
+    The transport reads straight into one buffer (`WireProtocol` is a `BufferedProtocol`), and
+    `next()` parses in place, copying a short frame's bytes out once. A frame with at least
+    `DIRECT_AT` bytes still to come gets a bytearray of its own, which the transport then reads
+    the rest into: its bytes are never copied in this process.
+
+    While nobody waits on `next()`, reading pauses once `PAUSE_AT` bytes wait to be parsed; a
+    waiting `next()` always lets reading go on, since only a line within `limit` or a frame
+    within `FRAME_MAX` may be incomplete, which bounds the buffer.
+    """
+
+    def __init__(self, limit: int = HELLO_LIMIT) -> None:
         self.limit = limit
-        self._reader = reader
-        self._buf = bytearray()
-        self._scanned = 0
+        self._buf = bytearray(READ_BUFFER)
+        self._start = self._end = 0  # bytes read and not yet parsed: _buf[_start:_end]
+        self._scanned = 0  # _buf[_start:_scanned] holds no newline
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._error: BaseException | None = None
+        self._frame: bytearray | None = None  # a long frame being read into its own buffer
+        self._frame_stream = self._frame_filled = 0
+        self._transport: asyncio.Transport | None = None
+        """(uvloop's transports are not registered as asyncio's classes: no isinstance checks on them)"""
+        self._paused = False
 
     async def line(self) -> bytes | None:
         """The next line without its newline; None at a clean end; `ProtocolError` for a frame or past it."""
@@ -72,34 +105,174 @@ class WireReader:
     async def next(self) -> bytes | Frame | None:
         """The next line (without its newline) or frame; None at a clean end; `ProtocolError` if malformed."""
         while True:
-            buf = self._buf
-            if buf and buf[0] == proto.FRAME:
-                if len(buf) >= proto.FRAME_HEADER:
-                    stream, length = proto.parse_frame_header(buf[: proto.FRAME_HEADER])
-                    end = proto.FRAME_HEADER + length
-                    if len(buf) >= end:
-                        with memoryview(buf) as view:  # one copy, not two (a bytearray slice is one)
-                            data = bytes(view[proto.FRAME_HEADER : end])
-                        del buf[:end]
-                        return Frame(stream, data)
-            elif buf:
-                end = buf.find(b"\n", self._scanned)
-                if end >= 0:
-                    if end > self.limit:
-                        raise proto.ProtocolError(f"a line of {end} bytes (the limit is {self.limit})")
-                    line = bytes(buf[:end])
-                    del buf[: end + 1]  # cheap: bytearray drops its head without copying the rest
-                    self._scanned = 0
-                    return line
-                self._scanned = len(buf)
-                if self._scanned > self.limit:
-                    raise proto.ProtocolError(f"a line longer than {self.limit} bytes")
-            data = await self._reader.read(1 << 18)
-            if not data:
-                if buf:
+            item = self._parse()
+            if item is not None:
+                return item
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                if self._end > self._start or self._frame is not None:
                     raise proto.ProtocolError("the stream ended inside a line or frame")
                 return None
-            buf += data
+            if self._paused and self._transport is not None:
+                self._paused = False
+                self._transport.resume_reading()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def _parse(self) -> bytes | Frame | None:
+        if self._frame is not None:  # it came before what the buffer holds
+            if self._frame_filled < len(self._frame):
+                return None
+            frame, self._frame = Frame(self._frame_stream, self._frame), None
+            return frame
+        buf, start, end = self._buf, self._start, self._end
+        if start == end:
+            return None
+        if buf[start] == proto.FRAME:
+            if end - start < proto.FRAME_HEADER:
+                return None
+            stream, length = proto.parse_frame_header(buf[start : start + proto.FRAME_HEADER])
+            stop = start + proto.FRAME_HEADER + length
+            if end < stop:
+                if stop - end >= DIRECT_AT:  # the rest goes straight into a buffer of its own
+                    self._frame = bytearray(length)
+                    self._frame_stream, self._frame_filled = stream, end - start - proto.FRAME_HEADER
+                    with memoryview(buf) as view:
+                        self._frame[: self._frame_filled] = view[start + proto.FRAME_HEADER : end]
+                    self._consume(end)
+                return None
+            with memoryview(buf) as view:  # the one copy of a frame's bytes
+                data = bytes(view[start + proto.FRAME_HEADER : stop])
+            self._consume(stop)
+            return Frame(stream, data)
+        newline = buf.find(b"\n", max(self._scanned, start), end)
+        if newline < 0:
+            self._scanned = end
+            if end - start > self.limit:
+                raise proto.ProtocolError(f"a line longer than {self.limit} bytes")
+            return None
+        if newline - start > self.limit:
+            raise proto.ProtocolError(f"a line of {newline - start} bytes (the limit is {self.limit})")
+        with memoryview(buf) as view:
+            line = bytes(view[start:newline])
+        self._consume(newline + 1)
+        return line
+
+    def _consume(self, upto: int) -> None:
+        self._start = self._scanned = upto
+        if upto == self._end:
+            self._start = self._end = self._scanned = 0
+
+    # --- the transport's side (`WireProtocol`) ---
+
+    def _get_buffer(self, need: int = READ_MIN) -> memoryview:
+        """Where the next read goes: the rest of a long frame, or the buffer's free tail (at least
+        `need` bytes, made by moving or growing)."""
+        if self._frame is not None and self._frame_filled < len(self._frame):
+            return memoryview(self._frame)[self._frame_filled :]
+        if len(self._buf) - self._end < need:
+            held = self._end - self._start
+            if self._start:  # move what is left to the front (usually the start of one frame)
+                self._buf[:held] = self._buf[self._start : self._end]
+                self._scanned -= self._start
+                self._start, self._end = 0, held
+            if len(self._buf) - held < need:  # a long line or frame: more room
+                grown = bytearray(len(self._buf) + max(len(self._buf), need))
+                grown[:held] = self._buf[:held]  # a new one: the old may still be lent to a read
+                self._buf = grown
+        return memoryview(self._buf)[self._end :]
+
+    def _updated(self, n: int) -> None:
+        if self._frame is not None and self._frame_filled < len(self._frame):
+            self._frame_filled += n
+        else:
+            self._end += n
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        elif (  # nobody waits, or a woken reader has not run yet: bound what piles up meanwhile
+            self._end - self._start > PAUSE_AT and not self._paused and self._transport is not None
+        ):
+            self._paused = True
+            self._transport.pause_reading()
+
+    def _feed(self, data: bytes) -> None:
+        """`data` from a transport that does not read into buffers."""
+        while data:
+            with self._get_buffer() as view:
+                n = min(len(view), len(data))
+                view[:n] = data[:n]
+            self._updated(n)
+            data = data[n:]
+
+    def _ended(self, error: BaseException | None) -> None:
+        if error is None:
+            self._eof = True
+        elif self._error is None:
+            self._error = error
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class WireProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
+    """The daemon channel's protocol: reads go into `wire` (a `WireReader`); writes through a StreamWriter.
+
+    It is a `StreamReaderProtocol` for the writer's sake (drain, close waiting); its stream reader
+    only ever learns that the connection ended. `connected`, if given, runs as a task once the
+    connection is made, with the reader and a writer (a listener's accepted connection).
+    """
+
+    def __init__(
+        self,
+        wire: WireReader,
+        connected: Callable[[WireReader, asyncio.StreamWriter], Awaitable[None]] | None = None,
+    ) -> None:
+        self.wire = wire
+        loop = asyncio.get_running_loop()
+        self._ends = asyncio.StreamReader(loop=loop)
+        callback = (lambda _reader, writer: connected(wire, writer)) if connected is not None else None
+        super().__init__(self._ends, callback, loop=loop)
+
+    def writer(self, transport: asyncio.BaseTransport) -> asyncio.StreamWriter:
+        """A writer for a connection this side dialled (an accepted one gets its own in `connected`)."""
+        return asyncio.StreamWriter(
+            cast(asyncio.Transport, transport), self, self._ends, asyncio.get_running_loop()
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.wire._transport = cast(asyncio.Transport, transport)
+        super().connection_made(transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.wire._get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.wire._updated(nbytes)
+
+    def data_received(self, data: bytes) -> None:
+        self.wire._feed(data)
+
+    def eof_received(self) -> bool:
+        self.wire._ended(None)
+        return bool(super().eof_received())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.wire._ended(exc)
+        super().connection_lost(exc)
+
+
+async def dial(
+    connect: Callable[[Callable[[], WireProtocol]], Awaitable[tuple[asyncio.BaseTransport, Any]]],
+    limit: int = HELLO_LIMIT,
+) -> Stream:
+    """A stream over the connection `connect` makes with the protocol factory it is given."""
+    wire = WireReader(limit)
+    transport, protocol = await connect(lambda: WireProtocol(wire))
+    return wire, cast(WireProtocol, protocol).writer(transport)
 
 
 Stream = tuple[WireReader, asyncio.StreamWriter]
@@ -183,8 +356,9 @@ class PairChannel(Channel):
         sock, self._ours = self._ours, None
         if sock is None:
             raise Unavailable("the sandbox's channel is closed: the sandbox must start again")
-        reader, writer = await asyncio.open_unix_connection(sock=sock)
-        stream = (WireReader(reader), writer)
+        loop = asyncio.get_running_loop()
+        stream = await dial(lambda factory: loop.create_unix_connection(factory, sock=sock))
+        writer = stream[1]
         try:
             await handshake(stream, None, within)
         except BaseException:

@@ -89,7 +89,7 @@ class ByteStream:
         self.on_data: Callable[[bytes], None] | None = None
         self.on_end: Callable[[], None] | None = None
         self._client = client
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[bytes | bytearray] = deque()
         self._held = 0  # received, not yet consumed
         self._outstanding = 0  # received, not yet credited back (the sender's window in use)
         self._uncredited = 0  # consumed, not yet credited back
@@ -116,6 +116,11 @@ class ByteStream:
 
     async def read(self) -> bytes:
         """The next bytes; b"" at the daemon's end; raises once the stream failed (dropping what it held)."""
+        chunk = await self.read_view()
+        return chunk if isinstance(chunk, bytes) else bytes(chunk)
+
+    async def read_view(self) -> bytes | memoryview:
+        """`read()`, but a long frame's bytes come as a view of the buffer they were read into (no copy)."""
         while not self._chunks or self._error is not None:
             if self._error is not None:
                 raise self._error
@@ -125,7 +130,7 @@ class ByteStream:
             await self._changed.wait()
         chunk = self._chunks.popleft()
         self._consumed(len(chunk))
-        return chunk
+        return chunk if isinstance(chunk, bytes) else memoryview(chunk)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send `data` in frames, waiting for credit; raises if the stream failed or was reset."""
@@ -168,7 +173,7 @@ class ByteStream:
         self.on_data = on_data
         while self._chunks:
             chunk = self._chunks.popleft()
-            self._client._call(on_data, chunk)
+            self._client._call(on_data, bytes(chunk))
             self._consumed(len(chunk))
 
     def _abort(self) -> bool:
@@ -202,7 +207,7 @@ class ByteStream:
             self._outstanding -= self._uncredited
             self._uncredited = 0
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes | bytearray) -> None:
         if self._error is not None:
             return
         if not data:
@@ -217,7 +222,7 @@ class ByteStream:
         if self._outstanding > proto.WINDOW:
             raise proto.ProtocolError(f"stream {self.id} ran past its window")
         if self.on_data is not None:
-            self._client._call(self.on_data, data)
+            self._client._call(self.on_data, bytes(data))
             self._consumed(len(data))
         else:
             self._chunks.append(data)

@@ -27,6 +27,7 @@ from crogia.sandbox.channel import (
     SOCKET_NAME,
     Channel,
     Stream,
+    WireProtocol,
     WireReader,
     handshake,
     send,
@@ -62,7 +63,10 @@ class ListenerChannel(Channel):
             return
         self._secret = secrets.token_urlsafe(32)
         sock = await asyncio.to_thread(_bind, self.folder, self._secret, self.secret_owner)
-        self._server = await asyncio.start_unix_server(self._accepted, sock=sock, limit=1 << 16)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(
+            lambda: WireProtocol(WireReader(), self._accepted), sock=sock
+        )
 
     async def connect(self, within: float) -> Stream:
         await self.listen()
@@ -85,7 +89,7 @@ class ListenerChannel(Channel):
             self._ready = None
             self._arrived.clear()
 
-    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accepted(self, wire: WireReader, writer: asyncio.StreamWriter) -> None:
         if self._handshakes >= MAX_HANDSHAKES or self._server is None:
             writer.close()
             return
@@ -94,7 +98,7 @@ class ListenerChannel(Channel):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-        stream = (WireReader(reader), writer)
+        stream = (wire, writer)
         try:
             stranger = await self._stranger(writer)
             if stranger:

@@ -15,12 +15,13 @@ to its fingerprint.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
 from crogia.errors import Unavailable
-from crogia.sandbox.channel import HELLO_LIMIT, Channel, Stream, WireReader, decode, handshake, send
+from crogia.sandbox.channel import HELLO_LIMIT, Channel, Stream, decode, dial, handshake, send
 from crogia.sandbox.daemon import executor_auth as auth
 from crogia.sandbox.daemon import executor_proto as proto
 
@@ -67,10 +68,11 @@ class TcpChannel(Channel):
             try:
                 async with asyncio.timeout(left):
                     host, port = await self._address()
-                    reader, writer = await asyncio.open_connection(
-                        host, port, limit=1 << 16,
+                    dialler = functools.partial(
+                        loop.create_connection, host=host, port=port,
                         ssl=tls[1] if tls else None, server_hostname="" if tls else None,
                     )  # fmt: skip
+                    stream = await dial(dialler, auth.LINE_MAX)
             except ssl.SSLError as exc:  # TLS, but not with the pinned certificate (or not TLS at all)
                 self.refused = f"TLS: {getattr(exc, 'verify_message', '') or exc.reason or exc}"
                 raise proto.ProtocolError(f"the peer at the sandbox's address: {self.refused}") from exc
@@ -79,7 +81,7 @@ class TcpChannel(Channel):
             except Unavailable as exc:  # no address (yet): the container is not running
                 failure = str(exc)
             else:
-                binding = ""
+                writer, binding = stream[1], ""
                 if tls is not None:
                     ssl_object = writer.get_extra_info("ssl_object")
                     peer = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
@@ -88,7 +90,6 @@ class TcpChannel(Channel):
                         writer.close()
                         self.refused = "TLS: the peer's certificate is not the sandbox's"
                         raise proto.ProtocolError(f"the peer at the sandbox's address: {self.refused}")
-                stream = (WireReader(reader, auth.LINE_MAX), writer)
                 return await self._prove(stream, deadline - loop.time(), binding)
             await asyncio.sleep(min(delay, max(deadline - loop.time(), 0)))
             delay = min(delay * 2, DIAL_MAX)

@@ -61,6 +61,13 @@ class Tunnel:
         except CrogiaError as exc:
             raise TunnelClosed(exc.message) from None
 
+    async def read_view(self) -> bytes | memoryview:
+        """`read()`, with a long frame's bytes as a view of the buffer they were read into (no copy)."""
+        try:
+            return await self._stream.read_view()
+        except CrogiaError as exc:
+            raise TunnelClosed(exc.message) from None
+
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send bytes to the socket in the sandbox; returns once they are within the stream's credit."""
         try:

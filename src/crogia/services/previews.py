@@ -129,7 +129,7 @@ class Upstream:
 
     status: int
     headers: Headers
-    body: AsyncIterator[bytes] | bytes
+    body: AsyncIterator[bytes | memoryview] | bytes
 
 
 class PreviewService:
@@ -391,7 +391,7 @@ class _Exchange:
             if not kept:
                 await tunnel.close()
 
-    async def _raw_body(self, length: int) -> AsyncIterator[bytes]:
+    async def _raw_body(self, length: int) -> AsyncIterator[bytes | memoryview]:
         """A large body of known length, straight from the tunnel (h11 would copy it twice more)."""
         tunnel, left = self.tunnel, length
         try:
@@ -401,7 +401,7 @@ class _Exchange:
                 yield start[:length]
             while left > 0:
                 async with asyncio.timeout(self.settings.preview_timeout):
-                    chunk = await tunnel.read()
+                    chunk = await tunnel.read_view()
                 if not chunk:
                     raise TunnelClosed(f"closed with {left} bytes of the body to come")
                 if len(chunk) > left:

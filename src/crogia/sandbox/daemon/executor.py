@@ -207,6 +207,9 @@ class Connection:
         self.inbuf, self.outbuf, self.scanned = bytearray(), bytearray(), 0
         self.tasks: dict[RequestId, Task] = {}
         self.streams: dict[int, Stream] = {}
+        self.watching_out = False
+        self.splices = isinstance(self.io, Plain)
+        """Whether tunnels may splice into this connection (TLS must see the bytes to encrypt them)."""
         LOOP.watch(fd, self.on_event)
         self.send(proto.hello(secret, os.getpid()))
 
@@ -234,9 +237,50 @@ class Connection:
         """Send `data` (at most FRAME_MAX bytes, within `credit_left`) on `sid`."""
         if self.open and data:
             self.accept_stream(sid).credit -= len(data)
-            self.outbuf += proto.frame_header(sid, len(data))
-            self.outbuf += data
-            self.flush()
+            header = proto.frame_header(sid, len(data))
+            if self.outbuf or not isinstance(self.io, Plain):
+                self.outbuf += header
+                self.outbuf += data
+                self.flush()
+                return
+            try:  # nothing queued: straight from `data`, only what the socket does not take is copied
+                sent = os.writev(self.fd, (header, data))
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                return self.close()
+            if sent < len(header):
+                self.outbuf += header[sent:]
+                sent = len(header)
+            self.outbuf += memoryview(data)[sent - len(header) :]
+            self.watch_out()
+
+    def send_spliced(self, sid: int, pipe: int, n: int) -> None:
+        """Send the `n` bytes waiting in `pipe` as one frame on `sid`, the pipe empty afterwards.
+
+        The kernel moves them from the pipe to our socket (`splice`) when nothing is queued ahead;
+        what the socket does not take at once is read into `outbuf`, behind what is queued there.
+        """
+        if not self.open:
+            return
+        self.accept_stream(sid).credit -= n
+        header, left = proto.frame_header(sid, n), n
+        if not self.outbuf:
+            try:
+                sent = os.write(self.fd, header)
+                header = header[sent:]
+                if not header:
+                    left -= os.splice(pipe, self.fd, left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                pass
+            except OSError:
+                return self.close()
+        self.outbuf += header
+        while left > 0:
+            chunk = os.read(pipe, left)
+            self.outbuf += chunk
+            left -= len(chunk)
+        self.watch_out()
 
     def end_stream(self, sid: int) -> None:
         """Our end of `sid` (an empty frame)."""
@@ -302,7 +346,13 @@ class Connection:
             pass
         except OSError:
             return self.close()
-        LOOP.watch(self.fd, self.on_event, IN | OUT if self.outbuf else IN)
+        self.watch_out()
+
+    def watch_out(self) -> None:
+        """Ask epoll for writability while bytes wait in `outbuf` (and only then: a change costs a call)."""
+        if self.open and bool(self.outbuf) != self.watching_out:
+            self.watching_out = bool(self.outbuf)
+            LOOP.watch(self.fd, self.on_event, IN | OUT if self.outbuf else IN)
 
     def on_event(self, events: int) -> None:
         if events & OUT and self.outbuf:

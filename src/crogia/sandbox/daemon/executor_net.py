@@ -13,6 +13,9 @@ nowhere else on this side (the server's half is `crogia.sandbox.tunnel_channel`)
       server sends are written to the socket; an end frame is a half-close (the socket's EOF,
       or `shutdown(SHUT_WR)` for the server's); a reset either way closes the socket.
 
+Where the daemon's connection is a plain socket, a tunnel's bytes go socket to pipe to channel by
+`splice` (`Connection.send_spliced`): the kernel moves them and this process never copies them.
+
 Flow control is the protocol's credit: the daemon reads a socket only while the stream has
 credit left (and never more than that), so the socket's own buffers hold the sandbox's server
 back while the proxy's client is slow; what the server sends is taken from the stream's buffer
@@ -38,6 +41,8 @@ PAUSE_AT = 1024 * 1024
 """Stop reading sockets while the connection has this much not yet written (the server is slow)."""
 MAX_TUNNELS = 512
 CONNECT_TIMEOUT = 5.0
+SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 LISTEN = b"0A"
 
 
@@ -124,6 +129,8 @@ class Tunnel:
         self.readable = self.writable = False
         self.sent_end = self.shut = self.closed = False
         self.error = ""
+        self.pipe: tuple[int, int, int] | None = None  # (read end, write end, capacity) for splice
+        self.splices = conn.splices
 
     def connect(self, port: int) -> Steps:
         for host, family in (("127.0.0.1", _socket.AF_INET), ("::1", _socket.AF_INET6)):
@@ -233,26 +240,60 @@ class Tunnel:
         assert sock is not None
         while self.readable and len(conn.outbuf) <= PAUSE_AT:
             room = min(conn.credit_left(self.sid), proto.FRAME_MAX)
+            pipe = self.spliced()
+            if pipe is not None:
+                room = min(room, pipe[2])
             if room <= 0:
                 return
+            data = b""
             try:
-                data = sock.recv(room)  # never more than the credit left
+                if pipe is not None:  # never more than the credit left, as with recv
+                    got = os.splice(sock.fileno(), pipe[1], room, flags=SPLICE)
+                else:
+                    data = sock.recv(room)
+                    got = len(data)
             except BlockingIOError:
                 self.readable = False
                 return
-            except OSError:
-                data = b""
-            if not data:
+            except OSError as exc:
+                if pipe is not None and exc.errno == errno.EINVAL:  # a socket splice cannot read
+                    self.splices = False
+                    continue
+                got = 0
+            if not got:
                 self.readable, self.sent_end = False, True
                 conn.end_stream(self.sid)
                 return
-            conn.send_frame(self.sid, data)
-            if len(data) < room:
+            if pipe is not None:
+                conn.send_spliced(self.sid, pipe[0], got)
+            else:
+                conn.send_frame(self.sid, data)
+            if got < room:
                 self.readable = False
+
+    def spliced(self) -> tuple[int, int, int] | None:
+        """This tunnel's pipe (made on first use) while it may splice; None to copy through recv."""
+        if self.pipe is None and self.splices:
+            try:
+                read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:  # out of fds: this tunnel copies instead
+                self.splices = False
+                return None
+            import fcntl  # built into Debian's python3; loaded by the first tunnel only
+
+            try:  # noqa: SIM105 (the daemon imports as little as it can: no contextlib)
+                fcntl.fcntl(write_end, F_SETPIPE_SZ, proto.FRAME_MAX)
+            except OSError:  # above the sandbox's pipe-max-size: the default (a frame of 64 KiB)
+                pass
+            self.pipe = (read_end, write_end, fcntl.fcntl(write_end, F_GETPIPE_SZ))
+        return self.pipe if self.splices else None
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.pipe is not None:
+                os.close(self.pipe[0])
+                os.close(self.pipe[1])
             if self.sock is not None:
                 LOOP.unwatch(self.sock.fileno())
                 self.sock.close()
