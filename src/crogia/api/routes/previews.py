@@ -157,6 +157,12 @@ async def preview(
     request: Request, session_id: str, port: PortPath, path: str, runtime: RuntimeDep, credentials: BearerDep
 ) -> Response:
     """The bearer token (`credentials`, declared for the OpenAPI document) or the preview's cookie."""
+    return await serve(request, session_id, port)
+
+
+async def serve(request: Request, session_id: str, port: int) -> Response:
+    """One HTTP preview request: the route's, and the fast path's (`crogia.api.preview_fast`) too."""
+    runtime: Runtime = request.app.state.runtime
     opened = await _open_link(request, runtime, session_id, port)
     if opened is not None:
         return opened
