@@ -29,6 +29,17 @@ PATH = re.compile(r"/api/sessions/([^/]+)/ports/([1-9][0-9]{0,4})/(.*)")
 ROUTED = frozenset(METHODS)
 
 
+def preview_params(scope: Scope) -> dict[str, Any] | None:
+    """The preview route's path parameters, when it is sure to be that route's request; else None."""
+    if scope["type"] != "http" or scope["method"] not in ROUTED or scope.get("root_path"):
+        return None
+    path: str = scope["path"]
+    found = PATH.fullmatch(path) if "\n" not in path else None
+    if found is None or int(found[2]) > 65535 or (found[3] == "link" and scope["method"] == "POST"):
+        return None
+    return {"session_id": found[1], "port": int(found[2]), "path": found[3]}
+
+
 class PreviewFast:
     def __init__(self, app: ASGIApp, *, api: FastAPI) -> None:
         self.app = app
@@ -40,15 +51,12 @@ class PreviewFast:
         self.handled = ExceptionMiddleware(self._serve, handlers=handlers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ROUTED and not scope.get("root_path"):
-            path: str = scope["path"]
-            found = PATH.fullmatch(path) if "\n" not in path else None
-            if found is not None and int(found[2]) <= 65535:
-                if not (found[3] == "link" and scope["method"] == "POST"):
-                    scope["path_params"] = {"session_id": found[1], "port": int(found[2]), "path": found[3]}
-                    await self.handled(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        params = preview_params(scope)
+        if params is None:
+            await self.app(scope, receive, send)
+            return
+        scope["path_params"] = params  # as the route has them (the error handlers read session_id)
+        await self.handled(scope, receive, send)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         params = scope["path_params"]

@@ -111,7 +111,9 @@ def _info(conn: Request | WebSocket, session_id: str, port: int) -> ClientInfo:
     via_host = bool(conn.scope.get(PREVIEW_HOST))
     return ClientInfo(
         address=conn.client.host if conn.client else "",
-        scheme="https" if conn.url.scheme in ("https", "wss") else "http",
+        scheme="https"
+        if conn.scope.get("scheme", "http") in ("https", "wss")
+        else "http",  # `conn.url`'s, unbuilt
         host=conn.headers.get("host", ""),
         prefix="" if via_host else f"/api/sessions/{session_id}/ports/{port}",
         drop_cookie=True,
@@ -121,8 +123,10 @@ def _info(conn: Request | WebSocket, session_id: str, port: int) -> ClientInfo:
 
 async def _open_link(request: Request, runtime: Runtime, session_id: str, port: int) -> Response | None:
     """A signed link being opened: set this preview's cookie and redirect to the clean URL."""
+    if not request.app.state.tokens:
+        return None
     token = request.query_params.get(preview_auth.LINK_PARAM)
-    if token is None or not request.app.state.tokens:
+    if token is None:
         return None
     key: bytes = request.app.state.preview_key
     tenant = preview_auth.verify(key, "link", token, session_id, port)

@@ -39,6 +39,10 @@ PAUSE_AT = 1024 * 1024
 MAX_TUNNELS = 512
 CONNECT_TIMEOUT = 5.0
 LISTEN = b"0A"
+RECV_BUFFER = bytearray(proto.FRAME_MAX)
+RECV_VIEW = memoryview(RECV_BUFFER)
+"""What a tunnel's socket reads go into (one thread: one buffer for every tunnel). `recv(room)`
+would map and unmap `room` bytes for every read, however few came: a small answer's costliest part."""
 
 
 def _address(hex_addr: bytes) -> str:
@@ -235,13 +239,14 @@ class Tunnel:
             room = min(conn.credit_left(self.sid), proto.FRAME_MAX)
             if room <= 0:
                 return
-            try:
-                data = sock.recv(room)  # never more than the credit left
+            try:  # never more than the credit left
+                n = sock.recv_into(RECV_BUFFER, room)
             except BlockingIOError:
                 self.readable = False
                 return
             except OSError:
-                data = b""
+                n = 0
+            data = bytes(RECV_VIEW[:n])  # a copy: `send_frame` may keep what it is given
             if not data:
                 self.readable, self.sent_end = False, True
                 conn.end_stream(self.sid)
