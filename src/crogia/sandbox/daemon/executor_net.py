@@ -126,6 +126,8 @@ class Tunnel:
         self.stream: Stream = conn.accept_stream(sid)
         self.sock: _socket.socket | None = None
         self.readable = self.writable = False
+        self.armed = 0
+        """The events epoll watches the socket for (0: none, not registered)."""
         self.sent_end = self.shut = self.closed = False
         self.error = ""
 
@@ -171,15 +173,21 @@ class Tunnel:
     def on_event(self, events: int) -> None:
         self.readable = self.readable or bool(events & ~OUT)
         self.writable = self.writable or bool(events & OUT)
-        self.arm()
+        if not self.due():  # else the pump runs before the next poll, and arms what it waits on then
+            self.arm()
 
     def arm(self) -> None:
-        """Ask epoll only for what the pump waits on (level-triggered: else it would spin)."""
+        """Ask epoll only for what the pump waits on (level-triggered: else it would spin).
+
+        Only a change is told to epoll: a request and its answer cost no `epoll_ctl` at all."""
         if self.sock is None or self.closed:
             return
         mask = (0 if self.readable or self.sent_end else IN) | (
             OUT if self.stream.buf and not self.writable else 0
         )
+        if mask == self.armed:
+            return
+        self.armed = mask
         if mask:
             LOOP.watch(self.sock.fileno(), self.on_event, mask)
         else:
