@@ -109,11 +109,10 @@ def _target(conn: Request | WebSocket, session_id: str, port: int) -> str:
 
 def _info(conn: Request | WebSocket, session_id: str, port: int) -> ClientInfo:
     via_host = bool(conn.scope.get(PREVIEW_HOST))
+    scheme = conn.scope.get("scheme", "http")  # what `conn.url.scheme` says, without building the URL
     return ClientInfo(
         address=conn.client.host if conn.client else "",
-        scheme="https"
-        if conn.scope.get("scheme", "http") in ("https", "wss")
-        else "http",  # `conn.url`'s, unbuilt
+        scheme="https" if scheme in ("https", "wss") else "http",
         host=conn.headers.get("host", ""),
         prefix="" if via_host else f"/api/sessions/{session_id}/ports/{port}",
         drop_cookie=True,
