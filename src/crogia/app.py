@@ -14,6 +14,7 @@ from starlette.types import Message, Scope
 from crogia import __version__
 from crogia.api import errors
 from crogia.api.limits import BodyLimit
+from crogia.api.preview_fast import PreviewFast
 from crogia.api.preview_host import PreviewHost
 from crogia.api.routes import (
     conversation,
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in routes:
         app.include_router(module.router)
+    app.add_middleware(PreviewFast, api=app)  # the innermost: previews skip the routing below
     app.add_middleware(
         BodyLimit, max_bytes=settings.request_max_bytes, json_max_bytes=settings.json_max_bytes
     )

@@ -50,6 +50,9 @@ HOP_BY_HOP = frozenset(
 )
 """RFC 9110 7.6.1: headers for one hop only (plus those `Connection` names), never forwarded."""
 FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-prefix"})
+_HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
+_NOT_SENT = frozenset(name.encode() for name in FORWARDED | {"host"})
+"""What the proxy sets itself, whatever the client sent."""
 PREVIEW_COOKIE = "crogia_preview_"
 SHORT_BODY = 64 * 1024
 """A response body declared this short is read whole before the answer starts (no stream)."""
@@ -67,14 +70,13 @@ def strip_hop_by_hop(
 ) -> Headers:
     """`headers` without the hop-by-hop ones (RFC 9110 7.6.1) and those `Connection` lists."""
     pairs = [(name.lower(), value) for name, value in headers]
-    named = {
-        token.strip().lower().decode("latin-1")
-        for name, value in pairs
-        if name == b"connection"
-        for token in value.split(b",")
-    }
-    drop = (HOP_BY_HOP | named) - keep
-    return [(name, value) for name, value in pairs if name.decode("latin-1") not in drop]
+    drop = _HOP_BY_HOP
+    for name, value in pairs:
+        if name == b"connection":
+            drop = drop | {token.strip().lower() for token in value.split(b",")}
+    if keep:
+        drop = drop - {name.encode("latin-1") for name in keep}
+    return [(name, value) for name, value in pairs if name not in drop]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,14 +99,11 @@ def upstream_headers(
     """The headers for the sandbox's server: hop-by-hop and our credentials dropped, X-Forwarded-* set."""
     out: Headers = []
     for name, value in strip_hop_by_hop(headers):
-        text = name.decode("latin-1")
-        if text in FORWARDED or text == "host" or (text == "content-length" and ws):
+        if name in _NOT_SENT or (ws and (name == b"content-length" or name.startswith(b"sec-websocket-"))):
+            continue  # with `ws`, the WebSocket client below makes its own handshake
+        if name == b"authorization" and info.drop_authorization:
             continue
-        if text == "authorization" and info.drop_authorization:
-            continue
-        if text.startswith("sec-websocket-") and ws:
-            continue  # the WebSocket client below makes its own handshake
-        if text == "cookie" and info.drop_cookie:
+        if name == b"cookie" and info.drop_cookie:
             value = _without_cookie(value)
             if not value:
                 continue

@@ -109,9 +109,10 @@ def _target(conn: Request | WebSocket, session_id: str, port: int) -> str:
 
 def _info(conn: Request | WebSocket, session_id: str, port: int) -> ClientInfo:
     via_host = bool(conn.scope.get(PREVIEW_HOST))
+    scheme = conn.scope.get("scheme", "http")  # what `conn.url.scheme` says, without building the URL
     return ClientInfo(
         address=conn.client.host if conn.client else "",
-        scheme="https" if conn.url.scheme in ("https", "wss") else "http",
+        scheme="https" if scheme in ("https", "wss") else "http",
         host=conn.headers.get("host", ""),
         prefix="" if via_host else f"/api/sessions/{session_id}/ports/{port}",
         drop_cookie=True,
@@ -121,8 +122,10 @@ def _info(conn: Request | WebSocket, session_id: str, port: int) -> ClientInfo:
 
 async def _open_link(request: Request, runtime: Runtime, session_id: str, port: int) -> Response | None:
     """A signed link being opened: set this preview's cookie and redirect to the clean URL."""
+    if not request.app.state.tokens:
+        return None
     token = request.query_params.get(preview_auth.LINK_PARAM)
-    if token is None or not request.app.state.tokens:
+    if token is None:
         return None
     key: bytes = request.app.state.preview_key
     tenant = preview_auth.verify(key, "link", token, session_id, port)
@@ -157,6 +160,12 @@ async def preview(
     request: Request, session_id: str, port: PortPath, path: str, runtime: RuntimeDep, credentials: BearerDep
 ) -> Response:
     """The bearer token (`credentials`, declared for the OpenAPI document) or the preview's cookie."""
+    return await serve(request, session_id, port)
+
+
+async def serve(request: Request, session_id: str, port: int) -> Response:
+    """One HTTP preview request: the route's, and the fast path's (`crogia.api.preview_fast`) too."""
+    runtime: Runtime = request.app.state.runtime
     opened = await _open_link(request, runtime, session_id, port)
     if opened is not None:
         return opened

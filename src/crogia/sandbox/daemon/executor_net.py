@@ -13,8 +13,9 @@ nowhere else on this side (the server's half is `crogia.sandbox.tunnel_channel`)
       server sends are written to the socket; an end frame is a half-close (the socket's EOF,
       or `shutdown(SHUT_WR)` for the server's); a reset either way closes the socket.
 
-Where the daemon's connection is a plain socket, a tunnel's bytes go socket to pipe to channel by
-`splice` (`Connection.send_spliced`): the kernel moves them and this process never copies them.
+Where the daemon's connection is a plain socket, a tunnel's bytes past its first MiB go socket to
+pipe to channel by `splice` (`Connection.send_spliced`): the kernel moves them, this process never
+copies them. (A page's small answers go by recv and one write: fewer calls, no pipe to make.)
 
 Flow control is the protocol's credit: the daemon reads a socket only while the stream has
 credit left (and never more than that), so the socket's own buffers hold the sandbox's server
@@ -42,8 +43,14 @@ PAUSE_AT = 1024 * 1024
 MAX_TUNNELS = 512
 CONNECT_TIMEOUT = 5.0
 SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+SPLICE_AFTER = 1 << 20
+"""Bytes a tunnel carries by recv before it splices (a long download, not a page's small answers)."""
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 LISTEN = b"0A"
+RECV_BUFFER = bytearray(proto.FRAME_MAX)
+RECV_VIEW = memoryview(RECV_BUFFER)
+"""What a tunnel's socket reads go into (one thread: one buffer for every tunnel). `recv(room)`
+would map and unmap `room` bytes for every read, however few came: a small answer's costliest part."""
 
 
 def _address(hex_addr: bytes) -> str:
@@ -127,9 +134,12 @@ class Tunnel:
         self.stream: Stream = conn.accept_stream(sid)
         self.sock: _socket.socket | None = None
         self.readable = self.writable = False
+        self.armed = 0
+        """The events epoll watches the socket for (0: none, not registered)."""
         self.sent_end = self.shut = self.closed = False
         self.error = ""
         self.pipe: tuple[int, int, int] | None = None  # (read end, write end, capacity) for splice
+        self.carried = 0  # bytes sent to the server so far
         self.splices = conn.splices
 
     def connect(self, port: int) -> Steps:
@@ -174,15 +184,21 @@ class Tunnel:
     def on_event(self, events: int) -> None:
         self.readable = self.readable or bool(events & ~OUT)
         self.writable = self.writable or bool(events & OUT)
-        self.arm()
+        if not self.due():  # else the pump runs before the next poll, and arms what it waits on then
+            self.arm()
 
     def arm(self) -> None:
-        """Ask epoll only for what the pump waits on (level-triggered: else it would spin)."""
+        """Ask epoll only for what the pump waits on (level-triggered: else it would spin).
+
+        Only a change is told to epoll: a request and its answer cost no `epoll_ctl` at all."""
         if self.sock is None or self.closed:
             return
         mask = (0 if self.readable or self.sent_end else IN) | (
             OUT if self.stream.buf and not self.writable else 0
         )
+        if mask == self.armed:
+            return
+        self.armed = mask
         if mask:
             LOOP.watch(self.sock.fileno(), self.on_event, mask)
         else:
@@ -246,12 +262,12 @@ class Tunnel:
             if room <= 0:
                 return
             data = b""
-            try:
-                if pipe is not None:  # never more than the credit left, as with recv
+            try:  # never more than the credit left, either way
+                if pipe is not None:
                     got = os.splice(sock.fileno(), pipe[1], room, flags=SPLICE)
                 else:
-                    data = sock.recv(room)
-                    got = len(data)
+                    got = sock.recv_into(RECV_BUFFER, room)
+                    data = bytes(RECV_VIEW[:got])  # a copy: `send_frame` may keep what it is given
             except BlockingIOError:
                 self.readable = False
                 return
@@ -268,12 +284,15 @@ class Tunnel:
                 conn.send_spliced(self.sid, pipe[0], got)
             else:
                 conn.send_frame(self.sid, data)
+            self.carried += got
             if got < room:
                 self.readable = False
 
     def spliced(self) -> tuple[int, int, int] | None:
-        """This tunnel's pipe (made on first use) while it may splice; None to copy through recv."""
-        if self.pipe is None and self.splices:
+        """This tunnel's pipe (made once it has carried SPLICE_AFTER) while it may splice; None: recv.
+
+        A short answer costs fewer calls through recv and one write (and no pipe to make)."""
+        if self.pipe is None and self.splices and self.carried >= SPLICE_AFTER:
             try:
                 read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:  # out of fds: this tunnel copies instead
