@@ -302,9 +302,15 @@ class Tunnel:
 
             try:  # noqa: SIM105 (the daemon imports as little as it can: no contextlib)
                 fcntl.fcntl(write_end, F_SETPIPE_SZ, proto.FRAME_MAX)
-            except OSError:  # above the sandbox's pipe-max-size: the default (a frame of 64 KiB)
+            except OSError:  # over pipe-max-size, or the user's pipes are over pipe-user-pages-soft
                 pass
-            self.pipe = (read_end, write_end, fcntl.fcntl(write_end, F_GETPIPE_SZ))
+            capacity = fcntl.fcntl(write_end, F_GETPIPE_SZ)
+            if capacity < proto.FRAME_MAX:  # short frames would cost more than the copies saved
+                os.close(read_end)  # (a Docker container's root shares uid 0's pipe pages with the host's)
+                os.close(write_end)
+                self.splices = False
+                return None
+            self.pipe = (read_end, write_end, capacity)
         return self.pipe if self.splices else None
 
     def close(self) -> None:
