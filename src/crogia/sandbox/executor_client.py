@@ -119,6 +119,14 @@ class ByteStream:
         chunk = await self.read_view()
         return chunk if isinstance(chunk, bytes) else bytes(chunk)
 
+    def take_view(self) -> bytes | memoryview | None:
+        """`read_view()` without waiting: the next bytes if some are here (and all is well), else None."""
+        if not self._chunks or self._error is not None:
+            return None
+        chunk = self._chunks.popleft()
+        self._consumed(len(chunk))
+        return chunk if isinstance(chunk, bytes) else memoryview(chunk)
+
     async def read_view(self) -> bytes | memoryview:
         """`read()`, but a long frame's bytes come as a view of the buffer they were read into (no copy)."""
         while not self._chunks or self._error is not None:

@@ -68,6 +68,10 @@ class Tunnel:
         except CrogiaError as exc:
             raise TunnelClosed(exc.message) from None
 
+    def take_view(self) -> bytes | memoryview | None:
+        """`read_view()` without waiting: bytes already here, else None (then await `read_view`)."""
+        return self._stream.take_view()
+
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send bytes to the socket in the sandbox; returns once they are within the stream's credit."""
         try:

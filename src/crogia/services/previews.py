@@ -399,8 +399,10 @@ class _Exchange:
                 left -= len(start[:left])
                 yield start[:length]
             while left > 0:
-                async with asyncio.timeout(self.settings.preview_timeout):
-                    chunk = await tunnel.read_view()
+                chunk = tunnel.take_view()  # most often here already: no timer to set
+                if chunk is None:
+                    async with asyncio.timeout(self.settings.preview_timeout):
+                        chunk = await tunnel.read_view()
                 if not chunk:
                     raise TunnelClosed(f"closed with {left} bytes of the body to come")
                 if len(chunk) > left:

@@ -233,8 +233,11 @@ class Connection:
         stream = self.streams.get(sid)
         return stream.credit if self.open and stream is not None and not stream.reset else 0
 
-    def send_frame(self, sid: int, data: bytes) -> None:
-        """Send `data` (at most FRAME_MAX bytes, within `credit_left`) on `sid`."""
+    def send_frame(self, sid: int, data: bytes | memoryview) -> None:
+        """Send `data` (at most FRAME_MAX bytes, within `credit_left`) on `sid`.
+
+        What the socket does not take at once is copied into `outbuf`: `data` is never kept, so
+        it may be a view of a buffer the caller reuses."""
         if self.open and data:
             self.accept_stream(sid).credit -= len(data)
             header = proto.frame_header(sid, len(data))

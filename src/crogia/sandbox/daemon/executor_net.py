@@ -49,7 +49,8 @@ F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 LISTEN = b"0A"
 RECV_BUFFER = bytearray(proto.FRAME_MAX)
 RECV_VIEW = memoryview(RECV_BUFFER)
-"""What a tunnel's socket reads go into (one thread: one buffer for every tunnel). `recv(room)`
+"""What a tunnel's socket reads go into (one thread: one buffer for every tunnel; `send_frame`
+copies what it does not send at once, so the next read may reuse it). `recv(room)`
 would map and unmap `room` bytes for every read, however few came: a small answer's costliest part."""
 
 
@@ -261,13 +262,11 @@ class Tunnel:
                 room = min(room, pipe[2])
             if room <= 0:
                 return
-            data = b""
             try:  # never more than the credit left, either way
                 if pipe is not None:
                     got = os.splice(sock.fileno(), pipe[1], room, flags=SPLICE)
                 else:
                     got = sock.recv_into(RECV_BUFFER, room)
-                    data = bytes(RECV_VIEW[:got])  # a copy: `send_frame` may keep what it is given
             except BlockingIOError:
                 self.readable = False
                 return
@@ -283,7 +282,7 @@ class Tunnel:
             if pipe is not None:
                 conn.send_spliced(self.sid, pipe[0], got)
             else:
-                conn.send_frame(self.sid, data)
+                conn.send_frame(self.sid, RECV_VIEW[:got])  # it copies what it cannot send at once
             self.carried += got
             if got < room:
                 self.readable = False
