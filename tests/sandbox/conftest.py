@@ -47,7 +47,9 @@ PROVIDER_FACTORIES: dict[str, ProviderFactory] = {
     ),
     # The same with TLS on the channel (SANDBOX_TCP_TLS).
     "docker-tcp-tls": ProviderFactory(
-        lambda storage: DockerProvider(transport="tcp", workspace="volume", tls=True, storage=storage),
+        lambda storage: DockerProvider(
+            transport="tcp", workspace="volume", tls=True, instance=INSTANCE, storage=storage
+        ),
         [pytest.mark.docker],
     ),
 }
