@@ -105,6 +105,15 @@ async def test_websocket_echo_through_the_proxy(server: RunningServer) -> None:
         assert await asyncio.wait_for(ws.recv(), 10) == "path /hmr?x=1"
 
 
+async def test_a_fresh_sandbox_lists_no_ports(server: RunningServer) -> None:
+    """Nothing the sandbox started listens: Docker's embedded DNS (127.0.0.11, made by the engine in
+    the container's namespace) is not the sandbox's, and must not show as a port or a port_opened."""
+    sid = str((await server.create_session())["session_id"])
+    assert (await server.client.post(f"/api/sessions/{sid}/shell", json={"cmd": "true"})).status_code == 200
+    ports = (await server.client.get(f"/api/sessions/{sid}/ports")).json()["ports"]
+    assert ports == []
+
+
 async def test_port_events_on_the_session_stream(server: RunningServer) -> None:
     sid = str((await server.create_session())["session_id"])
     async with websockets.connect(f"{server.ws_url}/ws/{sid}") as ws:

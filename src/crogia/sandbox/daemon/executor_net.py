@@ -47,6 +47,9 @@ SPLICE_AFTER = 1 << 20
 """Bytes a tunnel carries by recv before it splices (a long download, not a page's small answers)."""
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 LISTEN = b"0A"
+ENGINE_DNS = "127.0.0.11"
+"""Docker's embedded DNS: the engine makes its listener in a container's namespace on a user-defined
+network. Not the sandbox's, so never one of its ports (nor a `port_opened`)."""
 RECV_BUFFER = bytearray(proto.FRAME_MAX)
 RECV_VIEW = memoryview(RECV_BUFFER)
 """What a tunnel's socket reads go into (one thread: one buffer for every tunnel; `send_frame`
@@ -103,7 +106,7 @@ def listening(owners: bool) -> list[Message]:
                 port, inode, address = int(port_hex, 16), int(fields[9]), _address(addr)
             except ValueError:
                 continue
-            if port in by_port and by_port[port][0] in ("0.0.0.0", "::"):
+            if address == ENGINE_DNS or (port in by_port and by_port[port][0] in ("0.0.0.0", "::")):
                 continue
             by_port[port] = (address, inode)
     ports = sorted(by_port.items())[:PORTS_MAX]
