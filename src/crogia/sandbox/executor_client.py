@@ -136,9 +136,9 @@ class ByteStream:
                 return b""
             self._changed.clear()
             await self._changed.wait()
-        chunk = self._chunks.popleft()
-        self._consumed(len(chunk))
-        return chunk if isinstance(chunk, bytes) else memoryview(chunk)
+        chunk = self.take_view()
+        assert chunk is not None  # a chunk is here and the stream is well
+        return chunk
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send `data` in frames, waiting for credit; raises if the stream failed or was reset."""
