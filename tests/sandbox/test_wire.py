@@ -69,6 +69,28 @@ def test_lines_and_frames_arrive_whole_whatever_the_pieces(run: Callable[..., No
     run(main())
 
 
+def test_a_run_of_long_frames_is_read_into_their_own_buffers() -> None:
+    """After a long frame the next read is short (`PEEK_READ`): a following long frame's rest then
+    goes straight to its own buffer, instead of arriving whole in the shared one and being copied.
+
+    Driven through the reader's transport side by hand, as a transport with all of it waiting
+    would: each read fills what it is offered, and the reader parses all it can in between."""
+    frames = [bytes([n]) * proto.FRAME_MAX for n in range(16)]
+    wire, at = b"".join(frame(5, data) for data in frames), 0
+    reader, got = WireReader(), []
+    while len(got) < len(frames):
+        with reader._get_buffer() as room:
+            n = min(len(room), len(wire) - at)
+            room[:n] = wire[at : at + n]
+        at += n
+        reader._updated(n)
+        while (item := reader._parse()) is not None:
+            got.append(item)
+    assert [item.data for item in got] == frames
+    copied = [n for n, item in enumerate(got) if type(item.data) is not bytearray]
+    assert copied == [0, 1, 2, 3], copied  # those the first (full-size) read took whole or nearly
+
+
 def test_a_line_over_the_limit_and_a_frame_over_frame_max_break_the_protocol(
     run: Callable[..., None],
 ) -> None:

@@ -66,6 +66,9 @@ PAUSE_AT = 4 << 20
 """Bytes read and not yet parsed past which reading pauses, while nobody waits on `next()`."""
 DIRECT_AT = 64 * 1024
 """A frame with this much still to come is read straight into a buffer of its own (no copy after)."""
+PEEK_READ = 16 * 1024
+"""The most read into the shared buffer right after a long frame: another long one is likely to
+follow, and its header is all that needs to land there before the rest goes straight to its own."""
 
 
 class WireReader:
@@ -74,7 +77,10 @@ class WireReader:
     The transport reads straight into one buffer (`WireProtocol` is a `BufferedProtocol`), and
     `next()` parses in place, copying a short frame's bytes out once. A frame with at least
     `DIRECT_AT` bytes still to come gets a bytearray of its own, which the transport then reads
-    the rest into: its bytes are never copied in this process.
+    the rest into: its bytes are never copied in this process. Right after a long frame a read
+    takes only a little past the frame begun in the buffer (`PEEK_READ`), so that in a run of
+    long frames (a download) each next one's rest goes to its own buffer rather than arriving
+    whole in the shared one: ~12% less server CPU per MB (bench_preview, in one run).
 
     While nobody waits on `next()`, reading pauses once `PAUSE_AT` bytes wait to be parsed; a
     waiting `next()` always lets reading go on, since only a line within `limit` or a frame
@@ -91,6 +97,7 @@ class WireReader:
         self._error: BaseException | None = None
         self._frame: bytearray | None = None  # a long frame being read into its own buffer
         self._frame_stream = self._frame_filled = 0
+        self._peek = False  # the last frame was long: the next read into an empty buffer is short
         self._transport: asyncio.Transport | None = None
         """(uvloop's transports are not registered as asyncio's classes: no isinstance checks on them)"""
         self._paused = False
@@ -148,6 +155,7 @@ class WireReader:
             with memoryview(buf) as view:  # the one copy of a frame's bytes
                 data = bytes(view[start + proto.FRAME_HEADER : stop])
             self._consume(stop)
+            self._peek = length >= DIRECT_AT
             return Frame(stream, data)
         newline = buf.find(b"\n", max(self._scanned, start), end)
         if newline < 0:
@@ -171,7 +179,8 @@ class WireReader:
 
     def _get_buffer(self, need: int = READ_MIN) -> memoryview:
         """Where the next read goes: the rest of a long frame, or the buffer's free tail (at least
-        `need` bytes, made by moving or growing)."""
+        `need` bytes, made by moving or growing); right after a long frame, only what completes
+        the frame begun in the buffer and `PEEK_READ` more."""
         if self._frame is not None and self._frame_filled < len(self._frame):
             return memoryview(self._frame)[self._frame_filled :]
         if len(self._buf) - self._end < need:
@@ -184,13 +193,27 @@ class WireReader:
                 grown = bytearray(len(self._buf) + max(len(self._buf), need))
                 grown[:held] = self._buf[:held]  # a new one: the old may still be lent to a read
                 self._buf = grown
-        return memoryview(self._buf)[self._end :]
+        room = len(self._buf) - self._end
+        if self._peek:
+            room = min(room, self._frame_rest() + PEEK_READ)
+        return memoryview(self._buf)[self._end : self._end + room]
+
+    def _frame_rest(self) -> int:
+        """Bytes the frame begun in the buffer still lacks (0 if the buffer holds no frame's header)."""
+        start = self._start
+        if self._end - start < proto.FRAME_HEADER or self._buf[start] != proto.FRAME:
+            return 0
+        length = int.from_bytes(self._buf[start + 5 : start + proto.FRAME_HEADER], "big")
+        # (one past FRAME_MAX is `_parse`'s to refuse: a transport's get_buffer must not raise)
+        return max(start + proto.FRAME_HEADER + min(length, proto.FRAME_MAX) - self._end, 0)
 
     def _updated(self, n: int) -> None:
         if self._frame is not None and self._frame_filled < len(self._frame):
             self._frame_filled += n
+            self._peek = self._frame_filled == len(self._frame)
         else:
             self._end += n
+            self._peek = False
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
