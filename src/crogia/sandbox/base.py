@@ -12,8 +12,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
+import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
     from crogia.sandbox.pty_channel import PtyListener
     from crogia.sandbox.quota import WorkspaceDisks
     from crogia.sandbox.tunnel_channel import Tunnel
+
+log = logging.getLogger(__name__)
 
 WORKDIR = "/workspace"
 """Where the session's workspace appears inside every sandbox."""
@@ -118,6 +122,24 @@ def make_dirs(paths: HostPaths) -> None:
             shutil.rmtree(entry.path, ignore_errors=True)  # rmtree works from fds, following nothing
         else:
             os.unlink(entry.path)
+
+
+def _state_folders(states: Path) -> list[str]:
+    """The session ids that have a state folder (blocking): real folders named as a session id."""
+    with contextlib.suppress(FileNotFoundError):
+        return [
+            entry.name
+            for entry in os.scandir(states)
+            if entry.is_dir(follow_symlinks=False) and _is_session_id(entry.name)
+        ]
+    return []
+
+
+def _is_session_id(name: str) -> bool:
+    try:
+        return str(uuid.UUID(name)) == name
+    except ValueError:
+        return False
 
 
 KEPT = frozenset({"executor.sock", "secret", "tcp-secret"})
@@ -395,10 +417,27 @@ class SandboxProvider(abc.ABC):
             raise SandboxError(f"the {self.name} provider was made without host storage")
         return self.storage.states / POOL_MARKERS
 
-    async def sweep_workspaces(self, sessions: Collection[str]) -> None:
-        """Remove the workspaces the provider keeps outside the sessions' folders (Docker volumes) whose
-        session is not in `sessions` (left by a crash); none by default."""
-        del sessions  # a host folder workspace goes with its session's folders
+    async def sweep_workspaces(self, sessions: Collection[str], *, keep: bool = False) -> None:
+        """Remove what a crash left of sessions not in `sessions`: their state folders, and their
+        workspaces unless `keep` (WORKSPACE_RETENTION=keep; an unclaimed pool sandbox's goes anyway,
+        it was never a session's). Call at start-up, before anything makes new sandboxes.
+
+        Only ids with a state folder count: the server makes one (in its own 0700 folder) with
+        every workspace, so a folder someone else put beside the workspaces is never touched."""
+        if self.storage is None:
+            return
+        pooled = set(await asyncio.to_thread(self.pooled))
+        for session_id in await asyncio.to_thread(_state_folders, self.storage.states):
+            if session_id in sessions:
+                continue
+            log.info("removing what a crash left of session %s (its row is gone)", session_id)
+            if keep and session_id not in pooled:
+                await self.release(session_id)
+            else:
+                await self.remove_workspace(session_id)
+            await self.forget(session_id)
+            if session_id in pooled:
+                await asyncio.to_thread(self.mark_pooled, session_id, False)
 
     async def forget(self, session_id: str) -> None:
         """Remove the session's server-only state folder (the session is gone, or never was)."""

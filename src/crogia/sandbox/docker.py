@@ -557,10 +557,14 @@ class DockerProvider(SandboxProvider):
             if exc.context.get("status") != 404:
                 raise
 
-    async def sweep_workspaces(self, sessions: Collection[str]) -> None:
-        """Delete this instance's workspace volumes whose session is gone (a crash between a volume's
-        making and its session's row, or between the row's deletion and the volume's); a volume a
-        container still uses is left (Docker refuses: it is not ours to judge)."""
+    async def sweep_workspaces(self, sessions: Collection[str], *, keep: bool = False) -> None:
+        """The host folders' sweep, then (volume workspaces, unless `keep`) this instance's workspace
+        volumes whose session is gone (a crash between a volume's making and its session's row, or
+        between the row's deletion and the volume's); a volume a container still uses is left
+        (Docker refuses: it is not ours to judge)."""
+        await super().sweep_workspaces(sessions, keep=keep)
+        if keep or self.workspace != "volume":
+            return
         if not self._instance:  # without an instance, other servers' volumes would look like ours
             return
         labels = [f"{key}={value}" for key, value in _own_labels(self._instance).items()]

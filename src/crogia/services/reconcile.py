@@ -4,9 +4,9 @@ Every stored session enters the state machine `dormant`; the ones that were `act
 last server stopped are started at once (through the same `Lifecycle.up` as any request, so
 there is one way a sandbox comes up). One whose sandbox cannot be started stays `dormant` and is
 marked `stopped`: the next request that needs it tries again. Then managed sandboxes that no
-session owns (orphans, the previous server's unclaimed pool sandboxes) are removed, and so are
-the workspaces the provider keeps apart (Docker volumes) of sessions that are gone; a dormant
-session's workspace stays.
+session owns (orphans, the previous server's unclaimed pool sandboxes) are removed, and so is
+what a crash left of sessions that are gone: their state folders, and their workspaces (host
+folders, Docker volumes) unless WORKSPACE_RETENTION=keep; a dormant session's workspace stays.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ async def reconcile(sessions: SessionService) -> None:
     owned = {live.sandbox_id for live in sessions.states.known() if live.sandbox_id}
     await _remove_orphans(sessions, owned)
     try:
-        await sessions.provider.sweep_workspaces({row.id for row in rows})
+        keep = sessions.settings.workspace_retention == "keep"
+        await sessions.provider.sweep_workspaces({row.id for row in rows}, keep=keep)
     except CrogiaError as exc:
         log.warning("could not look for leftover workspaces: %s", exc.message)
     if sessions.pool is not None:  # the previous server's unclaimed pool sandboxes: their folders go too
