@@ -11,11 +11,13 @@ import sqlite3
 import uuid
 from pathlib import Path
 
+import aiodocker
 import pytest
+from aiodocker.volumes import DockerVolume
 
 from crogia.config import Settings
 from crogia.sandbox.base import HostStorage, make_dirs
-from tests.conftest import make_settings
+from tests.conftest import make_settings, need_docker
 from tests.support.server import RunningServer, run_server
 
 
@@ -65,3 +67,34 @@ async def test_a_crash_leaves_no_folders_of_a_gone_session(
         assert await _shell(second, kept, "cat mine.txt") == "mine\n", "a live session lost its workspace"
         assert (await second.client.get(f"/api/sessions/{gone}")).status_code == 404
         await second.client.delete(f"/api/sessions/{kept}")
+
+
+@pytest.mark.docker
+async def test_a_kept_volume_survives_the_next_start(data_dir: Path) -> None:
+    """WORKSPACE_RETENTION=keep with volume workspaces: a deleted session's volume stays at delete,
+    and the next start's sweep (which removes a gone session's volume otherwise) leaves it too."""
+    need_docker()
+    settings = make_settings(
+        data_dir,
+        "docker",
+        workspace_retention="keep",
+        docker_workspace="volume",
+        sandbox_transport="tcp",
+        sandbox_files="daemon",
+    )
+    docker = aiodocker.Docker()
+    volume = ""
+    try:
+        async with run_server(settings) as first:
+            created = await first.create_session()
+            sid, volume = str(created["session_id"]), str(created["workdir"])
+            assert await _shell(first, sid, "echo mine > mine.txt; cat mine.txt") == "mine\n"
+            assert (await first.client.delete(f"/api/sessions/{sid}")).status_code == 200
+        await DockerVolume(docker, volume).show()  # type: ignore[no-untyped-call]
+        async with run_server(settings):
+            await DockerVolume(docker, volume).show()  # type: ignore[no-untyped-call]  # still there
+    finally:
+        if volume:
+            with contextlib.suppress(aiodocker.DockerError):
+                await DockerVolume(docker, volume).delete()  # type: ignore[no-untyped-call]
+        await docker.close()
