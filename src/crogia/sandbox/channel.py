@@ -38,7 +38,8 @@ SOCKET_NAME = "executor.sock"
 SECRET_NAME = "secret"
 HELLO_LIMIT = 4096
 HELLO_TIMEOUT = 5.0
-SOCKET_BUFFER = 1 << 20
+SOCKET_BUFFER = proto.WINDOW
+"""A socketpair end's send buffer (the daemon's dialled end sets its own alike): a stream's window fits."""
 MAX_HANDSHAKES = 4
 """Connections a listener lets say hello at once; more are closed at once (a dial flood costs nothing)."""
 
