@@ -78,8 +78,8 @@ def lie_about_tunnels(sock, msg):
     if msg.get("op") != "tunnel_open":
         return sock.sendall(reply(rid))
     sock.sendall(reply(rid))
-    if MODE == "tunnel_big":  # a frame over FRAME_MAX (256 KiB)
-        sock.sendall(frame(rid, b"H" * 300_000))
+    if MODE == "tunnel_big":  # a frame over FRAME_MAX (1 MiB)
+        sock.sendall(frame(rid, b"H" * 1_100_000))
     elif MODE == "tunnel_after_end":
         sock.sendall(frame(rid, b"HTTP/1.1 200 OK\r\n") + frame(rid, b"") + frame(rid, b"more"))
     elif MODE == "tunnel_deaf":  # never reads its channel again: the server's writes back up

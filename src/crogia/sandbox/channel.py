@@ -26,6 +26,8 @@ import hmac
 import json
 import logging
 import socket
+import sys
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, NamedTuple, cast
 
@@ -51,12 +53,13 @@ class ProtocolViolation(SandboxError):
 class Frame(NamedTuple):
     """A binary frame: `data` on stream `stream` (empty: its sender's end of the stream).
 
-    A long frame's `data` is the bytearray the transport read it into (`WireReader`): whoever
-    hands it on as bytes copies it then, or passes a view of it on without a copy.
+    A long frame's `data` is a view of the buffer the transport read it into (`WireReader`),
+    which is read into again once nothing refers to it: whoever keeps the bytes copies them
+    (`bytes(data)`), or passes the view on without a copy and drops it when done.
     """
 
     stream: int
-    data: bytes | bytearray
+    data: bytes | memoryview
 
 
 READ_MIN = 64 * 1024
@@ -70,6 +73,28 @@ DIRECT_AT = 64 * 1024
 PEEK_READ = 16 * 1024
 """The most read into the shared buffer right after a long frame: another long one is likely to
 follow, and its header is all that needs to land there before the rest goes straight to its own."""
+
+
+SPARE_FRAMES = 8
+"""Long frames' buffers (FRAME_MAX each) a thread keeps to read into again once nobody holds them."""
+_spares = threading.local()
+_FREE_REFS = 3
+"""`sys.getrefcount` of a spare nobody holds: the spares' list, the loop's name, the call's argument."""
+
+
+def _frame_buffer(length: int) -> memoryview:
+    """Room for a long frame: a spare buffer nobody holds any more (memory already mapped, and
+    written over without zeroing), else a new one. A fresh 1 MiB bytearray costs 256 page faults,
+    which were most of the server's system time in a download."""
+    spares: list[bytearray] = _spares.__dict__.setdefault("buffers", [])
+    for buf in spares:
+        if sys.getrefcount(buf) == _FREE_REFS:  # no frame, view or reader refers to it
+            return memoryview(buf)[:length]
+    if len(spares) >= SPARE_FRAMES:
+        return memoryview(bytearray(length))
+    buf = bytearray(proto.FRAME_MAX)
+    spares.append(buf)
+    return memoryview(buf)[:length]
 
 
 class WireReader:
@@ -96,7 +121,7 @@ class WireReader:
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
         self._error: BaseException | None = None
-        self._frame: bytearray | None = None  # a long frame being read into its own buffer
+        self._frame: memoryview | None = None  # a long frame being read into its own buffer
         self._frame_stream = self._frame_filled = 0
         self._peek = False  # the last frame was long: the next read into an empty buffer is short
         self._transport: asyncio.Transport | None = None
@@ -147,7 +172,7 @@ class WireReader:
             stop = start + proto.FRAME_HEADER + length
             if end < stop:
                 if stop - end >= DIRECT_AT:  # the rest goes straight into a buffer of its own
-                    self._frame = bytearray(length)
+                    self._frame = _frame_buffer(length)
                     self._frame_stream, self._frame_filled = stream, end - start - proto.FRAME_HEADER
                     with memoryview(buf) as view:
                         self._frame[: self._frame_filled] = view[start + proto.FRAME_HEADER : end]
@@ -183,7 +208,7 @@ class WireReader:
         `need` bytes, made by moving or growing); right after a long frame, only what completes
         the frame begun in the buffer and `PEEK_READ` more."""
         if self._frame is not None and self._frame_filled < len(self._frame):
-            return memoryview(self._frame)[self._frame_filled :]
+            return self._frame[self._frame_filled :]
         if len(self._buf) - self._end < need:
             held = self._end - self._start
             if self._start:  # move what is left to the front (usually the start of one frame)

@@ -89,7 +89,7 @@ class ByteStream:
         self.on_data: Callable[[bytes], None] | None = None
         self.on_end: Callable[[], None] | None = None
         self._client = client
-        self._chunks: deque[bytes | bytearray] = deque()
+        self._chunks: deque[bytes | memoryview] = deque()
         self._held = 0  # received, not yet consumed
         self._outstanding = 0  # received, not yet credited back (the sender's window in use)
         self._uncredited = 0  # consumed, not yet credited back
@@ -125,7 +125,7 @@ class ByteStream:
             return None
         chunk = self._chunks.popleft()
         self._consumed(len(chunk))
-        return chunk if isinstance(chunk, bytes) else memoryview(chunk)
+        return chunk
 
     async def read_view(self) -> bytes | memoryview:
         """`read()`, but a long frame's bytes come as a view of the buffer they were read into (no copy)."""
@@ -215,7 +215,7 @@ class ByteStream:
             self._outstanding -= self._uncredited
             self._uncredited = 0
 
-    def _feed(self, data: bytes | bytearray) -> None:
+    def _feed(self, data: bytes | memoryview) -> None:
         if self._error is not None:
             return
         if not data:

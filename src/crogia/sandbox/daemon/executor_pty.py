@@ -45,7 +45,7 @@ else:
     import _signal as signal  # `signal` itself imports enum (and enum half the stdlib)
 
 READ_MAX = 256 * 1024
-"""Most output sent in one frame (the protocol's FRAME_MAX)."""
+"""Most output sent in one frame (within the protocol's FRAME_MAX: a terminal's wake-up need not be more)."""
 HUP = select.EPOLLHUP | select.EPOLLERR
 MAX_TERMINALS = 64
 SHELL = "exec bash --login -i"
