@@ -130,12 +130,13 @@ def _state_folders(states: Path) -> list[str]:
         return [
             entry.name
             for entry in os.scandir(states)
-            if entry.is_dir(follow_symlinks=False) and _is_session_id(entry.name)
+            if entry.is_dir(follow_symlinks=False) and is_session_id(entry.name)
         ]
     return []
 
 
-def _is_session_id(name: str) -> bool:
+def is_session_id(name: str) -> bool:
+    """Whether `name` is spelled as the server makes session ids (a uuid's canonical form)."""
     try:
         return str(uuid.UUID(name)) == name
     except ValueError:

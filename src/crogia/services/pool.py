@@ -31,7 +31,7 @@ import anyio
 
 from crogia.config import Settings
 from crogia.sandbox import limits_from
-from crogia.sandbox.base import POOL_LABEL, Sandbox, SandboxProvider, SandboxSpec
+from crogia.sandbox.base import POOL_LABEL, Sandbox, SandboxProvider, SandboxSpec, is_session_id
 
 log = logging.getLogger(__name__)
 
@@ -189,13 +189,6 @@ class SandboxPool:
         for name in self.provider.pooled():
             if name in owned:  # the session keeps its folders
                 self._unmark(name)
-            elif _is_uuid(name):
+            elif is_session_id(name):
                 unclaimed.append(name)
         return unclaimed
-
-
-def _is_uuid(name: str) -> bool:
-    try:
-        return str(uuid.UUID(name)) == name
-    except ValueError:
-        return False
