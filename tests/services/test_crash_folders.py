@@ -50,6 +50,10 @@ async def test_a_crash_leaves_no_folders_of_a_gone_session(
     half_made, state_only, stranger = (str(uuid.uuid4()) for _ in range(3))
     make_dirs(HostStorage(workspaces, states).paths(half_made))
     (workspaces / half_made / "planted").write_text("x")
+    outside = data_dir / "host-file"  # what the sandbox's links point at: the sweep must not follow
+    outside.write_text("host")
+    (workspaces / gone / "link").symlink_to(outside)
+    (workspaces / gone / "dirlink").symlink_to(data_dir, target_is_directory=True)
     (states / state_only).mkdir()
     (workspaces / "notes").mkdir()
     (workspaces / stranger).mkdir()
@@ -59,6 +63,9 @@ async def test_a_crash_leaves_no_folders_of_a_gone_session(
         left = {path.name for path in workspaces.iterdir()}
         assert not {path.name for path in states.iterdir()} & {gone, half_made, state_only}
         assert "notes" in left and stranger in left, "a folder the server never made was removed"
+        assert outside.read_text() == "host" and (data_dir / "crogia.db").exists(), (
+            "the sweep followed a link"
+        )
         if retention == "keep":  # a deleted session keeps its workspace, as a delete would have
             assert (workspaces / gone / "mine.txt").read_text() == "mine\n"
             assert half_made in left
