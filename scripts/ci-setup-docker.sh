@@ -21,7 +21,8 @@ if ! docker info >/dev/null 2>&1 && ! command -v dockerd >/dev/null; then
   [[ " ${missing[*]} " == *" docker.io "* ]] || missing+=(docker.io)
 fi
 command -v debootstrap >/dev/null || missing+=(debootstrap)
-# Network isolation: pasta (bubblewrap egress), nft (its rules), ip (namespaces), iptables (Docker's rules).
+# Network isolation: pasta (bubblewrap egress), nft (its rules, and the Docker
+# bridge's fence), ip (namespaces), iptables (Docker's own rules).
 command -v pasta >/dev/null || missing+=(passt)
 command -v nft >/dev/null || missing+=(nftables)
 command -v ip >/dev/null || missing+=(iproute2)

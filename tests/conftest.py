@@ -74,20 +74,15 @@ def remove_containers_of(data_dir: Path) -> None:
 
 
 def remove_network_of(data_dir: Path) -> None:
-    """The server keeps its network (and firewall rules) while its containers live: remove them too."""
+    """The server keeps its network (and its fence) while its containers live: remove them too."""
     from crogia.sandbox import instance_id
-    from crogia.sandbox.docker_network import remove_rules, tag_of
+    from crogia.sandbox.docker_network import has_rules, remove_rules, tag_of
 
     tag = tag_of(instance_id(make_settings(data_dir, "docker")))
     gone = subprocess.run(
         ["docker", "network", "rm", f"crogia-{tag}"], capture_output=True, text=True, timeout=60
     )
-    if shutil.which("iptables") is None:
-        return
-    chain = subprocess.run(
-        ["iptables", "-w", "5", "-n", "-L", f"CROGIA-{tag}"], capture_output=True, timeout=30
-    )
-    if gone.returncode == 0 or chain.returncode == 0:
+    if shutil.which("nft") is not None and (gone.returncode == 0 or has_rules(tag)):
         remove_rules(tag, f"crg{tag}")
 
 

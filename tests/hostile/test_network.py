@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,3 +229,59 @@ def test_old_values_are_accepted_and_reported_shared(caplog: pytest.LogCaptureFi
         with caplog.at_level("WARNING"):
             warn_if_shared(value)
         assert f"SANDBOX_NETWORK={value} is not isolated" in caplog.text
+
+
+# Connects for `seconds` to each target as fast as refusals come back; prints how many got through.
+HAMMER = r"""
+import socket, sys, time
+seconds, targets = float(sys.argv[1]), [(h, int(p)) for h, p in (t.split(":") for t in sys.argv[2:])]
+for i, (host, port) in enumerate(targets):
+    if host == "GW":
+        for line in open("/proc/net/route").read().splitlines()[1:]:
+            f = line.split()
+            if f[1] == "00000000":
+                targets[i] = (socket.inet_ntoa(bytes.fromhex(f[2])[::-1]), port)
+tries = opened = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    for target in targets:
+        tries += 1
+        try:
+            socket.create_connection(target, timeout=0.3).close()
+            opened += 1
+        except OSError:
+            pass
+print(tries, opened)
+"""
+
+
+@pytest.mark.parametrize("backend", [pytest.param("docker", marks=pytest.mark.docker)], indirect=True)
+async def test_the_fence_has_no_gap_while_the_engine_or_a_restart_rewrites_rules(
+    data_dir: Path, backend: str, hosts: tuple[NetnsHost, NetnsHost]
+) -> None:
+    """Docker re-inserts its `FORWARD -> DOCKER-USER` jump (delete, then insert) whenever anyone makes
+    a network on the engine, and a restarted server reloads its own fence: a sandbox hammering a
+    private host and the host itself must get through in neither moment."""
+    from crogia.sandbox.docker_network import install_rules, tag_of
+
+    tag = tag_of(instance_id(make_settings(data_dir, "docker")))
+    async with running(data_dir, backend, hosts, "isolated") as net, host_listener() as port:
+        sid = await net.session()
+        await net.run(sid, f"cat > /tmp/hammer.py <<'EOF'\n{HAMMER}\nEOF")
+        targets = f"{net.private.address}:{net.private.port} GW:{port}"
+        hammer = asyncio.create_task(net.run(sid, f"python3 /tmp/hammer.py 12 {targets}"))
+
+        def churn() -> int:
+            made = 0
+            while not hammer.done() and made < 40:
+                name = f"cgt-churn-{secrets.token_hex(3)}"
+                subprocess.run(["docker", "network", "create", name], capture_output=True, timeout=60)
+                subprocess.run(["docker", "network", "rm", name], capture_output=True, timeout=60)
+                install_rules(tag, f"crg{tag}", [net.public.address])  # what a restarted server does
+                made += 1
+            return made
+
+        made = await asyncio.to_thread(churn)
+        tries, opened = map(int, (await hammer).split())
+        assert made >= 5 and tries > 100, (made, tries)
+        assert opened == 0, f"{opened} of {tries} connections got through while {made} networks were made"

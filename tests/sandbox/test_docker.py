@@ -43,6 +43,10 @@ async def run_id() -> AsyncIterator[str]:
 async def provider(run_id: str, data_dir: Path) -> AsyncIterator[DockerProvider]:
     docker = DockerProvider(instance=INSTANCE, storage=storage(data_dir))
     yield docker
+    # A test's containers go first: with one left on the network, close keeps network and fence.
+    async with aiodocker.Docker() as engine:
+        for container in await _labelled(engine, run_id):
+            await container.delete(force=True, v=True)
     await docker.close()
 
 
@@ -155,6 +159,21 @@ async def test_cancelled_create_leaves_no_container(
         with pytest.raises(asyncio.CancelledError):
             await creating
     assert await _labelled(engine, run_id) == []
+
+
+async def test_a_create_cancelled_at_any_moment_leaves_no_container(
+    provider: DockerProvider, engine: aiodocker.Docker, make_spec: SpecFactory, run_id: str
+) -> None:
+    """Also before the engine has answered: a cancelled request would leave it making a container
+    after any look for it, so the create is let finish and then undone."""
+    for step in range(12):
+        spec = make_spec(f"c{step}", env={"PYTHONHOME": "/nowhere"})
+        creating = asyncio.create_task(provider.create(spec))
+        await asyncio.sleep(step * 0.08)
+        creating.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await creating
+        assert await _labelled(engine, run_id) == [], f"left behind when cancelled after {step * 0.08:.2f} s"
 
 
 async def test_attach_restarts_a_stopped_container(provider: DockerProvider, make_spec: SpecFactory) -> None:

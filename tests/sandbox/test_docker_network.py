@@ -1,4 +1,5 @@
-"""The Docker network's firewall rules: idempotent, scoped to one instance, removed completely."""
+"""The Docker network's fence table: replaced whole, scoped to one instance, removed completely,
+and the iptables chains of earlier servers cleared."""
 
 from __future__ import annotations
 
@@ -9,40 +10,69 @@ import subprocess
 
 import pytest
 
-from crogia.sandbox.docker_network import install_rules, remove_rules
+from crogia.sandbox.docker_network import has_rules, install_rules, remove_rules, table_name
 from tests.conftest import IN_CI
 
 
-def _rules(tool: str = "iptables") -> list[str]:
-    return subprocess.run([tool, "-S"], capture_output=True, text=True, check=True).stdout.splitlines()
+def _table(tag: str) -> str:
+    done = subprocess.run(["nft", "list", "table", "inet", table_name(tag)], capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else ""
+
+
+def _iptables(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["iptables", "-w", "5", *args], capture_output=True, text=True)
 
 
 @pytest.fixture
-def iptables() -> None:
-    if (
-        os.geteuid() != 0
-        or shutil.which("iptables") is None
-        or subprocess.run(["iptables", "-S", "DOCKER-USER"], capture_output=True).returncode
-    ):
+def firewall() -> None:
+    if os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("iptables") is None:
         if IN_CI:
-            pytest.fail("the firewall tests need root, iptables and Docker's DOCKER-USER chain under CI")
-        pytest.skip("needs root, iptables and Docker's DOCKER-USER chain")
+            pytest.fail("the firewall tests need root, nft and iptables under CI")
+        pytest.skip("needs root, nft and iptables")
 
 
-@pytest.mark.usefixtures("iptables")
+@pytest.mark.usefixtures("firewall")
 def test_install_twice_then_remove_leaves_nothing_and_spares_others() -> None:
     mine, theirs = f"t{secrets.token_hex(4)}", f"t{secrets.token_hex(4)}"
     try:
         install_rules(theirs, f"crg{theirs}", [])
         install_rules(mine, f"crg{mine}", ["203.0.113.53"])
-        once = [r for r in _rules() if mine in r]
+        once = _table(mine)
+        assert f'iifname "crg{mine}" jump out' in once and f'iifname "crg{mine}" jump host' in once
+        assert "ip daddr 203.0.113.53 meta l4proto { tcp, udp } th dport 53 return" in once
+        assert "169.254.0.0/16" in once and "hook forward priority" in once
         install_rules(mine, f"crg{mine}", ["203.0.113.53"])
-        assert [r for r in _rules() if mine in r] == once  # refilled, not doubled
-        assert sum(f"-j CROGIA-{mine}" in r for r in once) == 1
-        assert any("-d 203.0.113.53/32 -p udp" in r for r in once)
+        assert _table(mine) == once  # replaced, not doubled
+        assert "203.0.113.53" not in _table(theirs)
         remove_rules(mine, f"crg{mine}")
-        assert not [r for r in _rules() + _rules("ip6tables") if mine in r]
-        assert [r for r in _rules() if theirs in r]  # another instance's rules stay
+        assert not has_rules(mine) and not _table(mine)
+        assert has_rules(theirs)  # another instance's table stays
+        remove_rules(mine, f"crg{mine}")  # a missing table is fine
     finally:
         remove_rules(mine, f"crg{mine}")
         remove_rules(theirs, f"crg{theirs}")
+
+
+@pytest.mark.usefixtures("firewall")
+def test_an_earlier_servers_iptables_chains_go_once_the_table_is_in() -> None:
+    tag = f"t{secrets.token_hex(4)}"
+    bridge = f"crg{tag}"
+    parent = "DOCKER-USER"  # where earlier servers jumped from (Docker's chain)
+    if _iptables("-n", "-L", parent).returncode != 0:
+        if IN_CI:
+            pytest.fail("Docker's DOCKER-USER chain is missing under CI")
+        pytest.skip("needs Docker's DOCKER-USER chain")
+    try:
+        for chain, hook in ((f"CROGIA-{tag}", parent), (f"CROGIA-IN-{tag}", "INPUT")):
+            assert _iptables("-N", chain).returncode == 0
+            assert _iptables("-A", chain, "-j", "REJECT").returncode == 0
+            assert _iptables("-I", hook, "1", "-i", bridge, "-j", chain).returncode == 0
+        install_rules(tag, bridge, [])
+        assert has_rules(tag)
+        assert tag not in _iptables("-S").stdout
+    finally:
+        remove_rules(tag, bridge)
+        for chain, hook in ((f"CROGIA-{tag}", parent), (f"CROGIA-IN-{tag}", "INPUT")):
+            _iptables("-D", hook, "-i", bridge, "-j", chain)
+            _iptables("-F", chain)
+            _iptables("-X", chain)

@@ -21,7 +21,7 @@ import logging
 import os
 import secrets
 import tarfile
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -261,13 +261,25 @@ class _Engine:
             raise
 
     async def remove(self, container_id: str) -> None:
-        """Force-remove a container with its anonymous volumes; gone already is fine."""
+        """Force-remove a container with its anonymous volumes, and return once it is gone; gone
+        already is fine."""
+        container = self.docker.containers.container(container_id)
         try:
             with self.errors():
-                await self.docker.containers.container(container_id).delete(force=True, v=True)
+                await container.delete(force=True, v=True)
+            return
         except SandboxError as exc:
-            # 404: already gone; 409: a removal is already under way.
-            if exc.context.get("status") not in (404, 409):
+            if exc.context.get("status") == 404:
+                return
+            if exc.context.get("status") != 409:
+                raise
+        # 409: a removal is already under way (the engine undoes a create whose client went away
+        # itself): wait for its end, so that "removed" means gone.
+        try:
+            with self.errors():
+                await container.wait(condition="removed", timeout=_API_TIMEOUT)
+        except SandboxError as exc:
+            if exc.context.get("status") != 404:
                 raise
 
 
@@ -473,6 +485,7 @@ class DockerProvider(SandboxProvider):
         self._daemon_tar: bytes | None = None
         self._engine_obj: _Engine | None = None
         self._network_obj: DockerNetwork | None = None
+        self._cleanups: set[asyncio.Task[None]] = set()
         self._security: EngineSecurity | None = None
 
     @property
@@ -595,11 +608,14 @@ class DockerProvider(SandboxProvider):
         paths = await self.prepare(spec.session_id)  # folders, and the workspace's disk if any
         await asyncio.to_thread(_prepare_dirs, paths, security.root, self.workspace == "bind")
         await self._ensure_network(spec)
+        creating = asyncio.ensure_future(self._create_container(spec, security.profile))
         try:
-            container = await self._create_container(spec, security.profile)
+            container = await asyncio.shield(creating)
         except BaseException:
-            # Cancelled while the engine made it, its id never came back: find it by its labels.
-            await asyncio.shield(self._remove_unanswered(spec.session_id))
+            # Cancelled while the engine makes it (or it failed): let the engine's answer come, then
+            # remove what it made. Cancelling the request instead would leave the engine making a
+            # container after any look for it.
+            await asyncio.shield(self._own(self._undo_create(creating, spec.session_id)))
             raise
         sandbox = self._sandbox(spec, container.id, security.root)
         try:
@@ -615,6 +631,26 @@ class DockerProvider(SandboxProvider):
             await self._engine.remove(container.id)
             raise
         return sandbox
+
+    def _own(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run clean-up work as a task the provider holds until it ends (`close` waits for it)."""
+        task = asyncio.create_task(work)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        return task
+
+    async def _undo_create(
+        self, creating: asyncio.Future[aiodocker.containers.DockerContainer], session_id: str
+    ) -> None:
+        try:
+            container = await creating
+        except BaseException:  # it failed: the engine may still have made it, so look by labels
+            await self._remove_unanswered(session_id)
+            return
+        try:
+            await self._engine.remove(container.id)
+        except SandboxError as exc:
+            log.warning("could not remove a half-made container of session %s: %s", session_id, exc)
 
     async def _remove_unanswered(self, session_id: str) -> None:
         """Remove this instance's containers of `session_id` (a create whose answer never came)."""
@@ -703,6 +739,8 @@ class DockerProvider(SandboxProvider):
         await self._engine.remove(sandbox_id)
 
     async def close(self) -> None:
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
         network, self._network_obj = self._network_obj, None
         if network is not None:
             await network.close()

@@ -1,19 +1,27 @@
-"""The Docker network Crogia owns for isolated sandboxes, and the firewall rules that fence it.
+"""The Docker network Crogia owns for isolated sandboxes, and the firewall table that fences it.
 
 One bridge network per server instance (`crogia-<tag>`, bridge interface `crg<tag>`), labelled
-like its containers, with inter-container traffic off (`enable_icc=false`) and no IPv6. Rules,
-in chains of its own named after the same tag (so two servers on one engine never touch each
-other's), jumped to for that bridge only:
+like its containers, with inter-container traffic off (`enable_icc=false`) and no IPv6. The fence
+is an nftables table of its own in the host's namespace, `inet crogia-<tag>` (so two servers on
+one engine never touch each other's), whose chains see only packets that came in on that bridge:
 
-* `DOCKER-USER` (forwarded traffic) -> `CROGIA-<tag>`: reject every blocked range
-  (`crogia.sandbox.network`), except DNS to the resolvers the containers use;
-* `INPUT` (traffic to this host itself, on any of its addresses) -> `CROGIA-IN-<tag>`: reject all
-  but the daemon's replies on connections the server opened (SANDBOX_TRANSPORT=tcp);
-* ip6tables `INPUT` and `FORWARD` -> `CROGIA-<tag>`: reject all (the network has no IPv6).
+* hook `forward` (traffic the host routes on): reject every blocked range
+  (`crogia.sandbox.network`) and all IPv6, except DNS to the resolvers the containers use;
+* hook `input` (traffic to this host itself, on any of its addresses): reject all but those DNS
+  queries and the daemon's replies on connections the server opened (SANDBOX_TRANSPORT=tcp).
 
-Installing is idempotent (chains flushed and refilled, a jump added only when missing). The
-rules go when the network goes: at shutdown when no container is left on it;
-containers that outlive the server (they are re-attached after a restart) stay fenced meanwhile.
+Both hook in just ahead of iptables' filter chains (priority -1). A verdict of ours stands
+whatever Docker's own rules say after it, and Docker never edits a table it did not make. The
+iptables `DOCKER-USER` chain, Docker's documented place for such rules, is not enough:
+the engine deletes and re-inserts its `FORWARD -> DOCKER-USER` jump whenever anyone creates a
+network on it, and in that gap forwarded traffic skips the chain (measured here: 3,373 of a
+sandbox's 671,816 connects to a blocked range got through in 25 s while 75 networks were made).
+
+Installing replaces the table in one nft transaction (a restarted server refreshes it with no
+moment unfenced). The table goes when the network goes: at shutdown when no container is left on
+it; containers that outlive the server (they are re-attached after a restart) stay fenced
+meanwhile. Earlier servers fenced the bridge with iptables chains (`CROGIA-<tag>`,
+`CROGIA-IN-<tag>`); installing and removing also remove those, once the table is in place.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import subprocess
 from typing import Any
 
@@ -31,12 +40,83 @@ from crogia.sandbox.network import BLOCKED_V4, DAEMON_PORT, host_resolvers
 
 log = logging.getLogger(__name__)
 
-_REJECT_TCP = ["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"]
-
 
 def tag_of(instance: str | None) -> str:
     """The short name every object of this instance carries (12 characters at most)."""
     return (instance or "default")[:12]
+
+
+def table_name(tag: str) -> str:
+    """The nftables table (family `inet`) that fences this instance's bridge."""
+    return f"crogia-{tag}"
+
+
+def fence_table(tag: str, bridge: str, resolvers: list[str]) -> str:
+    """The nft script that defines the fence of `bridge` (see the module's docstring)."""
+    dns = [f"ip daddr {{ {', '.join(resolvers)} }} meta l4proto {{ tcp, udp }} th dport 53 return"]
+    dns = dns if resolvers else []
+    # A per-session allow-list would go here, as returns ahead of the rejects.
+    daemon = f"ip protocol tcp tcp sport {DAEMON_PORT} ct state established return"
+    return "\n".join(
+        [
+            f"table inet {table_name(tag)} {{",
+            "chain forward {",
+            "type filter hook forward priority -1; policy accept;",
+            f'iifname "{bridge}" jump out',
+            "}",
+            "chain input {",
+            "type filter hook input priority -1; policy accept;",
+            f'iifname "{bridge}" jump host',
+            "}",
+            "chain out {",
+            *dns,
+            "meta nfproto ipv6 jump refuse",
+            f"ip daddr {{ {', '.join(BLOCKED_V4)} }} jump refuse",
+            "}",
+            "chain host {",
+            daemon,  # a connection a sandbox opens is new, whatever its source port: refused
+            *dns,
+            "jump refuse",
+            "}",
+            "chain refuse {",
+            "meta l4proto tcp reject with tcp reset",
+            "reject",
+            "}",
+            "}",
+        ]
+    )
+
+
+def _nft(script: str) -> None:
+    """Run one nft transaction in the host's namespace (blocking)."""
+    try:
+        done = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError as exc:
+        raise SandboxError(
+            "`nft` is not installed: the isolated network needs it (Debian: nftables)", command="nft"
+        ) from exc
+    if done.returncode != 0:
+        raise SandboxError(f"nft failed: {done.stderr.strip()[-500:]}", command="nft")
+
+
+def install_rules(tag: str, bridge: str, resolvers: list[str]) -> None:
+    """Install (or replace, atomically) this instance's fence table (blocking)."""
+    table = f"inet {table_name(tag)}"
+    _nft(f"table {table} {{\n}}\ndelete table {table}\n{fence_table(tag, bridge, resolvers)}\n")
+    _remove_iptables_chains(tag, bridge)
+
+
+def remove_rules(tag: str, bridge: str) -> None:
+    """Remove this instance's fence table (a missing one is fine) and any older chains (blocking)."""
+    table = f"inet {table_name(tag)}"
+    _nft(f"table {table} {{\n}}\ndelete table {table}\n")
+    _remove_iptables_chains(tag, bridge)
+
+
+def has_rules(tag: str) -> bool:
+    """Whether this instance's fence table is loaded (blocking)."""
+    done = subprocess.run(["nft", "list", "table", "inet", table_name(tag)], capture_output=True, timeout=30)
+    return done.returncode == 0
 
 
 def _iptables(tool: str, *args: str) -> bool:
@@ -45,54 +125,10 @@ def _iptables(tool: str, *args: str) -> bool:
     return done.returncode == 0
 
 
-def _must(tool: str, *args: str) -> None:
-    done = subprocess.run([tool, "-w", "5", *args], capture_output=True, text=True, timeout=30)
-    if done.returncode != 0:
-        raise SandboxError(f"{tool} {' '.join(args)} failed: {done.stderr.strip()}", command=tool)
-
-
-def _fill_chain(tool: str, chain: str, rules: list[list[str]]) -> None:
-    if not _iptables(tool, "-N", chain):
-        _must(tool, "-F", chain)
-    for rule in rules:
-        _must(tool, "-A", chain, *rule)
-
-
-def _jump(tool: str, parent: str, bridge: str, chain: str) -> None:
-    if not _iptables(tool, "-C", parent, "-i", bridge, "-j", chain):
-        _must(tool, "-I", parent, "1", "-i", bridge, "-j", chain)
-
-
-def install_rules(tag: str, bridge: str, resolvers: list[str]) -> None:
-    """Install (or refresh) this instance's chains and the jumps to them (blocking)."""
-    dns = [
-        [*d, "-p", proto, "--dport", "53", "-j", "RETURN"]
-        for d in (["-d", r] for r in resolvers)
-        for proto in ("udp", "tcp")
-    ]
-    # A per-session allow-list would go here, as RETURNs ahead of the rejects.
-    blocked = [
-        rule for net in BLOCKED_V4 for rule in (["-d", net, *_REJECT_TCP], ["-d", net, "-j", "REJECT"])
-    ]
-    _fill_chain("iptables", f"CROGIA-{tag}", dns + blocked)
-    # The daemon's replies on connections the server opened (SANDBOX_TRANSPORT=tcp); a connection
-    # a sandbox opens is NEW, whatever its source port, and rejected.
-    daemon = ["-p", "tcp", "--sport", str(DAEMON_PORT), "-m", "conntrack", "--ctstate", "ESTABLISHED"]
-    _fill_chain(
-        "iptables", f"CROGIA-IN-{tag}", [[*daemon, "-j", "RETURN"], *dns, _REJECT_TCP, ["-j", "REJECT"]]
-    )
-    _jump("iptables", "DOCKER-USER", bridge, f"CROGIA-{tag}")
-    _jump("iptables", "INPUT", bridge, f"CROGIA-IN-{tag}")
-    try:
-        _fill_chain("ip6tables", f"CROGIA-{tag}", [_REJECT_TCP, ["-j", "REJECT"]])
-        for parent in ("INPUT", "FORWARD"):
-            _jump("ip6tables", parent, bridge, f"CROGIA-{tag}")
-    except (SandboxError, OSError) as exc:  # no IPv6 filter on this host: nothing to fence
-        log.warning("ip6tables rules for %s not installed: %s", bridge, exc)
-
-
-def remove_rules(tag: str, bridge: str) -> None:
-    """Remove this instance's jumps and chains; missing ones are fine (blocking)."""
+def _remove_iptables_chains(tag: str, bridge: str) -> None:
+    """Remove the iptables chains an earlier server fenced this bridge with, if any (blocking)."""
+    if shutil.which("iptables") is None or not _iptables("iptables", "-n", "-L", f"CROGIA-{tag}"):
+        return
     jumps = [("iptables", "DOCKER-USER", f"CROGIA-{tag}"), ("iptables", "INPUT", f"CROGIA-IN-{tag}")]
     jumps += [("ip6tables", "INPUT", f"CROGIA-{tag}"), ("ip6tables", "FORWARD", f"CROGIA-{tag}")]
     for tool, parent, chain in jumps:
@@ -120,7 +156,7 @@ class DockerNetwork:
         self._labels = labels
         self._dns = dns
         self._ready = False
-        self._lock = asyncio.Lock()
+        self._making: asyncio.Task[None] | None = None
 
     def resolvers(self) -> list[str]:
         """Where the containers' DNS goes: `SANDBOX_DNS`, else the host's non-loopback nameservers."""
@@ -129,15 +165,25 @@ class DockerNetwork:
         return [r for r in host_resolvers() if ":" not in r and not r.startswith("127.")]
 
     async def ensure(self) -> None:
-        """Create the network if missing and install its rules (once per server)."""
-        async with self._lock:
-            if self._ready:
-                return
-            # Rules first: the bridge gets fenced before any container can be on it.
-            await asyncio.to_thread(lambda: install_rules(self.tag, self.bridge, self.resolvers()))
-            if not await self._exists():
-                await self._docker.networks.create(self._config())
-            self._ready = True
+        """Create the network if missing and install its fence (once per server).
+
+        The work runs as a task of this object's, awaited through a shield: a caller cancelled
+        mid-way leaves it to finish, since a cancelled request could leave the engine making the
+        network after the next caller has looked for it (and that caller's create would conflict).
+        """
+        if self._ready:
+            return
+        making = self._making
+        if making is None or (making.done() and (making.cancelled() or making.exception() is not None)):
+            making = self._making = asyncio.create_task(self._make())
+        await asyncio.shield(making)
+
+    async def _make(self) -> None:
+        # The fence first: the bridge gets fenced before any container can be on it.
+        await asyncio.to_thread(lambda: install_rules(self.tag, self.bridge, self.resolvers()))
+        if not await self._exists():
+            await self._docker.networks.create(self._config())
+        self._ready = True
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -162,11 +208,15 @@ class DockerNetwork:
         return True
 
     def forget(self) -> None:
-        """The network was found missing: the next `ensure()` makes it (and its rules) again."""
+        """The network was found missing: the next `ensure()` makes it (and its fence) again."""
         self._ready = False
+        self._making = None
 
     async def close(self) -> None:
-        """Remove the network and its rules, unless containers (running or not) are still on it."""
+        """Remove the network and its fence, unless containers (running or not) are still on it."""
+        making, self._making = self._making, None
+        if making is not None and not making.done():
+            await asyncio.gather(making, return_exceptions=True)
         if not self._ready:
             return
         self._ready = False
@@ -176,12 +226,12 @@ class DockerNetwork:
         except aiodocker.DockerError:
             keep = True
         if keep:
-            log.info("network %s kept with its firewall rules: containers of this server remain", self.name)
+            log.info("network %s kept with its fence: containers of this server remain", self.name)
             return
         try:
             await (await self._docker.networks.get(self.name)).delete()
         except aiodocker.DockerError as exc:
             if exc.status != 404:
-                log.warning("network %s kept with its firewall rules: %s", self.name, exc.message)
+                log.warning("network %s kept with its fence: %s", self.name, exc.message)
                 return
         await asyncio.to_thread(remove_rules, self.tag, self.bridge)

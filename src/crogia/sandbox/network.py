@@ -4,7 +4,7 @@ A sandbox reaches the public internet and nothing else: never the server's machi
 its addresses, another sandbox, or a private, shared, link-local or metadata range. How each
 backend enforces it: `crogia.sandbox.netns` (bubblewrap: a network namespace of its own, pasta
 for egress, nftables rules inside it) and `crogia.sandbox.docker_network` (a bridge Crogia owns,
-iptables chains of its own). The destination lists here are the single place both read: a
+an nftables table of its own on the host). The destination lists here are the single place both read: a
 per-session allow-list (issue 13) would add accepted destinations ahead of them.
 """
 
