@@ -1,9 +1,6 @@
-"""The hardened Docker setup: a second dockerd with `--userns-remap`, made and removed by the test.
-
-It runs on its own socket, data root and exec root (its own containerd), in a network
-namespace of its own without a bridge or firewall rules, so the shared engine is never touched
-(`--bridge=none` makes dockerd delete any `docker0` it sees: in its own namespace there is none).
-The sandbox image is copied into it (`docker save | docker load`, ~25 s: hence `slow`).
+"""The hardened Docker setup: a second dockerd with `--userns-remap`, made and removed by the test
+(`tests.support.engines.second_engine`). The sandbox image is copied into it (`docker save | docker
+load`, ~25 s: hence `slow`).
 """
 
 from __future__ import annotations
@@ -11,10 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,14 +18,11 @@ from crogia.sandbox.base import HostStorage, Limits, SandboxSpec
 from crogia.sandbox.docker import DockerProvider
 from tests.conftest import need_docker
 from tests.hostile.test_privilege import need_root
+from tests.support.engines import second_engine
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 USER, FIRST, COUNT = "crogiaremap", 800_000_000, 65_536
 IMAGE = "crogia-sandbox:latest"
-
-
-def _docker(sock: str, *args: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["docker", "-H", sock, *args], capture_output=True, text=True, timeout=timeout)
 
 
 @contextlib.contextmanager
@@ -51,47 +42,19 @@ def _remap_user() -> Iterator[None]:
         subprocess.run(["userdel", USER], check=False)
 
 
-def _wait_for(check: object, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return True
-        time.sleep(0.1)
-    return False
-
-
 @pytest.fixture
 def remapped_engine() -> Iterator[str]:
     need_docker()
     need_root()
     if shutil.which("dockerd") is None:
         pytest.fail("the userns-remap test needs dockerd beside the docker CLI")
-    root = Path(tempfile.mkdtemp(prefix="crogia-remap-"))
-    root.chmod(0o755)  # dockerd wants its remapped root able to walk to its data root
-    sock = f"unix://{root}/docker.sock"
-    with _remap_user():
-        argv = ["unshare", "--net", "--", "dockerd", f"--userns-remap={USER}"]
-        argv += ["--data-root", f"{root}/data", "--exec-root", f"{root}/exec"]
-        argv += ["-H", sock, "--pidfile", f"{root}/docker.pid", "--bridge=none", "--iptables=false"]
-        argv += ["--ip-masq=false", "--ip6tables=false"]
-        with open(root / "dockerd.log", "wb") as log:
-            engine = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
-        try:
-            assert _wait_for(lambda: _docker(sock, "info").returncode == 0, 30), (
-                root / "dockerd.log"
-            ).read_text()
-            save = subprocess.Popen(["docker", "save", IMAGE], stdout=subprocess.PIPE)
-            loaded = subprocess.run(
-                ["docker", "-H", sock, "load", "-q"], stdin=save.stdout, timeout=300, check=False
-            )
-            assert save.wait(60) == 0 and loaded.returncode == 0
-            yield sock
-        finally:
-            for cid in _docker(sock, "ps", "-aq").stdout.split():
-                _docker(sock, "rm", "-f", cid, timeout=60)
-            engine.send_signal(signal.SIGTERM)
-            engine.wait(60)
-            shutil.rmtree(root, ignore_errors=True)
+    with _remap_user(), second_engine(f"--userns-remap={USER}") as (sock, _):
+        save = subprocess.Popen(["docker", "save", IMAGE], stdout=subprocess.PIPE)
+        loaded = subprocess.run(
+            ["docker", "-H", sock, "load", "-q"], stdin=save.stdout, timeout=300, check=False
+        )
+        assert save.wait(60) == 0 and loaded.returncode == 0
+        yield sock
 
 
 async def test_container_root_is_an_unprivileged_host_uid(remapped_engine: str, data_dir: Path) -> None:

@@ -1,5 +1,5 @@
 """The Docker network's fence table: replaced whole, scoped to one instance, removed completely,
-and the iptables chains of earlier servers cleared."""
+the iptables chains of earlier servers cleared, and never installed for a bridge elsewhere."""
 
 from __future__ import annotations
 
@@ -8,10 +8,16 @@ import secrets
 import shutil
 import subprocess
 
+from pathlib import Path
+
 import pytest
 
-from crogia.sandbox.docker_network import has_rules, install_rules, remove_rules, table_name
-from tests.conftest import IN_CI
+from crogia.errors import SandboxError
+from crogia.sandbox.base import Limits, SandboxSpec
+from crogia.sandbox.docker import DockerProvider
+from crogia.sandbox.docker_network import has_rules, install_rules, remove_rules, table_name, tag_of
+from tests.conftest import IN_CI, need_docker, storage
+from tests.support.engines import engine_cli, second_engine
 
 
 def _table(tag: str) -> str:
@@ -76,3 +82,24 @@ def test_an_earlier_servers_iptables_chains_go_once_the_table_is_in() -> None:
             _iptables("-D", hook, "-i", bridge, "-j", chain)
             _iptables("-F", chain)
             _iptables("-X", chain)
+
+
+async def test_an_engine_whose_bridge_is_not_here_is_refused_not_left_unfenced(data_dir: Path) -> None:
+    """An engine in another network namespace (remote and rootless ones are the same to us): the
+    host's fence would guard nothing, so an isolated sandbox is refused, and no table is left."""
+    need_docker()
+    if os.geteuid() != 0 or shutil.which("dockerd") is None:
+        if IN_CI:
+            pytest.fail("this test needs root and dockerd under CI")
+        pytest.skip("needs root and dockerd")
+    instance = f"t{secrets.token_hex(5)}"
+    with second_engine() as (sock, _):
+        provider = DockerProvider(url=sock, instance=instance, storage=storage(data_dir))
+        try:
+            spec = SandboxSpec(session_id="elsewhere", limits=Limits(network="isolated", memory_mb=512))
+            with pytest.raises(SandboxError, match="needs the Docker engine on this machine"):
+                await provider.create(spec)
+            assert engine_cli(sock, "ps", "-aq").stdout.split() == []  # nothing was made there
+        finally:
+            await provider.close()
+        assert not has_rules(tag_of(instance))

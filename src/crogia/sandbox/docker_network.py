@@ -20,8 +20,10 @@ sandbox's 671,816 connects to a blocked range got through in 25 s while 75 netwo
 Installing replaces the table in one nft transaction (a restarted server refreshes it with no
 moment unfenced). The table goes when the network goes: at shutdown when no container is left on
 it; containers that outlive the server (they are re-attached after a restart) stay fenced
-meanwhile. Earlier servers fenced the bridge with iptables chains (`CROGIA-<tag>`,
-`CROGIA-IN-<tag>`); installing and removing also remove those, once the table is in place.
+meanwhile. The fence guards only a bridge in the server's own namespace: with an engine elsewhere
+(remote, rootless, another namespace) `ensure` refuses rather than fence nothing. Earlier servers
+fenced the bridge with iptables chains (`CROGIA-<tag>`, `CROGIA-IN-<tag>`); installing and removing
+also remove those, once the table is in place.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import asyncio
 import json
 import logging
 import shutil
+import socket
 import subprocess
 from typing import Any
 
@@ -119,6 +122,15 @@ def has_rules(tag: str) -> bool:
     return done.returncode == 0
 
 
+def _is_here(interface: str) -> bool:
+    """Whether `interface` is in this process's network namespace (an ioctl: it does not block)."""
+    try:
+        socket.if_nametoindex(interface)
+    except OSError:
+        return False
+    return True
+
+
 def _iptables(tool: str, *args: str) -> bool:
     """Run one iptables/ip6tables command; True when it succeeded (blocking)."""
     done = subprocess.run([tool, "-w", "5", *args], capture_output=True, text=True, timeout=30)
@@ -183,6 +195,15 @@ class DockerNetwork:
         await asyncio.to_thread(lambda: install_rules(self.tag, self.bridge, self.resolvers()))
         if not await self._exists():
             await self._docker.networks.create(self._config())
+        if not _is_here(self.bridge):
+            await asyncio.to_thread(remove_rules, self.tag, self.bridge)
+            raise SandboxError(
+                f"SANDBOX_NETWORK=isolated needs the Docker engine on this machine: its bridge "
+                f"{self.bridge} is not among this host's interfaces (a remote engine, or one in a "
+                "namespace of its own, such as rootless Docker), so a fence here would guard nothing; "
+                "run the server beside the engine, or use SANDBOX_NETWORK=none",
+                bridge=self.bridge,
+            )
         self._ready = True
 
     def _config(self) -> dict[str, Any]:
