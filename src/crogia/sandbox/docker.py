@@ -492,7 +492,7 @@ class DockerProvider(SandboxProvider):
     def _network(self) -> DockerNetwork:
         if self._network_obj is None:
             self._network_obj = DockerNetwork(
-                self._engine.docker, self._instance, _own_labels(self._instance), self._dns
+                self._engine.docker, self._instance, _own_labels(self._instance)
             )
         return self._network_obj
 

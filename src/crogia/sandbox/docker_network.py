@@ -6,9 +6,14 @@ is an nftables table of its own in the host's namespace, `inet crogia-<tag>` (so
 one engine never touch each other's), whose chains see only packets that came in on that bridge:
 
 * hook `forward` (traffic the host routes on): reject every blocked range
-  (`crogia.sandbox.network`) and all IPv6, except DNS to the resolvers the containers use;
-* hook `input` (traffic to this host itself, on any of its addresses): reject all but those DNS
-  queries and the daemon's replies on connections the server opened (SANDBOX_TRANSPORT=tcp).
+  (`crogia.sandbox.network`) and all IPv6;
+* hook `input` (traffic to this host itself, on any of its addresses): reject all but the daemon's
+  replies on connections the server opened (SANDBOX_TRANSPORT=tcp).
+
+No DNS is let through: a container's resolver is its gate, a socket the server opens inside the
+container's own namespace (`crogia.sandbox.egress.DnsGate`), which asks upstream from the server's
+namespace. So a private resolver (a router's, a cloud network's) is as unreachable as any private
+host.
 
 Both hook in just ahead of iptables' filter chains (priority -1). A verdict of ours stands
 whatever Docker's own rules say after it, and Docker never edits a table it did not make. The
@@ -39,7 +44,7 @@ from typing import Any
 import aiodocker
 
 from crogia.errors import SandboxError
-from crogia.sandbox.network import BLOCKED_V4, DAEMON_PORT, host_resolvers
+from crogia.sandbox.network import BLOCKED_V4, DAEMON_PORT
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +59,8 @@ def table_name(tag: str) -> str:
     return f"crogia-{tag}"
 
 
-def fence_table(tag: str, bridge: str, resolvers: list[str]) -> str:
+def fence_table(tag: str, bridge: str) -> str:
     """The nft script that defines the fence of `bridge` (see the module's docstring)."""
-    dns = [f"ip daddr {{ {', '.join(resolvers)} }} meta l4proto {{ tcp, udp }} th dport 53 return"]
-    dns = dns if resolvers else []
-    # A per-session allow-list would go here, as returns ahead of the rejects.
     daemon = f"ip protocol tcp tcp sport {DAEMON_PORT} ct state established return"
     return "\n".join(
         [
@@ -72,13 +74,11 @@ def fence_table(tag: str, bridge: str, resolvers: list[str]) -> str:
             f'iifname "{bridge}" jump host',
             "}",
             "chain out {",
-            *dns,
             "meta nfproto ipv6 jump refuse",
             f"ip daddr {{ {', '.join(BLOCKED_V4)} }} jump refuse",
             "}",
             "chain host {",
             daemon,  # a connection a sandbox opens is new, whatever its source port: refused
-            *dns,
             "jump refuse",
             "}",
             "chain refuse {",
@@ -102,10 +102,10 @@ def _nft(script: str) -> None:
         raise SandboxError(f"nft failed: {done.stderr.strip()[-500:]}", command="nft")
 
 
-def install_rules(tag: str, bridge: str, resolvers: list[str]) -> None:
+def install_rules(tag: str, bridge: str) -> None:
     """Install (or replace, atomically) this instance's fence table (blocking)."""
     table = f"inet {table_name(tag)}"
-    _nft(f"table {table} {{\n}}\ndelete table {table}\n{fence_table(tag, bridge, resolvers)}\n")
+    _nft(f"table {table} {{\n}}\ndelete table {table}\n{fence_table(tag, bridge)}\n")
     _remove_iptables_chains(tag, bridge)
 
 
@@ -158,23 +158,14 @@ def _remove_iptables_chains(tag: str, bridge: str) -> None:
 class DockerNetwork:
     """This instance's network: `ensure()` before a container is made, `close()` at shutdown."""
 
-    def __init__(
-        self, docker: aiodocker.Docker, instance: str | None, labels: dict[str, str], dns: str = ""
-    ) -> None:
+    def __init__(self, docker: aiodocker.Docker, instance: str | None, labels: dict[str, str]) -> None:
         self.tag = tag_of(instance)
         self.name = f"crogia-{self.tag}"
         self.bridge = f"crg{self.tag}"
         self._docker = docker
         self._labels = labels
-        self._dns = dns
         self._ready = False
         self._making: asyncio.Task[None] | None = None
-
-    def resolvers(self) -> list[str]:
-        """Where the containers' DNS goes: `SANDBOX_DNS`, else the host's non-loopback nameservers."""
-        if self._dns:
-            return [self._dns]
-        return [r for r in host_resolvers() if ":" not in r and not r.startswith("127.")]
 
     async def ensure(self) -> None:
         """Create the network if missing and install its fence (once per server).
@@ -192,7 +183,7 @@ class DockerNetwork:
 
     async def _make(self) -> None:
         # The fence first: the bridge gets fenced before any container can be on it.
-        await asyncio.to_thread(lambda: install_rules(self.tag, self.bridge, self.resolvers()))
+        await asyncio.to_thread(install_rules, self.tag, self.bridge)
         if not await self._exists():
             await self._docker.networks.create(self._config())
         if not _is_here(self.bridge):
