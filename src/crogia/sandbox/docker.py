@@ -626,9 +626,8 @@ class DockerProvider(SandboxProvider):
                     await container.put_archive("/", self._daemon_tar)  # type: ignore[no-untyped-call]
             await sandbox.start()
         except BaseException:
-            # Never leave a half-made container behind, whatever stopped us (even cancellation).
-            await sandbox.close()
-            await self._engine.remove(container.id)
+            # Never leave a half-made container behind, whatever stopped us (even cancellation, twice).
+            await asyncio.shield(self._own(self._discard(sandbox)))
             raise
         return sandbox
 
@@ -638,6 +637,12 @@ class DockerProvider(SandboxProvider):
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
         return task
+
+    async def _discard(self, sandbox: DockerSandbox) -> None:
+        try:
+            await sandbox.close()
+        finally:
+            await self._engine.remove(sandbox.id)
 
     async def _undo_create(
         self, creating: asyncio.Future[aiodocker.containers.DockerContainer], session_id: str
