@@ -4,7 +4,7 @@ A "public" test host (a network namespace at a TEST-NET-3 address, as the tests 
 each round times, in a fresh process, `socket.create_connection` to it:
 
 * ours: inside a fresh isolated sandbox (bubblewrap: pasta plus the namespace's rules; Docker:
-  Crogia's bridge plus its chains), the sandbox's first connection;
+  Crogia's bridge plus its nftables fence), the sandbox's first connection;
 * today's path: the same in a sandbox on the old shared network (host netns / default bridge);
 * direct: the same script run on the host.
 
