@@ -22,7 +22,7 @@ import pytest
 import websockets
 
 from tests.conftest import remove_containers_of
-from tests.hostile.test_network import PROBE, need_netns
+from tests.hostile.test_network import ASK, PROBE, need_netns
 from tests.support.netns_hosts import NetnsHost, netns_host
 from tests.support.subprocess_server import ServerProcess
 
@@ -173,22 +173,6 @@ async def test_refused_names_are_reported_and_bounded(egress: Egress) -> None:
     assert blocked[0]["destination"] == f"{egress.b.address}:8080", [e["destination"] for e in blocked]
     assert len(blocked) > 1 and all(e["destination"] == BETA for e in blocked[1:])
     assert len(blocked) <= 10  # rate-limited: 30 refusals (x2 queries each) in one window
-
-
-ASK = r"""
-import socket, struct, sys
-name, server = sys.argv[1], sys.argv[2]
-q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
-q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack("!HH", 1, 1)
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(2)
-try:
-    s.sendto(q, (server, 53))
-    r = s.recv(512)
-    print("RCODE", r[3] & 15, "ANSWERS", struct.unpack("!H", r[6:8])[0])
-except OSError as e:
-    print("NOREPLY", type(e).__name__)
-"""
 
 
 async def test_no_resolver_but_the_gate(egress: Egress) -> None:
