@@ -59,26 +59,26 @@ def data_dir() -> Iterator[Path]:
 
 def remove_containers_of(data_dir: Path) -> None:
     """Docker sandboxes outlive their server on purpose; a test's ones must not outlive the test."""
-    if shutil.which("docker") is None:
-        return
     from crogia.sandbox import instance_id
 
-    label = f"crogia.instance={instance_id(make_settings(data_dir, 'docker'))}"
+    remove_instance(instance_id(make_settings(data_dir, "docker")))
+
+
+def remove_instance(instance: str) -> None:
+    """Remove a Docker instance's containers, then its network and fence (the server keeps both
+    while its containers live)."""
+    if shutil.which("docker") is None:
+        return
+    from crogia.sandbox.docker_network import has_rules, remove_rules, tag_of
+
     found = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label={label}"], capture_output=True, text=True, timeout=60
-    )
+        ["docker", "ps", "-aq", "--filter", f"label=crogia.instance={instance}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
     ids = found.stdout.split()
     if ids:
         subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, timeout=120)
-    remove_network_of(data_dir)
-
-
-def remove_network_of(data_dir: Path) -> None:
-    """The server keeps its network (and its fence) while its containers live: remove them too."""
-    from crogia.sandbox import instance_id
-    from crogia.sandbox.docker_network import has_rules, remove_rules, tag_of
-
-    tag = tag_of(instance_id(make_settings(data_dir, "docker")))
+    tag = tag_of(instance)
     gone = subprocess.run(
         ["docker", "network", "rm", f"crogia-{tag}"], capture_output=True, text=True, timeout=60
     )

@@ -27,15 +27,21 @@ from tests.support.postgres import free_port
 from tests.support.subprocess_server import ServerProcess
 
 NAME = "public.crogia.test"
-# Prints OPEN (with what the peer said, if anything, within 1 s), or why not: REFUSED, TIMEOUT, ...
-PROBE = r"""
+# The head of the scripts below: `gateway()`, the sandbox's default gateway (the target "GW").
+GATEWAY = r"""
 import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-if host == "GW":  # the sandbox's default gateway
+def gateway():
     for line in open("/proc/net/route").read().splitlines()[1:]:
         f = line.split()
         if f[1] == "00000000":
-            host = socket.inet_ntoa(bytes.fromhex(f[2])[::-1])
+            return socket.inet_ntoa(bytes.fromhex(f[2])[::-1])
+"""
+# Prints OPEN (with what the peer said, if anything, within 1 s), or why not: REFUSED, TIMEOUT, ...
+PROBE = (
+    GATEWAY
+    + r"""
+host, port = sys.argv[1], int(sys.argv[2])
+host = gateway() if host == "GW" else host
 try:
     s = socket.create_connection((host, port), timeout=2)
 except ConnectionRefusedError: print("REFUSED"); sys.exit()
@@ -46,6 +52,7 @@ try: data = s.recv(64)
 except OSError: data = b""
 print("OPEN", data.decode(errors="replace").strip())
 """
+)
 
 # Asks `argv[2]`'s port 53 over UDP for `argv[1]` (an A query): RCODE and ANSWERS, or NOREPLY.
 ASK = r"""
@@ -248,15 +255,12 @@ def test_old_values_are_accepted_and_reported_shared(caplog: pytest.LogCaptureFi
 
 
 # Connects for `seconds` to each target as fast as refusals come back; prints how many got through.
-HAMMER = r"""
-import socket, sys, time
-seconds, targets = float(sys.argv[1]), [(h, int(p)) for h, p in (t.split(":") for t in sys.argv[2:])]
-for i, (host, port) in enumerate(targets):
-    if host == "GW":
-        for line in open("/proc/net/route").read().splitlines()[1:]:
-            f = line.split()
-            if f[1] == "00000000":
-                targets[i] = (socket.inet_ntoa(bytes.fromhex(f[2])[::-1]), port)
+HAMMER = (
+    GATEWAY
+    + r"""
+import time
+pairs = (t.split(":") for t in sys.argv[2:])
+seconds, targets = float(sys.argv[1]), [(gateway() if h == "GW" else h, int(p)) for h, p in pairs]
 tries = opened = 0
 end = time.monotonic() + seconds
 while time.monotonic() < end:
@@ -269,6 +273,7 @@ while time.monotonic() < end:
             pass
 print(tries, opened)
 """
+)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("docker", marks=pytest.mark.docker)], indirect=True)

@@ -17,7 +17,7 @@ from aiodocker.volumes import DockerVolume
 from crogia.sandbox.base import HostStorage, Limits, Sandbox, SandboxProvider, SandboxSpec
 from crogia.sandbox.bubblewrap import BubblewrapProvider
 from crogia.sandbox.docker import DockerProvider, DockerSandbox
-from tests.conftest import IN_CI, storage
+from tests.conftest import IN_CI, remove_instance, storage
 
 
 @dataclass(frozen=True)
@@ -60,23 +60,7 @@ MakeSandbox = Callable[..., Awaitable[Sandbox]]
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """This process's Docker network and fence outlive a provider closed with a test's container
     still on it: remove whatever of them is left (each xdist worker has its own INSTANCE)."""
-    import shutil
-    import subprocess
-
-    from crogia.sandbox.docker_network import has_rules, remove_rules, tag_of
-
-    if shutil.which("docker") is None:
-        return
-    tag = tag_of(INSTANCE)
-    found = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label=crogia.instance={INSTANCE}"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    if found.stdout.split():
-        subprocess.run(["docker", "rm", "-f", *found.stdout.split()], capture_output=True, timeout=120)
-    subprocess.run(["docker", "network", "rm", f"crogia-{tag}"], capture_output=True, timeout=60)
-    if shutil.which("nft") is not None and has_rules(tag):
-        remove_rules(tag, f"crg{tag}")
+    remove_instance(INSTANCE)
 
 
 def unavailable(backend: str) -> None:

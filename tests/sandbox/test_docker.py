@@ -34,19 +34,14 @@ async def run_id() -> AsyncIterator[str]:
     need_docker()
     run = uuid.uuid4().hex
     yield run
-    async with aiodocker.Docker() as docker:
-        for container in await _labelled(docker, run):
-            await container.delete(force=True, v=True)
+    await _remove_labelled(run)
 
 
 @pytest.fixture
 async def provider(run_id: str, data_dir: Path) -> AsyncIterator[DockerProvider]:
     docker = DockerProvider(instance=INSTANCE, storage=storage(data_dir))
     yield docker
-    # A test's containers go first: with one left on the network, close keeps network and fence.
-    async with aiodocker.Docker() as engine:
-        for container in await _labelled(engine, run_id):
-            await container.delete(force=True, v=True)
+    await _remove_labelled(run_id)  # first: with one left on the network, close keeps network and fence
     await docker.close()
 
 
@@ -69,6 +64,12 @@ def make_spec(data_dir: Path, run_id: str) -> SpecFactory:
 async def _labelled(docker: aiodocker.Docker, run: str) -> list[aiodocker.containers.DockerContainer]:
     filters = json.dumps({"label": [f"{TEST_LABEL}={run}"]})
     return await docker.containers.list(all=True, filters=filters)
+
+
+async def _remove_labelled(run: str) -> None:
+    async with aiodocker.Docker() as docker:
+        for container in await _labelled(docker, run):
+            await container.delete(force=True, v=True)
 
 
 async def _run(sandbox: DockerSandbox, cmd: str) -> str:

@@ -44,7 +44,7 @@ from typing import Any
 import aiodocker
 
 from crogia.errors import SandboxError
-from crogia.sandbox.network import BLOCKED_V4, DAEMON_PORT
+from crogia.sandbox.network import BLOCKED_V4, DAEMON_PORT, replace_table
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +104,13 @@ def _nft(script: str) -> None:
 
 def install_rules(tag: str, bridge: str) -> None:
     """Install (or replace, atomically) this instance's fence table (blocking)."""
-    table = f"inet {table_name(tag)}"
-    _nft(f"table {table} {{\n}}\ndelete table {table}\n{fence_table(tag, bridge)}\n")
+    _nft(replace_table(f"inet {table_name(tag)}", fence_table(tag, bridge)))
     _remove_iptables_chains(tag, bridge)
 
 
 def remove_rules(tag: str, bridge: str) -> None:
     """Remove this instance's fence table (a missing one is fine) and any older chains (blocking)."""
-    table = f"inet {table_name(tag)}"
-    _nft(f"table {table} {{\n}}\ndelete table {table}\n")
+    _nft(replace_table(f"inet {table_name(tag)}"))
     _remove_iptables_chains(tag, bridge)
 
 
@@ -177,7 +175,7 @@ class DockerNetwork:
         if self._ready:
             return
         making = self._making
-        if making is None or (making.done() and (making.cancelled() or making.exception() is not None)):
+        if making is None or making.done():  # done and not ready: it failed, so try again
             making = self._making = asyncio.create_task(self._make())
         await asyncio.shield(making)
 

@@ -47,6 +47,7 @@ from crogia.sandbox.network import (
     SANDBOX_ADDRESS,
     host_addresses,
     host_resolvers,
+    replace_table,
 )
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class EgressFence:
     async def open(self, table: str | None = None) -> None:
         """Load `table` (replacing one of that name) if given, then open the gate in the namespace."""
         if table is not None:
-            await self._nft(f"table inet crogia {{\n}}\ndelete table inet crogia\n{table}\n")
+            await self._nft(replace_table("inet crogia", table))
         await self.gate.open(self.path)
         self._link = await NftLink.open(self.path)
         self._log = await RefusalLog.open(self.path, self._refused)

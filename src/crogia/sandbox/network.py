@@ -39,6 +39,12 @@ RESOLV_CONF = "nameserver 127.0.0.53\noptions timeout:2 attempts:2\n"
 (`crogia.sandbox.egress.GATE_ADDRESS`), the only resolver it reaches."""
 
 
+def replace_table(table: str, body: str = "") -> str:
+    """An nft script that replaces `table` (`family name`) with `body` in one transaction, or with
+    no `body` removes it; a missing table is fine either way."""
+    return f"table {table} {{\n}}\ndelete table {table}\n{body}\n"
+
+
 def mode_of(value: str) -> Mode:
     """`isolated`, `none`, or `shared` for every old Docker value (bridge, host, a network name)."""
     if value in ("isolated", "none"):
