@@ -30,7 +30,7 @@ from typing import Any
 from _common import Http, Row, backends, create_session, parse_args, percentile, report, server
 
 OVERHEAD_MS, RATIO, CLIENTS = 2.0, 0.5, 100
-ROUNDS = 3
+ROUNDS = 5
 """Downloads each side, alternating (direct, proxy, direct, ...): the medians are compared, since
 one download on these shared cores can be 2x off its neighbour."""
 

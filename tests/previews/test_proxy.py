@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import os
 from collections.abc import AsyncIterator
 
 import websockets
@@ -131,3 +133,53 @@ async def _next_event(ws: websockets.ClientConnection, kind: str, port: int) -> 
             event = json.loads(await ws.recv())
             if event["type"] == kind and event["port"] == port:
                 return
+
+
+def _pipes() -> int:
+    """Pipe fds this process (the server, in the test's own loop) holds."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+    return count
+
+
+async def test_a_long_download_goes_through_pipes_whole_to_a_slow_client(server: RunningServer) -> None:
+    """Past its first MiB a download's frames go from the daemon's channel to the client's socket by
+    splice (`frame_pipe`, the front door's zerocopysend); a client that stops reading now and then
+    fills the pipes, so frames come as bytes between the piped ones. Every byte once, in order; and
+    the pipes go with the response."""
+    sid = str((await server.create_session())["session_id"])
+    size = 48 << 20
+    response = await server.client.post(
+        f"/api/sessions/{sid}/shell",
+        json={"cmd": f"head -c {size} /dev/urandom > blob && sha256sum blob", "timeout": 60},
+    )
+    assert response.status_code == 200, response.text
+    expected = response.json()["output"].split()[0]
+    await start(server, sid, "python3 -m http.server 8003 --bind 127.0.0.1")
+    await wait_port(server, sid, 8003)
+    before = _pipes()
+    host, port = server.base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"GET /api/sessions/{sid}/ports/8003/blob HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert head.startswith(b"HTTP/1.1 200") and f"content-length: {size}".encode() in head.lower()
+        digest, got, most = hashlib.sha256(), 0, 0
+        while got < size:
+            chunk = await asyncio.wait_for(reader.read(1 << 20), 30)
+            assert chunk, f"the body ended after {got} bytes"
+            digest.update(chunk)
+            got += len(chunk)
+            most = max(most, _pipes() - before)
+            if got % (8 << 20) < len(chunk):
+                await asyncio.sleep(0.2)  # the client stops reading: its socket and the pipes fill
+        assert digest.hexdigest() == expected
+        assert most >= 2, "no pipe was made for the download"
+    finally:
+        writer.close()
+    deadline = asyncio.get_running_loop().time() + 10
+    while _pipes() > before:
+        assert asyncio.get_running_loop().time() < deadline, "the download's pipes outlived it"
+        await asyncio.sleep(0.02)

@@ -32,7 +32,20 @@ async def daemon(tmp_path: Path) -> AsyncIterator[LocalDaemon]:
         yield running
 
 
-def _pipes(pid: int) -> int:
+async def byte_source(data: bytes) -> tuple[asyncio.Server, int]:
+    """A TCP server on 127.0.0.1 that sends `data` to a client once it has sent a byte; and its port."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(1)
+        writer.write(data)
+        await writer.drain()
+        writer.close()
+
+    source = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return source, source.sockets[0].getsockname()[1]
+
+
+def pipes(pid: int) -> int:
     count = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -46,17 +59,9 @@ async def test_spliced_bytes_arrive_once_and_in_order_and_the_pipes_go_with_the_
     daemon: LocalDaemon,
 ) -> None:
     data = os.urandom(SIZE)
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readexactly(1)
-        writer.write(data)
-        await writer.drain()
-        writer.close()
-
-    source = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = source.sockets[0].getsockname()[1]
+    source, port = await byte_source(data)
     pid = daemon.process.pid
-    before = _pipes(pid)
+    before = pipes(pid)
     tunnel = await open_tunnel(daemon.client, port)
     try:
         await asyncio.wait_for(tunnel.connected(), 10)
@@ -69,7 +74,7 @@ async def test_spliced_bytes_arrive_once_and_in_order_and_the_pipes_go_with_the_
                 stalls += 1
                 time.sleep(0.05)  # blocks this loop on purpose (it is the "server" here)
             if stalls == 1 and got < (4 << 20):
-                assert _pipes(pid) >= before + 2, "the daemon did not splice"
+                assert pipes(pid) >= before + 2, "the daemon did not splice"
         assert got == SIZE and digest.digest() == hashlib.sha256(data).digest()
         assert stalls >= 5
     finally:
@@ -77,6 +82,6 @@ async def test_spliced_bytes_arrive_once_and_in_order_and_the_pipes_go_with_the_
         source.close()
         await source.wait_closed()
     deadline = time.monotonic() + 10
-    while _pipes(pid) > before:  # the daemon closes the tunnel's pipe with it
+    while pipes(pid) > before:  # the daemon closes the tunnel's pipe with it
         assert time.monotonic() < deadline, "the tunnel's pipe outlived it"
         await asyncio.sleep(0.01)

@@ -1,4 +1,5 @@
-"""Run the real app under uvicorn on a free port, in the test's own event loop."""
+"""Run the real app behind the front door (`crogia serve`'s protocol and limits) on a free port,
+in the test's own event loop."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import httpx
 import uvicorn
 
 from crogia.app import create_app
-from crogia.cli import WS_IMPL
 from crogia.config import Settings
+from crogia.frontdoor import fds
+from crogia.frontdoor.limits import FrontDoorConfig, FrontDoorLimits
+from crogia.frontdoor.serve import uvicorn_options
 from crogia.runtime import Runtime
 
 
@@ -41,15 +44,17 @@ class RunningServer:
 @asynccontextmanager
 async def run_server(settings: Settings, *, token: str | None = None) -> AsyncIterator[RunningServer]:
     app = create_app(settings)
-    config = uvicorn.Config(
+    options = {**uvicorn_options(settings), "ws_max_size": 4 << 20}
+    limits = FrontDoorLimits.from_settings(settings, fds.plan(settings))
+    config = FrontDoorConfig(  # the front door `crogia serve` runs (its protocol, its limits)
         app,
+        front_door=limits,
         host="127.0.0.1",
         port=0,
         loop="asyncio",
         log_level="warning",
         lifespan="on",
-        ws_max_size=4 << 20,
-        ws=WS_IMPL,
+        **options,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

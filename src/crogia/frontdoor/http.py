@@ -12,11 +12,14 @@ well. This subclass adds, per connection:
 * a connection cap: past `max_connections` open connections (WebSockets included), a connection may
   still ask `GET /api/health` (and is closed after it); anything else gets 503; past the headroom
   it gets a 503 at once and is closed. Idle keep-alive time stays uvicorn's (`timeout_keep_alive`).
+
+On a plain socket it also offers ASGI's `http.response.zerocopysend` (`zero_copy`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -25,6 +28,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from crogia.frontdoor import zero_copy
 from crogia.frontdoor.limits import AT_CAPACITY, answer, at_capacity, limits_of
 
 log = logging.getLogger("crogia.frontdoor")
@@ -69,11 +73,16 @@ class FrontDoorProtocol(HttpToolsProtocol):
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_bytes = 0
         self._body_last = self._body_tick = self._body_active = 0.0
+        self._socket = -1
+        """The connection's socket when it is a plain one (not TLS): bodies may be spliced into it."""
 
     # --- connection ---
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and transport.get_extra_info("sslcontext") is None:
+            self._socket = sock.fileno()
         open_now = len(self.connections)
         timeout = self.limits.header_timeout
         if open_now > self.limits.max_connections:
@@ -156,6 +165,11 @@ class FrontDoorProtocol(HttpToolsProtocol):
 
     # --- parser callbacks ---
 
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._socket >= 0:
+            zero_copy.extension(self.scope)  # type: ignore[arg-type]
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_fields += 1
         if self._head_fields > self.limits.max_headers:
@@ -172,6 +186,8 @@ class FrontDoorProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self.overflow and self.cycle is not None:
             self.cycle.keep_alive = False
+        if self._socket >= 0 and self.cycle is not None:  # (its ASGI task calls it once it runs)
+            self.cycle.send = functools.partial(zero_copy.send, self.cycle, self._socket)  # type: ignore[method-assign]
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)

@@ -25,14 +25,17 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import socket
 import sys
 import threading
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, NamedTuple, cast
 
 from crogia.errors import SandboxError, Unavailable
 from crogia.sandbox.daemon import executor_proto as proto
+from crogia.sandbox.frame_pipe import SPLICE, FramePipe, FramePipes, PipeChunk, wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +58,13 @@ class Frame(NamedTuple):
 
     A long frame's `data` is a view of the buffer the transport read it into (`WireReader`),
     which is read into again once nothing refers to it: whoever keeps the bytes copies them
-    (`bytes(data)`), or passes the view on without a copy and drops it when done.
+    (`bytes(data)`), or passes the view on without a copy and drops it when done. On a stream
+    with a pipe (`WireReader.pipe`) it may be a `PipeChunk` (its bytes wait in the pipe), and one
+    long frame may come as more than one `Frame`.
     """
 
     stream: int
-    data: bytes | memoryview
+    data: bytes | memoryview | PipeChunk
 
 
 READ_MIN = 64 * 1024
@@ -128,6 +133,26 @@ class WireReader:
         self._transport: asyncio.Transport | None = None
         """(uvloop's transports are not registered as asyncio's classes: no isinstance checks on them)"""
         self._paused = False
+        self._fd = -1
+        """The socket's fd when it is a plain one (not TLS): long frames may be spliced off it."""
+        self._pipes: dict[int, FramePipes] = {}
+        self._splice: tuple[int, FramePipe, int, int] | None = None
+        """A frame going into a pipe: (stream, pipe, bytes in it already, bytes to splice)."""
+        self._ready: deque[Frame] = deque()  # the parts of a long frame split by a splice
+
+    @property
+    def can_pipe(self) -> bool:
+        """Whether `pipe` may be used: the connection is a plain socket."""
+        return self._fd >= 0
+
+    def pipe(self, stream: int, pipes: FramePipes) -> None:
+        """From now on, a long frame of `stream` goes into one of `pipes` if it fits (see `frame_pipe`),
+        until `unpipe` or their owner closes them."""
+        self._pipes[stream] = pipes
+
+    def unpipe(self, stream: int) -> None:
+        """No more frames into `stream`'s pipes (their owner closes them)."""
+        self._pipes.pop(stream, None)
 
     async def line(self) -> bytes | None:
         """The next line without its newline; None at a clean end; `ProtocolError` for a frame or past it."""
@@ -139,9 +164,14 @@ class WireReader:
     async def next(self) -> bytes | Frame | None:
         """The next line (without its newline) or frame; None at a clean end; `ProtocolError` if malformed."""
         while True:
+            if self._ready:
+                return self._ready.popleft()
             item = self._parse()
             if item is not None:
                 return item
+            if self._splice is not None:
+                await self._splice_frame(*self._splice)
+                continue
             if self._error is not None:
                 raise self._error
             if self._eof:
@@ -172,6 +202,24 @@ class WireReader:
             stream, length = proto.parse_frame_header(buf[start : start + proto.FRAME_HEADER])
             stop = start + proto.FRAME_HEADER + length
             if end < stop:
+                pipes = self._pipes.get(stream) if stop - end >= DIRECT_AT else None
+                if pipes is not None and pipes.closed:  # their owner is done with them
+                    del self._pipes[stream]
+                pipe = pipes.take(length) if pipes is not None and not pipes.closed else None
+                if pipe is not None:  # the frame goes into a pipe: what is here first, then the rest
+                    with memoryview(buf) as view:
+                        here = view[start + proto.FRAME_HEADER : end]
+                        begun = pipe.put(here)
+                        if begun == len(here):
+                            self._splice = (stream, pipe, begun, stop - end)
+                        else:  # its pages were fuller than counted: the pipe is full
+                            if begun:
+                                self._ready.append(Frame(stream, PipeChunk(pipe, begun)))
+                            self._ready.append(Frame(stream, bytes(here[begun:])))
+                            self._frame = _frame_buffer(stop - end)
+                            self._frame_stream, self._frame_filled = stream, 0
+                    self._consume(end)
+                    return None
                 if stop - end >= DIRECT_AT:  # the rest goes straight into a buffer of its own
                     self._frame = _frame_buffer(length)
                     self._frame_stream, self._frame_filled = stream, end - start - proto.FRAME_HEADER
@@ -196,6 +244,50 @@ class WireReader:
             line = bytes(view[start:newline])
         self._consume(newline + 1)
         return line
+
+    async def _splice_frame(self, stream: int, pipe: FramePipe, begun: int, rest: int) -> None:
+        """Splice a long frame's `rest` from the socket into `pipe`, behind the `begun` bytes put there
+        (the transport pauses meanwhile); what the pipe cannot take once it fills comes after it as
+        bytes, read as a long frame's.
+
+        It splices from a duplicate of the socket's fd, made while the transport is open: were the
+        transport closed during a wait, its fd's number could be another socket's by then."""
+        transport = self._transport
+        assert transport is not None
+        self._splice, spliced = None, 0
+        if transport.is_closing():
+            self._error = ConnectionResetError("the connection closed inside a frame")
+            return
+        fd = os.dup(self._fd)
+        pipe.busy = True
+        transport.pause_reading()
+        try:
+            while spliced < rest:
+                try:
+                    n = os.splice(fd, pipe.write_end, rest - spliced, flags=SPLICE)
+                except BlockingIOError:
+                    if pipe.full():
+                        break
+                    await wait_ready(fd, write=False)
+                    continue
+                if not n:
+                    raise proto.ProtocolError("the stream ended inside a frame")
+                spliced += n
+        except OSError as exc:
+            self._error = exc
+            return
+        finally:
+            os.close(fd)
+            pipe.release()
+            if not self._paused:
+                transport.resume_reading()
+        if begun + spliced and not pipe.closed:  # (closed: its owner let go of the stream meanwhile)
+            self._ready.append(Frame(stream, PipeChunk(pipe, begun + spliced)))
+        if spliced < rest:
+            self._frame = _frame_buffer(rest - spliced)
+            self._frame_stream, self._frame_filled = stream, 0
+        else:
+            self._peek = True
 
     def _consume(self, upto: int) -> None:
         self._start = self._scanned = upto
@@ -240,6 +332,11 @@ class WireReader:
             self._peek = self._frame_filled == len(self._frame)
         else:
             self._end += n
+            if self._peek and self._frame_rest() >= DIRECT_AT and self._transport is not None:
+                # A long frame's header is in: its rest is for `_parse` to place (its own buffer,
+                # or a pipe), not for the next read, which may come before `_parse` runs.
+                self._paused = True
+                self._transport.pause_reading()
             self._peek = False
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -295,6 +392,9 @@ class WireProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.wire._transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and transport.get_extra_info("sslcontext") is None:
+            self.wire._fd = sock.fileno()
         super().connection_made(transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:

@@ -24,6 +24,7 @@ from crogia.errors import Conflict, CrogiaError, InvalidInput, NotFound, Sandbox
 from crogia.sandbox.base import ExitListener
 from crogia.sandbox.channel import Frame, ProtocolViolation, Stream, decode, send
 from crogia.sandbox.daemon import executor_proto as proto
+from crogia.sandbox.frame_pipe import FramePipes, PipeChunk
 from crogia.sandbox.pty_channel import PTY_PUSHES, PtyRouter
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class ByteStream:
         self.on_data: Callable[[bytes], None] | None = None
         self.on_end: Callable[[], None] | None = None
         self._client = client
-        self._chunks: deque[bytes | memoryview] = deque()
+        self._chunks: deque[bytes | memoryview | PipeChunk] = deque()
         self._held = 0  # received, not yet consumed
         self._outstanding = 0  # received, not yet credited back (the sender's window in use)
         self._uncredited = 0  # consumed, not yet credited back
@@ -119,7 +120,18 @@ class ByteStream:
         chunk = await self.read_view()
         return chunk if isinstance(chunk, bytes) else bytes(chunk)
 
-    def take_view(self) -> bytes | memoryview | None:
+    def pipe_frames(self) -> FramePipes | None:
+        """From now on its long frames may wait in pipes, and `read_view` give them as `PipeChunk`s
+        (see `frame_pipe`): the pipes, which the caller closes once done with the stream; None when
+        the connection cannot splice (TLS)."""
+        lines = self._client._lines
+        if self.over or not lines.can_pipe:
+            return None
+        pipes = FramePipes()
+        lines.pipe(self.id, pipes)
+        return pipes
+
+    def take_view(self) -> bytes | memoryview | PipeChunk | None:
         """`read_view()` without waiting: the next bytes if some are here (and all is well), else None."""
         if not self._chunks or self._error is not None:
             return None
@@ -127,8 +139,9 @@ class ByteStream:
         self._consumed(len(chunk))
         return chunk
 
-    async def read_view(self) -> bytes | memoryview:
-        """`read()`, but a long frame's bytes come as a view of the buffer they were read into (no copy)."""
+    async def read_view(self) -> bytes | memoryview | PipeChunk:
+        """`read()`, but a long frame's bytes come as a view of the buffer they were read into (no copy),
+        or as a `PipeChunk` after `pipe_frames`."""
         while not self._chunks or self._error is not None:
             if self._error is not None:
                 raise self._error
@@ -215,7 +228,7 @@ class ByteStream:
             self._outstanding -= self._uncredited
             self._uncredited = 0
 
-    def _feed(self, data: bytes | memoryview) -> None:
+    def _feed(self, data: bytes | memoryview | PipeChunk) -> None:
         if self._error is not None:
             return
         if not data:
@@ -258,6 +271,7 @@ class ByteStream:
 
     def _maybe_over(self) -> None:
         if self.over and self._client._streams.pop(self.id, None) is not None:
+            self._client._lines.unpipe(self.id)
             self._client._call(self.on_end)
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from crogia.errors import CrogiaError, Unavailable
 from crogia.sandbox.daemon import executor_proto as proto
+from crogia.sandbox.frame_pipe import FramePipes, PipeChunk
 
 if TYPE_CHECKING:
     from crogia.sandbox.executor_client import ByteStream, ExecutorClient
@@ -36,6 +37,7 @@ class Tunnel:
 
     def __init__(self, stream: ByteStream, reply: asyncio.Future[dict[str, Any]]) -> None:
         self._stream, self._reply = stream, reply
+        self._pipe: FramePipes | None = None
 
     async def connected(self) -> None:
         """Once the daemon has connected; its `CrogiaError` (code `refused`: nobody listens) if not.
@@ -61,14 +63,22 @@ class Tunnel:
         except CrogiaError as exc:
             raise TunnelClosed(exc.message) from None
 
-    async def read_view(self) -> bytes | memoryview:
-        """`read()`, with a long frame's bytes as a view of the buffer they were read into (no copy)."""
+    def pipe_frames(self) -> bool:
+        """From now on long frames may come as `PipeChunk`s from `read_view` (`ByteStream.pipe_frames`),
+        until the tunnel closes; False if they cannot (then nothing changes)."""
+        if self._pipe is None:
+            self._pipe = self._stream.pipe_frames()
+        return self._pipe is not None
+
+    async def read_view(self) -> bytes | memoryview | PipeChunk:
+        """`read()`, with a long frame's bytes as a view of the buffer they were read into (no copy),
+        or waiting in the tunnel's pipe after `pipe_frames`."""
         try:
             return await self._stream.read_view()
         except CrogiaError as exc:
             raise TunnelClosed(exc.message) from None
 
-    def take_view(self) -> bytes | memoryview | None:
+    def take_view(self) -> bytes | memoryview | PipeChunk | None:
         """`read_view()` without waiting: bytes already here, else None (then await `read_view`)."""
         return self._stream.take_view()
 
@@ -85,9 +95,13 @@ class Tunnel:
         The reset is queued before anything is awaited, so a daemon that stops reading its channel
         costs this call CLOSE_WAIT, never a hang (a request's cleanup, or the server's shutdown).
         """
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CLOSE_WAIT):
-                await self._stream.reset()
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_WAIT):
+                    await self._stream.reset()
+        finally:
+            if self._pipe is not None:
+                self._pipe.close()  # whatever waits in it is dropped with it
 
 
 async def open_tunnel(client: ExecutorClient, port: int) -> Tunnel:

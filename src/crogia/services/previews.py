@@ -27,6 +27,7 @@ from crogia.config import Settings
 from crogia.errors import CrogiaError, SandboxError, TooLarge, UpstreamTimeout
 from crogia.events import PortClosed, PortOpened
 from crogia.sandbox.base import PortState
+from crogia.sandbox.frame_pipe import PipeChunk
 from crogia.sandbox.tunnel_channel import Tunnel, TunnelClosed
 from crogia.services.live import LiveSession
 from crogia.services.preview_pool import UpstreamPool
@@ -128,7 +129,8 @@ class Upstream:
 
     status: int
     headers: Headers
-    body: AsyncIterator[bytes | memoryview] | bytes
+    body: AsyncIterator[bytes | memoryview | PipeChunk] | bytes
+    """`PipeChunk`s only when asked for (`http(zero_copy=True)`)."""
 
 
 class PreviewService:
@@ -243,12 +245,14 @@ class PreviewService:
         headers: Sequence[tuple[bytes, bytes]],
         body: AsyncIterator[bytes],
         info: ClientInfo,
+        zero_copy: bool = False,
     ) -> Upstream:
         """Send one request to `port` and return the response's head; its body streams after.
 
         A request without a body may go over a kept-alive connection from an earlier one (and
         once more over a new one if the server had closed that meanwhile); one with a body always
-        gets a new connection, since a streamed body cannot be sent twice.
+        gets a new connection, since a streamed body cannot be sent twice. With `zero_copy`, a
+        long body's frames may come as `PipeChunk`s (the client's connection can splice them).
         """
         out = upstream_headers(headers, port, info, ws=False)
         declared = any(name == b"content-length" for name, _ in out)
@@ -267,7 +271,7 @@ class PreviewService:
             else:
                 tunnel, conn = await self._new_tunnel(live, port), h11.Connection(h11.CLIENT)
             try:
-                exchange = _Exchange(self, key, tunnel, conn, fresh=pooled is None)
+                exchange = _Exchange(self, key, tunnel, conn, fresh=pooled is None, zero_copy=zero_copy)
                 return await exchange.run(request, body if has_body else None)
             except _Stale:
                 await tunnel.close()  # the server had closed that kept-alive one: a new one
@@ -291,8 +295,10 @@ class _Exchange:
         conn: h11.Connection,
         *,
         fresh: bool,
+        zero_copy: bool,
     ) -> None:
         self.service, self.key, self.tunnel, self.conn, self.fresh = service, key, tunnel, conn, fresh
+        self.zero_copy = zero_copy
         self.port = key[1]
         self.settings = service.settings
         self.heard = False
@@ -390,9 +396,12 @@ class _Exchange:
             if not kept:
                 await tunnel.close()
 
-    async def _raw_body(self, length: int) -> AsyncIterator[bytes | memoryview]:
-        """A large body of known length, straight from the tunnel (h11 would copy it twice more)."""
+    async def _raw_body(self, length: int) -> AsyncIterator[bytes | memoryview | PipeChunk]:
+        """A large body of known length, straight from the tunnel (h11 would copy it twice more);
+        its long frames through the tunnel's pipe when the client's connection can splice them."""
         tunnel, left = self.tunnel, length
+        if self.zero_copy:
+            tunnel.pipe_frames()
         try:
             start, _ = self.conn.trailing_data  # what came behind the head
             if start:
@@ -405,8 +414,8 @@ class _Exchange:
                         chunk = await tunnel.read_view()
                 if not chunk:
                     raise TunnelClosed(f"closed with {left} bytes of the body to come")
-                if len(chunk) > left:
-                    chunk = chunk[:left]
+                if len(chunk) > left:  # (then the tunnel closes: what is behind it is dropped)
+                    chunk = chunk.head(left) if isinstance(chunk, PipeChunk) else chunk[:left]
                 left -= len(chunk)
                 yield chunk
         except (TimeoutError, TunnelClosed) as exc:

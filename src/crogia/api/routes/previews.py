@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, Depends, Path, Request, WebSocket
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
+from starlette.types import Send
 from starlette.websockets import WebSocketState
 
 from crogia.api import preview_auth
@@ -18,7 +20,9 @@ from crogia.api.deps import DEFAULT_TENANT, LiveDep, RuntimeDep, TenantDep, bear
 from crogia.api.errors import ERRORS, status_for
 from crogia.api.schemas import ErrorBody, PortList, PortPublic, PreviewLink
 from crogia.errors import CrogiaError, Unauthorized
+from crogia.frontdoor.zero_copy import ZERO_COPY
 from crogia.runtime import Runtime
+from crogia.sandbox.frame_pipe import PipeChunk
 from crogia.services.preview_ws import pump_websocket, websocket_handshake
 from crogia.services.previews import ClientInfo
 
@@ -33,6 +37,24 @@ PREVIEW_ERRORS: dict[int | str, dict[str, Any]] = {
     },
 }
 router = APIRouter(prefix="/api/sessions/{session_id}/ports", tags=["previews"], responses=PREVIEW_ERRORS)
+
+
+class PipedResponse(StreamingResponse):
+    """A `StreamingResponse` whose `PipeChunk`s go out as `http.response.zerocopysend` (spliced)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes | memoryview | PipeChunk], status_code: int) -> None:
+        super().__init__(cast(AsyncIterator[bytes], chunks), status_code=status_code)
+        self.chunks = chunks
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for chunk in self.chunks:
+            if isinstance(chunk, PipeChunk):
+                await send({"type": ZERO_COPY, "file": chunk, "count": len(chunk), "more_body": True})
+            else:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
 
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 """Declares the bearer scheme in the OpenAPI document; `_preview_tenant` decides."""
@@ -179,12 +201,13 @@ async def serve(request: Request, session_id: str, port: int) -> Response:
         headers=request.headers.raw,
         body=request.stream(),
         info=_info(request, session_id, port),
+        zero_copy=ZERO_COPY in request.scope.get("extensions", {}),
     )
     response: Response
     if isinstance(upstream.body, bytes):
         response = Response(upstream.body, status_code=upstream.status)
     else:
-        response = StreamingResponse(upstream.body, status_code=upstream.status)
+        response = PipedResponse(upstream.body, status_code=upstream.status)
     response.raw_headers = upstream.headers  # the sandbox's own, Content-Length included
     return response
 

@@ -43,6 +43,10 @@ PAUSE_AT = 1024 * 1024
 MAX_TUNNELS = 512
 CONNECT_TIMEOUT = 5.0
 SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+SPLICE_SLACK = 64 * 1024
+"""A spliced frame's bytes stop this short of the pipe's size: on the server's side they may take a
+few more of a pipe's pages than here (the channel's packets split pages), and a frame the server's
+pipe can take whole goes through it without a copy (`crogia.sandbox.frame_pipe`)."""
 SPLICE_AFTER = 1 << 20
 """Bytes a tunnel carries by recv before it splices (a long download, not a page's small answers)."""
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
@@ -262,7 +266,7 @@ class Tunnel:
             room = min(conn.credit_left(self.sid), proto.FRAME_MAX)
             pipe = self.spliced()
             if pipe is not None:
-                room = min(room, pipe[2])
+                room = min(room, pipe[2] - SPLICE_SLACK)
             if room <= 0:
                 return
             try:  # never more than the credit left, either way

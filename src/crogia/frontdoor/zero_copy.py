@@ -1,0 +1,127 @@
+"""The ASGI `http.response.zerocopysend` extension for the front door's connections.
+
+uvicorn does not offer it; `FrontDoorProtocol` does, on a plain socket (not TLS): a message
+`{"type": "http.response.zerocopysend", "file": f, "count": n, "offset": None, "more_body": ...}`
+sends `n` bytes of the body from `f.fileno()` straight to the client's socket with `splice`, so
+the kernel moves them and this process never copies them. The preview proxy sends a long
+download's frames so, from its tunnel's pipe (`crogia.sandbox.frame_pipe`).
+
+`file` must hold its `count` bytes already (a pipe: in it; a regular file: at `offset`, or its
+position). A body the connection cannot splice (chunked, a HEAD, or bytes of an earlier write
+still in the transport's buffer, which must go first) is read and sent as `http.response.body`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import termios
+from typing import Any
+
+from uvicorn._types import HTTPResponseBodyEvent
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+from crogia.sandbox.frame_pipe import SPLICE, wait_ready
+
+ZERO_COPY = "http.response.zerocopysend"
+GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN})
+"""A splice into the client's socket failing so: the client went away (as a transport would tell)."""
+
+
+def extension(scope: dict[str, Any]) -> None:
+    """Say in `scope` that the connection takes `http.response.zerocopysend`."""
+    scope.setdefault("extensions", {})[ZERO_COPY] = {}
+
+
+async def send(cycle: RequestResponseCycle, sock: int, message: Any) -> None:
+    """`cycle.send`, and `http.response.zerocopysend` to the connection's socket `sock` (its fd,
+    open while the transport is)."""
+    if message["type"] != ZERO_COPY:
+        await RequestResponseCycle.send(cycle, message)
+        return
+    if not cycle.response_started or cycle.response_complete:
+        raise RuntimeError(f"Unexpected ASGI message '{ZERO_COPY}' sent.")
+    source, count = message["file"].fileno(), int(message["count"])
+    offset: int | None = message.get("offset")
+    more_body = bool(message.get("more_body", False))
+    spliceable = not cycle.chunked_encoding and cycle.scope["method"] != "HEAD"
+    if not spliceable or cycle.transport.get_write_buffer_size():
+        body = _read(source, count, offset)
+        await RequestResponseCycle.send(cycle, _body(body, more_body))
+        return
+    if cycle.flow.write_paused and not cycle.disconnected:
+        await cycle.flow.drain()
+    if cycle.disconnected:
+        return
+    if count > cycle.expected_content_length:
+        raise RuntimeError("Response content longer than Content-Length")
+    cycle.expected_content_length -= count
+    if cycle.transport.is_closing():
+        return
+    # A duplicate, made while the transport is open: were it closed during a wait, its fd's number
+    # could be another client's connection by then.
+    client = os.dup(sock)
+    try:
+        sent = await _splice(source, client, count, offset)
+    finally:
+        os.close(client)
+    if not sent:
+        cycle.disconnected = True  # as the transport will say once it reads the reset
+        return
+    if not more_body:
+        await RequestResponseCycle.send(cycle, _body(b"", False))
+
+
+def _body(body: bytes, more_body: bool) -> HTTPResponseBodyEvent:
+    return {"type": "http.response.body", "body": body, "more_body": more_body}
+
+
+async def _splice(source: int, sock: int, count: int, offset: int | None) -> bool:
+    """Move `count` bytes from `source` to the non-blocking `sock`, waiting while it is full; False
+    if the client went away."""
+    piped, left = stat.S_ISFIFO(os.fstat(source).st_mode), count
+    while left:
+        try:  # (splice needs a pipe at one end; a file goes by sendfile)
+            if piped:
+                n = os.splice(source, sock, left, offset_src=offset, flags=SPLICE)
+            else:
+                n = os.sendfile(sock, source, offset, left)
+        except BlockingIOError:
+            if piped and not _available(source):  # (a pipe that is empty says EAGAIN too)
+                raise RuntimeError(f"the file ended {left} bytes short of its count") from None
+            await wait_ready(sock, write=True)
+            continue
+        except OSError as exc:
+            if exc.errno in GONE:
+                return False
+            raise
+        if not n:
+            raise RuntimeError(f"the file ended {left} bytes short of its count")
+        left -= n
+        if offset is not None:
+            offset += n
+    return True
+
+
+def _available(fd: int) -> int:
+    held = bytearray(4)
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, held)
+    except OSError:  # a pipe that cannot say: take it that it holds them
+        return 1
+    return int.from_bytes(held, "little")
+
+
+def _read(source: int, count: int, offset: int | None) -> bytes:
+    parts, left = [], count
+    while left:
+        part = os.pread(source, left, offset) if offset is not None else os.read(source, left)
+        if not part:
+            raise RuntimeError(f"the file ended {left} bytes short of its count")
+        parts.append(part)
+        left -= len(part)
+        if offset is not None:
+            offset += len(part)
+    return b"".join(parts)
