@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
@@ -13,6 +12,7 @@ import websockets
 
 from tests.hostile.support import rss_mb
 from tests.previews.helpers import WS_ECHO, serve_app, start, wait_port, write_file
+from tests.support.local_daemon import pipes
 from tests.support.server import RunningServer
 
 
@@ -137,11 +137,7 @@ async def _next_event(ws: websockets.ClientConnection, kind: str, port: int) -> 
 
 def _pipes() -> int:
     """Pipe fds this process (the server, in the test's own loop) holds."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(FileNotFoundError):
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
-    return count
+    return pipes(os.getpid())
 
 
 async def test_a_long_download_goes_through_pipes_whole_to_a_slow_client(server: RunningServer) -> None:

@@ -26,8 +26,7 @@ from crogia.sandbox.daemon import executor_proto as proto
 from crogia.sandbox.executor_client import ByteStream, ExecutorClient
 from crogia.sandbox.frame_pipe import PIPES_MAX, PipeChunk
 from crogia.sandbox.tunnel_channel import open_tunnel
-from tests.sandbox.test_tunnel_splice import byte_source, pipes
-from tests.support.local_daemon import LocalDaemon, local_daemon
+from tests.support.local_daemon import LocalDaemon, byte_source, local_daemon, pipes
 
 SIZE = 48 << 20
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from crogia.sandbox.tunnel_channel import open_tunnel
-from tests.support.local_daemon import LocalDaemon, local_daemon
+from tests.support.local_daemon import LocalDaemon, byte_source, local_daemon, pipes
 
 SIZE = 24 << 20
 
@@ -30,29 +30,6 @@ async def daemon(tmp_path: Path) -> AsyncIterator[LocalDaemon]:
     (tmp_path / "ws").mkdir()
     async with local_daemon(tmp_path / "ws", tmp_path / "logs") as running:
         yield running
-
-
-async def byte_source(data: bytes) -> tuple[asyncio.Server, int]:
-    """A TCP server on 127.0.0.1 that sends `data` to a client once it has sent a byte; and its port."""
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readexactly(1)
-        writer.write(data)
-        await writer.drain()
-        writer.close()
-
-    source = await asyncio.start_server(serve, "127.0.0.1", 0)
-    return source, source.sockets[0].getsockname()[1]
-
-
-def pipes(pid: int) -> int:
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
-        except FileNotFoundError:  # closed while we looked
-            continue
-    return count
 
 
 async def test_spliced_bytes_arrive_once_and_in_order_and_the_pipes_go_with_the_tunnel(

@@ -61,5 +61,29 @@ async def local_daemon(root: Path, log_dir: Path) -> AsyncIterator[LocalDaemon]:
         await asyncio.wait_for(process.wait(), 10)
 
 
+async def byte_source(data: bytes) -> tuple[asyncio.Server, int]:
+    """A TCP server on 127.0.0.1 that sends `data` to a client once it has sent a byte; and its port."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(1)
+        writer.write(data)
+        await writer.drain()
+        writer.close()
+
+    source = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return source, source.sockets[0].getsockname()[1]
+
+
+def pipes(pid: int) -> int:
+    """Pipe fds process `pid` holds (the tunnel tests' check that pipes go with their tunnel)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
+        except FileNotFoundError:  # closed while we looked
+            continue
+    return count
+
+
 def daemon_files(daemon: LocalDaemon, **limits: Any) -> DaemonFiles:
     return DaemonFiles(lambda: daemon, **limits)  # type: ignore[arg-type, return-value]

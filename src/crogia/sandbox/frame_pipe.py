@@ -7,9 +7,10 @@ moves it from the pipe into the client's socket (`http.response.zerocopysend`): 
 the pages on, this process copies none of them. What waits in a pipe is a `PipeChunk` in the
 stream's queue, in order with the chunks that came as bytes.
 
-Only a plain socket can be spliced from (not TLS), and only a frame that fits the pipe's room goes
-into it; the rest of the frame, when the pipe fills meanwhile, comes as bytes after it. Bytes in a
-pipe count against the stream's window like any others, so a pipe never holds more than a window.
+Only a plain socket can be spliced from (not TLS), and a frame goes only into an empty pipe (a
+splice fills pages less than full, so one that holds some bytes may take far fewer than its size
+says); the rest of the frame, when the pipe fills meanwhile, comes as bytes after it, and so does a
+frame that finds no pipe empty. Bytes in a pipe count against the stream's window like any others.
 """
 
 from __future__ import annotations
@@ -40,11 +41,9 @@ class FramePipes:
         self.closed = False
 
     def take(self, n: int) -> FramePipe | None:
-        """An empty pipe for a frame of `n` bytes (a splice fills pages less than full, so a pipe
-        that holds some bytes may take far fewer than its room says); None if none is empty and no
-        more can be made."""
+        """An empty pipe for a frame of `n` bytes; None if none is empty and no more can be made."""
         for pipe in self.pipes:
-            if pipe.room() == pipe.capacity:
+            if pipe.empty():
                 return pipe if pipe.capacity >= n else None
         if len(self.pipes) >= PIPES_MAX or self.closed:
             return None
@@ -92,11 +91,10 @@ class FramePipe:
             return None
         return cls(read_end, write_end, capacity)
 
-    def room(self) -> int:
-        """Bytes the pipe can take at least, were its pages full (a splice may fill them less)."""
+    def empty(self) -> bool:
         held = bytearray(4)
         fcntl.ioctl(self.read_end, termios.FIONREAD, held)
-        return self.capacity - int.from_bytes(held, "little")
+        return held == b"\0\0\0\0"
 
     def full(self) -> bool:
         """No page of the pipe is free (a splice into it would wait)."""
@@ -105,8 +103,7 @@ class FramePipe:
         return not poller.poll(0)
 
     def put(self, data: memoryview) -> int:
-        """Write `data` into the pipe (which has room for it: `room`); how much went in (all of it,
-        unless its pages were fuller than `room` counted)."""
+        """Write `data` into the pipe (an empty one, as large as a frame); how much went in."""
         if not data:
             return 0
         try:
@@ -169,11 +166,10 @@ class PipeChunk:
         return PipeChunk(self.pipe, min(n, self.n))
 
 
-async def wait_ready(fd: int, *, write: bool) -> None:
-    """Until `fd` is readable (or writable), through a duplicate of it: the loop refuses to watch an fd
-    that one of its transports holds, even a paused one."""
+async def wait_ready(dup: int, *, write: bool) -> None:
+    """Until `dup` is readable (or writable). It must be a duplicate of a transport's fd, owned by the
+    caller: the loop refuses to watch an fd one of its transports holds, even a paused one."""
     loop = asyncio.get_running_loop()
-    dup = os.dup(fd)
     ready: asyncio.Future[None] = loop.create_future()
 
     def wake() -> None:
@@ -191,4 +187,3 @@ async def wait_ready(fd: int, *, write: bool) -> None:
             loop.remove_writer(dup)
         else:
             loop.remove_reader(dup)
-        os.close(dup)
