@@ -11,6 +11,8 @@ of its own): inside the sandbox against 127.0.0.1:8000, and on the host through 
   of direct.
 * concurrency: 100 clients at once, 5 requests each (`CROWD`), through the proxy; its seconds beside
   the same crowd's inside the sandbox. Target: no errors.
+* for reference, the floor of any two-hop relay on this host (`_splice_floor.py`): the same size
+  through two bare blocking-splice relays, against no relay, on the host (no target of its own).
 
 The server in the sandbox is `tests/previews/helpers.APP` (stdlib ThreadingHTTPServer, listening
 with Werkzeug's backlog of 128: socketserver's 5 drops a crowd's connections, even from inside). Writes
@@ -125,6 +127,18 @@ async def in_a_process(client: str, *args: str) -> dict[str, Any]:
     return result
 
 
+async def splice_floor(size: int) -> dict[str, float]:
+    """Median MB/s through 0, 1 and 2 bare splice relays on the host (`_splice_floor.py`)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_splice_floor.py")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, script, str(ROUNDS), str(size), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out
+    rates: dict[str, list[float]] = json.loads(out)
+    return {hops: round(statistics.median(each) / 1e6, 1) for hops, each in rates.items()}
+
+
 async def wait_port(http: Http, sid: str, port: int) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -197,6 +211,10 @@ async def main() -> None:
         rows.append(Row(f"preview {CLIENTS} concurrent clients x 5 GETs: errors ({backend})", m["errors"],
                         "errors", "0", m["errors"] == 0, extra=crowd))  # fmt: skip
         extra[f"raw_{backend}"] = m
+    floor = await splice_floor(size)
+    rows.append(Row(f"two bare splice relays, {size >> 20} MB (the floor of two hops)", floor["2"], "MB/s",
+                    "reference", None, floor["0"], "no relay, on the host",
+                    extra={"one_relay_mb_s": floor["1"]}))  # fmt: skip
     report("preview", rows, smoke=args.smoke, requests=n, download_bytes=size, **extra)
 
 
