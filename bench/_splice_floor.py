@@ -21,8 +21,9 @@ import sys
 import time
 from collections.abc import Callable
 
-F_SETPIPE_SZ = 1031
-PIPE = 1 << 20
+from crogia.sandbox.daemon.executor_proto import FRAME_MAX as PIPE  # the pipe size ours use
+from crogia.sandbox.frame_pipe import F_SETPIPE_SZ
+
 CHUNK = 1 << 16
 
 
@@ -35,7 +36,7 @@ def listener() -> socket.socket:
 
 def send(listening: socket.socket, size: int) -> None:
     conn, _ = listening.accept()
-    data = os.urandom(CHUNK)
+    data = memoryview(os.urandom(CHUNK))  # (a slice of bytes would copy them for each send)
     left = size
     while left > 0:
         conn.sendall(data[: min(left, CHUNK)])
