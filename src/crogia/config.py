@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     """Seconds the cookie a signed link sets authorises its preview."""
     preview_link_key: str = ""
     """Key signing preview links and cookies; empty: a random one per start (links end with a restart)."""
+    preview_splice: bool = False
+    """Long preview downloads go from the daemon's channel to the client by splice (the least server
+    CPU per byte) rather than by copies (more throughput when clients share the server's cores)."""
 
     # --- trust ---
     api_tokens: str = ""

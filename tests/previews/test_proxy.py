@@ -7,13 +7,18 @@ import hashlib
 import json
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import pytest
 import websockets
 
+from crogia.sandbox.frame_pipe import PipeChunk
+from crogia.services import previews
+from tests.conftest import make_settings
 from tests.hostile.support import rss_mb
 from tests.previews.helpers import WS_ECHO, serve_app, start, wait_port, write_file
 from tests.support.local_daemon import pipes
-from tests.support.server import RunningServer
+from tests.support.server import RunningServer, run_server
 
 
 async def test_get_and_post_reach_a_server_in_the_sandbox(server: RunningServer) -> None:
@@ -140,42 +145,61 @@ def _pipes() -> int:
     return pipes(os.getpid())
 
 
-async def test_a_long_download_goes_through_pipes_whole_to_a_slow_client(server: RunningServer) -> None:
-    """Past its first MiB a download's frames go from the daemon's channel to the client's socket by
-    splice (`frame_pipe`, the front door's zerocopysend); a client that stops reading now and then
-    fills the pipes, so frames come as bytes between the piped ones. Every byte once, in order; and
-    the pipes go with the response."""
-    sid = str((await server.create_session())["session_id"])
-    size = 48 << 20
-    response = await server.client.post(
-        f"/api/sessions/{sid}/shell",
-        json={"cmd": f"head -c {size} /dev/urandom > blob && sha256sum blob", "timeout": 60},
-    )
-    assert response.status_code == 200, response.text
-    expected = response.json()["output"].split()[0]
-    await start(server, sid, "python3 -m http.server 8003 --bind 127.0.0.1")
-    await wait_port(server, sid, 8003)
-    before = _pipes()
-    host, port = server.base_url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(f"GET /api/sessions/{sid}/ports/8003/blob HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-        assert head.startswith(b"HTTP/1.1 200") and f"content-length: {size}".encode() in head.lower()
-        digest, got, most = hashlib.sha256(), 0, 0
-        while got < size:
-            chunk = await asyncio.wait_for(reader.read(1 << 20), 30)
-            assert chunk, f"the body ended after {got} bytes"
-            digest.update(chunk)
-            got += len(chunk)
-            most = max(most, _pipes() - before)
-            if got % (8 << 20) < len(chunk):
-                await asyncio.sleep(0.2)  # the client stops reading: its socket and the pipes fill
-        assert digest.hexdigest() == expected
-        assert most >= 2, "no pipe was made for the download"
-    finally:
-        writer.close()
-    deadline = asyncio.get_running_loop().time() + 10
-    while _pipes() > before:
-        assert asyncio.get_running_loop().time() < deadline, "the download's pipes outlived it"
-        await asyncio.sleep(0.02)
+@pytest.mark.parametrize("splice", [False, True], ids=["copies", "splice"])
+async def test_a_long_download_goes_whole_to_a_slow_client(
+    data_dir: Path, backend: str, splice: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its first MiB a download's frames go from the daemon's channel straight into the client's
+    socket while it can take them (the lane: `zero_copy.Lent`, from the channel's reader); a client
+    that stops reading now and then makes the rest wait in the stream's queue and go as ASGI messages.
+    With PREVIEW_SPLICE they go by splice (`frame_pipe`): the client that stalls fills the pipes, so
+    frames come as bytes between the piped ones, and the pipes go with the response. Every byte
+    once, in order, either way."""
+    laned = [0]
+    lane_call = previews._Lane.__call__
+
+    def counted(lane: previews._Lane, chunk: PipeChunk | memoryview) -> int:
+        moved = lane_call(lane, chunk)
+        laned[0] += moved
+        return moved
+
+    monkeypatch.setattr(previews._Lane, "__call__", counted)  # a spy: the lane itself does the work
+    async with run_server(make_settings(data_dir, backend, preview_splice=splice)) as server:
+        sid = str((await server.create_session())["session_id"])
+        size = 48 << 20
+        response = await server.client.post(
+            f"/api/sessions/{sid}/shell",
+            json={"cmd": f"head -c {size} /dev/urandom > blob && sha256sum blob", "timeout": 60},
+        )
+        assert response.status_code == 200, response.text
+        expected = response.json()["output"].split()[0]
+        await start(server, sid, "python3 -m http.server 8003 --bind 127.0.0.1")
+        await wait_port(server, sid, 8003)
+        before = _pipes()
+        host, port = server.base_url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(f"GET /api/sessions/{sid}/ports/8003/blob HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            assert head.startswith(b"HTTP/1.1 200") and f"content-length: {size}".encode() in head.lower()
+            digest, got, most = hashlib.sha256(), 0, 0
+            while got < size:
+                chunk = await asyncio.wait_for(reader.read(1 << 20), 30)
+                assert chunk, f"the body ended after {got} bytes"
+                digest.update(chunk)
+                got += len(chunk)
+                most = max(most, _pipes() - before)
+                if got % (8 << 20) < len(chunk):
+                    await asyncio.sleep(0.2)  # the client stops reading: its socket (and the pipes) fill
+            assert digest.hexdigest() == expected
+            if splice:
+                assert most >= 2, "no pipe was made for the download"
+            else:
+                assert most == 0, "a pipe was made without PREVIEW_SPLICE"
+            assert 0 < laned[0] < size, f"the lane moved {laned[0]} of {size} bytes"
+        finally:
+            writer.close()
+        deadline = asyncio.get_running_loop().time() + 10
+        while _pipes() > before:
+            assert asyncio.get_running_loop().time() < deadline, "the download's pipes outlived it"
+            await asyncio.sleep(0.02)

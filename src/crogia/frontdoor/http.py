@@ -13,7 +13,8 @@ well. This subclass adds, per connection:
   still ask `GET /api/health` (and is closed after it); anything else gets 503; past the headroom
   it gets a 503 at once and is closed. Idle keep-alive time stays uvicorn's (`timeout_keep_alive`).
 
-On a plain socket it also offers ASGI's `http.response.zerocopysend` (`zero_copy`).
+On a plain socket it also offers ASGI's `http.response.zerocopysend`, and lends the socket itself
+for a body spliced from a pipe (`zero_copy`).
 """
 
 from __future__ import annotations
@@ -188,6 +189,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
         if self._socket >= 0 and self.cycle is not None:  # (its ASGI task calls it once it runs)
             self.cycle.send = functools.partial(zero_copy.send, self.cycle, self._socket)  # type: ignore[method-assign]
+            zero_copy.lending(self.cycle, self._socket)
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)

@@ -9,16 +9,24 @@ download's frames so, from its tunnel's pipe (`crogia.sandbox.frame_pipe`).
 `file` must hold its `count` bytes already (a pipe: in it; a regular file: at `offset`, or its
 position). A body the connection cannot splice (chunked, a HEAD, or bytes of an earlier write
 still in the transport's buffer, which must go first) is read and sent as `http.response.body`.
+
+A private extension goes one step further: `scope["extensions"]["crogia.socket_lend"]["lend"]()`,
+called once the response has started, lends the app the client's socket (`Lent`) for a body of
+declared length, so that whoever gets the body's bytes (the daemon channel's reader, in the
+preview proxy) sends them (`send`) or splices them from a pipe (`splice`) straight in the moment
+they come, when the socket can take them at once: no task wakes and no ASGI message is sent per
+frame. Whatever it cannot take then goes as an ASGI message, as before, which waits for the socket.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import stat
 import termios
-from typing import Any
+from typing import Any, Self
 
 from uvicorn._types import HTTPResponseBodyEvent
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
@@ -26,6 +34,7 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from crogia.sandbox.frame_pipe import SPLICE, wait_ready
 
 ZERO_COPY = "http.response.zerocopysend"
+LEND = "crogia.socket_lend"
 GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN})
 """A splice into the client's socket failing so: the client went away (as a transport would tell)."""
 
@@ -33,6 +42,69 @@ GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN
 def extension(scope: dict[str, Any]) -> None:
     """Say in `scope` that the connection takes `http.response.zerocopysend`."""
     scope.setdefault("extensions", {})[ZERO_COPY] = {}
+
+
+def lending(cycle: RequestResponseCycle, sock: int) -> None:
+    """Offer `cycle`'s app the connection's socket `sock` (`LEND`; see `Lent.lend`)."""
+    cycle.scope.setdefault("extensions", {})[LEND] = {"lend": functools.partial(Lent.lend, cycle, sock)}
+
+
+class Lent:
+    """The client's socket lent to the app for its body: `splice` moves bytes out of a pipe into it
+    now, or none. Its own duplicate of the socket's fd, until `close`."""
+
+    def __init__(self, cycle: RequestResponseCycle, fd: int) -> None:
+        self.cycle, self._fd = cycle, fd
+
+    @classmethod
+    def lend(cls, cycle: RequestResponseCycle, sock: int) -> Self | None:
+        """The socket, for a started response of declared length that can be spliced; else None."""
+        usable = cycle.response_started and not cycle.response_complete and not cycle.disconnected
+        if not usable or cycle.chunked_encoding or cycle.scope["method"] == "HEAD":
+            return None
+        if cycle.transport.is_closing():
+            return None
+        return cls(cycle, os.dup(sock))  # (made while the transport is open: see `send`)
+
+    def splice(self, source: int, count: int) -> int:
+        """Move up to `count` bytes from the pipe `source` into the socket, without waiting; how many.
+
+        None go when the socket is full, bytes of an earlier write still wait in the transport (they
+        go first), or the client went away (the next `zerocopysend` finds that out and says so).
+        """
+        cycle = self.cycle
+        count = min(count, cycle.expected_content_length)
+        if self._fd < 0 or count <= 0 or cycle.disconnected or cycle.response_complete:
+            return 0
+        if cycle.flow.write_paused or cycle.transport.is_closing() or cycle.transport.get_write_buffer_size():
+            return 0
+        try:
+            moved = os.splice(source, self._fd, count, flags=SPLICE)
+        except OSError:
+            return 0
+        cycle.expected_content_length -= moved
+        return moved
+
+    def send(self, data: memoryview) -> int:
+        """Send what the socket takes of `data` now (copied into it), as `splice` does; how much."""
+        cycle = self.cycle
+        data = data[: cycle.expected_content_length]
+        if self._fd < 0 or not data or cycle.disconnected or cycle.response_complete:
+            return 0
+        if cycle.flow.write_paused or cycle.transport.is_closing() or cycle.transport.get_write_buffer_size():
+            return 0
+        try:
+            moved = os.write(self._fd, data)
+        except OSError:
+            return 0
+        cycle.expected_content_length -= moved
+        return moved
+
+    def close(self) -> None:
+        """Give the socket back (idempotent)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 async def send(cycle: RequestResponseCycle, sock: int, message: Any) -> None:

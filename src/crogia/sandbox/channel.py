@@ -77,7 +77,10 @@ DIRECT_AT = 64 * 1024
 """A frame with this much still to come is read straight into a buffer of its own (no copy after)."""
 PEEK_READ = 16 * 1024
 """The most read into the shared buffer right after a long frame: another long one is likely to
-follow, and its header is all that needs to land there before the rest goes straight to its own."""
+follow, and its header is all that needs to land there before the rest goes straight to its own.
+Right after a frame that went into a pipe, the read takes only a header (`FRAME_HEADER`): the next
+frame of that stream most likely goes into a pipe too, and what lands in the buffer with its header
+would be copied twice (in, and into the pipe) where splicing moves it for nothing."""
 
 
 SPARE_FRAMES = 8
@@ -129,7 +132,7 @@ class WireReader:
         self._error: BaseException | None = None
         self._frame: memoryview | None = None  # a long frame being read into its own buffer
         self._frame_stream = self._frame_filled = 0
-        self._peek = False  # the last frame was long: the next read into an empty buffer is short
+        self._peek = 0  # the last frame was long: the next read into an empty buffer is this short
         self._transport: asyncio.Transport | None = None
         """(uvloop's transports are not registered as asyncio's classes: no isinstance checks on them)"""
         self._paused = False
@@ -230,7 +233,7 @@ class WireReader:
             with memoryview(buf) as view:  # the one copy of a frame's bytes
                 data = bytes(view[start + proto.FRAME_HEADER : stop])
             self._consume(stop)
-            self._peek = length >= DIRECT_AT
+            self._peek = PEEK_READ if length >= DIRECT_AT else 0
             return Frame(stream, data)
         newline = buf.find(b"\n", max(self._scanned, start), end)
         if newline < 0:
@@ -287,7 +290,7 @@ class WireReader:
             self._frame = _frame_buffer(rest - spliced)
             self._frame_stream, self._frame_filled = stream, 0
         else:
-            self._peek = True
+            self._peek = proto.FRAME_HEADER
 
     def _consume(self, upto: int) -> None:
         self._start = self._scanned = upto
@@ -314,7 +317,7 @@ class WireReader:
                 self._buf = grown
         room = len(self._buf) - self._end
         if self._peek:
-            room = min(room, self._frame_rest() + PEEK_READ)
+            room = min(room, self._frame_rest() + self._peek)
         return memoryview(self._buf)[self._end : self._end + room]
 
     def _frame_rest(self) -> int:
@@ -329,7 +332,7 @@ class WireReader:
     def _updated(self, n: int) -> None:
         if self._frame is not None and self._frame_filled < len(self._frame):
             self._frame_filled += n
-            self._peek = self._frame_filled == len(self._frame)
+            self._peek = PEEK_READ if self._frame_filled == len(self._frame) else 0
         else:
             self._end += n
             if self._peek and self._frame_rest() >= DIRECT_AT and self._transport is not None:
@@ -337,7 +340,7 @@ class WireReader:
                 # or a pipe), not for the next read, which may come before `_parse` runs.
                 self._paused = True
                 self._transport.pause_reading()
-            self._peek = False
+            self._peek = 0
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

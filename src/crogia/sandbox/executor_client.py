@@ -24,7 +24,7 @@ from crogia.errors import Conflict, CrogiaError, InvalidInput, NotFound, Sandbox
 from crogia.sandbox.base import ExitListener
 from crogia.sandbox.channel import Frame, ProtocolViolation, Stream, decode, send
 from crogia.sandbox.daemon import executor_proto as proto
-from crogia.sandbox.frame_pipe import FramePipes, PipeChunk
+from crogia.sandbox.frame_pipe import FramePipes, PipeChunk, Sink
 from crogia.sandbox.pty_channel import PTY_PUSHES, PtyRouter
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ class ByteStream:
         self._their_end = self._our_end = False
         self._error: CrogiaError | None = None
         self._aborted = False
+        self._sink: Sink | None = None  # armed while `read_view` waits with one
 
     @property
     def held(self) -> int:
@@ -139,16 +140,24 @@ class ByteStream:
         self._consumed(len(chunk))
         return chunk
 
-    async def read_view(self) -> bytes | memoryview | PipeChunk:
+    async def read_view(self, sink: Sink | None = None) -> bytes | memoryview | PipeChunk:
         """`read()`, but a long frame's bytes come as a view of the buffer they were read into (no copy),
-        or as a `PipeChunk` after `pipe_frames`."""
+        or as a `PipeChunk` after `pipe_frames`.
+
+        With a `sink`, a long frame that comes while this waits goes to it first, there and then
+        (in the channel's reader): this returns only with what it did not take, or b"" once it is
+        `full` (or at the daemon's end). What it took is consumed and credited as if read."""
         while not self._chunks or self._error is not None:
             if self._error is not None:
                 raise self._error
-            if self._their_end:
+            if self._their_end or (sink is not None and sink.full):
                 return b""
             self._changed.clear()
-            await self._changed.wait()
+            self._sink = sink
+            try:
+                await self._changed.wait()
+            finally:
+                self._sink = None
         chunk = self.take_view()
         assert chunk is not None  # a chunk is here and the stream is well
         return chunk
@@ -245,9 +254,19 @@ class ByteStream:
         if self.on_data is not None:
             self._client._call(self.on_data, bytes(data))
             self._consumed(len(data))
-        else:
-            self._chunks.append(data)
-            self._changed.set()
+            return
+        sink = self._sink
+        if sink is not None and not self._chunks and not isinstance(data, bytes):
+            moved = sink(data)  # (nothing is queued, and the waiting reader holds nothing to go first)
+            if moved:
+                self._consumed(moved)
+                if moved == len(data):
+                    if sink.full:
+                        self._changed.set()
+                    return
+                data = data.after(moved) if isinstance(data, PipeChunk) else data[moved:]
+        self._chunks.append(data)
+        self._changed.set()
 
     def _credited(self, n: int) -> None:
         self._credit = min(self._credit + n, proto.WINDOW)

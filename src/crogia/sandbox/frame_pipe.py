@@ -20,6 +20,7 @@ import fcntl
 import os
 import select
 import termios
+from typing import Protocol
 
 from crogia.sandbox.daemon import executor_proto as proto
 
@@ -161,9 +162,27 @@ class PipeChunk:
     def __bytes__(self) -> bytes:
         return self.pipe.read(self.n)
 
+    def after(self, n: int) -> PipeChunk:
+        """What is left of it once its first `n` bytes are taken out of the pipe."""
+        return PipeChunk(self.pipe, self.n - n)
+
     def head(self, n: int) -> PipeChunk:
         """Its first `n` bytes (what is behind them is left in the pipe: drop the pipe after)."""
         return PipeChunk(self.pipe, min(n, self.n))
+
+
+class Sink(Protocol):
+    """Where a stream's long frames (in a pipe, or a view of their own buffer) may go the moment
+    they are in, rather than waiting in its queue (`ByteStream.read_view(sink=...)`): the preview
+    proxy's lane into the client's socket."""
+
+    def __call__(self, chunk: PipeChunk | memoryview, /) -> int:
+        """Move what can go now of `chunk` (from its start, without waiting); how many bytes went.
+        It must not raise: whatever it cannot move waits in the stream's queue as before."""
+
+    @property
+    def full(self) -> bool:
+        """It wants no more: the stream's reader must wake."""
 
 
 async def wait_ready(dup: int, *, write: bool) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from crogia.errors import CrogiaError, Unavailable
 from crogia.sandbox.daemon import executor_proto as proto
-from crogia.sandbox.frame_pipe import FramePipes, PipeChunk
+from crogia.sandbox.frame_pipe import FramePipes, PipeChunk, Sink
 
 if TYPE_CHECKING:
     from crogia.sandbox.executor_client import ByteStream, ExecutorClient
@@ -70,11 +70,12 @@ class Tunnel:
             self._pipe = self._stream.pipe_frames()
         return self._pipe is not None
 
-    async def read_view(self) -> bytes | memoryview | PipeChunk:
+    async def read_view(self, sink: Sink | None = None) -> bytes | memoryview | PipeChunk:
         """`read()`, with a long frame's bytes as a view of the buffer they were read into (no copy),
-        or waiting in the tunnel's pipe after `pipe_frames`."""
+        or waiting in the tunnel's pipe after `pipe_frames` (or moved on by `sink` meanwhile: see
+        `ByteStream.read_view`)."""
         try:
-            return await self._stream.read_view()
+            return await self._stream.read_view(sink)
         except CrogiaError as exc:
             raise TunnelClosed(exc.message) from None
 

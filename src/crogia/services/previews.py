@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import h11
 
@@ -33,6 +34,9 @@ from crogia.services.live import LiveSession
 from crogia.services.preview_pool import UpstreamPool
 from crogia.services.processes import ProcessService
 from crogia.services.sessions import SessionService
+
+if TYPE_CHECKING:
+    from crogia.frontdoor.zero_copy import Lent
 
 log = logging.getLogger(__name__)
 
@@ -246,13 +250,16 @@ class PreviewService:
         body: AsyncIterator[bytes],
         info: ClientInfo,
         zero_copy: bool = False,
+        lend: Callable[[], Lent | None] | None = None,
     ) -> Upstream:
         """Send one request to `port` and return the response's head; its body streams after.
 
         A request without a body may go over a kept-alive connection from an earlier one (and
         once more over a new one if the server had closed that meanwhile); one with a body always
         gets a new connection, since a streamed body cannot be sent twice. With `zero_copy`, a
-        long body's frames may come as `PipeChunk`s (the client's connection can splice them).
+        long body's frames may come as `PipeChunk`s (the client's connection can splice them);
+        with `lend` too (the front door's, see `zero_copy.Lent`), most of them never come at all:
+        the channel's reader splices them into the client's socket as they arrive (`_Lane`).
         """
         out = upstream_headers(headers, port, info, ws=False)
         declared = any(name == b"content-length" for name, _ in out)
@@ -271,7 +278,9 @@ class PreviewService:
             else:
                 tunnel, conn = await self._new_tunnel(live, port), h11.Connection(h11.CLIENT)
             try:
-                exchange = _Exchange(self, key, tunnel, conn, fresh=pooled is None, zero_copy=zero_copy)
+                exchange = _Exchange(
+                    self, key, tunnel, conn, fresh=pooled is None, zero_copy=zero_copy, lend=lend
+                )
                 return await exchange.run(request, body if has_body else None)
             except _Stale:
                 await tunnel.close()  # the server had closed that kept-alive one: a new one
@@ -296,9 +305,10 @@ class _Exchange:
         *,
         fresh: bool,
         zero_copy: bool,
+        lend: Callable[[], Lent | None] | None,
     ) -> None:
         self.service, self.key, self.tunnel, self.conn, self.fresh = service, key, tunnel, conn, fresh
-        self.zero_copy = zero_copy
+        self.zero_copy, self.lend = zero_copy, lend
         self.port = key[1]
         self.settings = service.settings
         self.heard = False
@@ -398,8 +408,12 @@ class _Exchange:
 
     async def _raw_body(self, length: int) -> AsyncIterator[bytes | memoryview | PipeChunk]:
         """A large body of known length, straight from the tunnel (h11 would copy it twice more);
-        its long frames through the tunnel's pipe when the client's connection can splice them."""
-        tunnel, left = self.tunnel, length
+        its long frames through the tunnel's pipe when the client's connection can splice them,
+        and those that come while this waits straight on into the client's socket when it lends it.
+
+        The lane's bytes count as the body's progress: `PREVIEW_TIMEOUT` is what may pass with no
+        byte of it coming either way."""
+        tunnel, left, lane = self.tunnel, length, None
         if self.zero_copy:
             tunnel.pipe_frames()
         try:
@@ -410,8 +424,22 @@ class _Exchange:
             while left > 0:
                 chunk = tunnel.take_view()  # most often here already: no timer to set
                 if chunk is None:
-                    async with asyncio.timeout(self.settings.preview_timeout):
-                        chunk = await tunnel.read_view()
+                    if lane is None and self.lend is not None:
+                        lent = self.lend()  # (the response has started: the head went before this)
+                        lane = _Lane(lent) if lent is not None else None
+                    if lane is not None:
+                        lane.left, lane.moved = left, 0
+                    try:
+                        async with asyncio.timeout(self.settings.preview_timeout):
+                            chunk = await tunnel.read_view(lane)
+                    except TimeoutError:
+                        if lane is None or not lane.moved:
+                            raise
+                        chunk = None  # the lane moved some meanwhile: wait again
+                    if lane is not None:
+                        left -= lane.moved
+                        if chunk is None or (not chunk and left <= 0):
+                            continue
                 if not chunk:
                     raise TunnelClosed(f"closed with {left} bytes of the body to come")
                 if len(chunk) > left:  # (then the tunnel closes: what is behind it is dropped)
@@ -422,7 +450,32 @@ class _Exchange:
             log.info("preview body from port %d cut short: %r", self.port, exc)
             raise
         finally:
+            if lane is not None:
+                lane.lent.close()
             await tunnel.close()  # not kept: what follows the body was never parsed
+
+
+class _Lane:
+    """The client's socket, lent by the front door, that the tunnel's reader splices piped frames
+    into while `_raw_body` waits (a `frame_pipe.Sink`): at most `left` bytes, `moved` so far."""
+
+    __slots__ = ("left", "lent", "moved")
+
+    def __init__(self, lent: Lent) -> None:
+        self.lent, self.left, self.moved = lent, 0, 0
+
+    def __call__(self, chunk: PipeChunk | memoryview) -> int:
+        if isinstance(chunk, PipeChunk):
+            moved = self.lent.splice(chunk.fileno(), min(len(chunk), self.left))
+        else:
+            moved = self.lent.send(chunk[: self.left])
+        self.left -= moved
+        self.moved += moved
+        return moved
+
+    @property
+    def full(self) -> bool:
+        return self.left <= 0
 
 
 def _content_length(head: h11.Response) -> int | None:

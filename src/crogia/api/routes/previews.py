@@ -20,7 +20,7 @@ from crogia.api.deps import DEFAULT_TENANT, LiveDep, RuntimeDep, TenantDep, bear
 from crogia.api.errors import ERRORS, status_for
 from crogia.api.schemas import ErrorBody, PortList, PortPublic, PreviewLink
 from crogia.errors import CrogiaError, Unauthorized
-from crogia.frontdoor.zero_copy import ZERO_COPY
+from crogia.frontdoor.zero_copy import LEND, ZERO_COPY
 from crogia.runtime import Runtime
 from crogia.sandbox.frame_pipe import PipeChunk
 from crogia.services.preview_ws import pump_websocket, websocket_handshake
@@ -193,6 +193,7 @@ async def serve(request: Request, session_id: str, port: int) -> Response:
         return opened
     tenant = _preview_tenant(request, session_id, port)
     live = await runtime.sessions.live(session_id, tenant=tenant)
+    extensions = request.scope.get("extensions", {})
     upstream = await runtime.previews.http(
         live,
         port,
@@ -201,7 +202,8 @@ async def serve(request: Request, session_id: str, port: int) -> Response:
         headers=request.headers.raw,
         body=request.stream(),
         info=_info(request, session_id, port),
-        zero_copy=ZERO_COPY in request.scope.get("extensions", {}),
+        zero_copy=runtime.settings.preview_splice and ZERO_COPY in extensions,
+        lend=extensions.get(LEND, {}).get("lend"),
     )
     response: Response
     if isinstance(upstream.body, bytes):
