@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     """Seconds the cookie a signed link sets authorises its preview."""
     preview_link_key: str = ""
     """Key signing preview links and cookies; empty: a random one per start (links end with a restart)."""
+    preview_handoff: bool = True
+    """On a local unix channel the daemon hands each preview connection's socket over and the
+    server speaks to the port itself (one relay fewer); false: every byte through the daemon."""
     preview_splice: bool = False
     """Long preview downloads go from the daemon's channel to the client by splice (the least server
     CPU per byte) rather than by copies (more throughput when clients share the server's cores)."""

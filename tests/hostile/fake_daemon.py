@@ -75,6 +75,14 @@ def lie_about_tunnels(sock, msg):
     if msg.get("op") == "ports":
         entry = {"port": 70000 if MODE == "ports_range" else 80, "address": "0.0.0.0", "pid": None}
         return sock.sendall(reply(rid, ports=[entry] * (1 if MODE == "ports_range" else 100_000)))
+    if msg.get("op") == "tunnel_handoff":
+        return (
+            hand_over_a_lie(sock, rid, msg.get("port"))
+            if MODE.startswith("tunnel_handoff_")
+            else (
+                sock.sendall(failed(rid, "bad_request", "unknown op 'tunnel_handoff'"))  # frames, then
+            )
+        )
     if msg.get("op") != "tunnel_open":
         return sock.sendall(reply(rid))
     sock.sendall(reply(rid))
@@ -89,6 +97,48 @@ def lie_about_tunnels(sock, msg):
         block = frame(rid, b"H" * 65536)
         for _ in range(1024):
             sock.sendall(block)
+
+
+def failed(rid, code, error):
+    return (
+        json.dumps({"type": "result", "id": rid, "ok": False, "code": code, "error": error}) + "\n"
+    ).encode()
+
+
+HELD = []  # what this daemon handed over stays open here too (a duplicate, as a liar may keep)
+
+
+def hand_over_a_lie(sock, rid, port):
+    """`tunnel_handoff` answered with something that is not a socket connected to that port."""
+    kind = MODE.removeprefix("tunnel_handoff_")
+    if kind == "none":  # the reply says a socket came: none did
+        return sock.sendall(reply(rid, handoff=True, local=40000))
+    if kind == "pipe":
+        handed, other = os.pipe()
+        HELD.append(other)
+    elif kind == "unix":
+        handed_sock, other_sock = socket.socketpair()
+        handed, other = handed_sock.detach(), other_sock
+        HELD.append(other)
+    elif kind == "listener":  # a TCP socket on that very port, but listening, not connected
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(1)
+        HELD.append(listener)
+        handed = listener.fileno()
+    else:  # "elsewhere": connected, but to another port than the one asked for
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.create_connection(listener.getsockname())
+        HELD.extend([listener, client])
+        handed = client.fileno()
+    local = 40000 if kind in ("pipe", "unix") else socket.socket(fileno=os.dup(handed)).getsockname()[1]
+    sock.sendmsg(
+        [reply(rid, handoff=True, local=local)],
+        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, handed.to_bytes(4, sys.byteorder))],
+    )
 
 
 def messages(sock):

@@ -7,11 +7,14 @@ the protocol calls that a race, not a lie)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from pathlib import Path
 
 import pytest
 
+from crogia.sandbox import tunnel_socket
 from tests.conftest import make_settings
 from tests.hostile.support import new_session, rss_mb, use_fake_daemon
 from tests.previews.helpers import serve_app
@@ -37,6 +40,42 @@ async def test_lying_tunnel_data_resets_only_that_channel(
         sandbox = client.sandbox
         assert sandbox._client is None or sandbox._client.closed  # type: ignore[attr-defined]  # reset
         assert (await server.client.get(f"/api/sessions/{good}/ports/8000/")).status_code == 200
+
+
+@pytest.mark.parametrize("lie", ["none", "pipe", "unix", "listener", "elsewhere"])
+async def test_a_socket_handed_over_that_is_not_the_one_asked_for_is_closed_unread(
+    backend: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch, lie: str
+) -> None:
+    """`tunnel_handoff` answered with no fd, a pipe, a unix socket, a listening socket on the port, or
+    a socket connected elsewhere: a 502, the channel reset, the fd closed (none kept by the server)."""
+    seen: list[str] = []
+    check = tunnel_socket.checked_socket
+
+    def spied(fd: int, port: int, local: int) -> socket.socket | None:
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))  # e.g. "pipe:[123]": what it is, to look for after
+        return check(fd, port, local)
+
+    monkeypatch.setattr(tunnel_socket, "checked_socket", spied)  # a spy: the check itself decides
+    async with run_server(make_settings(data_dir, backend)) as server:
+        good = await new_session(server.client)
+        await serve_app(server, good, 8000)
+        use_fake_daemon(monkeypatch, f"tunnel_handoff_{lie}")
+        bad = await new_session(server.client)
+        live = server.runtime.sessions.peek(bad)
+        assert live is not None
+        response = await server.client.get(f"/api/sessions/{bad}/ports/8000/")
+        assert response.status_code == 502, response.text
+        assert "broke the protocol" in response.json()["detail"]
+        assert live.sandbox._client is None or live.sandbox._client.closed  # type: ignore[attr-defined]
+        assert len(seen) == (lie != "none"), seen
+        held = {os.readlink(f"/proc/self/fd/{fd}") for fd in _fds()}
+        assert not held & set(seen), f"the server kept what it was handed: {seen}"
+        assert (await server.client.get(f"/api/sessions/{good}/ports/8000/")).status_code == 200
+
+
+def _fds() -> list[str]:
+    names = os.listdir("/proc/self/fd")
+    return [n for n in names if os.path.exists(f"/proc/self/fd/{n}")]
 
 
 async def test_a_daemon_sending_past_its_credit_is_cut_off_in_bounded_memory(

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import websockets
 
 from crogia.sandbox.frame_pipe import PipeChunk
+from crogia.sandbox.tunnel_socket import SocketTunnel
 from crogia.services import previews
 from tests.conftest import make_settings
 from tests.hostile.support import rss_mb
@@ -145,18 +147,27 @@ def _pipes() -> int:
     return pipes(os.getpid())
 
 
-@pytest.mark.parametrize("splice", [False, True], ids=["copies", "splice"])
+@pytest.mark.parametrize("path", ["handoff", "frames", "splice"])
 async def test_a_long_download_goes_whole_to_a_slow_client(
-    data_dir: Path, backend: str, splice: bool, monkeypatch: pytest.MonkeyPatch
+    data_dir: Path, backend: str, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Past its first MiB a download's frames go from the daemon's channel straight into the client's
-    socket while it can take them (the lane: `zero_copy.Lent`, from the channel's reader); a client
-    that stops reading now and then makes the rest wait in the stream's queue and go as ASGI messages.
-    With PREVIEW_SPLICE they go by splice (`frame_pipe`): the client that stalls fills the pipes, so
-    frames come as bytes between the piped ones, and the pipes go with the response. Every byte
-    once, in order, either way."""
-    laned = [0]
+    """A download's bytes go from the sandbox's server straight into the client's socket while it
+    can take them (the lane: `zero_copy.Lent`, from the tunnel's reader); a client that stops
+    reading now and then makes the rest wait in the tunnel's queue and go as ASGI messages. The
+    tunnel is the socket the daemon handed over (`tunnel_socket`), or with PREVIEW_HANDOFF off the
+    daemon's frames; with PREVIEW_SPLICE too they go by splice (`frame_pipe`): the client that
+    stalls fills the pipes, so frames come as bytes between the piped ones, and the pipes go with
+    the response. Every byte once, in order, whichever way."""
+    splice = path == "splice"
+    laned, handed = [0], [0]
     lane_call = previews._Lane.__call__
+    over = SocketTunnel.over.__func__  # type: ignore[attr-defined]
+
+    async def counted_over(cls: type[SocketTunnel], sock: socket.socket) -> SocketTunnel:
+        handed[0] += 1
+        return await over(cls, sock)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(SocketTunnel, "over", classmethod(counted_over))  # a spy as well
 
     def counted(lane: previews._Lane, chunk: PipeChunk | memoryview) -> int:
         moved = lane_call(lane, chunk)
@@ -164,7 +175,8 @@ async def test_a_long_download_goes_whole_to_a_slow_client(
         return moved
 
     monkeypatch.setattr(previews._Lane, "__call__", counted)  # a spy: the lane itself does the work
-    async with run_server(make_settings(data_dir, backend, preview_splice=splice)) as server:
+    settings = make_settings(data_dir, backend, preview_splice=splice, preview_handoff=path == "handoff")
+    async with run_server(settings) as server:
         sid = str((await server.create_session())["session_id"])
         size = 48 << 20
         response = await server.client.post(
@@ -197,6 +209,7 @@ async def test_a_long_download_goes_whole_to_a_slow_client(
             else:
                 assert most == 0, "a pipe was made without PREVIEW_SPLICE"
             assert 0 < laned[0] < size, f"the lane moved {laned[0]} of {size} bytes"
+            assert handed[0] == (path == "handoff"), f"{handed[0]} sockets handed over"
         finally:
             writer.close()
         deadline = asyncio.get_running_loop().time() + 10

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from crogia.sandbox.files import Files
     from crogia.sandbox.pty_channel import PtyListener
     from crogia.sandbox.quota import WorkspaceDisks
-    from crogia.sandbox.tunnel_channel import Tunnel
+    from crogia.sandbox.tunnel_socket import AnyTunnel
 
 log = logging.getLogger(__name__)
 
@@ -276,11 +276,13 @@ class Sandbox(abc.ABC):
         """The TCP ports something listens on inside the sandbox (with its pid when `owners` and known)."""
 
     @abc.abstractmethod
-    async def open_tunnel(self, port: int) -> Tunnel:
+    async def open_tunnel(self, port: int, *, hand_over: bool = False) -> AnyTunnel:
         """A byte stream to 127.0.0.1:`port` inside the sandbox, through its executor's channel.
 
         Returns as soon as it is asked for (bytes written meanwhile follow the connection); its
-        `connected()` raises `CrogiaError` (code `refused`) when nobody listens there.
+        `connected()` raises `CrogiaError` (code `refused`) when nobody listens there. With
+        `hand_over`, where the channel can, the daemon connects first and hands the socket itself
+        over (`tunnel_socket`; then this raises that error itself).
         """
 
     @abc.abstractmethod

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import sys
 import threading
 from collections import deque
@@ -142,6 +143,8 @@ class WireReader:
         self._splice: tuple[int, FramePipe, int, int] | None = None
         """A frame going into a pipe: (stream, pipe, bytes in it already, bytes to splice)."""
         self._ready: deque[Frame] = deque()  # the parts of a long frame split by a splice
+        self.handed: deque[int] | None = None
+        """Sockets the daemon handed over with its bytes (`HandingSocket`); None: this channel cannot."""
 
     @property
     def can_pipe(self) -> bool:
@@ -398,6 +401,8 @@ class WireProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and transport.get_extra_info("sslcontext") is None:
             self.wire._fd = sock.fileno()
+            if isinstance(asyncio.get_running_loop(), asyncio.SelectorEventLoop):  # it reads through our
+                self.wire.handed = _HANDED.get(self.wire._fd)  # socket object (uvloop reads the fd itself)
         super().connection_made(transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -477,6 +482,68 @@ class Channel(abc.ABC):
         """Release what the channel holds (a listening socket); `connect` may open it again."""
 
 
+HANDED_MAX = 8
+"""Handed-over sockets a channel holds before its reader closes the next ones that come."""
+_HANDED: dict[int, deque[int]] = {}
+"""Each open `HandingSocket`'s fds received, by its fileno (how a `WireProtocol` finds them)."""
+
+
+class HandingSocket(socket.socket):
+    """A unix socket whose reads also take the fds its peer sends with its bytes (SCM_RIGHTS).
+
+    asyncio's transport reads through `recv_into`; every fd that comes lands in `handed` (at most
+    HANDED_MAX: past that the oldest is closed), for `ExecutorClient.handed` to take and check. Until
+    then they are only numbers: nothing here reads, writes or trusts them. Closing the socket
+    closes those nobody took.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.handed: deque[int] = deque()
+        _HANDED[self.fileno()] = self.handed
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        view = memoryview(buffer).cast("B")
+        got, ancillary, _flags, _address = self.recvmsg_into(
+            [view[:nbytes] if nbytes else view], _ANCILLARY, flags
+        )
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                for (fd,) in _FD.iter_unpack(data[: len(data) - len(data) % _FD.size]):
+                    if len(self.handed) >= HANDED_MAX:  # the oldest: most likely one given up on
+                        os.close(self.handed.popleft())
+                    self.handed.append(fd)
+        return got
+
+    def close(self) -> None:
+        if _HANDED.get(self.fileno()) is self.handed:
+            del _HANDED[self.fileno()]
+        while self.handed:
+            os.close(self.handed.popleft())
+        super().close()
+
+    @classmethod
+    def taking(cls, sock: socket.socket) -> HandingSocket:
+        """`sock` (a unix socket) as one of these: the same connection, `sock` detached."""
+        return cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+
+
+class HandingListener(socket.socket):
+    """A listening unix socket whose accepted connections are `HandingSocket`s."""
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        fd, address = self._accept()  # type: ignore[attr-defined]  # what socket.accept itself calls
+        sock = HandingSocket(self.family, self.type, self.proto, fileno=fd)
+        if socket.getdefaulttimeout() is None and self.gettimeout():
+            sock.setblocking(True)
+        return sock, address
+
+
+_FD = struct.Struct("i")
+_ANCILLARY = socket.CMSG_SPACE(HANDED_MAX * _FD.size)
+"""Room for the fds one read may bring (the kernel closes any past it, MSG_CTRUNC)."""
+
+
 class PairChannel(Channel):
     """A socketpair made before the sandbox starts; the daemon inherits one end."""
 
@@ -506,9 +573,10 @@ class PairChannel(Channel):
             self._ours = None
 
     async def connect(self, within: float) -> Stream:
-        sock, self._ours = self._ours, None
-        if sock is None:
+        ours, self._ours = self._ours, None
+        if ours is None:
             raise Unavailable("the sandbox's channel is closed: the sandbox must start again")
+        sock = HandingSocket.taking(ours)
         loop = asyncio.get_running_loop()
         stream = await dial(lambda factory: loop.create_unix_connection(factory, sock=sock))
         writer = stream[1]

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from crogia.errors import NotFound, SandboxError, Unavailable
+from crogia.errors import CrogiaError, NotFound, SandboxError, Unavailable
 from crogia.sandbox import pty_channel
 from crogia.sandbox.base import (
     WORKDIR,
@@ -37,7 +37,8 @@ from crogia.sandbox.executor_client import ByteStream
 from crogia.sandbox.executor_client import ExecutorClient as ExecutorClient
 from crogia.sandbox.files import Files
 from crogia.sandbox.pty_channel import PtyListener
-from crogia.sandbox.tunnel_channel import Tunnel, open_tunnel
+from crogia.sandbox.tunnel_channel import open_tunnel
+from crogia.sandbox.tunnel_socket import AnyTunnel, SocketTunnel
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ class ExecutorSandbox(Sandbox):
         self._client: ExecutorClient | None = None
         self._exit_listener: ExitListener | None = None
         self._connect_lock = asyncio.Lock()
+        self._hands_over = True
+        """False once the daemon said it cannot hand sockets over (its tunnels are frames since)."""
 
     @abc.abstractmethod
     async def _start(self) -> None: ...
@@ -279,10 +282,17 @@ class ExecutorSandbox(Sandbox):
             for p in reply["ports"]
         ]
 
-    async def open_tunnel(self, port: int) -> Tunnel:
+    async def open_tunnel(self, port: int, *, hand_over: bool = False) -> AnyTunnel:
         if self._client is not None and self._client.closed:
             await self._reconnect()  # its connection was reset (a daemon that broke the protocol)
         client = await self._client_for_pty()
+        if hand_over and client.hands_over and self._hands_over:
+            try:
+                return await SocketTunnel.over(await client.hand_over(port))
+            except CrogiaError as exc:
+                if exc.context.get("code") != "bad_request":  # (refused: nobody listens; or a lie)
+                    raise
+                self._hands_over = False  # this daemon or channel cannot: frames from now on
         return await open_tunnel(client, port)
 
     # --- terminals (message shapes: `pty_channel`) ---

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from crogia.sandbox.channel import Frame, ProtocolViolation, Stream, decode, sen
 from crogia.sandbox.daemon import executor_proto as proto
 from crogia.sandbox.frame_pipe import FramePipes, PipeChunk, Sink
 from crogia.sandbox.pty_channel import PTY_PUSHES, PtyRouter
+from crogia.sandbox.tunnel_socket import handed
 
 log = logging.getLogger(__name__)
 
@@ -378,6 +380,25 @@ class ExecutorClient:
                 raise Unavailable("lost the connection to the sandbox's executor") from exc
             raise
         return stream, future
+
+    @property
+    def hands_over(self) -> bool:
+        """Whether the daemon can hand sockets over on this channel (a local unix one, asyncio's loop)."""
+        return self._lines.handed is not None and not self._closed
+
+    async def hand_over(self, port: int) -> socket.socket:
+        """A socket connected to `port` inside the sandbox, handed over by the daemon (`tunnel_socket`).
+
+        Raises as `request` does (code `refused`: nobody listens; `bad_request`: this daemon or
+        channel cannot); a reply without the socket it names is a protocol violation (502, reset)."""
+        reply = await self.request("tunnel_handoff", port=port)
+        fds = self._lines.handed
+        sock = handed(fds, port, reply["local"]) if fds is not None else None
+        if sock is None:
+            log.warning("the executor's handed-over socket was missing or not the one named; resetting")
+            self._writer.transport.abort()
+            raise ProtocolViolation("the sandbox's executor broke the protocol: no such socket handed over")
+        return sock
 
     def _register(
         self, op: str, on_chunk: Callable[[str], None] | None, allow: int

@@ -26,6 +26,7 @@ from crogia.sandbox.channel import (
     SOCKET_BUFFER,
     SOCKET_NAME,
     Channel,
+    HandingListener,
     Stream,
     WireProtocol,
     WireReader,
@@ -155,7 +156,7 @@ def _bind(folder: Path, secret: str, owner: tuple[int, int] | None = None) -> so
         os.replace(tmp, SECRET_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(SOCKET_NAME, dir_fd=dir_fd)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = HandingListener(socket.AF_UNIX, socket.SOCK_STREAM)
         path = str(folder / SOCKET_NAME)
         sock.bind(path if len(os.fsencode(path)) < _MAX_SUN_PATH else f"/proc/self/fd/{dir_fd}/{SOCKET_NAME}")
         # Connecting needs write access to the socket: a remapped (userns) container root may need it.

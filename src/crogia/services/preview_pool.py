@@ -6,7 +6,7 @@ import time
 
 import h11
 
-from crogia.sandbox.tunnel_channel import Tunnel
+from crogia.sandbox.tunnel_socket import AnyTunnel
 
 
 class UpstreamPool:
@@ -14,9 +14,9 @@ class UpstreamPool:
 
     def __init__(self, per_port: int, idle_seconds: float) -> None:
         self.per_port, self.idle_seconds = per_port, idle_seconds
-        self._idle: dict[tuple[str, int], list[tuple[Tunnel, h11.Connection, float]]] = {}
+        self._idle: dict[tuple[str, int], list[tuple[AnyTunnel, h11.Connection, float]]] = {}
 
-    async def take(self, key: tuple[str, int]) -> tuple[Tunnel, h11.Connection] | None:
+    async def take(self, key: tuple[str, int]) -> tuple[AnyTunnel, h11.Connection] | None:
         idle = self._idle.get(key)
         while idle:
             tunnel, conn, since = idle.pop()
@@ -26,7 +26,7 @@ class UpstreamPool:
         self._idle.pop(key, None)
         return None
 
-    async def put(self, key: tuple[str, int], tunnel: Tunnel, conn: h11.Connection) -> bool:
+    async def put(self, key: tuple[str, int], tunnel: AnyTunnel, conn: h11.Connection) -> bool:
         """Keep it (True), unless this port has enough kept already."""
         idle = self._idle.setdefault(key, [])
         if len(idle) >= self.per_port or tunnel.ended:

@@ -18,7 +18,8 @@ from websockets.typing import Origin, Subprotocol
 from websockets.uri import parse_uri
 
 from crogia.errors import SandboxError, UpstreamTimeout
-from crogia.sandbox.tunnel_channel import Tunnel, TunnelClosed
+from crogia.sandbox.tunnel_channel import TunnelClosed
+from crogia.sandbox.tunnel_socket import AnyTunnel
 from crogia.services.previews import ClientInfo, upstream_headers
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class UpstreamRefused(SandboxError):
     """The sandbox's server answered the WebSocket handshake with something other than 101."""
 
 
-async def _flush(protocol: ClientProtocol, tunnel: Tunnel, timeout: float | None = None) -> None:
+async def _flush(protocol: ClientProtocol, tunnel: AnyTunnel, timeout: float | None = None) -> None:
     """Write what the protocol has to send; a server that reads none of it for `timeout` s is given up."""
     async with asyncio.timeout(timeout):
         for data in protocol.data_to_send():
@@ -51,7 +52,7 @@ async def _flush(protocol: ClientProtocol, tunnel: Tunnel, timeout: float | None
 
 
 async def websocket_handshake(
-    tunnel: Tunnel,
+    tunnel: AnyTunnel,
     port: int,
     target: str,
     headers: Sequence[tuple[bytes, bytes]],
@@ -104,7 +105,7 @@ async def websocket_handshake(
 
 
 async def pump_websocket(
-    protocol: ClientProtocol, tunnel: Tunnel, peer: WebSocketPeer, early: list[Frame], *, timeout: float
+    protocol: ClientProtocol, tunnel: AnyTunnel, peer: WebSocketPeer, early: list[Frame], *, timeout: float
 ) -> None:
     """Carry messages both ways until either side closes; closes the tunnel.
 

@@ -29,7 +29,8 @@ from crogia.errors import CrogiaError, SandboxError, TooLarge, UpstreamTimeout
 from crogia.events import PortClosed, PortOpened
 from crogia.sandbox.base import PortState
 from crogia.sandbox.frame_pipe import PipeChunk
-from crogia.sandbox.tunnel_channel import Tunnel, TunnelClosed
+from crogia.sandbox.tunnel_channel import TunnelClosed
+from crogia.sandbox.tunnel_socket import AnyTunnel
 from crogia.services.live import LiveSession
 from crogia.services.preview_pool import UpstreamPool
 from crogia.services.processes import ProcessService
@@ -211,7 +212,7 @@ class PreviewService:
 
     # --- the proxy ---
 
-    async def open(self, live: LiveSession, port: int) -> Tunnel:
+    async def open(self, live: LiveSession, port: int) -> AnyTunnel:
         """A connected tunnel to `port`; a 502 that says so when nobody listens there."""
         tunnel = await self._new_tunnel(live, port)
         try:
@@ -221,15 +222,20 @@ class PreviewService:
             raise
         return tunnel
 
-    async def _new_tunnel(self, live: LiveSession, port: int) -> Tunnel:
-        try:  # asking waits on the daemon's channel: a daemon that stops reading it must not hang us
-            return await asyncio.wait_for(live.sandbox.open_tunnel(port), self.settings.preview_timeout)
-        except TimeoutError:
-            raise UpstreamTimeout(f"Connecting to port {port} in the sandbox timed out.") from None
+    async def _new_tunnel(self, live: LiveSession, port: int) -> AnyTunnel:
+        opening = live.sandbox.open_tunnel(port, hand_over=self.settings.preview_handoff)
+        async with self._connecting(port):  # it waits on the daemon's channel: never a hang
+            return await asyncio.wait_for(opening, self.settings.preview_timeout)
 
-    async def _connected(self, tunnel: Tunnel, port: int) -> None:
-        try:
+    async def _connected(self, tunnel: AnyTunnel, port: int) -> None:
+        async with self._connecting(port):
             await asyncio.wait_for(tunnel.connected(), self.settings.preview_timeout)
+
+    @contextlib.asynccontextmanager
+    async def _connecting(self, port: int) -> AsyncIterator[None]:
+        """A 504 for a connection that timed out, a 502 that says so when nobody listens."""
+        try:
+            yield
         except TimeoutError:
             raise UpstreamTimeout(f"Connecting to port {port} in the sandbox timed out.") from None
         except CrogiaError as exc:
@@ -300,7 +306,7 @@ class _Exchange:
         self,
         service: PreviewService,
         key: tuple[str, int],
-        tunnel: Tunnel,
+        tunnel: AnyTunnel,
         conn: h11.Connection,
         *,
         fresh: bool,

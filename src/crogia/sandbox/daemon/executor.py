@@ -56,7 +56,7 @@ Ops and their values:
   list                                          -> {processes: [{pid, cmd, log, running, exit_code,
                                                     started, ended}]}  (times are epoch seconds)
   pty_open, pty_resize, pty_close    interactive terminals (bytes on pty_open's stream): executor_pty.py
-  ports, tunnel_open                 listening ports, and TCP streams on binary streams: executor_net.py
+  ports, tunnel_open, tunnel_handoff listening ports, and TCP streams on binary streams: executor_net.py
   fs_list, fs_stat, fs_mkdir, fs_remove, fs_rename, fs_rg    the workspace's files (confined beneath
       /workspace, or --workspace): see executor_files.py (imported on the first file op)
 
@@ -120,6 +120,15 @@ per 100 MB through a tunnel: ~58 ms with 1 MiB, ~36 ms with 4 MiB; the kernel ca
 net.core.wmem_max)."""
 TLS_WRITE = 1 << 18
 """The most bytes handed to one TLS write."""
+
+
+def _is_unix(fd: int) -> bool:
+    """Whether `fd` is a unix socket (getsockopt SO_DOMAIN on a duplicate)."""
+    sock = _socket.socket(fileno=os.dup(fd))
+    try:
+        return sock.family == _socket.AF_UNIX
+    finally:
+        sock.close()
 
 
 class Plain:
@@ -213,13 +222,32 @@ class Connection:
         self.watching_out = False
         self.splices = isinstance(self.io, Plain)
         """Whether tunnels may splice into this connection (TLS must see the bytes to encrypt them)."""
+        self.hands_over = self.splices and _is_unix(fd)
+        """Whether sockets may ride on replies (SCM_RIGHTS: a unix socket's, the server on this machine)."""
         LOOP.watch(fd, self.on_event)
         self.send(proto.hello(secret, os.getpid()))
 
-    def send(self, msg: Message) -> None:
-        if self.open:  # a lone surrogate (a client's string id) becomes a JSON escape, not an error
-            self.outbuf += (dumps(msg) + "\n").encode("utf-8", "backslashreplace")
-            self.flush()
+    def send(self, msg: Message, fd: int | None = None) -> None:
+        """Queue `msg` and write what the socket takes; `fd` (with nothing queued ahead, on a unix
+        channel) rides on its first byte, else the message goes without it."""
+        if not self.open:
+            return
+        line = (dumps(msg) + "\n").encode("utf-8", "backslashreplace")  # a lone surrogate: an escape
+        if fd is not None and self.hands_over and not self.outbuf:
+            carrier = _socket.socket(fileno=os.dup(self.fd))  # sendmsg needs a socket object
+            try:
+                sent = carrier.sendmsg(
+                    [line], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))]
+                )
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                return self.close()
+            finally:
+                carrier.close()
+            line = line[sent:]
+        self.outbuf += line
+        self.flush()
 
     # Streams (`executor_proto` describes frames and credit). A request's generator waits on
     # `credit_left` before `send_frame`, and on its `accept_stream`'s buf/ended/reset.
@@ -706,6 +734,7 @@ OPS: dict[str, Callable[[Daemon, Message, Connection, RequestId], Message | Step
     "pty_close": lambda d, req, conn, rid: d.terminals.handle("pty_close", req, conn),
     "ports": lambda d, req, conn, rid: {"ports": listening(req.get("owners") is not False)},
     "tunnel_open": lambda d, req, conn, rid: d.tunnels.open_tunnel(req, conn, rid),
+    "tunnel_handoff": lambda d, req, conn, rid: d.tunnels.hand_over(req, conn),
 }
 """The ops (`cancel` is the connection's own); a new one also gets its reply's shape in
 `executor_proto.RESULTS`, which the server checks."""

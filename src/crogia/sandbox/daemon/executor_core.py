@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     RequestId = int | str | None
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
+HANDED = "_handed"
+"""The key of an op's result that holds a socket to send with the reply (SCM_RIGHTS), not in it."""
 
 
 def log(message: str) -> None:
@@ -139,9 +141,11 @@ class Task:
         return self.cond is not None and self.cond()
 
     def step(self) -> None:
+        handed = None
         try:
             self.cond, self.deadline = self.steps.send(self.cancel_state == 1 or None)  # type: ignore[arg-type]
         except StopIteration as stop:
+            handed = stop.value.pop(HANDED, None)
             reply = {"type": "result", "id": self.rid, "ok": True, **stop.value}
         except RequestError as exc:
             reply = error_reply(self.rid, exc.code, str(exc))
@@ -159,7 +163,9 @@ class Task:
         LOOP.tasks.discard(self)
         if self.conn is not None:
             self.conn.tasks.pop(self.rid, None)
-            self.conn.send(reply)
+            self.conn.send(reply, handed.fileno() if handed is not None else None)
+        if handed is not None:  # it rode on the reply (or could not): ours no more either way
+            handed.close()
 
 
 def error_reply(rid: Any, code: str, message: str) -> Message:

@@ -7,6 +7,11 @@ nowhere else on this side (the server's half is `crogia.sandbox.tunnel_channel`)
       from /proc/net/tcp and tcp6, one entry a port (at most PORTS_MAX); pid: a process holding
       the socket, pgid its process group (found through /proc/*/fd when `owners`, else null;
       null when it cannot tell).
+  tunnel_handoff {port}            -> {handoff: true, local}   connected as tunnel_open does, and
+      the socket itself (local: its own port) rides on the reply (SCM_RIGHTS, on a plain unix
+      channel only: else a
+      "bad_request", and the server falls back to tunnel_open). The server then speaks to the port
+      directly: one relay fewer. The daemon keeps no copy.
   tunnel_open {port}               -> {}   once connected to 127.0.0.1:port (then [::1]:port);
       a "refused" error when nobody listens. The request's id is the id of a lasting binary
       stream (`executor_proto`): what the socket sends goes out as frames on it, frames the
@@ -30,10 +35,12 @@ import errno
 import os
 
 import executor_proto as proto
-from executor_core import IN, LOOP, OUT, RequestError, Task, arg
+from executor_core import HANDED, IN, LOOP, OUT, RequestError, Task, arg
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from executor import Connection, Stream
     from executor_core import Message, RequestId, Steps
 
@@ -131,6 +138,43 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
+def dial(port: int, stopped: Callable[[], bool]) -> Steps:
+    """A connected, non-blocking TCP socket to 127.0.0.1:port (then [::1]:port); "refused" if none.
+
+    Waits at most CONNECT_TIMEOUT for each address; `stopped()` (or a cancel) gives up at once."""
+    error = ""
+    for host, family in (("127.0.0.1", _socket.AF_INET), ("::1", _socket.AF_INET6)):
+        try:
+            sock = _socket.socket(family, _socket.SOCK_STREAM)
+        except OSError as exc:  # no IPv6 in this sandbox
+            error = exc.strerror or str(exc)
+            break
+        sock.setblocking(False)
+        code = sock.connect_ex((host, port))
+        if code in (0, errno.EINPROGRESS):
+            code = yield from _connected(sock, stopped)
+            if not code:
+                sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+                return sock
+        error = os.strerror(code) if code > 0 else "timed out"
+        sock.close()
+        if code != errno.ECONNREFUSED:
+            break
+    raise RequestError("refused", f"cannot connect to port {port} in the sandbox: {error}")
+
+
+def _connected(sock: _socket.socket, stopped: Callable[[], bool]) -> Steps:
+    """Once `sock`'s connect is done: 0, its error, or -1 when it timed out."""
+    done = [False]
+    LOOP.watch(sock.fileno(), lambda events: done.__setitem__(0, True), OUT)
+    cancelled = yield lambda: done[0] or stopped(), CONNECT_TIMEOUT
+    LOOP.unwatch(sock.fileno())
+    if cancelled or stopped():
+        sock.close()
+        raise RequestError("cancelled", "the tunnel was reset while connecting")
+    return sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR) if done[0] else -1
+
+
 class Tunnel:
     """One TCP connection inside the sandbox, carried on the server's stream `sid`.
 
@@ -145,49 +189,19 @@ class Tunnel:
         self.armed = 0
         """The events epoll watches the socket for (0: none, not registered)."""
         self.sent_end = self.shut = self.closed = False
-        self.error = ""
         self.pipe: tuple[int, int, int] | None = None  # (read end, write end, capacity) for splice
         self.carried = 0  # bytes sent to the server so far
         self.splices = conn.splices
 
     def connect(self, port: int) -> Steps:
-        for host, family in (("127.0.0.1", _socket.AF_INET), ("::1", _socket.AF_INET6)):
-            try:
-                sock = _socket.socket(family, _socket.SOCK_STREAM)
-            except OSError as exc:  # no IPv6 in this sandbox
-                self.error = exc.strerror or str(exc)
-                break
-            sock.setblocking(False)
-            code = sock.connect_ex((host, port))
-            if code in (0, errno.EINPROGRESS):
-                self.sock, self.error = sock, ""
-                LOOP.watch(sock.fileno(), self.on_connect, OUT)
-                cancelled = yield lambda: self.writable or self.stream.reset, CONNECT_TIMEOUT
-                code = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
-                LOOP.unwatch(sock.fileno())
-                if cancelled or self.stream.reset:
-                    sock.close()
-                    self.close()
-                    raise RequestError("cancelled", "the tunnel was reset while connecting")
-                if self.writable and not code:
-                    sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-                    self.readable = False  # writable until a send says otherwise (then epoll tells)
-                    Task(None, None, "tunnel", self.pump())
-                    return {}
-                self.sock = None
-                self.error = os.strerror(code) if code else "timed out"
-            else:
-                self.error = os.strerror(code)
-            sock.close()
-            if self.error != os.strerror(errno.ECONNREFUSED):
-                break
-        self.close()
-        raise RequestError("refused", f"cannot connect to port {port} in the sandbox: {self.error}")
-
-    def on_connect(self, events: int) -> None:
-        self.writable = True  # done, one way or the other: SO_ERROR says which
-        if self.sock is not None:
-            LOOP.unwatch(self.sock.fileno())
+        try:
+            self.sock = yield from dial(port, lambda: self.stream.reset)
+        except RequestError:
+            self.close()
+            raise
+        self.writable, self.readable = True, False  # writable until a send says otherwise (then epoll tells)
+        Task(None, None, "tunnel", self.pump())
+        return {}
 
     def on_event(self, events: int) -> None:
         self.readable = self.readable or bool(events & ~OUT)
@@ -355,3 +369,21 @@ class Tunnels:
             raise RequestError("bad_request", f"at most {MAX_TUNNELS} tunnels per sandbox")
         opened = self.open[(id(conn), rid)] = Tunnel(conn, rid, self)
         return opened.connect(port)
+
+    def hand_over(self, req: Message, conn: Connection) -> Steps:
+        """`tunnel_handoff`: connect to the port, then give the server the socket itself (SCM_RIGHTS)."""
+        port = arg(req, "port", int)
+        if not 1 <= port <= 65535:
+            raise RequestError("bad_request", "port must be within 1..65535")
+        if not conn.hands_over:
+            raise RequestError("bad_request", "sockets are handed over only on a local unix channel")
+        sock = yield from dial(port, lambda: not conn.open)
+        try:  # the socket's fd rides on the reply's first byte: nothing may be queued ahead of it
+            cancelled = yield lambda: not conn.outbuf or not conn.open, CONNECT_TIMEOUT
+        except BaseException:
+            sock.close()
+            raise
+        if cancelled or conn.outbuf or not conn.open:
+            sock.close()
+            raise RequestError("cancelled", "the channel stayed busy: nothing handed over")
+        return {"handoff": True, "local": sock.getsockname()[1], HANDED: sock}

@@ -101,6 +101,7 @@ RESULTS: dict[str, dict[str, Field]] = {
     "pty_close": {"exit_code": Field(int, 0, 255, optional=True)},
     "ports": {"ports": Field(list)},
     "tunnel_open": {},
+    "tunnel_handoff": {"handoff": FLAG, "local": Field(int, 1, 65535)},
     "fs_list": {"entries": Field(list), "truncated": FLAG},
     "fs_stat": {"entry": Field(dict)},
     "fs_mkdir": {},
