@@ -151,8 +151,9 @@ def _pipes() -> int:
 async def test_a_long_download_goes_whole_to_a_slow_client(
     data_dir: Path, backend: str, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A download's bytes go from the sandbox's server straight into the client's socket while it
-    can take them (the lane: `zero_copy.Lent`, from the tunnel's reader); a client that stops
+    """A download's bytes go from the sandbox's server straight into the client's socket: with the
+    socket handed over, from a relay thread that waits in the kernel (`SocketTunnel.relay`), else
+    while it can take them (the lane: `zero_copy.Lent`, from the tunnel's reader); a client that stops
     reading now and then makes the rest wait in the tunnel's queue and go as ASGI messages. The
     tunnel is the socket the daemon handed over (`tunnel_socket`), or with PREVIEW_HANDOFF off the
     daemon's frames; with PREVIEW_SPLICE too they go by splice (`frame_pipe`): the client that
@@ -168,6 +169,15 @@ async def test_a_long_download_goes_whole_to_a_slow_client(
         return await over(cls, sock)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(SocketTunnel, "over", classmethod(counted_over))  # a spy as well
+    relayed = [0]
+    relay = SocketTunnel.relay
+
+    async def counted_relay(tunnel: SocketTunnel, to: int, count: int, idle: float) -> tuple[int, bool]:
+        moved, whole = await relay(tunnel, to, count, idle)
+        relayed[0] += moved
+        return moved, whole
+
+    monkeypatch.setattr(SocketTunnel, "relay", counted_relay)  # and the relay thread's share
 
     def counted(lane: previews._Lane, chunk: PipeChunk | memoryview) -> int:
         moved = lane_call(lane, chunk)
@@ -208,7 +218,10 @@ async def test_a_long_download_goes_whole_to_a_slow_client(
                 assert most >= 2, "no pipe was made for the download"
             else:
                 assert most == 0, "a pipe was made without PREVIEW_SPLICE"
-            assert 0 < laned[0] < size, f"the lane moved {laned[0]} of {size} bytes"
+            if path == "handoff":  # the relay thread takes the body once the head is out
+                assert 0 < relayed[0] <= size and laned[0] == 0, (relayed, laned)
+            else:
+                assert 0 < laned[0] < size, f"the lane moved {laned[0]} of {size} bytes"
             assert handed[0] == (path == "handoff"), f"{handed[0]} sockets handed over"
         finally:
             writer.close()

@@ -100,6 +100,20 @@ class Lent:
         cycle.expected_content_length -= moved
         return moved
 
+    def writable_fd(self) -> tuple[int, int]:
+        """The socket's fd and the most that may be written to it, for a writer that goes past the
+        transport (`SocketTunnel.relay`), when `send` would write now; else (-1, 0). Tell `wrote`."""
+        cycle = self.cycle
+        if self._fd < 0 or cycle.disconnected or cycle.response_complete or cycle.flow.write_paused:
+            return -1, 0
+        if cycle.transport.is_closing() or cycle.transport.get_write_buffer_size():
+            return -1, 0
+        return self._fd, cycle.expected_content_length
+
+    def wrote(self, n: int) -> None:
+        """`n` bytes went into the socket past the transport (after `writable_fd`)."""
+        self.cycle.expected_content_length -= n
+
     def close(self) -> None:
         """Give the socket back (idempotent)."""
         if self._fd >= 0:

@@ -30,7 +30,7 @@ from crogia.events import PortClosed, PortOpened
 from crogia.sandbox.base import PortState
 from crogia.sandbox.frame_pipe import PipeChunk
 from crogia.sandbox.tunnel_channel import TunnelClosed
-from crogia.sandbox.tunnel_socket import AnyTunnel
+from crogia.sandbox.tunnel_socket import AnyTunnel, SocketTunnel
 from crogia.services.live import LiveSession
 from crogia.services.preview_pool import UpstreamPool
 from crogia.services.processes import ProcessService
@@ -419,7 +419,7 @@ class _Exchange:
 
         The lane's bytes count as the body's progress: `PREVIEW_TIMEOUT` is what may pass with no
         byte of it coming either way."""
-        tunnel, left, lane = self.tunnel, length, None
+        tunnel, left, lane, relay = self.tunnel, length, None, True
         if self.zero_copy:
             tunnel.pipe_frames()
         try:
@@ -433,6 +433,17 @@ class _Exchange:
                     if lane is None and self.lend is not None:
                         lent = self.lend()  # (the response has started: the head went before this)
                         lane = _Lane(lent) if lent is not None else None
+                    if lane is not None and isinstance(tunnel, SocketTunnel) and relay:
+                        relay = False  # once: what it leaves (a client's stall) goes the lane's way
+                        fd, room = lane.lent.writable_fd()
+                        if fd >= 0:
+                            idle = self.settings.preview_timeout
+                            moved, whole = await tunnel.relay(fd, min(left, room), idle)
+                            lane.lent.wrote(moved)
+                            left -= moved
+                            if not whole:  # the client stalled past PREVIEW_TIMEOUT, or went
+                                raise TimeoutError(f"the client took nothing more with {left} bytes to come")
+                            continue
                     if lane is not None:
                         lane.left, lane.moved = left, 0
                     try:
