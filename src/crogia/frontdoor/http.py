@@ -53,6 +53,16 @@ def _waiting_past_cap(state: ServerState) -> dict[FrontDoorProtocol, None]:
     return waiting
 
 
+def _evicted(state: ServerState) -> set[FrontDoorProtocol]:
+    """Connections evicted (answered 503, closing) whose `connection_lost` has not come yet: a burst
+    of accepts runs before any of those, and they must not count as open meanwhile."""
+    evicted: set[FrontDoorProtocol] | None = getattr(state, "crogia_evicted", None)
+    if evicted is None:
+        evicted = set()
+        state.crogia_evicted = evicted  # type: ignore[attr-defined]
+    return evicted
+
+
 class FrontDoorProtocol(HttpToolsProtocol):
     """One HTTP/1.1 connection, bounded in size and time (see the module's docstring)."""
 
@@ -84,7 +94,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and transport.get_extra_info("sslcontext") is None:
             self._socket = sock.fileno()
-        open_now = len(self.connections)
+        open_now = len(self.connections) - len(_evicted(self.server_state))
         timeout = self.limits.header_timeout
         if open_now > self.limits.max_connections:
             if open_now > self.limits.max_connections + 2 * self.limits.headroom:
@@ -106,6 +116,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
         if len(waiting) >= self.limits.headroom:
             oldest = next(iter(waiting))
             waiting.pop(oldest)
+            _evicted(self.server_state).add(oldest)
             log.warning("connection limit: %d connections open, evicting a silent one", len(self.connections))
             oldest._close_with(AT_CAPACITY)
         waiting[self] = None
@@ -113,6 +124,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timers()
         _waiting_past_cap(self.server_state).pop(self, None)
+        _evicted(self.server_state).discard(self)
         super().connection_lost(exc)
 
     def handle_websocket_upgrade(self) -> None:

@@ -216,23 +216,23 @@ class SocketTunnel:
         self._transport.abort()  # (idempotent) never waits on the sandbox's server
 
     async def relay(self, to: int, count: int, idle: float) -> tuple[int, bool]:
-        """Move up to `count` bytes from the socket to the socket `to` (a duplicate the caller owns:
-        the client's, lent) in a thread of its own that waits in the kernel, as a bare relay does:
-        how many went, and whether every byte read went (False: the body must be cut short). Returns
-        early at the sandbox's end, after `idle` seconds with no byte either way, or when either
-        side fails; bytes queued here must have been taken first. Cancelling it stops the thread
-        (within one poll) before the cancel goes on. At most RELAYS_MAX run at once: (0, True)."""
+        """Move up to `count` bytes from the socket to the socket `to` (the client's, lent) in a thread
+        of its own that waits in the kernel, as a bare relay does: how many went, and whether every
+        byte read went (False: the body must be cut short). Returns early at the sandbox's end, after
+        `idle` seconds with no byte either way, or when either side fails; bytes queued here must
+        have been taken first. At most RELAYS_MAX run at once (past that: (0, True) at once).
+
+        The thread works on duplicates of both sockets that it alone owns and closes, so nothing
+        this side closes (the tunnel, the lent socket) can turn into another connection under it.
+        Cancelling this stops it (`_Relay.stop`) and aborts the tunnel, without waiting for it."""
+        global _relays
         transport = self._transport
         sock = transport.get_extra_info("socket")
-        global _relays
         if sock is None or self._reader.chunks or self.ended or _relays >= RELAYS_MAX:
             return 0, True
-        _relays += 1
-        transport.pause_reading()
-        source = os.dup(sock.fileno())
-        stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # the thread's cancel
         loop = asyncio.get_running_loop()
         done: asyncio.Future[tuple[int, bool]] = loop.create_future()
+        job = _Relay(sock.fileno(), to)
 
         def settle(result: tuple[int, bool]) -> None:
             if not done.done():
@@ -241,68 +241,95 @@ class SocketTunnel:
         def run() -> None:
             result = (0, False)
             try:
-                result = _relay(source, to, count, idle, stop)
+                result = job.run(count, idle)
             finally:
+                job.close()
                 with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
                     loop.call_soon_threadsafe(settle, result)
 
+        transport.pause_reading()
+        _relays += 1
         try:
             try:
                 threading.Thread(target=run, name="preview-relay", daemon=True).start()
             except RuntimeError:  # no thread to be had: the event loop's way, then
+                job.close()
                 return 0, True
             return await asyncio.shield(done)
         except asyncio.CancelledError:
-            os.eventfd_write(stop, 1)
-            await done  # (within one poll: the thread never waits on anything but the two sockets)
+            job.stop()
+            transport.abort()  # the thread may still read it for a moment: nobody else will
             raise
         finally:
             _relays -= 1
-            os.close(source)
-            os.close(stop)
             if not transport.is_closing():
                 transport.resume_reading()
 
 
-def _relay(source: int, to: int, count: int, idle: float, stop: int) -> tuple[int, bool]:
-    """`SocketTunnel.relay`'s thread: read, then write it all, waiting in poll (never in a read or a
-    write: MSG_DONTWAIT, whatever the sockets' own mode). The bytes moved, and whether it stopped
-    with nothing read and not written (else the body lost some)."""
-    buf = bytearray(READ_SIZE)
-    view = memoryview(buf)
-    reading, writing = select.poll(), select.poll()
-    reading.register(source, select.POLLIN)
-    writing.register(to, select.POLLOUT)
-    for waiting in (reading, writing):
-        waiting.register(stop, select.POLLIN)
-    wait_ms, moved = int(idle * 1000), 0
-    src, dst = socket.socket(fileno=os.dup(source)), socket.socket(fileno=os.dup(to))
-    try:
-        while moved < count:
-            try:
-                got = src.recv_into(buf, min(count - moved, READ_SIZE), socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                events = reading.poll(wait_ms)
-                if not events or any(fd == stop for fd, _ in events):
-                    return moved, True
-                continue
-            if not got:
-                return moved, True  # the sandbox's end: the caller says what that means
-            sent = 0
-            while sent < got:
+class _Relay:
+    """A relay thread's own duplicates of its two sockets and its stop eventfd (`SocketTunnel.relay`)."""
+
+    def __init__(self, source: int, to: int) -> None:
+        self.src = socket.socket(fileno=os.dup(source))
+        self.dst = socket.socket(fileno=os.dup(to))
+        self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.stopped = self.closed = False
+        self._lock = threading.Lock()
+
+    def stop(self) -> None:
+        """(The loop's thread) stop at the next read, write or poll."""
+        with self._lock:
+            self.stopped = True
+            if not self.closed:
+                os.eventfd_write(self.stop_fd, 1)
+
+    def close(self) -> None:
+        """(The relay's thread, when done) close what it owns."""
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                self.src.close()
+                self.dst.close()
+                os.close(self.stop_fd)
+
+    def run(self, count: int, idle: float) -> tuple[int, bool]:
+        """Read, then write it all, waiting in poll (never in a read or a write: MSG_DONTWAIT,
+        whatever the sockets' own mode). The bytes moved, and whether it stopped with nothing read
+        and not written (else the body lost some)."""
+        src, dst, stop = self.src, self.dst, self.stop_fd
+        buf = bytearray(READ_SIZE)
+        view = memoryview(buf)
+        reading, writing = select.poll(), select.poll()
+        reading.register(src, select.POLLIN)
+        writing.register(dst, select.POLLOUT)
+        for waiting in (reading, writing):
+            waiting.register(stop, select.POLLIN)
+        wait_ms, moved = int(idle * 1000), 0
+        try:
+            while moved < count and not self.stopped:
                 try:
-                    sent += dst.send(view[sent:got], socket.MSG_DONTWAIT)
+                    got = src.recv_into(buf, min(count - moved, READ_SIZE), socket.MSG_DONTWAIT)
                 except BlockingIOError:
-                    events = writing.poll(wait_ms)
+                    events = reading.poll(wait_ms)
                     if not events or any(fd == stop for fd, _ in events):
+                        return moved, True
+                    continue
+                if not got:
+                    return moved, True  # the sandbox's end: the caller says what that means
+                sent = 0
+                while sent < got:
+                    if self.stopped:
                         return moved + sent, False
-            moved += got
-    except OSError:  # either side failed: what went, went
-        return moved, False
-    finally:
-        src.close()
-        dst.close()
-    return moved, True
+                    try:
+                        sent += dst.send(view[sent:got], socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        events = writing.poll(wait_ms)
+                        if not events or any(fd == stop for fd, _ in events):
+                            return moved + sent, False
+                moved += got
+        except OSError:  # either side failed: what went, went
+            return moved, False
+        return moved, True
 
 
 def handed(fds: deque[int], port: int, local: int) -> socket.socket | None:
