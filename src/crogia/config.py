@@ -157,6 +157,9 @@ class Settings(BaseSettings):
     """Bytes per second a request body must average once BODY_TIMEOUT has passed."""
     keepalive_timeout: float = Field(5.0, gt=0)
     """Seconds an idle keep-alive connection stays open between requests."""
+    shutdown_timeout: float = Field(10.0, gt=0)
+    """On SIGTERM, seconds a request in flight (a long `/shell`, a stalled download) may still take
+    once the drain is done; then it is stopped: 503 if it has not answered yet, else cut short."""
     max_header_bytes: int = Field(16_384, ge=1024, le=1_048_576)
     """Bytes of request line plus headers; past it: 431."""
     max_headers: int = Field(100, ge=8, le=1000)

@@ -26,7 +26,7 @@ from tests.conftest import make_settings
 
 LIMITS = FrontDoorLimits(
     max_connections=64, headroom=8, header_timeout=10, body_timeout=10, body_min_rate=1,
-    max_header_bytes=16384, max_headers=100,
+    max_header_bytes=16384, max_headers=100, shutdown_timeout=10,
 )  # fmt: skip
 MIB = 1 << 20
 

@@ -173,3 +173,81 @@ async def test_deleting_a_session_stops_its_running_task(data_dir: Path, model: 
 
     assert deleted.status_code == 200
     assert still_running == []  # the agent's run went with its session
+
+
+async def _request(server: ServerProcess, head: str, body: bytes = b"") -> asyncio.StreamReader:
+    """A raw request left in flight: the reader for its answer (the writer stays open with it)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, limit=1 << 16)
+    writer.write(head.encode() + body)
+    await writer.drain()
+    _open_writers.append(writer)
+    return reader
+
+
+_open_writers: list[asyncio.StreamWriter] = []
+
+
+@pytest.mark.slow
+async def test_sigterm_stops_requests_still_running_after_shutdown_timeout(
+    data_dir: Path, backend: str
+) -> None:
+    """A `/shell` that would run 60 s and a preview download nobody reads do not hold the stop: after
+    SHUTDOWN_TIMEOUT the first gets a 503 with a detail, the second is cut short, no traceback."""
+    from tests.previews.helpers import APP
+
+    env = {**server_env(data_dir, backend, "http://127.0.0.1:9"), "SHUTDOWN_TIMEOUT": "1"}
+    server = ServerProcess(data_dir, env)
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
+            sid = (await client.post("/api/sessions", json={})).json()["session_id"]
+            wrote = await client.post(
+                f"/api/sessions/{sid}/files/content", json={"path": "app.py", "content": APP}
+            )
+            assert wrote.status_code == 200, wrote.text
+            started = await client.post(f"/api/sessions/{sid}/processes", json={"cmd": "python3 app.py 8000"})
+            assert started.status_code == 200, started.text
+            deadline = time.monotonic() + 30
+            while not any(
+                p["port"] == 8000 for p in (await client.get(f"/api/sessions/{sid}/ports")).json()["ports"]
+            ):
+                assert time.monotonic() < deadline, "the app never listened"
+                await asyncio.sleep(0.05)  # polling a condition with a deadline
+        big = 1 << 30
+        download = await _request(
+            server, f"GET /api/sessions/{sid}/ports/8000/big/{big} HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        head = await asyncio.wait_for(download.readuntil(b"\r\n\r\n"), 30)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        body = json.dumps({"cmd": "sleep 60", "timeout": 120}).encode()
+        shell = await _request(
+            server,
+            f"POST /api/sessions/{sid}/shell HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n",
+            body,
+        )
+        await asyncio.sleep(0.5)  # (both are in flight: the download is blocked on us, the shell on sleep)
+        assert server.proc is not None
+        began = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(server.proc.wait(), 30)
+        took = time.monotonic() - began
+        answer = await asyncio.wait_for(shell.read(), 10)
+        got = 0
+        while chunk := await asyncio.wait_for(download.read(1 << 16), 10):
+            got += len(chunk)
+    finally:
+        for writer in _open_writers:
+            writer.close()
+        _open_writers.clear()
+        if server.proc is not None and server.proc.returncode is None:
+            await server.kill()
+    log = server.log.read_text()
+
+    print(f"shutdown with requests in flight: SIGTERM to exit {took:.2f} s ({backend})")
+    assert took < 1 + 4, took  # SHUTDOWN_TIMEOUT plus the drain and the sandbox's removal
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+    assert b"shutting down" in answer
+    assert got < big  # the download ended early (EOF), not after its whole body
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+    assert "Application shutdown complete" in log

@@ -11,7 +11,12 @@ well. This subclass adds, per connection:
   (time the server itself is not reading does not count): 408, closed;
 * a connection cap: past `max_connections` open connections (WebSockets included), a connection may
   still ask `GET /api/health` (and is closed after it); anything else gets 503; past the headroom
-  it gets a 503 at once and is closed. Idle keep-alive time stays uvicorn's (`timeout_keep_alive`).
+  it gets a 503 at once and is closed. Idle keep-alive time stays uvicorn's (`timeout_keep_alive`);
+* a shutdown deadline: once uvicorn asks a busy connection to shut down (after the drain), its request
+  has SHUTDOWN_TIMEOUT to end; then the application is cancelled and the client gets a 503 if nothing
+  was sent yet, or the connection is cut (a body cut short). uvicorn alone waits for every request,
+  however long (a 300 s `/shell`, a download nobody reads), or with `timeout_graceful_shutdown`
+  cancels them into a 500 and a traceback.
 
 On a plain socket it also offers ASGI's `http.response.zerocopysend`, and lends the socket itself
 for a body spliced from a pipe (`zero_copy`).
@@ -30,7 +35,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from crogia.frontdoor import zero_copy
-from crogia.frontdoor.limits import AT_CAPACITY, answer, at_capacity, limits_of
+from crogia.frontdoor.limits import AT_CAPACITY, SHUTTING_DOWN, answer, at_capacity, limits_of
 
 log = logging.getLogger("crogia.frontdoor")
 
@@ -86,6 +91,11 @@ class FrontDoorProtocol(HttpToolsProtocol):
         self._body_last = self._body_tick = self._body_active = 0.0
         self._socket = -1
         """The connection's socket when it is a plain one (not TLS): bodies may be spliced into it."""
+        self._running: tuple[Any, asyncio.Task[Any]] | None = None
+        """The running request's cycle and ASGI task (`_start_asgi_task`), for the shutdown deadline."""
+        self._stop_timer: asyncio.TimerHandle | None = None
+        self._stopped = False
+        """The shutdown deadline cancelled the application: that cancellation ends its task quietly."""
 
     # --- connection ---
 
@@ -126,6 +136,50 @@ class FrontDoorProtocol(HttpToolsProtocol):
         _waiting_past_cap(self.server_state).pop(self, None)
         _evicted(self.server_state).discard(self)
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful stop (an idle connection closes, a busy one after its response), with a
+        deadline for the busy one."""
+        super().shutdown()
+        if not self.transport.is_closing() and self._stop_timer is None:
+            self._stop_timer = self.loop.call_later(self.limits.shutdown_timeout, self._stop_now)
+
+    def _stop_now(self) -> None:
+        self._stop_timer = None
+        if self._running is None or self.transport.is_closing():
+            return
+        cycle, task = self._running
+        if cycle.response_complete:
+            return  # (the connection ends with it: keep-alive is off since `shutdown`)
+        started = cycle.response_started
+        log.warning(
+            "shutdown: a request still running after SHUTDOWN_TIMEOUT (%gs) is stopped (%s)",
+            self.limits.shutdown_timeout, "cut short" if started else "503",
+        )  # fmt: skip
+        cycle.disconnected = True  # the application's sends go nowhere from here, as when a client goes
+        if started:
+            self._stop_timers()
+            self.transport.abort()
+        else:
+            self._close_with(SHUTTING_DOWN)
+        self._stopped = True
+        task.cancel()
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        async def stoppable(scope: Any, receive: Any, send: Any) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._running = (cycle, task)
+            try:
+                await app(scope, receive, send)
+            except asyncio.CancelledError:
+                if not self._stopped:
+                    raise
+                task.uncancel()  # our own cancellation (`_stop_now`): the request has been answered
+            finally:
+                self._running = None
+
+        super()._start_asgi_task(cycle, stoppable)
 
     def handle_websocket_upgrade(self) -> None:
         self._stop_timers()  # the WebSocket protocol takes the transport; its pings watch it from now on
@@ -272,6 +326,9 @@ class FrontDoorProtocol(HttpToolsProtocol):
     def _stop_timers(self) -> None:
         self._cancel_head_timer()
         self._stop_body_watch()
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
+            self._stop_timer = None
 
     # --- answers the application never sees ---
 

@@ -25,6 +25,7 @@ class FrontDoorLimits:
     body_min_rate: int
     max_header_bytes: int
     max_headers: int
+    shutdown_timeout: float
 
     @classmethod
     def from_settings(cls, settings: Settings, budget: fds.FdBudget) -> FrontDoorLimits:
@@ -36,6 +37,7 @@ class FrontDoorLimits:
             body_min_rate=settings.body_min_rate,
             max_header_bytes=settings.max_header_bytes,
             max_headers=settings.max_headers,
+            shutdown_timeout=settings.shutdown_timeout,
         )
 
 
@@ -67,6 +69,11 @@ def answer(status: int, reason: str, detail: str, *extra: bytes) -> bytes:
     head += [b"content-length: %d" % len(body), b"connection: close", *extra]
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
+
+SHUTTING_DOWN = answer(
+    503, "Service Unavailable", "The server is shutting down; retry shortly.", b"retry-after: 1"
+)
+"""A request still unanswered at the shutdown deadline (`SHUTDOWN_TIMEOUT`)."""
 
 AT_CAPACITY_DETAIL = "The server is at its connection limit (MAX_CONNECTIONS); retry shortly."
 AT_CAPACITY = answer(503, "Service Unavailable", AT_CAPACITY_DETAIL, b"retry-after: 1")

@@ -20,6 +20,9 @@ WS_MAX_SIZE = 4 * 1024 * 1024
 """Largest WebSocket message a client may send (a bigger one closes that socket with 1009)."""
 BACKLOG = 2048
 """Connections the kernel queues before accept(): they hold no descriptor of ours."""
+SHUTDOWN_BACKSTOP = 2.0
+"""Seconds past SHUTDOWN_TIMEOUT before uvicorn cancels whatever is left itself (a WebSocket's task
+that ignores its close, say); the front door has stopped every HTTP request by then."""
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
@@ -32,6 +35,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "ws_ping_timeout": settings.ws_ping_timeout,
         "ws_per_message_deflate": settings.ws_compression,
         "timeout_keep_alive": settings.keepalive_timeout,
+        "timeout_graceful_shutdown": settings.shutdown_timeout + SHUTDOWN_BACKSTOP,
         "backlog": BACKLOG,
         "h11_max_incomplete_event_size": settings.max_header_bytes,  # if someone picks `--http h11`
         "log_config": None,
