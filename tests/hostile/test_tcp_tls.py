@@ -244,3 +244,22 @@ def test_tls_options_go_together() -> None:
     ):
         done = subprocess.run([*base, *args], capture_output=True, text=True, timeout=30)
         assert done.returncode != 0 and "--tls" in done.stderr + done.stdout
+
+
+def test_the_certificate_is_made_on_either_event_loop(tmp_path: Path) -> None:
+    """`crogia serve --loop uvloop` made TLS sandboxes fail (502): uvloop's subprocess stdin is a
+    socketpair, and `openssl -key /dev/stdin` cannot open a socket (ENXIO). Made on each loop, the
+    pair is a CA certificate and the P-256 key that goes with it."""
+    import uvloop
+
+    for run in (asyncio.run, uvloop.run):
+        cert, key = run(self_signed())
+        (tmp_path / "cert.pem").write_text(cert)
+        (tmp_path / "key.pem").write_bytes(key)
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")  # the key matches
+        text = subprocess.run(
+            ["openssl", "x509", "-noout", "-text", "-in", str(tmp_path / "cert.pem")],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert "CA:TRUE" in text and "prime256v1" in text and "CN = crogia-sandbox" in text, text

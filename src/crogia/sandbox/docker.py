@@ -796,24 +796,31 @@ def _read_secret(state_dir: Path, name: str = TCP_SECRET_NAME) -> str:
 
 
 async def self_signed() -> tuple[str, bytes]:
-    """A new self-signed certificate (PEM) and its P-256 key (PEM) from `openssl`, a few ms."""
+    """A new self-signed certificate (PEM) and its P-256 key (PEM) from one `openssl req`, a few ms.
 
-    async def run(*args: str, given: bytes = b"") -> bytes:
-        process = await asyncio.create_subprocess_exec(
-            "openssl", *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        out, err = await process.communicate(given)
-        if process.returncode != 0 or not out:
-            raise SandboxError(f"openssl could not make the sandbox's TLS certificate: {err.decode()[-300:]}")
-        return out
-
-    key = await run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256")
-    cert = await run(
-        "req", "-x509", "-key", "/dev/stdin", "-subj", "/CN=crogia-sandbox", "-days", "3650",
-        "-addext", "basicConstraints=critical,CA:TRUE", given=key,
+    Both come back on stdout: nothing is read from a path, and no `/dev/stdin`, which cannot be
+    opened when stdin is a socket (uvloop's subprocess pipes are socketpairs: ENXIO)."""
+    process = await asyncio.create_subprocess_exec(
+        "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", "-", "-out", "-", "-subj", "/CN=crogia-sandbox", "-days", "3650",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
+    out, err = await process.communicate()
+    key, cert = _pem_block(out, b"PRIVATE KEY"), _pem_block(out, b"CERTIFICATE")
+    if process.returncode != 0 or key is None or cert is None:
+        raise SandboxError(f"openssl could not make the sandbox's TLS certificate: {err.decode()[-300:]}")
     return cert.decode(), key
+
+
+def _pem_block(text: bytes, label: bytes) -> bytes | None:
+    """The first `-----BEGIN {label}-----` ... `-----END {label}-----` block of `text`, with a newline."""
+    begin, end = b"-----BEGIN " + label + b"-----", b"-----END " + label + b"-----"
+    start = text.find(begin)
+    stop = text.find(end, start)
+    if start < 0 or stop < 0:
+        return None
+    return text[start : stop + len(end)] + b"\n"
 
 
 @dataclass(frozen=True)
