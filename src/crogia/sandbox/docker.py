@@ -347,8 +347,7 @@ class DockerSandbox(ExecutorSandbox):
         if self._blocked is not None:
             fence.gate.on_blocked = self._blocked.blocked
         try:
-            await fence.open(DOCKER_TABLE)
-            await fence.set_policy(self.spec.egress)
+            await fence.open(DOCKER_TABLE, self.spec.egress)
         except BaseException as exc:
             await fence.close()
             gone = not await asyncio.to_thread(os.path.exists, f"/proc/{pid}/ns/net")

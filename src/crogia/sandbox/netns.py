@@ -159,10 +159,23 @@ class EgressFence:
     async def _nft(self, batch: str) -> None:
         await _run(_NSENTER, f"--net={self.path}", "--", "nft", "-f", "-", data=batch.encode())
 
-    async def open(self, table: str | None = None) -> None:
-        """Load `table` (replacing one of that name) if given, then open the gate in the namespace."""
+    async def open(self, table: str | None = None, policy: EgressPolicy | None = None) -> None:
+        """Load `table` (`inet crogia`) with `policy`'s chain in one transaction if given, then open
+        the gate in the namespace.
+
+        A namespace Docker has just made holds no table of ours: `create table` (which fails, and
+        so changes nothing, when one is there) spares the replace's delete, whose commit waits on
+        the kernel (~13 ms of a 16 ms load here). A running container's namespace, fenced again
+        after a restart, fails that and takes the replace; either way, one transaction."""
         if table is not None:
-            await self._nft(replace_table("inet crogia", table))
+            policy = policy or EgressPolicy()
+            rules = chain_rules(policy)
+            try:
+                await self._nft(f"create table inet crogia\n{table}\n{rules}")
+            except SandboxError:
+                await self._nft(replace_table("inet crogia", table) + rules)
+            self.gate.forget()
+            self.gate.policy = policy
         await self.gate.open(self.path)
         self._link = await NftLink.open(self.path)
         self._log = await RefusalLog.open(self.path, self._refused)
