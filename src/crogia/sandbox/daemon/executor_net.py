@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import _socket
 import errno
+import mmap
 import os
 
 import executor_proto as proto
@@ -61,11 +62,13 @@ LISTEN = b"0A"
 ENGINE_DNS = "127.0.0.11"
 """Docker's embedded DNS: the engine makes its listener in a container's namespace on a user-defined
 network. Not the sandbox's, so never one of its ports (nor a `port_opened`)."""
-RECV_BUFFER = bytearray(proto.FRAME_MAX)
+RECV_BUFFER = mmap.mmap(-1, proto.FRAME_MAX, flags=mmap.MAP_PRIVATE)
 RECV_VIEW = memoryview(RECV_BUFFER)
 """What a tunnel's socket reads go into (one thread: one buffer for every tunnel; `send_frame`
 copies what it does not send at once, so the next read may reuse it). `recv(room)`
-would map and unmap `room` bytes for every read, however few came: a small answer's costliest part."""
+would map and unmap `room` bytes for every read, however few came: a small answer's costliest part.
+An anonymous mapping, not a bytearray (which is zeroed at once: 1 MiB resident in every daemon,
+tunnel or not): a page is the sandbox's only once a read has written it."""
 
 
 def _address(hex_addr: bytes) -> str:
