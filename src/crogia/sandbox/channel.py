@@ -79,6 +79,8 @@ def _read_room(size: int) -> mmap.mmap:
     """A reader's buffer: an anonymous mapping, whose pages are resident only once written (a
     bytearray is zeroed at once, and a channel's 1 MiB was most of an idle session's server memory)."""
     return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+
+
 PAUSE_AT = 4 << 20
 """Bytes read and not yet parsed past which reading pauses, while nobody waits on `next()`."""
 DIRECT_AT = 64 * 1024
