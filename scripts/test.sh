@@ -24,4 +24,11 @@ alone=0
 if [ "$rc" = 5 ] && [ "$alone" != 5 ]; then rc=0; fi
 if [ "$alone" = 5 ] && [ "$rc" != 5 ]; then alone=0; fi
 if [ "$rc" != 0 ]; then exit "$rc"; fi
-exit "$alone"
+if [ "$alone" != 0 ]; then exit "$alone"; fi
+# Once more on uvloop (`crogia serve --loop uvloop`), for the parts whose I/O the loop does: the API,
+# previews, sandboxes and terminals, without the paths only asyncio's own loop has (`selector_loop`).
+# Only for the whole suite (no arguments); UVLOOP_PASS=0 leaves it out.
+if [ "$#" = 0 ] && [ "${UVLOOP_PASS:-1}" != 0 ]; then
+  CROGIA_TEST_LOOP=uvloop .venv/bin/python -m pytest -q -n "$workers" --dist loadscope \
+    -m "not serial and not selector_loop" tests/api tests/previews tests/sandbox tests/terminals
+fi

@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -136,3 +136,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     twice = sorted(nodeid for nodeid, count in seen.items() if count > 1)
     if twice:
         raise pytest.UsageError(f"tests sharing a node id (xdist would run one of them): {twice[:5]}")
+
+
+if os.environ.get("CROGIA_TEST_LOOP") == "uvloop":
+
+    def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+        """`CROGIA_TEST_LOOP=uvloop`: the tests (and the servers they run in-process) on uvloop, as
+        `crogia serve --loop uvloop` runs; `.ci/run` runs a part of the suite that way."""
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}

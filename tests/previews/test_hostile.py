@@ -42,6 +42,7 @@ async def test_lying_tunnel_data_resets_only_that_channel(
         assert (await server.client.get(f"/api/sessions/{good}/ports/8000/")).status_code == 200
 
 
+@pytest.mark.selector_loop
 @pytest.mark.parametrize("lie", ["none", "pipe", "unix", "listener", "elsewhere"])
 async def test_a_socket_handed_over_that_is_not_the_one_asked_for_is_closed_unread(
     backend: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch, lie: str
@@ -89,7 +90,9 @@ async def test_a_daemon_sending_past_its_credit_is_cut_off_in_bounded_memory(
         sandbox = live.sandbox
         before = rss_mb()
         async with server.client.stream("GET", f"/api/sessions/{bad}/ports/8000/") as response:
-            assert response.status_code == 200  # the head was honest
+            # The head was honest. Whether it reaches the client before the flood cuts the channel
+            # depends on how much one read takes (uvloop reads more at once): 200 or 502, nothing more.
+            assert response.status_code in (200, 502), response.status_code
             deadline = time.monotonic() + 30
             while not sandbox._client.closed:  # type: ignore[attr-defined]  # we read nothing: no credit
                 assert time.monotonic() < deadline, "the flood past the window was not cut off"

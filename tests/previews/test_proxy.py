@@ -147,6 +147,7 @@ def _pipes() -> int:
     return pipes(os.getpid())
 
 
+@pytest.mark.selector_loop  # (the lane's share is asserted: under uvloop it may not engage)
 @pytest.mark.parametrize("path", ["handoff", "frames", "splice"])
 async def test_a_long_download_goes_whole_to_a_slow_client(
     data_dir: Path, backend: str, path: str, monkeypatch: pytest.MonkeyPatch

@@ -50,6 +50,7 @@ async def _start_download(
     return reader, writer
 
 
+@pytest.mark.selector_loop
 async def test_a_client_that_stops_reading_is_cut_off_after_the_timeout(data_dir: Path, backend: str) -> None:
     async with run_server(make_settings(data_dir, backend, preview_timeout=1.0)) as server:
         sid = str((await server.create_session())["session_id"])
@@ -67,6 +68,7 @@ async def test_a_client_that_stops_reading_is_cut_off_after_the_timeout(data_dir
         assert (await server.client.get(f"/api/sessions/{sid}/ports/8000/")).status_code == 200
 
 
+@pytest.mark.selector_loop
 async def test_a_client_that_goes_away_mid_body_ends_its_relay(data_dir: Path, backend: str) -> None:
     async with run_server(make_settings(data_dir, backend)) as server:  # PREVIEW_TIMEOUT 30 s
         sid = str((await server.create_session())["session_id"])

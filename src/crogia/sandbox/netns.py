@@ -117,9 +117,14 @@ async def _run(*argv: str, data: bytes | None = None) -> None:
 
 async def _feed_and_wait(proc: asyncio.subprocess.Process, data: bytes | None) -> None:
     if data is not None and proc.stdin is not None:
-        proc.stdin.write(data)
-        await proc.stdin.drain()
-        proc.stdin.close()
+        try:
+            proc.stdin.write(data)
+            await proc.stdin.drain()
+            proc.stdin.close()
+        except (ConnectionError, RuntimeError):
+            # It exited before reading it all (nsenter into a namespace already gone): its exit
+            # status says why. asyncio raises a ConnectionError here, uvloop a RuntimeError.
+            pass
     await proc.wait()
 
 
