@@ -142,7 +142,7 @@ if os.environ.get("CROGIA_TEST_LOOP") == "uvloop":
 
     def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
         """`CROGIA_TEST_LOOP=uvloop`: the tests (and the servers they run in-process) on uvloop, as
-        `crogia serve --loop uvloop` runs; `.ci/run` runs a part of the suite that way."""
+        `crogia serve --loop uvloop` runs; `scripts/test.sh` runs a part of the suite that way."""
         import uvloop
 
         return {"uvloop": uvloop.new_event_loop}

@@ -175,16 +175,15 @@ async def test_deleting_a_session_stops_its_running_task(data_dir: Path, model: 
     assert still_running == []  # the agent's run went with its session
 
 
-async def _request(server: ServerProcess, head: str, body: bytes = b"") -> asyncio.StreamReader:
-    """A raw request left in flight: the reader for its answer (the writer stays open with it)."""
+async def _request(
+    server: ServerProcess, writers: list[asyncio.StreamWriter], head: str, body: bytes = b""
+) -> asyncio.StreamReader:
+    """A raw request left in flight: the reader for its answer (its writer joins `writers`, to close)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port, limit=1 << 16)
+    writers.append(writer)
     writer.write(head.encode() + body)
     await writer.drain()
-    _open_writers.append(writer)
     return reader
-
-
-_open_writers: list[asyncio.StreamWriter] = []
 
 
 @pytest.mark.slow
@@ -197,6 +196,7 @@ async def test_sigterm_stops_requests_still_running_after_shutdown_timeout(
 
     env = {**server_env(data_dir, backend, "http://127.0.0.1:9"), "SHUTDOWN_TIMEOUT": "1"}
     server = ServerProcess(data_dir, env)
+    writers: list[asyncio.StreamWriter] = []
     await server.start()
     try:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
@@ -215,13 +215,14 @@ async def test_sigterm_stops_requests_still_running_after_shutdown_timeout(
                 await asyncio.sleep(0.05)  # polling a condition with a deadline
         big = 1 << 30
         download = await _request(
-            server, f"GET /api/sessions/{sid}/ports/8000/big/{big} HTTP/1.1\r\nHost: x\r\n\r\n"
+            server, writers, f"GET /api/sessions/{sid}/ports/8000/big/{big} HTTP/1.1\r\nHost: x\r\n\r\n"
         )
         head = await asyncio.wait_for(download.readuntil(b"\r\n\r\n"), 30)
         assert head.startswith(b"HTTP/1.1 200"), head
         body = json.dumps({"cmd": "sleep 60", "timeout": 120}).encode()
         shell = await _request(
             server,
+            writers,
             f"POST /api/sessions/{sid}/shell HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n",
             body,
@@ -237,9 +238,8 @@ async def test_sigterm_stops_requests_still_running_after_shutdown_timeout(
         while chunk := await asyncio.wait_for(download.read(1 << 16), 10):
             got += len(chunk)
     finally:
-        for writer in _open_writers:
+        for writer in writers:
             writer.close()
-        _open_writers.clear()
         if server.proc is not None and server.proc.returncode is None:
             await server.kill()
     log = server.log.read_text()

@@ -73,14 +73,6 @@ READ_MIN = 64 * 1024
 """The least room `WireReader` offers the transport for one read (it grows the buffer to keep it)."""
 READ_BUFFER = 1 << 20
 """The buffer a `WireReader` starts with: a read can take several full frames at once."""
-
-
-def _read_room(size: int) -> mmap.mmap:
-    """A reader's buffer: an anonymous mapping, whose pages are resident only once written (a
-    bytearray is zeroed at once, and a channel's 1 MiB was most of an idle session's server memory)."""
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
-
-
 PAUSE_AT = 4 << 20
 """Bytes read and not yet parsed past which reading pauses, while nobody waits on `next()`."""
 DIRECT_AT = 64 * 1024
@@ -98,6 +90,12 @@ SPARE_FRAMES = 8
 _spares = threading.local()
 _FREE_REFS = 3
 """`sys.getrefcount` of a spare nobody holds: the spares' list, the loop's name, the call's argument."""
+
+
+def _read_room(size: int) -> mmap.mmap:
+    """A reader's buffer: an anonymous mapping, whose pages are resident only once written (a
+    bytearray is zeroed at once, and a channel's 1 MiB was most of an idle session's server memory)."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
 
 
 def _frame_buffer(length: int) -> memoryview:

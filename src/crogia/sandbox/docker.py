@@ -816,8 +816,8 @@ def _pem_block(text: bytes, label: bytes) -> bytes | None:
     """The first `-----BEGIN {label}-----` ... `-----END {label}-----` block of `text`, with a newline."""
     begin, end = b"-----BEGIN " + label + b"-----", b"-----END " + label + b"-----"
     start = text.find(begin)
-    stop = text.find(end, start)
-    if start < 0 or stop < 0:
+    stop = text.find(end, start) if start >= 0 else -1
+    if stop < 0:
         return None
     return text[start : stop + len(end)] + b"\n"
 

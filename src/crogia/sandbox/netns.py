@@ -179,8 +179,7 @@ class EgressFence:
                 await self._nft(f"create table inet crogia\n{table}\n{rules}")
             except SandboxError:
                 await self._nft(replace_table("inet crogia", table) + rules)
-            self.gate.forget()
-            self.gate.policy = policy
+            self._adopt(policy)
         await self.gate.open(self.path)
         self._link = await NftLink.open(self.path)
         self._log = await RefusalLog.open(self.path, self._refused)
@@ -192,6 +191,10 @@ class EgressFence:
     async def set_policy(self, policy: EgressPolicy) -> None:
         """Load `policy` into the namespace's `egress` chain and sets (new connections follow it)."""
         await self._nft(chain_rules(policy))
+        self._adopt(policy)
+
+    def _adopt(self, policy: EgressPolicy) -> None:
+        """The gate follows the policy just loaded (its sets were flushed with the chain)."""
         self.gate.forget()
         self.gate.policy = policy
 
