@@ -43,7 +43,7 @@ from functools import partial
 from pathlib import Path
 
 from crogia.config import Settings
-from crogia.errors import Conflict, SandboxError
+from crogia.errors import Conflict, SandboxError, Unavailable
 from crogia.sandbox import bwrap_priv
 from crogia.sandbox.base import (
     STATE_MOUNT,
@@ -236,19 +236,22 @@ class BubblewrapSandbox(ExecutorSandbox):
         """Which of `memory`, `pids`, `cpu` a cgroup enforces (empty: rlimit fallback)."""
         return self._cgroup.enforced if self._cgroup else frozenset()
 
-    async def start(self) -> None:
+    async def _bring_up(self) -> None:
         """Launch bwrap and connect, failing fast if bwrap exits before the executor answers."""
         await self._start()
         assert self._waiter is not None
         connect = asyncio.ensure_future(self.connect())
-        await asyncio.wait({connect, self._waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if connect.done() and connect.exception() is None:
-            return
-        if not connect.done():
-            connect.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await connect
-        else:  # the socketpair closed before the hello: bwrap is ending, say why
+        try:
+            await asyncio.wait({connect, self._waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not connect.done():  # bwrap ended first, or this start was cancelled
+                connect.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await connect
+        if not connect.cancelled():  # (cancelled: bwrap ended first)
+            if connect.exception() is None:
+                return
+            # The socketpair closed before the hello: bwrap is ending, say why.
             await asyncio.wait({self._waiter}, timeout=2)
             if not self._waiter.done():
                 connect.result()
@@ -363,8 +366,8 @@ class BubblewrapSandbox(ExecutorSandbox):
             if self._stderr_task is not None:
                 await asyncio.wait({self._stderr_task}, timeout=1)  # at its end once the sandbox is gone
                 self._stderr_task.cancel()
-            if self._cgroup is not None:
-                await self._kill_cgroup(self._cgroup)
+        if self._cgroup is not None:  # (also whatever a start cancelled mid-spawn put in it)
+            await self._kill_cgroup(self._cgroup)
         await self._stop_network()
 
     async def _stop_network(self) -> None:
@@ -456,6 +459,7 @@ class BubblewrapProvider(SandboxProvider):
         self._available: bool | None = None
         self._uids = UidAllocator(UidRange.parse(uid_range)) if uid_range else None
         self._seccomp: bytes | None = None
+        self._closed = False
 
     async def userns_mode(self) -> str:
         await self.available()
@@ -547,6 +551,8 @@ class BubblewrapProvider(SandboxProvider):
         return self._private
 
     async def create(self, spec: SandboxSpec) -> Sandbox:
+        if self._closed:  # what it made now would outlive the sweep of `close`
+            raise Unavailable("the bubblewrap provider is closed: the server is shutting down")
         if mode_of(spec.limits.network) == "isolated":
             await asyncio.to_thread(self._private_dir)  # file I/O, once: not on the loop
         await self.available()  # the probe decides the uid mapping and the filter
@@ -592,6 +598,7 @@ class BubblewrapProvider(SandboxProvider):
             await _remove_cgroup(group)
 
     async def close(self) -> None:
+        self._closed = True
         sandboxes = list(self._sandboxes.values())
         self._sandboxes.clear()
         for sandbox in sandboxes:

@@ -116,6 +116,10 @@ class ExecutorSandbox(Sandbox):
 
     A provider attaching to an already running sandbox calls `connect()` instead of `start()`.
     Exit notices sent while no connection is open are lost; `processes()` tells the truth.
+
+    `start`, `stop` and `destroy` take turns (one lock): nothing a start makes can come up after
+    a destroy has run. A destroy cancels a start still going, whose backend hooks leave what they
+    made for `_destroy` to remove; that start raises SandboxError.
     """
 
     connect_timeout: ClassVar[float] = 15.0
@@ -128,6 +132,8 @@ class ExecutorSandbox(Sandbox):
         self._connect_lock = asyncio.Lock()
         self._hands_over = True
         """False once the daemon said it cannot hand sockets over (its tunnels are frames since)."""
+        self._life = asyncio.Lock()
+        self._starting: asyncio.Task[None] | None = None
 
     @abc.abstractmethod
     async def _start(self) -> None: ...
@@ -142,16 +148,37 @@ class ExecutorSandbox(Sandbox):
     async def _status(self) -> SandboxStatus: ...
 
     async def start(self) -> None:
+        async with self._life:
+            self._starting = starting = asyncio.ensure_future(self._bring_up())
+            try:
+                await starting
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if starting.cancelled() and (task is None or not task.cancelling()):
+                    raise SandboxError(
+                        "the sandbox was removed while it was starting", sandbox_id=self.id
+                    ) from None
+                raise
+            finally:
+                self._starting = None
+
+    async def _bring_up(self) -> None:
+        """`start`'s work: launch (`_start`), then wait for the daemon."""
         await self._start()
         await self.connect()
 
     async def stop(self) -> None:
-        await self.close()
-        await self._stop()
+        async with self._life:
+            await self.close()
+            await self._stop()
 
     async def destroy(self) -> None:
-        await self.close()
-        await self._destroy()
+        starting = self._starting
+        if starting is not None:
+            starting.cancel()  # (a no-op once it is done)
+        async with self._life:
+            await self.close()
+            await self._destroy()
 
     async def status(self) -> SandboxStatus:
         if self._client is not None and not self._client.closed:

@@ -285,6 +285,7 @@ class NetnsStock:
     Each is fresh (never used by another sandbox) and identical to the rest, so any serves any
     sandbox; a used one is deleted, never returned. Ones older than `max_age` are replaced, so
     their snapshot of this host's addresses stays recent. `take()` refills in the background.
+    Once closed it makes none: a namespace made after its owner's last sweep would be nobody's.
     """
 
     def __init__(
@@ -299,9 +300,12 @@ class NetnsStock:
         self._filler: asyncio.Task[None] | None = None
         self._sweep_lock = asyncio.Lock()
         self._sweep_done = False
+        self._closed = False
 
     async def take(self) -> SandboxNetns:
         """A ready namespace: one from the stock, else one made now (which raises if it cannot be)."""
+        if self._closed:
+            raise Unavailable("the sandbox network stock is closed: the server is shutting down")
         await self._sweep()
         now = asyncio.get_running_loop().time()
         while self._ready:
@@ -338,7 +342,7 @@ class NetnsStock:
         return netns
 
     def _refill(self) -> None:
-        if self._filler is None or self._filler.done():
+        if not self._closed and (self._filler is None or self._filler.done()):
             self._filler = asyncio.create_task(self._fill(), name=f"crogia-netns-stock-{self._scope}")
 
     async def _fill(self) -> None:
@@ -350,7 +354,8 @@ class NetnsStock:
             log.warning("could not prepare a sandbox network namespace ahead: %s", exc)
 
     async def close(self) -> None:
-        """Stop refilling and delete every namespace still in stock."""
+        """Stop refilling and delete every namespace still in stock; make none from now on."""
+        self._closed = True
         if self._filler is not None:
             self._filler.cancel()
             await asyncio.gather(self._filler, return_exceptions=True)
