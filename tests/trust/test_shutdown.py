@@ -5,7 +5,9 @@ a reason, and the process is gone within seconds. After a restart the stored sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import secrets
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -186,6 +188,23 @@ async def _request(
     return reader
 
 
+async def running(argv: list[str], within: float) -> None:
+    """Until a process runs `argv` (the sandbox's too: this test is root on the sandbox's host)."""
+    wanted = "\0".join(argv).encode() + b"\0"
+
+    def found() -> bool:
+        for proc in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                if proc.name.isdigit() and (proc / "cmdline").read_bytes() == wanted:
+                    return True
+        return False
+
+    deadline = time.monotonic() + within
+    while not await asyncio.to_thread(found):
+        assert time.monotonic() < deadline, f"{argv} never ran"
+        await asyncio.sleep(0.02)  # polling a condition with a deadline
+
+
 @pytest.mark.slow
 async def test_sigterm_stops_requests_still_running_after_shutdown_timeout(
     data_dir: Path, backend: str
@@ -219,7 +238,8 @@ async def test_sigterm_stops_requests_still_running_after_shutdown_timeout(
         )
         head = await asyncio.wait_for(download.readuntil(b"\r\n\r\n"), 30)
         assert head.startswith(b"HTTP/1.1 200"), head
-        body = json.dumps({"cmd": "sleep 60", "timeout": 120}).encode()
+        nap = f"60.{secrets.randbelow(10**6):06d}"  # (this test's own: other tests run sleeps too)
+        body = json.dumps({"cmd": f"sleep {nap}", "timeout": 120}).encode()
         shell = await _request(
             server,
             writers,
@@ -227,7 +247,7 @@ async def test_sigterm_stops_requests_still_running_after_shutdown_timeout(
             f"Content-Length: {len(body)}\r\n\r\n",
             body,
         )
-        await asyncio.sleep(0.5)  # (both are in flight: the download is blocked on us, the shell on sleep)
+        await running(["sleep", nap], within=30)  # both are in flight: the download is blocked on us
         assert server.proc is not None
         began = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
