@@ -20,6 +20,9 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from crogia.runtime import SHUTTING_DOWN
+from crogia.sandbox import instance_id
+from crogia.sandbox.cgroups import leftover_names
+from crogia.sandbox.netns import leftover_netns
 from tests.conftest import make_settings
 from tests.support.scripted_openai import Reply, ScriptedOpenAI
 from tests.support.server import run_server
@@ -271,3 +274,45 @@ async def test_sigterm_stops_requests_still_running_after_shutdown_timeout(
     assert got < big  # the download ended early (EOF), not after its whole body
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
     assert "Application shutdown complete" in log
+
+
+@pytest.mark.slow
+async def test_sigterm_leaves_no_bubblewrap_namespace_process_or_cgroup(data_dir: Path) -> None:
+    """A bubblewrap server stopped with its pool filling, its namespace stock full and a session
+    create just sent leaves nothing of its sandboxes on the host: no namespace, pasta or cgroup.
+    (The races under it are held open in tests/sandbox/test_closing.py; this is the whole stop.)"""
+    env = {**server_env(data_dir, "bubblewrap", "http://127.0.0.1:9"), "SANDBOX_POOL_SIZE": "2"}
+    server = ServerProcess(data_dir, env)
+    scope_id = instance_id(make_settings(data_dir, "bubblewrap"))  # the server's, from its data folder
+    writers: list[asyncio.StreamWriter] = []
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
+            made = await client.post("/api/sessions", json={})
+            assert made.status_code in (200, 201), made.text
+            assert leftover_netns(scope_id), "the server made no namespace: wrong scope?"
+        await _request(
+            server, writers, "POST /api/sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n", b"{}"
+        )
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(server.proc.wait(), 30)
+    finally:
+        for writer in writers:
+            writer.close()
+        if server.proc is not None and server.proc.returncode is None:
+            await server.kill()
+    log = server.log.read_text()
+    assert leftover_netns(scope_id) == []
+    assert not [p for p in Path("/proc").glob("[0-9]*") if _serves(p, f"crogia-{scope_id}-")]
+    assert not leftover_names(scope_id)
+    assert "Traceback" not in log, log[-3000:]
+
+
+def _serves(proc: Path, name: str) -> bool:
+    """Whether process `proc` is a pasta for a namespace whose name starts with `name`."""
+    try:
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return argv[0].endswith(b"pasta") and any(name.encode() in a for a in argv)
