@@ -54,6 +54,7 @@ def data_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="cg-", dir="/tmp"))
     yield path
     remove_containers_of(path)
+    remove_namespaces_of(path)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -62,6 +63,24 @@ def remove_containers_of(data_dir: Path) -> None:
     from crogia.sandbox import instance_id
 
     remove_instance(instance_id(make_settings(data_dir, "docker")))
+
+
+def remove_namespaces_of(data_dir: Path) -> None:
+    """A bubblewrap server killed in a test (a failing test's `finally`) leaves its namespaces, with
+    their pasta, and its sandboxes' empty cgroups: the next server on that folder would sweep them,
+    and none comes. (Its sandboxes themselves died with it: `bwrap --die-with-parent`.)"""
+    from crogia.sandbox import instance_id
+    from crogia.sandbox.cgroups import find_cgroup, leftover_names, remove_scope
+    from crogia.sandbox.netns import leftover_netns
+
+    scope = instance_id(make_settings(data_dir, "bubblewrap"))
+    for name in leftover_netns(scope):
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)  # pasta then quits
+    for name in leftover_names(scope):
+        group = find_cgroup(scope, name)
+        if group is not None:
+            group.remove()
+    remove_scope(scope)
 
 
 def remove_instance(instance: str) -> None:
