@@ -7,14 +7,18 @@ the protocol calls that a race, not a lie)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import socket
 import time
 from pathlib import Path
 
 import pytest
+import websockets
 
 from crogia.sandbox import tunnel_socket
+from crogia.services import previews
 from tests.conftest import make_settings
 from tests.hostile.support import new_session, rss_mb, use_fake_daemon
 from tests.previews.helpers import serve_app
@@ -124,3 +128,65 @@ async def test_a_lying_port_listing_is_a_502(
         response = await server.client.get(f"/api/sessions/{bad}/ports")
         assert response.status_code == 502, response.text
         assert "protocol" in response.json()["detail"]
+
+
+FLIPPER = r"""
+import socket, sys, time
+count, until = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+while time.monotonic() < until:
+    held = []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        held.append(s)
+    time.sleep(0.05)
+    for s in held:
+        s.close()
+    time.sleep(0.05)
+"""
+"""Opens `count` listening ports on fresh numbers, closes them, and again, for that many seconds."""
+
+
+async def test_a_sandbox_flipping_its_ports_gets_a_bounded_number_of_port_events(
+    backend: str, data_dir: Path
+) -> None:
+    """Every port event is stored for good, and the ports are the sandbox's to open: 200 fresh ones
+    opened and closed ten times a second, looked at ten times a second, must not turn into thousands
+    of stored events. What the stream says is at most PORT_EVENTS_BURST at once, then
+    PORT_EVENTS_PER_SECOND; GET /ports tells the truth at any moment."""
+    settings = make_settings(data_dir, backend, preview_poll_seconds=0.1)
+    async with run_server(settings) as server:
+        sid = await new_session(server.client)
+        wrote = await server.client.post(
+            f"/api/sessions/{sid}/files/content", json={"path": "flip.py", "content": FLIPPER}
+        )
+        assert wrote.status_code == 200, wrote.text
+        seen = 0
+        async with websockets.connect(f"{server.ws_url}/ws/{sid}") as ws:
+            await ws.recv()  # connection_established
+            began = time.monotonic()
+            flipping = {"cmd": "python3 flip.py 200 4"}
+            started = await server.client.post(f"/api/sessions/{sid}/processes", json=flipping)
+            assert started.status_code == 200, started.text
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(4):
+                    while True:
+                        event = json.loads(await ws.recv())
+                        seen += event["type"] in ("port_opened", "port_closed")
+            took = time.monotonic() - began
+        assert seen > 20, "the flipper's ports were never seen: the test shows nothing"
+        budget = previews.PORT_EVENTS_BURST + previews.PORT_EVENTS_PER_SECOND * took
+        assert seen <= budget, (seen, budget)
+
+
+def test_port_events_past_the_budget_wait_and_coalesce() -> None:
+    budget = previews._Budget()
+    budget.tokens = 2.0
+    assert budget.spend(frozenset(), frozenset({1, 2, 3})) == {1, 2}  # 3 waits for a token
+    assert budget.spend(frozenset({1, 2}), frozenset({1})) == {1, 2}  # no token: 2 still said open
+    budget.at -= 1 / previews.PORT_EVENTS_PER_SECOND  # a token's worth of time later
+    assert budget.spend(frozenset({1, 2}), frozenset({1})) == {1}
+    budget.at -= 100.0  # long after: the bucket is full again, never fuller
+    assert budget.spend(frozenset({1}), frozenset({1})) == {1}  # (3 opened and closed meanwhile: nothing)
+    assert budget.tokens == previews.PORT_EVENTS_BURST

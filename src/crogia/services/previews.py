@@ -9,7 +9,10 @@ the client is slow, and a request body is written as the daemon credits it.
 
 The port watcher reads the sandbox's listening ports every PREVIEW_POLL_SECONDS, only for a
 running session someone could care about (a client on its event stream, or a background process
-running), and publishes `port_opened` / `port_closed`.
+running), and publishes `port_opened` / `port_closed`: at most PORT_EVENTS_BURST at once, then
+PORT_EVENTS_PER_SECOND, per session (every event is stored for good, and a sandbox can open and
+close ports as fast as it likes). Changes past that wait for a later look, coalesced: a port that
+opened and closed again meanwhile says nothing; `GET /ports` is the truth at any moment.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -58,6 +62,9 @@ HOP_BY_HOP = frozenset(
 FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-prefix"})
 _HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
 _NOT_SENT = frozenset(name.encode() for name in FORWARDED | {"host"})
+PORT_EVENTS_BURST = 100
+PORT_EVENTS_PER_SECOND = 2.0
+"""A session's budget of `port_opened` / `port_closed` events (a token bucket)."""
 """What the proxy sets itself, whatever the client sent."""
 PREVIEW_COOKIE = "crogia_preview_"
 SHORT_BODY = 64 * 1024
@@ -138,6 +145,31 @@ class Upstream:
     """`PipeChunk`s only when asked for (`http(zero_copy=True)`)."""
 
 
+class _Budget:
+    """A session's port events: PORT_EVENTS_BURST tokens, refilled at PORT_EVENTS_PER_SECOND."""
+
+    __slots__ = ("at", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens, self.at = float(PORT_EVENTS_BURST), time.monotonic()
+
+    def spend(self, before: frozenset[int], now: frozenset[int]) -> frozenset[int]:
+        """The ports the stream may say are open, going from `before` towards `now` by as many
+        changes as the budget holds (lowest ports first, openings before closings)."""
+        clock = time.monotonic()
+        self.tokens = min(PORT_EVENTS_BURST, self.tokens + (clock - self.at) * PORT_EVENTS_PER_SECOND)
+        self.at = clock
+        opened, closed = sorted(now - before), sorted(before - now)
+        room = int(self.tokens)
+        if len(opened) + len(closed) <= room:
+            self.tokens -= len(opened) + len(closed)
+            return now
+        opened = opened[:room]
+        closed = closed[: room - len(opened)]
+        self.tokens -= len(opened) + len(closed)
+        return (before | frozenset(opened)) - frozenset(closed)
+
+
 class PreviewService:
     """Ports of a session's sandbox, the proxy to them, and the watcher that reports them."""
 
@@ -149,6 +181,8 @@ class PreviewService:
         self.sessions = sessions
         self.processes = processes
         self._known: dict[str, frozenset[int]] = {}
+        """What the stream has said of each session's ports (its view; the sandbox may be ahead)."""
+        self._budgets: dict[str, _Budget] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._pool = UpstreamPool(POOL_PER_PORT, POOL_IDLE_SECONDS)
 
@@ -184,7 +218,8 @@ class PreviewService:
             live.id: live for live in self.sessions.awake() if live.state == "running" and live.has_sandbox
         }
         for session_id in list(self._known):
-            if session_id not in awake:
+            if session_id not in awake:  # stopped or gone: its ports closed, whatever the budget
+                self._budgets.pop(session_id, None)
                 await self._publish(session_id, self._known.pop(session_id), frozenset())
         for live in awake.values():
             if not await self._cared_for(live):
@@ -196,8 +231,10 @@ class PreviewService:
                 continue
             now = frozenset(p.port for p in found)
             before = self._known.get(live.id, frozenset())
-            self._known[live.id] = now
-            await self._publish(live.id, before, now)
+            budget = self._budgets.get(live.id) or self._budgets.setdefault(live.id, _Budget())
+            said = budget.spend(before, now)
+            self._known[live.id] = said
+            await self._publish(live.id, before, said)
 
     async def _cared_for(self, live: LiveSession) -> bool:
         if self.bus.subscriber_count(live.id) > 0:
