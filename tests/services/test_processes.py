@@ -3,6 +3,8 @@ daemon's exit notice and its reply to `terminate` arrive in."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -47,3 +49,18 @@ async def test_a_stopped_process_is_stopped_even_when_its_exit_notice_is_recorde
         if sub.last_seq >= runtime.bus.last_seq(sid):
             break
     assert len(ends) == 1 and '"status":"stopped"' in ends[0]
+
+
+async def test_a_session_keeps_no_lock_once_its_processes_are_done(server: RunningServer) -> None:
+    """The per-session lock (start, exit, stop take turns) lives only while someone holds it: a
+    server that has seen a million sessions' processes holds none of their locks."""
+    runtime = server.runtime
+    sid = str((await server.create_session())["session_id"])
+    base = f"/api/sessions/{sid}/processes"
+    pid = (await server.client.post(base, json={"cmd": "true"})).json()["pid"]
+    async with asyncio.timeout(30):
+        while {p["pid"]: p for p in (await server.client.get(base)).json()}[pid]["status"] == "running":
+            await asyncio.sleep(0.05)  # polling a condition with a deadline
+    await runtime.processes.close()  # every exit recorded
+    gc.collect()
+    assert sid not in runtime.processes._locks

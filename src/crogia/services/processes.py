@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shlex
+import weakref
 from collections.abc import Mapping
 
 from crogia.bus import EventBus
@@ -28,7 +29,8 @@ class ProcessService:
         self.db = db
         self.bus = bus
         self.sessions = sessions
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        """Each session's (start, exit, stop take turns), kept only while someone holds it."""
         self._pending: set[asyncio.Task[None]] = set()
         self._stopping: set[tuple[str, int]] = set()
         """(session, pid) being stopped: the exit notice the daemon sends before its reply means `stopped`."""
@@ -146,4 +148,7 @@ class ProcessService:
             await self.bus.publish(session_id, event)
 
     def _lock(self, session_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(session_id, asyncio.Lock())
+        lock = self._locks.get(session_id)
+        if lock is None:
+            lock = self._locks[session_id] = asyncio.Lock()
+        return lock
