@@ -57,10 +57,16 @@ async def test_a_session_keeps_no_lock_once_its_processes_are_done(server: Runni
     runtime = server.runtime
     sid = str((await server.create_session())["session_id"])
     base = f"/api/sessions/{sid}/processes"
-    pid = (await server.client.post(base, json={"cmd": "true"})).json()["pid"]
-    async with asyncio.timeout(30):
-        while {p["pid"]: p for p in (await server.client.get(base)).json()}[pid]["status"] == "running":
-            await asyncio.sleep(0.05)  # polling a condition with a deadline
+    sub = await runtime.bus.subscribe(sid)
+    started = await server.client.post(base, json={"cmd": "true"})
+    assert started.status_code == 200, started.text
+    try:
+        async with asyncio.timeout(30):
+            async for _seq, data in sub:
+                if '"process_exited"' in data:
+                    break
+    finally:
+        sub.close("test done")
     await runtime.processes.close()  # every exit recorded
     gc.collect()
     assert sid not in runtime.processes._locks
