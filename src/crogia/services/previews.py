@@ -63,7 +63,7 @@ FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host
 _HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
 _NOT_SENT = frozenset(name.encode() for name in FORWARDED | {"host"})
 PORT_EVENTS_BURST = 100
-PORT_EVENTS_PER_SECOND = 2.0
+PORT_EVENTS_PER_SECOND = 1.0
 """A session's budget of `port_opened` / `port_closed` events (a token bucket)."""
 """What the proxy sets itself, whatever the client sent."""
 PREVIEW_COOKIE = "crogia_preview_"
