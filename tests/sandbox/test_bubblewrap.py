@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -183,3 +184,40 @@ async def test_sandbox_dies_with_the_server(bwrap: BubblewrapProvider, data_dir:
     # Its cgroup may be left behind; the next server finds and removes it.
     await bwrap.remove(sandbox_id)
     assert find_cgroup(bwrap._scope, sandbox_id) is None
+
+
+async def test_a_killed_servers_private_folder_goes_with_the_next_of_its_scope(data_dir: Path) -> None:
+    """resolv.conf and pasta's pid files live in `crogia-net-<scope>-*` in the temporary folder: one a
+    server killed -9 left is removed by the next provider of that scope; a link planted under such a
+    name (anyone may write there) is not followed, and a folder of another user's is left alone."""
+    provider = BubblewrapProvider(storage=storage(data_dir))
+    if not await provider.available():
+        unavailable("bubblewrap")
+    scope = provider._scope
+    stale = Path(tempfile.mkdtemp(prefix=f"crogia-net-{scope}-"))
+    (stale / "crogia-x.pasta.pid").write_text("1\n")
+    keep = data_dir / "keep"
+    keep.mkdir()
+    (keep / "file").write_text("kept")
+    planted = Path(tempfile.gettempdir()) / f"crogia-net-{scope}-planted"
+    planted.symlink_to(keep)
+    others = Path(tempfile.mkdtemp(prefix=f"crogia-net-{scope}-"))
+    os.chown(others, 65534, 65534)  # (the test is root)
+    try:
+        await provider.create(spec_for(provider, data_dir))
+        assert not stale.exists()
+        assert len(ours(scope)) == 1 and (ours(scope)[0] / "resolv.conf").exists()
+        await provider.close()
+        assert not ours(scope)
+        assert (keep / "file").read_text() == "kept"
+        assert others.is_dir()
+    finally:
+        planted.unlink()
+        others.rmdir()
+        await provider.close()
+
+
+def ours(scope: str) -> list[Path]:
+    """The private folders of `scope` that are folders of root's (not links, not another user's)."""
+    found = Path(tempfile.gettempdir()).glob(f"crogia-net-{scope}-*")
+    return [p for p in found if not p.is_symlink() and p.lstat().st_uid == 0]

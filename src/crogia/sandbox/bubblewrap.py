@@ -544,8 +544,14 @@ class BubblewrapProvider(SandboxProvider):
         return self._stock
 
     def _private_dir(self) -> Path:
+        """This provider's folder for the sandboxes' resolv.conf and the pasta pid files (blocking).
+
+        Named after the scope, so the folder a killed server of this scope left is found and
+        removed (here, and by `close`); it is in the temporary folder, not the state folder, since
+        bwrap may run as a sandbox's own uid and must read the file."""
         if self._private is None:
-            self._private = Path(tempfile.mkdtemp(prefix="crogia-net-"))
+            _remove_private_dirs(self._scope)
+            self._private = Path(tempfile.mkdtemp(prefix=f"crogia-net-{self._scope}-"))
             (self._private / "resolv.conf").write_text(RESOLV_CONF)
             self._private.chmod(0o711)  # bwrap (root) reads the file; nobody else lists the folder
         return self._private
@@ -609,9 +615,21 @@ class BubblewrapProvider(SandboxProvider):
             self._stock = None
         for name in await asyncio.to_thread(leftover_netns, self._scope):
             await SandboxNetns(name, Path("/nonexistent")).remove()
-        if self._private is not None:
-            await asyncio.to_thread(shutil.rmtree, self._private, True)
-            self._private = None
+        await asyncio.to_thread(_remove_private_dirs, self._scope)  # ours, and a killed server's
+        self._private = None
+
+
+def _remove_private_dirs(scope: str) -> None:
+    """Delete the private folders of `scope`'s providers (blocking): only real folders of ours,
+    never through a link (whoever else may write the temporary folder planted it)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(tempfile.gettempdir()):
+            if not entry.name.startswith(f"crogia-net-{scope}-"):
+                continue
+            with contextlib.suppress(OSError):
+                mine = entry.stat(follow_symlinks=False).st_uid == os.geteuid()
+                if mine and entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
 
 
 async def userns_problem(bwrap: str, python: str, uid: int) -> str | None:
