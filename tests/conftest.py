@@ -84,8 +84,8 @@ def remove_namespaces_of(data_dir: Path) -> None:
 
 
 def remove_instance(instance: str) -> None:
-    """Remove a Docker instance's containers, then its network and fence (the server keeps both
-    while its containers live)."""
+    """Remove a Docker instance's containers and their workspace volumes, then its network and
+    fence (the server keeps all of them while its sessions live)."""
     if shutil.which("docker") is None:
         return
     from crogia.sandbox.docker_network import has_rules, remove_rules, tag_of
@@ -97,6 +97,12 @@ def remove_instance(instance: str) -> None:
     ids = found.stdout.split()
     if ids:
         subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, timeout=120)
+    volumes = subprocess.run(
+        ["docker", "volume", "ls", "-q", "--filter", f"label=crogia.instance={instance}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if names := volumes.stdout.split():
+        subprocess.run(["docker", "volume", "rm", "-f", *names], capture_output=True, timeout=120)
     tag = tag_of(instance)
     gone = subprocess.run(
         ["docker", "network", "rm", f"crogia-{tag}"], capture_output=True, text=True, timeout=60
