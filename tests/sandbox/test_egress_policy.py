@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import socket
 import struct
 
 import pytest
 
+from crogia.sandbox import egress
 from crogia.sandbox.egress import (
     BlockedReporter,
+    DnsGate,
     EgressPolicy,
     answer_addresses,
     chain_rules,
@@ -150,3 +153,25 @@ def test_refused_packets_name_their_destination() -> None:
     for _ in range(3000):
         refused_destination(_nflog(rng.choice((2, 10)), rng.randbytes(rng.randrange(0, 60))))
         refused_destination(rng.randbytes(rng.randrange(0, 80)))
+
+
+def test_the_gate_remembers_no_more_addresses_than_the_set_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An allowed name whose answers the sandbox controls (its own domain) can name a new address in
+    every answer, 200 queries a second: what the gate remembers of the set must stay within the
+    set's size, however long that goes on (the kernel's elements time out; the gate's memory must too)."""
+    clock = [1000.0]
+    monkeypatch.setattr(egress.time, "monotonic", lambda: clock[0])
+    gate = DnsGate("127.0.0.1")
+    policy = EgressPolicy("allow", ("evil.example",))
+    fresh = 0
+    for window in range(3):  # each window: a set's worth of new addresses, then they all expire
+        for i in range(egress.SET_SIZE):
+            found = [(str(ipaddress.IPv4Address(0x0B000000 + window * egress.SET_SIZE + i)), egress.MIN_TTL)]
+            fresh += len(gate._fresh(found, policy))
+            clock[0] += 1 / egress.QUERY_RATE / 10
+        clock[0] += egress.MAX_TTL
+    assert len(gate._known) <= egress.SET_SIZE
+    assert fresh == 3 * egress.SET_SIZE  # every new address went to the set, once the old ones expired
+    late = [(str(ipaddress.IPv4Address(0x0C000000 + i)), egress.MAX_TTL) for i in range(egress.SET_SIZE + 10)]
+    taken = sum(len(gate._fresh([one], policy)) for one in late)  # all live: the last ten find no room
+    assert taken == egress.SET_SIZE == len(gate._known)

@@ -146,11 +146,14 @@ def chain_rules(policy: EgressPolicy, table: str = "inet crogia") -> str:
     return "\n".join(lines) + "\n"
 
 
+SET_SIZE = 65536
+"""Addresses each of a sandbox's `dyn4`/`dyn6` sets holds (the kernel refuses more); the gate
+remembers at most this many in all."""
 TABLE_PARTS = (
     "set allow4 {\ntype ipv4_addr; flags interval;\n}",
     "set allow6 {\ntype ipv6_addr; flags interval;\n}",
-    "set dyn4 {\ntype ipv4_addr; flags timeout; size 65536;\n}",
-    "set dyn6 {\ntype ipv6_addr; flags timeout; size 65536;\n}",
+    f"set dyn4 {{\ntype ipv4_addr; flags timeout; size {SET_SIZE};\n}}",
+    f"set dyn6 {{\ntype ipv6_addr; flags timeout; size {SET_SIZE};\n}}",
     "chain egress {\n}",
 )
 """What a sandbox table holds for the policy: the listed CIDRs (`allow4/6`), the addresses its
@@ -319,6 +322,8 @@ class DnsGate(asyncio.DatagramProtocol):
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._known: dict[str, float] = {}  # address -> when its set element expires (monotonic)
+        self._pruned = 0.0
+        self._failed, self._warned = 0, 0.0
         self._tokens, self._refilled = float(QUERY_BURST), time.monotonic()
 
     async def open(self, netns: str) -> None:
@@ -363,7 +368,13 @@ class DnsGate(asyncio.DatagramProtocol):
                 except Exception:
                     for address, _ttl, _known in fresh:
                         self._known.pop(address, None)
-                    log.warning("egress set update for %s failed", name, exc_info=True)
+                    self._failed += 1
+                    if time.monotonic() - self._warned > 10:  # (the answers are the sandbox's: no flood)
+                        self._warned = time.monotonic()
+                        log.warning(
+                            "egress set updates failed (%d so far; the last for %s)", self._failed, name,
+                            exc_info=True,
+                        )  # fmt: skip
                     return
         if self._transport is not None:
             self._transport.sendto(reply, addr)
@@ -378,9 +389,22 @@ class DnsGate(asyncio.DatagramProtocol):
                 continue  # a listed CIDR covers it already
             ttl = min(max(ttl, MIN_TTL), MAX_TTL)
             if self._known.get(address, 0.0) - now < ttl / 2:
+                if address not in self._known and not self._room(now):
+                    continue  # the set is full of live addresses: the kernel would refuse it too
                 out.append((address, ttl, address in self._known))
                 self._known[address] = now + ttl
         return out
+
+    def _room(self, now: float) -> bool:
+        """Whether one more address may be remembered: at most SET_SIZE, forgetting those whose
+        elements have timed out (looked for at most once a second: a full set of live ones is a
+        scan of SET_SIZE entries)."""
+        if len(self._known) < SET_SIZE:
+            return True
+        if now - self._pruned >= 1.0:
+            self._pruned = now
+            self._known = {address: until for address, until in self._known.items() if until > now}
+        return len(self._known) < SET_SIZE
 
     def forget(self) -> None:
         """The set was flushed (a new policy): nothing is known to be in it."""
