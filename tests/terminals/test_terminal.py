@@ -91,7 +91,11 @@ async def test_delete_leaves_no_process_behind(server: RunningServer) -> None:
     )
     await term.run(jobs, "t9")
     count = "ps -eo args | grep -c '^sleep 100[0-3]$'"
-    assert (await run_in_sandbox(server, sid, count)).strip() == "4"
+    # The marker can come before every job is `sleep` by name: the background ones are forks that
+    # exec later, and `setsid` (leading the process group the shell made for it) forks its child and
+    # returns at once. Wait for all four, up to 5 s.
+    four = f"for i in $(seq 500); do n=$({count}); [ $n -ge 4 ] && break; sleep 0.01; done; echo $n"
+    assert (await run_in_sandbox(server, sid, four)).strip() == "4"
     response = await server.client.delete(f"/api/shells/{shell_id}")
     assert response.status_code == 200 and "message" in response.json()
     assert (await run_in_sandbox(server, sid, count)).strip() == "0"
