@@ -84,6 +84,16 @@ async def provider(request: pytest.FixtureRequest, data_dir: Path) -> AsyncItera
 
 
 @pytest.fixture
+async def bwrap(data_dir: Path) -> AsyncIterator[BubblewrapProvider]:
+    """A bubblewrap provider of its own (for what only that backend promises), closed after."""
+    provider = BubblewrapProvider(storage=storage(data_dir))
+    if not await provider.available():
+        unavailable("bubblewrap")
+    yield provider
+    await provider.close()
+
+
+@pytest.fixture
 async def make_sandbox(provider: SandboxProvider, data_dir: Path) -> AsyncIterator[MakeSandbox]:
     """Create sandboxes with their own workspace and state folders; all destroyed afterwards."""
     created: list[Sandbox] = []

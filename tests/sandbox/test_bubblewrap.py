@@ -8,7 +8,6 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,6 @@ from crogia.sandbox.bubblewrap import BubblewrapProvider, BubblewrapSandbox
 from crogia.sandbox.cgroups import find_cgroup
 from tests.conftest import storage
 from tests.sandbox.conftest import new_spec, unavailable
-
-
-@pytest.fixture
-async def bwrap(data_dir: Path) -> AsyncIterator[BubblewrapProvider]:
-    provider = BubblewrapProvider(storage=storage(data_dir))
-    if not await provider.available():
-        unavailable("bubblewrap")
-    yield provider
-    await provider.close()
 
 
 def spec_for(provider: BubblewrapProvider, data_dir: Path, **kw: object) -> SandboxSpec:

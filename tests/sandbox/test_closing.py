@@ -10,7 +10,7 @@ outlived a server that had closed).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from crogia.sandbox.executor import ExecutorSandbox
 from crogia.sandbox.netns import NetnsStock, leftover_netns
 from tests.conftest import storage
 from tests.sandbox.conftest import new_spec, unavailable
+from tests.support.pasta import pasta_of
 
 
 class Held:
@@ -67,15 +68,6 @@ async def test_a_sandbox_removed_while_starting_never_comes_up(
     await provider.remove_workspace(sandbox.spec.session_id)
 
 
-@pytest.fixture
-async def bwrap(data_dir: Path) -> AsyncIterator[BubblewrapProvider]:
-    provider = BubblewrapProvider(storage=storage(data_dir))
-    if not await provider.available():
-        unavailable("bubblewrap")
-    yield provider
-    await provider.close()
-
-
 async def test_a_closed_bubblewrap_provider_leaves_no_namespace(
     bwrap: BubblewrapProvider, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -107,17 +99,3 @@ async def test_a_closed_stock_makes_no_namespace(tmp_path: Path) -> None:
         await stock.take()
     await stock_tasks_done()
     assert leftover_netns(stock._scope) == []
-
-
-def pasta_of(scope: str) -> list[int]:
-    """Pids of the pasta processes serving a namespace of `scope`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                argv = (proc / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if argv and argv[0].endswith(b"pasta") and any(f"crogia-{scope}-".encode() in a for a in argv):
-                found.append(int(proc.name))
-    return found

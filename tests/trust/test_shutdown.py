@@ -24,6 +24,7 @@ from crogia.sandbox import instance_id
 from crogia.sandbox.cgroups import leftover_names
 from crogia.sandbox.netns import leftover_netns
 from tests.conftest import make_settings
+from tests.support.pasta import pasta_of
 from tests.support.scripted_openai import Reply, ScriptedOpenAI
 from tests.support.server import run_server
 from tests.support.subprocess_server import ServerProcess, server_env
@@ -191,6 +192,14 @@ async def _request(
     return reader
 
 
+async def _end(server: ServerProcess, writers: list[asyncio.StreamWriter]) -> None:
+    """Close the test's raw connections, and kill the server if it is still up (a test that failed)."""
+    for writer in writers:
+        writer.close()
+    if server.proc is not None and server.proc.returncode is None:
+        await server.kill()
+
+
 async def running(argv: list[str], within: float) -> None:
     """Until a process runs `argv` (the sandbox's too: this test is root on the sandbox's host)."""
     wanted = "\0".join(argv).encode() + b"\0"
@@ -261,10 +270,7 @@ async def test_sigterm_stops_requests_still_running_after_shutdown_timeout(
         while chunk := await asyncio.wait_for(download.read(1 << 16), 10):
             got += len(chunk)
     finally:
-        for writer in writers:
-            writer.close()
-        if server.proc is not None and server.proc.returncode is None:
-            await server.kill()
+        await _end(server, writers)
     log = server.log.read_text()
 
     print(f"shutdown with requests in flight: SIGTERM to exit {took:.2f} s ({backend})")
@@ -298,21 +304,9 @@ async def test_sigterm_leaves_no_bubblewrap_namespace_process_or_cgroup(data_dir
         server.proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(server.proc.wait(), 30)
     finally:
-        for writer in writers:
-            writer.close()
-        if server.proc is not None and server.proc.returncode is None:
-            await server.kill()
+        await _end(server, writers)
     log = server.log.read_text()
     assert leftover_netns(scope_id) == []
-    assert not [p for p in Path("/proc").glob("[0-9]*") if _serves(p, f"crogia-{scope_id}-")]
+    assert not pasta_of(scope_id)
     assert not leftover_names(scope_id)
     assert "Traceback" not in log, log[-3000:]
-
-
-def _serves(proc: Path, name: str) -> bool:
-    """Whether process `proc` is a pasta for a namespace whose name starts with `name`."""
-    try:
-        argv = (proc / "cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return argv[0].endswith(b"pasta") and any(name.encode() in a for a in argv)

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from crogia.buckets import TokenBucket
 from crogia.errors import Conflict, CrogiaError, InvalidInput, NotFound, SandboxError, TooLarge, Unavailable
 from crogia.sandbox.base import ExitListener
 from crogia.sandbox.channel import Frame, ProtocolViolation, Stream, decode, send
@@ -49,25 +50,6 @@ CANCELLABLE = frozenset({"exec", "fs_rg"})
 
 def _error_from(code: str, message: str) -> CrogiaError:
     return _ERRORS.get(code, SandboxError)(message or "the sandbox's executor failed", code=code)
-
-
-class _Bucket:
-    """A token bucket: `take()` is False while over `rate` per second after a `burst`."""
-
-    def __init__(self, burst: int, rate: float) -> None:
-        self.burst, self.rate = burst, rate
-        self.tokens, self.at = float(burst), time.monotonic()
-        self.dropped, self.warned = 0, 0.0
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        self.dropped += 1
-        return False
 
 
 CLOSE_WAIT = 1.0
@@ -313,7 +295,7 @@ class ExecutorClient:
         self._chunks: dict[int, Callable[[str], None]] = {}
         self._streams: dict[int, ByteStream] = {}
         self._exit_listener: ExitListener | None = None
-        self._exits = _Bucket(EXIT_BURST, EXIT_RATE)
+        self._exits = TokenBucket(EXIT_BURST, EXIT_RATE)
         self._closed = False
         self.ptys = PtyRouter()
         """The terminals opened over this connection (they end with it)."""

@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import h11
 
+from crogia.buckets import TokenBucket
 from crogia.bus import EventBus
 from crogia.config import Settings
 from crogia.errors import CrogiaError, SandboxError, TooLarge, UpstreamTimeout
@@ -145,28 +145,23 @@ class Upstream:
     """`PipeChunk`s only when asked for (`http(zero_copy=True)`)."""
 
 
-class _Budget:
+class _Budget(TokenBucket):
     """A session's port events: PORT_EVENTS_BURST tokens, refilled at PORT_EVENTS_PER_SECOND."""
 
-    __slots__ = ("at", "tokens")
-
     def __init__(self) -> None:
-        self.tokens, self.at = float(PORT_EVENTS_BURST), time.monotonic()
+        super().__init__(PORT_EVENTS_BURST, PORT_EVENTS_PER_SECOND)
 
     def spend(self, before: frozenset[int], now: frozenset[int]) -> frozenset[int]:
         """The ports the stream may say are open, going from `before` towards `now` by as many
         changes as the budget holds (lowest ports first, openings before closings)."""
-        clock = time.monotonic()
-        self.tokens = min(PORT_EVENTS_BURST, self.tokens + (clock - self.at) * PORT_EVENTS_PER_SECOND)
-        self.at = clock
         opened, closed = sorted(now - before), sorted(before - now)
-        room = int(self.tokens)
+        room = self.available()
         if len(opened) + len(closed) <= room:
-            self.tokens -= len(opened) + len(closed)
+            self.take(len(opened) + len(closed))
             return now
         opened = opened[:room]
         closed = closed[: room - len(opened)]
-        self.tokens -= len(opened) + len(closed)
+        self.take(len(opened) + len(closed))
         return (before | frozenset(opened)) - frozenset(closed)
 
 
