@@ -307,8 +307,15 @@ class Background:
             if (yield lambda: not entry["running"], max(grace, 0.0)):
                 raise cancelled_error()
         kill(pid, signal.SIGKILL)  # even when the leader obeyed, the rest of its group goes too
-        for stray in processes(mark=MARKS.pop(pid, b"")):
+        strays = processes(mark=MARKS.pop(pid, b""))
+        for stray in strays:
             kill(stray, signal.SIGKILL, group=False)
+        # Gone when the reply goes, not only killed: init reaps them a moment later (until then a
+        # zombie, which `ps` still lists), up to 5 s.
+        deadline = time.monotonic() + 5.0
+        while any(os.path.exists(f"/proc/{stray}") for stray in strays) and time.monotonic() < deadline:
+            if (yield None, 0.01):
+                raise cancelled_error()
         while entry["running"]:
             if (yield lambda: not entry["running"], None):
                 raise cancelled_error()
