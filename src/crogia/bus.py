@@ -11,6 +11,10 @@ seconds of failures `store_error` says so (health shows it; new tasks get a 503)
 
 Each subscriber has a bounded queue. One that falls too far behind is closed with a reason
 (and reconnects with `since`), so a slow client never slows the agent or other clients.
+
+The kinds a sandbox sets off at its own pace (`SANDBOX_DRIVEN`) are kept per session only as the
+newest `keep_sandbox_events`: after each tenth of that many new ones (and at a session's first
+after a start) the writer deletes the older ones, so a session holds at most 1.1x that many.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from datetime import UTC, datetime
 from pydantic_core import PydanticSerializationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from crogia.events import _Event, event_payload
+from crogia.events import SANDBOX_DRIVEN, _Event, event_payload
 from crogia.store import Database, repo
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,7 @@ DROPPED_MEMORY = 10_000
 _ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"))
 """For the rare payload pydantic cannot write as UTF-8 (a lone surrogate from a model): escaped."""
 _NOT_PAYLOAD: set[str] = {"type"}
+_TRIMMED = frozenset(SANDBOX_DRIVEN)
 
 Pending = tuple[str, int, str, str | None, str]
 """An event on its way to the store: (session_id, seq, type, task_id, json_text)."""
@@ -157,8 +162,14 @@ class Subscription:
 class EventBus:
     """Per-session ordered, stored, fanned-out event stream."""
 
-    def __init__(self, db: Database, *, batch: int = 5000, client_queue: int = 20_000) -> None:
+    def __init__(
+        self, db: Database, *, batch: int = 5000, client_queue: int = 20_000, keep_sandbox_events: int = 1000
+    ) -> None:
         self.db = db
+        self._keep = keep_sandbox_events
+        self._trim_every = max(1, keep_sandbox_events // 10)
+        self._untrimmed: dict[str, int] = {}
+        """Sandbox-driven events stored per session since its last trim (absent: none yet this run)."""
         self._stamp: tuple[int, str] = (-1, "")
         """(millisecond, its ISO text): events in a burst share a millisecond, and formatting is costly."""
         self._batch = batch
@@ -258,6 +269,7 @@ class EventBus:
         self._next.pop(session_id, None)
         self._committed.pop(session_id, None)
         self._quoted.pop(session_id, None)
+        self._untrimmed.pop(session_id, None)
         self._dropped[session_id] = None
         if len(self._dropped) > DROPPED_MEMORY:
             del self._dropped[next(iter(self._dropped))]
@@ -297,6 +309,7 @@ class EventBus:
             if events:
                 stored = await self._store(events)
                 self._fan_out(stored)
+                await self._trim(stored)
             for item in batch:
                 if isinstance(item, asyncio.Future) and not item.done():
                     item.set_result(None)
@@ -345,6 +358,28 @@ class EventBus:
         except Exception as exc:
             return exc
         return None
+
+    async def _trim(self, events: list[Pending]) -> None:
+        """Count `events`' sandbox-driven ones; trim each session that has had enough since its last."""
+        due: list[str] = []
+        for sid, _seq, kind, _task_id, _data in events:
+            if kind in _TRIMMED:
+                count = self._untrimmed.get(sid, self._trim_every - 1) + 1
+                self._untrimmed[sid] = count
+                if count == self._trim_every:
+                    due.append(sid)
+        for sid in due:
+            self._untrimmed[sid] = 0
+            if sid in self._dropped:
+                continue
+            try:
+                async with self.db.transaction() as db:
+                    gone = await repo.trim_sandbox_events(db, session_id=sid, keep=self._keep)
+            except Exception as exc:  # the next tenth tries again; the events themselves are stored
+                log.warning("trimming session %s's sandbox events failed: %s", sid, str(exc).splitlines()[0])
+                continue
+            if gone:
+                log.debug("session %s: %d older sandbox events deleted", sid, gone)
 
     def _fan_out(self, events: list[Pending]) -> None:
         for sid, seq, _typ, _task_id, data in events:

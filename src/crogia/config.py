@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     """Open interactive terminals a session may have (`POST .../shells` is a 409 past it)."""
     terminal_scrollback_bytes: int = Field(262_144, ge=4096, le=16_777_216)
     """Recent output a terminal keeps for a client that (re)connects; a slow client loses the oldest."""
+    sandbox_events_kept: int = Field(1000, ge=10)
+    """A session's newest `egress_blocked` / `port_opened` / `port_closed` events kept in the store
+    (older ones are deleted as new ones come: a replay from before them skips their `seq`)."""
 
     # --- previews (servers in the sandbox, see the README's Previews section) ---
     preview_timeout: float = Field(30.0, gt=0)

@@ -127,6 +127,12 @@ Event = Annotated[
 
 EventAdapter: TypeAdapter[Event] = TypeAdapter(Event)
 
+SANDBOX_DRIVEN: tuple[str, ...] = ("egress_blocked", "port_opened", "port_closed")
+"""Kinds the sandbox sets off at its own pace (each rate-limited where it starts). The store keeps
+only a session's newest SANDBOX_EVENTS_KEPT of them, so a long-lived sandbox's sustained rate never
+adds up to an unbounded total; what the agent and the user do is never trimmed. The trim's partial
+index (migration 0004) names the same kinds."""
+
 
 def event_payload(event: _Event) -> dict[str, Any]:
     """The event's own fields as JSON-ready data (no routing stamps)."""

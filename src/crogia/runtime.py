@@ -66,7 +66,7 @@ class Runtime:
         except BaseException:
             await db.close()
             raise
-        bus = EventBus(db)
+        bus = EventBus(db, keep_sandbox_events=settings.sandbox_events_kept)
         bus.start()
         pool = SandboxPool(settings, provider)
         sessions = SessionService(settings, db, bus, provider, pool)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import websockets
+from sqlalchemy import text
 
 from crogia.sandbox import tunnel_socket
 from crogia.services import previews
@@ -154,8 +155,9 @@ async def test_a_sandbox_flipping_its_ports_gets_a_bounded_number_of_port_events
     """Every port event is stored for good, and the ports are the sandbox's to open: 200 fresh ones
     opened and closed ten times a second, looked at ten times a second, must not turn into thousands
     of stored events. What the stream says is at most PORT_EVENTS_BURST at once, then
-    PORT_EVENTS_PER_SECOND; GET /ports tells the truth at any moment."""
-    settings = make_settings(data_dir, backend, preview_poll_seconds=0.1)
+    PORT_EVENTS_PER_SECOND; GET /ports tells the truth at any moment. And a rate is not a total: the
+    store keeps only the newest SANDBOX_EVENTS_KEPT of them (and the agent's events all)."""
+    settings = make_settings(data_dir, backend, preview_poll_seconds=0.1, sandbox_events_kept=20)
     async with run_server(settings) as server:
         sid = await new_session(server.client)
         wrote = await server.client.post(
@@ -178,6 +180,15 @@ async def test_a_sandbox_flipping_its_ports_gets_a_bounded_number_of_port_events
         assert seen > 20, "the flipper's ports were never seen: the test shows nothing"
         budget = previews.PORT_EVENTS_BURST + previews.PORT_EVENTS_PER_SECOND * took
         assert seen <= budget, (seen, budget)
+        runtime = server.runtime
+        await runtime.bus.flush()
+        async with runtime.db.session() as db:
+            kinds = (
+                await db.execute(text("SELECT type FROM events WHERE session_id = :s"), {"s": sid})
+            ).all()
+        stored = [kind for (kind,) in kinds]
+        assert 20 <= stored.count("port_opened") + stored.count("port_closed") <= 22, stored
+        assert stored.count("process_started") == 1
 
 
 def test_port_events_past_the_budget_wait_and_coalesce() -> None:

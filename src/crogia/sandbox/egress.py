@@ -42,6 +42,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+from crogia.buckets import TokenBucket
 from crogia.sandbox.network import BLOCKED_V4, BLOCKED_V6
 
 log = logging.getLogger(__name__)
@@ -324,7 +325,7 @@ class DnsGate(asyncio.DatagramProtocol):
         self._known: dict[str, float] = {}  # address -> when its set element expires (monotonic)
         self._pruned = 0.0
         self._failed, self._warned = 0, 0.0
-        self._tokens, self._refilled = float(QUERY_BURST), time.monotonic()
+        self._queries = TokenBucket(QUERY_BURST, QUERY_RATE)
 
     async def open(self, netns: str) -> None:
         """Listen on `GATE_ADDRESS`:53 inside the network namespace at path `netns`."""
@@ -335,12 +336,10 @@ class DnsGate(asyncio.DatagramProtocol):
         self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        now = time.monotonic()
-        self._tokens = min(QUERY_BURST, self._tokens + (now - self._refilled) * QUERY_RATE)
-        self._refilled = now
-        if self._tokens < 1 or len(self._tasks) >= 64:  # a flood: the rest is dropped (resolvers retry)
+        if (
+            len(self._tasks) >= 64 or not self._queries.take()
+        ):  # a flood: the rest is dropped (resolvers retry)
             return
-        self._tokens -= 1
         task = asyncio.create_task(self._answer(data, addr), name="crogia-dns-gate")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

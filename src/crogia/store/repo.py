@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from crogia.store.tables import (
+    SANDBOX_DRIVEN_SQL,
     ContextViewRow,
     EventRow,
     MessageRow,
@@ -118,6 +119,23 @@ async def events_between(
         .limit(limit)
     )
     return [(seq, data) for seq, data in (await db.execute(query)).all()]
+
+
+_TRIM_SQL = text(
+    f"DELETE FROM events WHERE session_id = :session_id AND {SANDBOX_DRIVEN_SQL} AND seq < ("
+    f"SELECT seq FROM events WHERE session_id = :session_id AND {SANDBOX_DRIVEN_SQL} "
+    "ORDER BY seq DESC LIMIT 1 OFFSET :skip)"
+)
+
+
+async def trim_sandbox_events(db: AsyncSession, *, session_id: str, keep: int) -> int:
+    """Delete the session's sandbox-driven events but the newest `keep`; how many went.
+
+    Both halves walk the partial index `ix_events_sandbox_driven`: the newest `keep` of those rows,
+    then the older ones; the session's other events are never read.
+    """
+    result = await db.execute(_TRIM_SQL, {"session_id": session_id, "skip": keep - 1})
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 # --- conversation ---

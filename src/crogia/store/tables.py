@@ -5,9 +5,26 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    text,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from crogia.events import SANDBOX_DRIVEN
+
+SANDBOX_DRIVEN_SQL = "type IN ({})".format(", ".join(f"'{kind}'" for kind in SANDBOX_DRIVEN))
+"""The trimmed kinds as literal SQL: a partial index is used only for a query whose WHERE repeats
+its own predicate with the same constants (neither SQLite nor PostgreSQL matches bound parameters)."""
 
 
 def utcnow() -> datetime:
@@ -75,6 +92,16 @@ class EventRow(Base):
     task_id: Mapped[str | None] = mapped_column(String(64), default=None)
     data: Mapped[str] = mapped_column(Text)
     """The event exactly as sent to clients (JSON text, stamps included)."""
+
+    __table_args__ = (
+        Index(
+            "ix_events_sandbox_driven",
+            "session_id",
+            "seq",
+            sqlite_where=text(SANDBOX_DRIVEN_SQL),
+            postgresql_where=text(SANDBOX_DRIVEN_SQL),
+        ),
+    )
 
 
 class MessageRow(Base):
