@@ -72,6 +72,8 @@ def frame(stream, data, length=None):
 def lie_about_tunnels(sock, msg):
     """`tunnel_open` believed, then frames no honest daemon sends (the tunnel modes)."""
     rid = msg.get("id")
+    if msg.get("op") == "ports" and MODE == "ports_silent":  # never answers, the channel open
+        return None
     if msg.get("op") == "ports":
         entry = {"port": 70000 if MODE == "ports_range" else 80, "address": "0.0.0.0", "pid": None}
         return sock.sendall(reply(rid, ports=[entry] * (1 if MODE == "ports_range" else 100_000)))

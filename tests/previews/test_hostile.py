@@ -22,7 +22,7 @@ from crogia.sandbox import tunnel_socket
 from crogia.services import previews
 from tests.conftest import make_settings
 from tests.hostile.support import new_session, rss_mb, use_fake_daemon
-from tests.previews.helpers import serve_app
+from tests.previews.helpers import APP, serve_app, start, write_file
 from tests.previews.test_bad_servers import LIMIT, raw_upload_to_a_deaf_server
 from tests.support.server import run_server
 
@@ -129,6 +129,38 @@ async def test_a_lying_port_listing_is_a_502(
         response = await server.client.get(f"/api/sessions/{bad}/ports")
         assert response.status_code == 502, response.text
         assert "protocol" in response.json()["detail"]
+
+
+async def test_a_sandbox_that_never_says_its_ports_holds_back_no_other_sessions_events(
+    backend: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The port watcher reads every watched session's ports each PREVIEW_POLL_SECONDS, and a daemon
+    is the sandbox's: one that never answers must cost only its own session, not make every other
+    session wait out its timeout (5 s) before its ports are read."""
+    async with run_server(make_settings(data_dir, backend, preview_poll_seconds=0.2)) as server:
+        honest = await new_session(server.client)
+        use_fake_daemon(monkeypatch, "ports_silent")
+        silent = await new_session(server.client)
+        await write_file(server, honest, "app.py", APP)
+        async with (
+            websockets.connect(f"{server.ws_url}/ws/{silent}") as watched,  # someone cares: it is read
+            websockets.connect(f"{server.ws_url}/ws/{honest}") as ws,
+        ):
+            for each in (watched, ws):
+                await each.recv()  # connection_established
+
+            async def opened(port: int) -> float:
+                began = time.monotonic()
+                await start(server, honest, f"python3 app.py {port}")
+                async with asyncio.timeout(30):
+                    while True:
+                        event = json.loads(await ws.recv())
+                        if event["type"] == "port_opened" and event["port"] == port:
+                            return time.monotonic() - began
+
+            await opened(8001)  # seen right after a read of the honest session's ports
+            took = await opened(8002)  # so this one waits for the next read: one poll, not 5 s
+        assert took < 2.5, f"the honest session's port was seen after {took:.1f} s"
 
 
 FLIPPER = r"""

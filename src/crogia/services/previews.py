@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -178,6 +179,9 @@ class PreviewService:
         self._known: dict[str, frozenset[int]] = {}
         """What the stream has said of each session's ports (its view; the sandbox may be ahead)."""
         self._budgets: dict[str, _Budget] = {}
+        self._reads: dict[str, asyncio.Task[None]] = {}
+        """Each session's read of its ports in flight: one at a time per session, none waited on by
+        another (a daemon is the sandbox's, and one that never answers must hold back only itself)."""
         self._watcher: asyncio.Task[None] | None = None
         self._pool = UpstreamPool(POOL_PER_PORT, POOL_IDLE_SECONDS)
 
@@ -194,6 +198,10 @@ class PreviewService:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
+        reads = list(self._reads.values())
+        for read in reads:
+            read.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
         await self._pool.sweep(everything=True)
 
     async def _watch(self) -> None:
@@ -207,29 +215,46 @@ class PreviewService:
                 log.exception("reading the sandboxes' ports failed")
 
     async def poll_once(self) -> None:
-        """One look at the ports of every running session someone could care about."""
+        """Start a look at the ports of every running session someone could care about (one whose
+        last look is still waiting on its daemon is skipped); sessions gone or stopped say their
+        ports closed."""
         await self._pool.sweep()
         awake = {
             live.id: live for live in self.sessions.awake() if live.state == "running" and live.has_sandbox
         }
+        for session_id in [sid for sid in self._reads if sid not in awake]:
+            self._reads.pop(session_id).cancel()
         for session_id in list(self._known):
             if session_id not in awake:  # stopped or gone: its ports closed, whatever the budget
                 self._budgets.pop(session_id, None)
                 await self._publish(session_id, self._known.pop(session_id), frozenset())
         for live in awake.values():
-            if not await self._cared_for(live):
+            if live.id in self._reads or not await self._cared_for(live):
                 continue
-            try:
-                found = await asyncio.wait_for(live.sandbox.ports(owners=False), 5.0)
-            except (CrogiaError, TimeoutError) as exc:
-                log.debug("ports of session %s: %s", live.id, exc)
-                continue
-            now = frozenset(p.port for p in found)
-            before = self._known.get(live.id, frozenset())
-            budget = self._budgets.get(live.id) or self._budgets.setdefault(live.id, _Budget())
-            said = budget.spend(before, now)
-            self._known[live.id] = said
-            await self._publish(live.id, before, said)
+            read = asyncio.create_task(self._read(live), name=f"crogia-ports-{live.id}")
+            self._reads[live.id] = read
+            read.add_done_callback(functools.partial(self._read_done, live.id))
+
+    def _read_done(self, session_id: str, read: asyncio.Task[None]) -> None:
+        if self._reads.get(session_id) is read:
+            del self._reads[session_id]
+        if not read.cancelled() and read.exception() is not None:
+            log.error("reading the ports of session %s failed", session_id, exc_info=read.exception())
+
+    async def _read(self, live: LiveSession) -> None:
+        try:
+            found = await asyncio.wait_for(live.sandbox.ports(owners=False), 5.0)
+        except (CrogiaError, TimeoutError) as exc:
+            log.debug("ports of session %s: %s", live.id, exc)
+            return
+        if live.state != "running":  # it stopped meanwhile, and said its ports closed then
+            return
+        now = frozenset(p.port for p in found)
+        before = self._known.get(live.id, frozenset())
+        budget = self._budgets.get(live.id) or self._budgets.setdefault(live.id, _Budget())
+        said = budget.spend(before, now)
+        self._known[live.id] = said
+        await self._publish(live.id, before, said)
 
     async def _cared_for(self, live: LiveSession) -> bool:
         if self.bus.subscriber_count(live.id) > 0:
