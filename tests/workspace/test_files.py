@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import tracemalloc
 from collections.abc import AsyncIterator
 from datetime import UTC
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 
 from crogia.errors import Conflict, InvalidInput, NotFound, TooLarge
 from crogia.sandbox.files import Files
+from tests.support.local_daemon import LocalDaemon
 from tests.workspace.conftest import FilesFactory
 
 from .conftest import write
@@ -132,6 +135,47 @@ async def test_list_sorting_types_and_sizes(ws: Files, root: Path) -> None:
     assert by_name["b.txt"].size == 5
     assert by_name["b.txt"].modified.tzinfo == UTC
     assert abs(by_name["b.txt"].modified.timestamp() - (root / "b.txt").stat().st_mtime) < 1e-3
+
+
+def _link_many(root: Path, count: int) -> list[str]:
+    sources = [root / f"one{n}" for n in range(count // 60_000 + 1)]  # ext4: 65,000 links a file
+    for source in sources:
+        source.touch()
+    (root / "big").mkdir()
+    names = [f"{i:06}" for i in range(count)]
+    for i, name in enumerate(reversed(names)):  # the folder's own order is not the listing's
+        os.link(sources[i % len(sources)], root / "big" / name)
+    return names
+
+
+def _peak_kib(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+async def test_a_huge_folder_is_listed_in_bounded_memory(
+    ws: Files, root: Path, daemon: LocalDaemon | None
+) -> None:
+    """How many names a folder holds is the sandbox's to choose (a million empty files cost it a few
+    seconds): a listing keeps only the entries it returns, not one record per name, and stats only
+    those. 200,000 names took the old code ~100 MB."""
+    names = await asyncio.to_thread(_link_many, root, 200_000)
+    if daemon is None:
+        tracemalloc.start()
+        try:
+            listing = await ws.list("big")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    else:
+        before = _peak_kib(daemon.process.pid)
+        listing = await ws.list("big")
+        peak = (_peak_kib(daemon.process.pid) - before) * 1024
+    assert listing.truncated and [e.name for e in listing] == names[:10_000]
+    assert peak < 24 << 20, f"listing took {peak >> 20} MB"
 
 
 async def test_list_depth_and_cap(ws: Files, root: Path, make_files: FilesFactory) -> None:

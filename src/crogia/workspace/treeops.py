@@ -8,6 +8,8 @@ while the walk runs.
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import os
 import stat
 from dataclasses import replace
@@ -20,6 +22,8 @@ from crogia.workspace.models import Entry, EntryType
 from crogia.workspace.paths import DIR_FLAGS, RelPath, lstat_at, opened_dir, os_error, own_like_parent
 
 MAX_REMOVE_DEPTH = 256
+SCAN_MAX = 1_000_000
+"""Names read from one folder for a listing at most (a listing past them is truncated anyway)."""
 
 
 def _entry(name: str, rel: RelPath, st: os.stat_result) -> Entry:
@@ -28,8 +32,7 @@ def _entry(name: str, rel: RelPath, st: os.stat_result) -> Entry:
         kind = "directory"
     elif stat.S_ISLNK(st.st_mode):
         kind = "symlink"
-    # Names are bytes on Linux; show undecodable ones with U+FFFD so JSON never breaks.
-    shown = os.fsencode(name).decode("utf-8", "replace")
+    shown = _shown(name)
     return Entry(
         name=shown,
         path=rel.child(shown).text,
@@ -39,22 +42,38 @@ def _entry(name: str, rel: RelPath, st: os.stat_result) -> Entry:
     )
 
 
-def _scan(fd: int, rel: RelPath) -> list[tuple[str, Entry]]:
-    """(raw name, entry) pairs of one folder, folders first, then by name."""
-    found: list[tuple[str, Entry]] = []
+def _shown(name: str) -> str:
+    """A name as listed: bytes on Linux, undecodable ones shown with U+FFFD so JSON never breaks."""
+    return os.fsencode(name).decode("utf-8", "replace")
+
+
+def _order(item: os.DirEntry[str]) -> tuple[bool, str, str]:
+    """Listing order: folders first (a link to one is a link), then by name, case folded."""
+    shown = _shown(item.name)
+    return (not item.is_dir(follow_symlinks=False), shown.casefold(), shown)
+
+
+def _scan(fd: int, rel: RelPath, keep: int) -> list[tuple[str, Entry]]:
+    """The first `keep` (raw name, entry) pairs of one folder in listing order.
+
+    How many names a folder holds is the sandbox's to choose, so only `keep` of them are held at
+    once (a heap over the folder's names; the kind comes from the folder itself) and only those are
+    stat'ed; at most SCAN_MAX names are read.
+    """
     with os.scandir(fd) as it:
-        for item in it:
-            try:
-                st = item.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # removed while we listed
-            found.append((item.name, _entry(item.name, rel, st)))
-    found.sort(key=lambda pair: (pair[1].type != "directory", pair[1].name.casefold(), pair[1].name))
+        first = heapq.nsmallest(keep, itertools.islice(it, max(SCAN_MAX, keep)), key=_order)
+    found: list[tuple[str, Entry]] = []
+    for item in first:
+        try:
+            st = item.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # removed while we listed
+        found.append((item.name, _entry(item.name, rel, st)))
     return found
 
 
 def _walk(fd: int, rel: RelPath, depth: int, out: list[Entry], cap: int) -> None:
-    for raw, entry in _scan(fd, rel):
+    for raw, entry in _scan(fd, rel, cap - len(out)):
         if len(out) >= cap:
             return
         out.append(entry)

@@ -23,6 +23,8 @@ Errors are `RequestError`s whose code the server maps: `not_found`, `conflict`, 
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import os
 import stat
 
@@ -231,6 +233,9 @@ def open_regular(rel: Rel) -> int:
 
 # --- listing ---
 
+SCAN_MAX = 1_000_000
+"""Names read from one folder for a listing at most (a listing past them is truncated anyway)."""
+
 
 def _entry(name: str, rel: Rel, st: os.stat_result) -> dict[str, Any]:
     kind = "file"
@@ -248,21 +253,28 @@ def _entry(name: str, rel: Rel, st: os.stat_result) -> dict[str, Any]:
     }
 
 
-def _scan(fd: int, rel: Rel) -> list[tuple[str, dict[str, Any]]]:
-    found = []
+def _order(item: os.DirEntry[str]) -> tuple[bool, str, str]:
+    shown = os.fsencode(item.name).decode("utf-8", "replace")
+    return (not item.is_dir(follow_symlinks=False), shown.casefold(), shown)
+
+
+def _scan(fd: int, rel: Rel, keep: int) -> list[tuple[str, dict[str, Any]]]:
+    """The first `keep` entries of one folder in listing order, holding and stat'ing only those
+    (as the server's `treeops._scan`: a folder's size is whoever fills it's to choose)."""
     with os.scandir(fd) as it:
-        for item in it:
-            try:
-                st = item.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            found.append((item.name, _entry(item.name, rel, st)))
-    found.sort(key=lambda pair: (pair[1]["type"] != "directory", pair[1]["name"].casefold(), pair[1]["name"]))
+        first = heapq.nsmallest(keep, itertools.islice(it, max(SCAN_MAX, keep)), key=_order)
+    found = []
+    for item in first:
+        try:
+            st = item.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        found.append((item.name, _entry(item.name, rel, st)))
     return found
 
 
 def _walk(fd: int, rel: Rel, depth: int, out: list[dict[str, Any]], cap: int) -> None:
-    for raw, entry in _scan(fd, rel):
+    for raw, entry in _scan(fd, rel, cap - len(out)):
         if len(out) >= cap:
             return
         out.append(entry)
