@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from crogia.agent.loop import Agent
@@ -29,6 +32,34 @@ from crogia.store import Database
 log = logging.getLogger(__name__)
 
 SHUTTING_DOWN = "server shutting down; reconnect with since"
+LOCK_FILE = "server.lock"
+
+
+class DataFolderInUse(RuntimeError):
+    """Another server holds this data folder."""
+
+
+def lock_data_folder(folder: Path) -> int:
+    """Take the data folder for this process (blocking, brief): the lock's fd, held until `close`.
+
+    Two servers on one folder are one instance (the folder names it), and a starting server removes
+    what it takes for a crash's leftovers of its instance: the other's live sandboxes. An flock goes
+    with its process, so a killed server never leaves the folder locked.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 16, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise DataFolderInUse(
+            f"another Crogia server (pid {holder}) uses the data folder {folder}: "
+            "stop it, or give this one another BASE_DIRECTORY"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 @dataclass(eq=False)
@@ -52,6 +83,8 @@ class Runtime:
     stopping: bool = False
     """Set by `drain`: no new tasks or event streams."""
     streams: set[asyncio.Task[Any]] = field(default_factory=set)
+    _lock_fd: int = -1
+    """This server's hold on its data folder (`lock_data_folder`)."""
     """The tasks serving event streams (WebSockets), so `drain` can wait for them to close."""
     _egress_events: set[asyncio.Task[Any]] = field(default_factory=set)
     """`egress_blocked` events on their way to the bus."""
@@ -59,12 +92,14 @@ class Runtime:
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
         """Migrate the store, pick the sandbox backend, re-attach sessions, fail interrupted tasks."""
+        lock_fd = await asyncio.to_thread(lock_data_folder, settings.data_dir)
         db = Database(settings.effective_database_url)
         try:
             await db.migrate()
             provider = await make_provider(settings)
         except BaseException:
             await db.close()
+            os.close(lock_fd)
             raise
         bus = EventBus(db, keep_sandbox_events=settings.sandbox_events_kept)
         bus.start()
@@ -92,6 +127,7 @@ class Runtime:
             terminals,
             previews,
         )
+        runtime._lock_fd = lock_fd
         sessions.on_stop.append(runtime._end_tasks)
         sessions.on_sandbox.append(terminals.woke)
         provider.egress_listener = runtime._egress_blocked
@@ -174,3 +210,6 @@ class Runtime:
         await self.sessions.close()
         await self.provider.close()
         await self.db.close()
+        if self._lock_fd >= 0:  # the last: nothing of this server's is left to sweep
+            os.close(self._lock_fd)
+            self._lock_fd = -1
