@@ -222,8 +222,9 @@ class PreviewService:
         awake = {
             live.id: live for live in self.sessions.awake() if live.state == "running" and live.has_sandbox
         }
-        for session_id in [sid for sid in self._reads if sid not in awake]:
-            self._reads.pop(session_id).cancel()
+        for session_id, read in self._reads.items():
+            if session_id not in awake:  # (it leaves `_reads` once done: `close` still awaits it)
+                read.cancel()
         for session_id in list(self._known):
             if session_id not in awake:  # stopped or gone: its ports closed, whatever the budget
                 self._budgets.pop(session_id, None)
