@@ -70,7 +70,8 @@ class ServerProcess:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
-                raise
+                tail = self.log.read_text(errors="replace")[-3000:]  # how far its shutdown got
+                raise TimeoutError(f"no graceful exit within {timeout} s; its log ends:\n{tail}") from None
         return self.proc.returncode or 0
 
 
