@@ -336,10 +336,8 @@ class DnsGate(asyncio.DatagramProtocol):
         self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        if (
-            len(self._tasks) >= 64 or not self._queries.take()
-        ):  # a flood: the rest is dropped (resolvers retry)
-            return
+        if len(self._tasks) >= 64 or not self._queries.take():
+            return  # a flood: the rest is dropped (resolvers retry)
         task = asyncio.create_task(self._answer(data, addr), name="crogia-dns-gate")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

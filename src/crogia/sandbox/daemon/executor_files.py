@@ -262,7 +262,7 @@ def _order(item: os.DirEntry[str]) -> tuple[bool, str, str]:
 
 def _scan(fd: int, rel: Rel, keep: int) -> list[tuple[str, dict[str, Any]]]:
     """The first `keep` entries of one folder in listing order, holding and stat'ing only those
-    (as the server's `treeops._scan`: a folder's size is whoever fills it's to choose)."""
+    (as the server's `treeops._scan`: how many names a folder holds is the sandbox's to choose)."""
     with os.scandir(fd) as it:
         first = heapq.nsmallest(keep, itertools.islice(it, max(SCAN_MAX, keep)), key=_order)
     found = []
